@@ -1,0 +1,11 @@
+"""avalanche-tsn: TinySubNets (arXiv:2412.10869) for the Avalanche continual-learning library."""
+
+from avalanche_tsn._compat import expose_optimizer_modules
+from avalanche_tsn._version import __version__
+from avalanche_tsn.model import TSNModel, wrap_model
+from avalanche_tsn.plugins import MaskLearningPlugin
+from avalanche_tsn.strategy import TSNStrategy
+
+expose_optimizer_modules()
+
+__all__ = ["__version__", "TSNStrategy", "TSNModel", "MaskLearningPlugin", "wrap_model"]

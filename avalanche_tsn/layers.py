@@ -1,0 +1,288 @@
+"""Maskable layers and per-task normalisation for TinySubNets.
+
+TinySubNets (Zurek et al., arXiv:2412.10869, 2024): one backbone holds every task; task
+``t`` reads the weights its boolean mask selects, a weight belongs to the first task that
+trained it (``owner``) and is frozen after. Biases and normalisation statistics are small,
+so each task keeps its own copy of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from avalanche_tsn.masks import keep_count, ste_mask, topk_mask
+
+__all__ = ["MaskedLayer", "TSNLinear", "TSNConv2d", "TaskBatchNorm", "FREE"]
+
+#: ``owner`` value of a weight that no trained task uses.
+FREE = -1
+
+
+class _PerTaskBuffers(nn.Module):
+    """Buffers whose first dimension is the task slot; resized when a state dict is loaded."""
+
+    _slot_buffers: tuple[str, ...] = ()
+
+    def _grow(self, n_slots: int) -> None:
+        for name in self._slot_buffers:
+            buf = getattr(self, name)
+            if buf is None or buf.shape[0] >= n_slots:
+                continue
+            extra = buf.new_zeros((n_slots - buf.shape[0], *buf.shape[1:]))
+            setattr(self, name, torch.cat([buf, extra]))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # A freshly built model has no task slots yet; make room for the saved ones.
+        for name in self._slot_buffers:
+            key = prefix + name
+            if key in state_dict and getattr(self, name) is not None:
+                saved = state_dict[key]
+                current = getattr(self, name)
+                setattr(self, name, current.new_zeros(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class MaskedLayer(_PerTaskBuffers):
+    """Base of :class:`TSNLinear` and :class:`TSNConv2d`.
+
+    ``weight`` and ``bias`` are the user's own parameters (so an optimizer built on the user's
+    model keeps working); ``scores`` are new. ``task_masks[s]`` is the frozen mask of the task
+    in slot ``s``; ``owner`` holds the slot that owns each weight or :data:`FREE`.
+    """
+
+    _slot_buffers = ("task_masks", "task_bias")
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    scores: nn.Parameter
+    owner: Tensor
+    task_masks: Tensor
+    task_bias: Tensor | None
+
+    def _init_masking(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        self.weight = weight
+        self.bias = bias
+        scores = torch.empty_like(weight.detach())
+        # WSN initialises scores like weights (Kaiming uniform).
+        nn.init.kaiming_uniform_(scores, a=math.sqrt(5))
+        self.scores = nn.Parameter(scores)
+        self.register_buffer("owner", torch.full(weight.shape, FREE, dtype=torch.int16))
+        self.register_buffer("task_masks", torch.zeros((0, *weight.shape), dtype=torch.bool))
+        self.register_buffer(
+            "task_bias", None if bias is None else bias.detach().new_zeros((0, bias.numel()))
+        )
+        self.register_buffer("_snapshot", None, persistent=False)
+        self.register_buffer("_frozen", None, persistent=False)
+        self.active_slot = FREE
+        self.live_keep = keep_count(weight.numel(), 0.5)
+        self._eval_mask_cache: tuple[int, int, Tensor] | None = None
+
+    # -- masks --------------------------------------------------------------------------
+    def set_live_sparsity(self, sparsity: float) -> None:
+        """Set the sparsity of the live (training or untrained) mask.
+
+        :param sparsity: fraction of the layer the live mask leaves out.
+        """
+        self.live_keep = keep_count(self.weight.numel(), sparsity)
+
+    def live_mask(self) -> Tensor:
+        """Exact boolean mask the current scores select."""
+        version = self.scores._version
+        cache = self._eval_mask_cache
+        stale = cache is None or cache[2].device != self.scores.device
+        if stale or cache[0] != version or cache[1] != self.live_keep:
+            cache = (version, self.live_keep, topk_mask(self.scores, self.live_keep))
+            self._eval_mask_cache = cache
+        return cache[2]
+
+    def effective_params(self) -> tuple[Tensor, Tensor | None]:
+        """Weight and bias of the active task (``active_slot``) or of the live subnetwork."""
+        slot = self.active_slot
+        if slot != FREE:
+            bias = None if self.task_bias is None else self.task_bias[slot]
+            return self.weight * self.task_masks[slot], bias
+        if self.training and torch.is_grad_enabled():
+            return self.weight * ste_mask(self.scores, self.live_keep), self.bias
+        return self.weight * self.live_mask(), self.bias
+
+    # -- task life cycle ----------------------------------------------------------------
+    def begin_task(self, slot: int) -> None:
+        """Make room for ``slot`` and snapshot the weights earlier tasks own.
+
+        :param slot: the slot of the task about to be trained.
+        """
+        self._grow(slot + 1)
+        frozen = self.owner != FREE
+        if bool(frozen.any()):
+            self._frozen = frozen
+            self._snapshot = self.weight.detach().clone()
+        else:
+            self._frozen = self._snapshot = None
+
+    @torch.no_grad()
+    def restore_frozen(self) -> None:
+        """Undo any optimizer change to weights owned by earlier tasks (momentum, decay...)."""
+        if self._frozen is not None:
+            self.weight.data.copy_(torch.where(self._frozen, self._snapshot, self.weight.data))
+
+    @torch.no_grad()
+    def end_task(self, slot: int) -> None:
+        """Freeze the task in ``slot``: its mask from the final scores, ownership, bias.
+
+        :param slot: the slot of the task just trained.
+        """
+        self.restore_frozen()
+        mask = topk_mask(self.scores, self.live_keep)
+        self.task_masks[slot] = mask
+        self.owner[(self.owner == FREE) & mask] = slot
+        if self.task_bias is not None and self.bias is not None:
+            self.task_bias[slot] = self.bias.detach()
+        self._frozen = self._snapshot = None
+
+    def own_mask(self, slot: int) -> Tensor:
+        """Weights the task in ``slot`` owns (trained first).
+
+        :param slot: a trained task's slot.
+        """
+        return self.owner == slot
+
+    def shared_mask(self, slot: int) -> Tensor:
+        """Weights of earlier tasks that the task in ``slot`` reads.
+
+        :param slot: a trained task's slot.
+        """
+        return self.task_masks[slot] & (self.owner != slot)
+
+
+class TSNLinear(MaskedLayer):
+    """An ``nn.Linear`` whose weights are selected per task by a learned mask."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = layer.in_features
+        self.out_features = layer.out_features
+        self._init_masking(layer.weight, layer.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.effective_params()
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class TSNConv2d(MaskedLayer):
+    """An ``nn.Conv2d`` whose weights are selected per task by a learned mask."""
+
+    def __init__(self, layer: nn.Conv2d) -> None:
+        super().__init__()
+        self.in_channels = layer.in_channels
+        self.out_channels = layer.out_channels
+        self.kernel_size = layer.kernel_size
+        self.stride = layer.stride
+        self.padding = layer.padding
+        self.dilation = layer.dilation
+        self.groups = layer.groups
+        self.padding_mode = layer.padding_mode
+        self._pad = layer._reversed_padding_repeated_twice
+        self._init_masking(layer.weight, layer.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.effective_params()
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._pad, mode=self.padding_mode)
+            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}"
+        )
+
+
+class TaskBatchNorm(_PerTaskBuffers):
+    """BatchNorm with per-task running statistics and affine terms.
+
+    While a task trains, the layer behaves as the user's BatchNorm (live statistics). When the
+    task ends its statistics and affine terms are frozen into ``task_*[slot]`` and evaluation
+    always uses them, so a sample's output never depends on the rest of its minibatch (TSN's
+    own backbones use batch statistics at test time, which breaks mixed-task minibatches).
+    """
+
+    _slot_buffers = ("task_mean", "task_var", "task_weight", "task_bias")
+
+    def __init__(self, layer: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
+        super().__init__()
+        c = layer.num_features
+        self.num_features = c
+        self.eps = layer.eps
+        self.momentum = layer.momentum
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("task_mean", torch.zeros(0, c))
+        self.register_buffer("task_var", torch.zeros(0, c))
+        affine = layer.weight is not None
+        self.register_buffer("task_weight", torch.zeros(0, c) if affine else None)
+        self.register_buffer("task_bias", torch.zeros(0, c) if affine else None)
+        self.active_slot = FREE
+
+    def begin_task(self, slot: int) -> None:
+        """Start a task with fresh statistics.
+
+        :param slot: the slot of the task about to be trained.
+        """
+        self._grow(slot + 1)
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def restore_frozen(self) -> None:
+        """Nothing to restore: frozen tasks read their own copies."""
+
+    @torch.no_grad()
+    def end_task(self, slot: int) -> None:
+        """Freeze the live statistics and affine terms into ``slot``.
+
+        :param slot: the slot of the task just trained.
+        """
+        self.task_mean[slot] = self.running_mean
+        self.task_var[slot] = self.running_var
+        if self.task_weight is not None and self.weight is not None:
+            self.task_weight[slot] = self.weight.detach()
+        if self.task_bias is not None and self.bias is not None:
+            self.task_bias[slot] = self.bias.detach()
+
+    def forward(self, x: Tensor) -> Tensor:
+        slot = self.active_slot
+        if slot != FREE:
+            weight = None if self.task_weight is None else self.task_weight[slot]
+            bias = None if self.task_bias is None else self.task_bias[slot]
+            return F.batch_norm(
+                x, self.task_mean[slot], self.task_var[slot], weight, bias, False, 0.0, self.eps
+            )
+        momentum = self.momentum
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training,
+            0.0 if momentum is None else momentum,
+            self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"

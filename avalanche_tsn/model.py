@@ -1,0 +1,281 @@
+"""The TinySubNets multi-task model: the user's module with maskable layers and task slots.
+
+TinySubNets (Zurek et al., arXiv:2412.10869, 2024), algorithm steps 1 and 6: each task label
+selects its own subnetwork; samples of a trained task run with that task's frozen mask, its
+own biases, normalisation statistics and head, so later tasks never change its outputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterator
+
+import torch
+from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
+from torch import Tensor, nn
+
+from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm, TSNConv2d, TSNLinear
+from avalanche_tsn.masks import check_sparsity
+
+__all__ = ["TSNModel", "wrap_model"]
+
+log = logging.getLogger(__name__)
+
+_SUPPORTED = "nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d and MultiHeadClassifier heads"
+
+
+def _convert(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.Linear) and not isinstance(module, nn.LazyLinear):
+        return TSNLinear(module)
+    if isinstance(module, nn.Conv2d) and not isinstance(module, nn.LazyConv2d):
+        return TSNConv2d(module)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return TaskBatchNorm(module)
+    return module
+
+
+def _wrap_children(module: nn.Module, path: str) -> None:
+    for name, child in list(module.named_children()):
+        where = f"{path}.{name}" if path else name
+        if isinstance(child, MultiHeadClassifier):
+            continue  # one head per task already: forget-free by construction
+        if isinstance(child, IncrementalClassifier):
+            raise TypeError(
+                f"{where} is an IncrementalClassifier, which grows one shared output layer; "
+                "TSN needs a fixed layer or a MultiHeadClassifier"
+            )
+        new = _convert(child)
+        if new is not child:
+            setattr(module, name, new)
+            continue
+        if any(True for _ in child.parameters(recurse=False)):
+            raise TypeError(
+                f"{where} ({type(child).__name__}) has parameters that TSN cannot mask or keep "
+                f"per task; supported layers: {_SUPPORTED}"
+            )
+        _wrap_children(child, where)
+
+
+def wrap_model(module: nn.Module) -> nn.Module:
+    """Replace the maskable layers of ``module`` in place and return it.
+
+    The new layers reuse the original ``weight`` and ``bias`` parameters, so an optimizer
+    built on ``module.parameters()`` keeps optimising them.
+
+    :param module: the user's model.
+    """
+    root = _convert(module)
+    if root is not module:
+        return root
+    if isinstance(module, (IncrementalClassifier, MultiHeadClassifier)):
+        raise ValueError(f"model has no maskable layer: {type(module).__name__} is only a head")
+    if any(True for _ in module.parameters(recurse=False)):
+        raise TypeError(
+            f"model ({type(module).__name__}) has parameters of its own that TSN cannot mask; "
+            f"supported layers: {_SUPPORTED}"
+        )
+    _wrap_children(module, "")
+    return module
+
+
+def _takes_task_labels(module: nn.Module) -> bool:
+    if isinstance(module, MultiTaskModule):
+        return True
+    return "task_labels" in inspect.signature(module.forward).parameters
+
+
+class TSNModel(MultiTaskModule):
+    """A user's module turned into a TinySubNets multi-task model.
+
+    Call it as ``model(x, task_labels)`` (a tensor with one label per sample, or an int).
+    Trained tasks run with their frozen subnetworks; a task not trained yet (forward transfer
+    evaluates those) runs with the live subnetwork: the mask the current scores select, with
+    the current biases and normalisation statistics.
+
+    Task labels are mapped to slots in training order; ``task_labels_by_slot`` and
+    ``slot_frozen`` are buffers, so ``state_dict`` holds everything.
+    """
+
+    def __init__(self, module: nn.Module, sparsity: float = 0.5) -> None:
+        super().__init__()
+        sparsity = check_sparsity(sparsity)
+        self.net = wrap_model(module)
+        self._layers: list[MaskedLayer] = [
+            m for m in self.net.modules() if isinstance(m, MaskedLayer)
+        ]
+        if not self._layers:
+            raise ValueError(
+                f"model ({type(module).__name__}) has no maskable layer; TSN masks "
+                "nn.Linear and nn.Conv2d layers"
+            )
+        self._norms: list[TaskBatchNorm] = [
+            m for m in self.net.modules() if isinstance(m, TaskBatchNorm)
+        ]
+        self._heads = [m for m in self.net.modules() if isinstance(m, MultiHeadClassifier)]
+        self._pass_labels = _takes_task_labels(self.net)
+        self.register_buffer("task_labels_by_slot", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("slot_frozen", torch.zeros(0, dtype=torch.bool))
+        self.register_buffer("slot_sparsity", torch.zeros(0))
+        self._head_snapshot: list[tuple[nn.Parameter, Tensor]] = []
+        self._slot_cache: tuple[dict[int, int], frozenset[int]] | None = None
+        self.live_sparsity = sparsity
+
+    # -- bookkeeping --------------------------------------------------------------------
+    @property
+    def live_sparsity(self) -> float:
+        """Sparsity of the live subnetwork (the task in training, or untrained ones)."""
+        return self._live_sparsity
+
+    @live_sparsity.setter
+    def live_sparsity(self, value: float) -> None:
+        self._live_sparsity = check_sparsity(value)
+        for layer in self._layers:
+            layer.set_live_sparsity(self._live_sparsity)
+
+    def masked_layers(self) -> Iterator[tuple[str, MaskedLayer]]:
+        """The maskable layers with their names, in module order."""
+        for name, module in self.net.named_modules():
+            if isinstance(module, MaskedLayer):
+                yield name, module
+
+    def _slot_table(self) -> tuple[dict[int, int], frozenset[int]]:
+        # Read on every forward: a Python copy avoids a device sync per minibatch.
+        if self._slot_cache is None:
+            labels = self.task_labels_by_slot.tolist()
+            frozen = self.slot_frozen.tolist()
+            self._slot_cache = (
+                {t: s for s, t in enumerate(labels)},
+                frozenset(s for s, f in enumerate(frozen) if f),
+            )
+        return self._slot_cache
+
+    def slot_of(self, task_label: int) -> int | None:
+        """Slot of ``task_label``, or None if it never started training.
+
+        :param task_label: a task label.
+        """
+        return self._slot_table()[0].get(int(task_label))
+
+    def trained_tasks(self) -> list[int]:
+        """Task labels whose subnetworks are frozen, in training order."""
+        slots, frozen = self._slot_table()
+        return [t for t, s in sorted(slots.items(), key=lambda kv: kv[1]) if s in frozen]
+
+    def is_trained(self, task_label: int) -> bool:
+        """Whether ``task_label`` has a frozen subnetwork.
+
+        :param task_label: a task label.
+        """
+        slot = self.slot_of(task_label)
+        return slot is not None and slot in self._slot_table()[1]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        for name in ("task_labels_by_slot", "slot_frozen", "slot_sparsity"):
+            if prefix + name in state_dict:
+                setattr(self, name, getattr(self, name).new_zeros(state_dict[prefix + name].shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._slot_cache = None
+
+    # -- task life cycle ----------------------------------------------------------------
+    @torch.no_grad()
+    def begin_task(self, task_label: int, sparsity: float) -> int:
+        """Open (or reopen, if its training was interrupted) the slot of ``task_label``.
+
+        :param task_label: the label of the task about to be trained.
+        :param sparsity: fraction of each maskable layer its mask leaves out.
+        :return: the task's slot.
+        """
+        if self.is_trained(task_label):
+            raise ValueError(f"task {task_label} is already trained; its subnetwork is frozen")
+        slot = self.slot_of(task_label)
+        if slot is None:
+            slot = len(self.task_labels_by_slot)
+            dev = self.task_labels_by_slot.device
+            self.task_labels_by_slot = torch.cat(
+                [self.task_labels_by_slot, torch.tensor([int(task_label)], device=dev)]
+            )
+            self.slot_frozen = torch.cat(
+                [self.slot_frozen, torch.zeros(1, dtype=torch.bool, device=dev)]
+            )
+            self.slot_sparsity = torch.cat(
+                [self.slot_sparsity, torch.tensor([float(sparsity)], device=dev)]
+            )
+            self._slot_cache = None
+        self.live_sparsity = sparsity
+        for layer in self._layers:
+            layer.begin_task(slot)
+        for norm in self._norms:
+            norm.begin_task(slot)
+        self._head_snapshot = [
+            (p, p.detach().clone()) for p in self._frozen_head_parameters(exclude=task_label)
+        ]
+        return slot
+
+    def _frozen_head_parameters(self, exclude: int) -> Iterator[nn.Parameter]:
+        for heads in self._heads:
+            for label in self.trained_tasks():
+                key = str(label)
+                if label != exclude and key in heads.classifiers:
+                    yield from heads.classifiers[key].parameters()
+
+    @torch.no_grad()
+    def restore_frozen(self) -> None:
+        """Undo any optimizer change to what trained tasks own (weights and heads)."""
+        for layer in self._layers:
+            layer.restore_frozen()
+        for param, saved in self._head_snapshot:
+            param.copy_(saved)
+
+    @torch.no_grad()
+    def end_task(self, task_label: int) -> int:
+        """Freeze ``task_label``'s subnetwork from the final scores.
+
+        :param task_label: the label of the task just trained.
+        :return: the task's slot.
+        """
+        slot = self.slot_of(task_label)
+        if slot is None or bool(self.slot_frozen[slot]):
+            raise RuntimeError(f"task {task_label} is not being trained")
+        self.restore_frozen()
+        for layer in self._layers:
+            layer.end_task(slot)
+        for norm in self._norms:
+            norm.end_task(slot)
+        self.slot_frozen[slot] = True
+        self._slot_cache = None
+        self._head_snapshot = []
+        log.debug("task %s frozen in slot %d", task_label, slot)
+        return slot
+
+    # -- forward ------------------------------------------------------------------------
+    def _activate(self, task_label: int) -> None:
+        slots, frozen = self._slot_table()
+        slot = slots.get(int(task_label))
+        active = slot if slot in frozen else FREE
+        for layer in self._layers:
+            layer.active_slot = active
+        for norm in self._norms:
+            norm.active_slot = active
+
+    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+        self._activate(task_label)
+        if self._pass_labels:
+            return self.net(x, task_label)
+        return self.net(x)
+
+    def forward(self, x: Tensor, task_labels: Tensor | int | None = None) -> Tensor:
+        if task_labels is None:
+            raise ValueError("TSNModel needs task_labels: one task label per sample, or an int")
+        if isinstance(task_labels, int):
+            return self.forward_single_task(x, task_labels)
+        tasks = torch.unique(task_labels)
+        if len(tasks) == 1:
+            return self.forward_single_task(x, int(tasks[0]))
+        groups = [(task_labels == t, int(t)) for t in tasks]
+        outs = [(sel, self.forward_single_task(x[sel], t)) for sel, t in groups]
+        width = max(o.shape[1] for _, o in outs)
+        out = outs[0][1].new_zeros((x.shape[0], width))
+        for sel, o in outs:
+            out[sel, : o.shape[1]] = o
+        return out

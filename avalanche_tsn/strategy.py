@@ -1,0 +1,166 @@
+"""``TSNStrategy``: TinySubNets as an Avalanche strategy.
+
+TinySubNets (Zurek et al., "TinySubNets: An efficient and low capacity continual learning
+strategy", arXiv:2412.10869, 2024). The strategy wraps the user's model into a
+:class:`~avalanche_tsn.model.TSNModel` and adds one plugin per TSN stage to a copy of the
+user's plugin list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from avalanche.benchmarks import CLExperience
+from avalanche.core import BasePlugin
+from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.plugins.evaluation import default_evaluator
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+from torch.nn import CrossEntropyLoss
+from torch.optim import Optimizer
+
+from avalanche_tsn.model import TSNModel
+from avalanche_tsn.plugins import MaskLearningPlugin
+
+__all__ = ["TSNStrategy"]
+
+
+def _experience_task_label(index: int, exp: CLExperience) -> int:
+    labels = getattr(exp, "task_labels", None)
+    if labels is None:
+        raise ValueError(
+            f"experience {index} has no task labels; TSN is task-incremental and needs one "
+            "task label per experience (e.g. PermutedMNIST(..., return_task_id=True))"
+        )
+    labels = list(labels)
+    if len(labels) != 1:
+        raise ValueError(
+            f"experience {index} holds task labels {sorted(labels)}; TSN trains one task per "
+            "experience"
+        )
+    return int(labels[0])
+
+
+class TSNStrategy(SupervisedTemplate):
+    """TinySubNets: forget-free, low-capacity task-incremental learning.
+
+    Use it where ``Naive`` or ``PackNet`` stood. The model is wrapped in place (its
+    ``nn.Linear`` and ``nn.Conv2d`` layers become maskable, reusing the same parameters, so
+    ``optimizer`` keeps working); ``strategy.model`` is the wrapped
+    :class:`~avalanche_tsn.model.TSNModel`.
+
+    :param model: the user's ``nn.Module`` (single-head, or multi-head with
+        ``MultiHeadClassifier``), or a ``TSNModel``.
+    :param optimizer: an optimizer over the model's parameters.
+    :param criterion: loss function (default: cross-entropy).
+    :param train_mb_size: training minibatch size.
+    :param train_epochs: epochs per experience.
+    :param eval_mb_size: evaluation minibatch size (default: ``train_mb_size``).
+    :param device: where the model and data live.
+    :param plugins: extra Avalanche plugins; the list is copied, never modified. A
+        :class:`MaskLearningPlugin` here replaces the default one.
+    :param evaluator: Avalanche evaluation plugin or a factory of one.
+    :param eval_every: periodic evaluation, as in Avalanche (-1 off, 0 after each experience).
+    :param sparsity: fraction of each maskable layer that a task's mask leaves out, in
+        [0, 1): one float, or one value per task in training order (default 0.5).
+    :param base_kwargs: passed on to :class:`SupervisedTemplate`.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: Optimizer,
+        criterion: Any = None,
+        train_mb_size: int = 1,
+        train_epochs: int = 1,
+        eval_mb_size: int | None = None,
+        device: str | torch.device = "cpu",
+        plugins: Sequence[BasePlugin] | None = None,
+        evaluator: EvaluationPlugin | Callable[[], EvaluationPlugin] = default_evaluator,
+        eval_every: int = -1,
+        sparsity: float | Sequence[float] | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+        user_plugins = list(plugins) if plugins is not None else []
+        for p in user_plugins:
+            if not isinstance(p, BasePlugin):
+                raise TypeError(f"plugins must be Avalanche plugins, got {type(p).__name__}")
+        given = [p for p in user_plugins if isinstance(p, MaskLearningPlugin)]
+        if len(given) > 1:
+            raise ValueError("plugins holds more than one MaskLearningPlugin")
+        if given and sparsity is not None:
+            raise ValueError(
+                "sparsity is set both on TSNStrategy and on the MaskLearningPlugin in plugins; "
+                "set it in one place"
+            )
+        mask_plugin = (
+            given[0] if given else MaskLearningPlugin(0.5 if sparsity is None else sparsity)
+        )
+        if not given:
+            user_plugins.append(mask_plugin)
+        self.mask_plugin: MaskLearningPlugin = mask_plugin
+
+        tsn = model if isinstance(model, TSNModel) else TSNModel(model, mask_plugin.sparsity_for(0))
+        super().__init__(
+            model=tsn,
+            optimizer=optimizer,
+            criterion=CrossEntropyLoss() if criterion is None else criterion,
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size,
+            device=device,
+            plugins=user_plugins,
+            evaluator=evaluator,
+            eval_every=eval_every,
+            **base_kwargs,
+        )
+
+    @property
+    def tsn_model(self) -> TSNModel:
+        """The wrapped multi-task model."""
+        return self.model  # type: ignore[return-value]
+
+    def check_experiences(self, experiences: Iterable[CLExperience]) -> list[int]:
+        """Check that ``experiences`` can be trained, before any work is done.
+
+        :param experiences: the experiences about to be trained, in order.
+        :return: their task labels.
+        """
+        labels = []
+        model = self.tsn_model
+        done = len(model.trained_tasks())
+        for i, exp in enumerate(experiences):
+            label = _experience_task_label(i, exp)
+            if model.is_trained(label) or label in labels:
+                raise ValueError(
+                    f"experience {i} has task label {label}, which is already trained; TSN "
+                    "needs a distinct task label per experience (a stream without task "
+                    "labels gives every experience label 0)"
+                )
+            if label < 0:
+                raise ValueError(f"experience {i} has a negative task label {label}")
+            self.mask_plugin.sparsity_for(done + len(labels))
+            labels.append(label)
+        return labels
+
+    def train(self, experiences, eval_streams=None, **kwargs):
+        """Train on one experience or a sequence of them (see Avalanche's ``train``).
+
+        :param experiences: an experience or an iterable of experiences.
+        :param eval_streams: streams evaluated by periodic evaluation.
+        """
+        exps = [experiences] if isinstance(experiences, CLExperience) else list(experiences)
+        self.check_experiences(exps)
+        return super().train(exps, eval_streams, **kwargs)
+
+
+# Avalanche re-wraps every strategy's __init__ to accept legacy positional arguments with a
+# warning; TSNStrategy is keyword-only, so a positional call is a TypeError.
+TSNStrategy.__init__ = TSNStrategy.__init__.__wrapped__  # type: ignore[method-assign]

@@ -1,0 +1,71 @@
+"""Quickstart: TinySubNets on permuted digits (scikit-learn's bundled data, no download).
+
+Run: ``python examples/quickstart.py`` (add ``--device cuda`` on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+from avalanche.evaluation.metrics import (
+    accuracy_metrics,
+    bwt_metrics,
+    forward_transfer_metrics,
+)
+from avalanche.logging import InteractiveLogger
+from avalanche.training.plugins import EvaluationPlugin
+
+from avalanche_tsn import TSNStrategy
+from avalanche_tsn.datasets import permuted_digits
+from avalanche_tsn.models import MultiHeadMLP
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(args.seed)
+
+    benchmark = permuted_digits(args.tasks, seed=args.seed)
+    model = MultiHeadMLP(input_size=64, hidden_sizes=(100, 100), n_classes=10)
+    evaluator = EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True),
+        bwt_metrics(experience=True, stream=True),
+        forward_transfer_metrics(experience=True, stream=True),
+        loggers=[InteractiveLogger()],
+    )
+    strategy = TSNStrategy(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9),
+        train_mb_size=32,
+        train_epochs=args.epochs,
+        eval_mb_size=256,
+        device=args.device,
+        evaluator=evaluator,
+        eval_every=0,
+        sparsity=args.sparsity,
+    )
+    for experience in benchmark.train_stream:
+        strategy.train(experience, eval_streams=[benchmark.test_stream])
+    results = strategy.eval(benchmark.test_stream)
+
+    print("\nPer-task test accuracy after the whole stream:")
+    for key in sorted(results):
+        if key.startswith("Top1_Acc_Exp/"):
+            print(f"  task {key.split('/Task')[1][:3]}: {100 * results[key]:6.2f}%")
+    acc = next(v for k, v in results.items() if k.startswith("Top1_Acc_Stream/"))
+    print(f"ACC {100 * acc:.2f}%")
+    print(f"BWT {100 * results['StreamBWT/eval_phase/test_stream']:+.2f}")
+    print(f"FWT {100 * results['StreamForwardTransfer/eval_phase/test_stream']:+.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Small seeded streams and models shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from avalanche.benchmarks import nc_benchmark
+from torch import nn
+
+from avalanche_tsn.datasets import TensorTaskDataset
+
+
+def blob_stream(
+    n_tasks: int = 3,
+    n_classes: int = 3,
+    dim: int = 12,
+    n: int = 96,
+    seed: int = 0,
+    task_labels: bool = True,
+):
+    """Gaussian blobs; each task draws its own class centres (a different problem per task)."""
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for _ in range(n_tasks):
+        centres = torch.randn(n_classes, dim, generator=g) * 2.0
+        parts = []
+        for size in (n, n // 2):
+            y = torch.arange(size) % n_classes
+            x = centres[y] + 0.5 * torch.randn(size, dim, generator=g)
+            parts.append(TensorTaskDataset(x, y))
+        train.append(parts[0])
+        test.append(parts[1])
+    return nc_benchmark(
+        train,
+        test,
+        n_experiences=n_tasks,
+        task_labels=task_labels,
+        shuffle=False,
+        one_dataset_per_exp=True,
+        class_ids_from_zero_in_each_exp=True,
+    )
+
+
+def mlp(dim: int = 12, hidden: int = 16, out: int = 3, bias: bool = True) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(dim, hidden, bias=bias),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden, bias=bias),
+        nn.ReLU(),
+        nn.Linear(hidden, out, bias=bias),
+    )
+
+
+class SmallConvNet(nn.Module):
+    """A conv backbone with BatchNorm, for 1x4x4 inputs made from 16-dim vectors."""
+
+    def __init__(self, out: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1, bias=False),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(4 * 16, out)
+
+    def forward(self, x):
+        x = x.view(-1, 1, 4, 4)
+        return self.head(self.features(x).flatten(1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def quiet_evaluator():
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    return EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
