@@ -21,7 +21,7 @@ if [ ! -f "$_venv/.complete" ]; then
     touch "$_venv/.complete"
 fi
 # A cached environment must point at this checkout, wherever it was cloned.
-"$_venv/bin/python" -m pip install --no-deps --no-build-isolation -q -e "$_root"
+"$_venv/bin/python" -m pip install --no-deps -q -e "$_root"
 "$_venv/bin/python" -c "import torchvision; from torchvision.ops import nms" || {
     echo "torchvision does not load in $_venv; delete it and retry" >&2
     exit 1
