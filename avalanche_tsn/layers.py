@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avalanche_tsn.masks import keep_count, ste_mask, topk_mask
+from avalanche_tsn.masks import keep_count, ste_masked_weight, topk_mask, topk_threshold
 
 __all__ = ["MaskedLayer", "TSNLinear", "TSNConv2d", "TaskBatchNorm", "FREE"]
 
 #: ``owner`` value of a weight that no trained task uses.
 FREE = -1
+
+#: Training steps between two exact recomputations of a live mask's threshold.
+THRESHOLD_REFRESH = 8
 
 
 class _PerTaskBuffers(nn.Module):
@@ -80,6 +83,8 @@ class MaskedLayer(_PerTaskBuffers):
         self.active_slot = FREE
         self.live_keep = keep_count(weight.numel(), 0.5)
         self._eval_mask_cache: tuple[int, int, Tensor] | None = None
+        self._threshold: Tensor | None = None
+        self._threshold_age = 0
 
     # -- masks --------------------------------------------------------------------------
     def set_live_sparsity(self, sparsity: float) -> None:
@@ -88,6 +93,7 @@ class MaskedLayer(_PerTaskBuffers):
         :param sparsity: fraction of the layer the live mask leaves out.
         """
         self.live_keep = keep_count(self.weight.numel(), sparsity)
+        self._threshold = None
 
     def live_mask(self) -> Tensor:
         """Exact boolean mask the current scores select."""
@@ -99,6 +105,16 @@ class MaskedLayer(_PerTaskBuffers):
             self._eval_mask_cache = cache
         return cache[2]
 
+    def _live_threshold(self) -> Tensor:
+        # An exact selection every step costs as much as the layer's whole forward; scores
+        # move little per step, so the threshold is refreshed every THRESHOLD_REFRESH steps.
+        # The frozen mask is always an exact top-k of the final scores.
+        if self._threshold is None or self._threshold_age >= THRESHOLD_REFRESH:
+            self._threshold = topk_threshold(self.scores, self.live_keep)
+            self._threshold_age = 0
+        self._threshold_age += 1
+        return self._threshold
+
     def effective_params(self) -> tuple[Tensor, Tensor | None]:
         """Weight and bias of the active task (``active_slot``) or of the live subnetwork."""
         slot = self.active_slot
@@ -106,7 +122,7 @@ class MaskedLayer(_PerTaskBuffers):
             bias = None if self.task_bias is None else self.task_bias[slot]
             return self.weight * self.task_masks[slot], bias
         if self.training and torch.is_grad_enabled():
-            return self.weight * ste_mask(self.scores, self.live_keep), self.bias
+            return ste_masked_weight(self.weight, self.scores, self._live_threshold()), self.bias
         return self.weight * self.live_mask(), self.bias
 
     # -- task life cycle ----------------------------------------------------------------
@@ -116,6 +132,7 @@ class MaskedLayer(_PerTaskBuffers):
         :param slot: the slot of the task about to be trained.
         """
         self._grow(slot + 1)
+        self._threshold = None
         frozen = self.owner != FREE
         if bool(frozen.any()):
             self._frozen = frozen

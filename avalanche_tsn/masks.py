@@ -12,7 +12,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["keep_count", "topk_mask", "ste_mask", "check_sparsity"]
+__all__ = [
+    "keep_count",
+    "topk_mask",
+    "topk_threshold",
+    "ste_masked_weight",
+    "check_sparsity",
+]
 
 
 def check_sparsity(value: object, name: str = "sparsity") -> float:
@@ -50,24 +56,36 @@ def topk_mask(scores: Tensor, keep: int) -> Tensor:
     return mask.view_as(scores)
 
 
-class _TopKStraightThrough(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, abs_scores: Tensor, keep: int) -> Tensor:  # type: ignore[override]
-        flat = abs_scores.flatten()
-        # kthvalue is a linear-time selection; an exact top-k costs more and training
-        # masks only need the threshold (ties are measure-zero for float scores).
-        threshold = torch.kthvalue(flat, flat.numel() - keep + 1).values
-        return (abs_scores >= threshold).to(abs_scores.dtype)
+def topk_threshold(scores: Tensor, keep: int) -> Tensor:
+    """The ``keep``-th largest ``|scores|`` (a 0-dim tensor on the scores' device).
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return grad, None
-
-
-def ste_mask(scores: Tensor, keep: int) -> Tensor:
-    """Float 0/1 mask of the top ``keep`` ``|scores|`` whose gradient reaches ``scores``.
-
-    :param scores: the layer's scores (a leaf parameter).
-    :param keep: how many entries the mask keeps.
+    :param scores: the layer's scores.
+    :param keep: how many entries a mask keeps.
     """
-    return _TopKStraightThrough.apply(scores.abs(), keep)
+    flat = scores.detach().abs().flatten()
+    # kthvalue is a linear-time selection, cheaper than a full top-k.
+    return torch.kthvalue(flat, flat.numel() - keep + 1).values
+
+
+class _MaskedWeightSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: Tensor, scores: Tensor, threshold: Tensor) -> Tensor:  # type: ignore[override]
+        mask = scores.abs() >= threshold
+        ctx.save_for_backward(weight, scores, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        weight, scores, mask = ctx.saved_tensors
+        # Straight through the top-k (as WSN): d mask / d |score| = 1.
+        return grad * mask, grad * weight * scores.sign(), None
+
+
+def ste_masked_weight(weight: Tensor, scores: Tensor, threshold: Tensor) -> Tensor:
+    """``weight * (|scores| >= threshold)`` with a straight-through gradient to ``scores``.
+
+    :param weight: the layer's weights.
+    :param scores: the layer's scores.
+    :param threshold: the mask threshold, from :func:`topk_threshold`.
+    """
+    return _MaskedWeightSTE.apply(weight, scores, threshold)

@@ -1,0 +1,98 @@
+"""TSN training time per epoch as a ratio to Naive's, same model, stream and process.
+
+Usage: ``python benchmarks/time_ratio.py [--scenario permuted_fashion|permuted_digits]``.
+Runs Naive and TSN alternately (to share any machine drift) and reports the median
+seconds per epoch of each and their ratio. Goal: TSN / Naive <= 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from avalanche.training import Naive
+from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
+
+from avalanche_tsn import TSNStrategy
+from avalanche_tsn.datasets import permuted_digits, permuted_fashion_mnist
+from avalanche_tsn.models import MultiHeadMLP
+
+
+class EpochTimer(SupervisedPlugin):
+    """Wall time of every training epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def before_training_epoch(self, strategy, **kwargs):
+        if strategy.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def after_training_epoch(self, strategy, **kwargs):
+        if strategy.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def run(kind: str, benchmark, input_size: int, args) -> list[float]:
+    torch.manual_seed(args.seed)
+    model = MultiHeadMLP(input_size=input_size, hidden_sizes=(100, 100))
+    timer = EpochTimer()
+    common = dict(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        train_mb_size=args.mb,
+        train_epochs=args.epochs,
+        device=args.device,
+        plugins=[timer],
+        evaluator=EvaluationPlugin(loggers=[]),
+    )
+    strategy = TSNStrategy(**common) if kind == "tsn" else Naive(**common)
+    for exp in list(benchmark.train_stream)[: args.tasks]:
+        strategy.train(exp, eval_streams=[])
+    return timer.times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default="permuted_fashion")
+    parser.add_argument("--tasks", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--mb", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="write the result here too")
+    args = parser.parse_args()
+    if args.scenario == "permuted_fashion":
+        benchmark, size = permuted_fashion_mnist(args.tasks, seed=args.seed), 784
+    elif args.scenario == "permuted_digits":
+        benchmark, size = permuted_digits(args.tasks, seed=args.seed), 64
+    else:
+        parser.error("--scenario must be permuted_fashion or permuted_digits")
+    times: dict[str, list[float]] = {"naive": [], "tsn": []}
+    for _ in range(args.repeats):
+        for kind in ("naive", "tsn"):
+            times[kind] += run(kind, benchmark, size, args)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "scenario": args.scenario,
+        "device": str(args.device),
+        "epochs_timed": {k: len(v) for k, v in times.items()},
+        "naive_s_per_epoch": round(med["naive"], 3),
+        "tsn_s_per_epoch": round(med["tsn"], 3),
+        "ratio": round(med["tsn"] / med["naive"], 3),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
