@@ -57,7 +57,7 @@ class MaskedLayer(_PerTaskBuffers):
     in slot ``s``; ``owner`` holds the slot that owns each weight or :data:`FREE`.
     """
 
-    _slot_buffers = ("task_masks", "task_bias")
+    _slot_buffers = ("task_masks", "task_bias", "task_bits", "task_centroids")
 
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -78,6 +78,10 @@ class MaskedLayer(_PerTaskBuffers):
         self.register_buffer(
             "task_bias", None if bias is None else bias.detach().new_zeros((0, bias.numel()))
         )
+        # Codebook of each task's own weights: bit-width (0: float32, not quantized) and
+        # centroids; the codes are implied by the weights, which hold centroid values.
+        self.register_buffer("task_bits", torch.zeros(0, dtype=torch.int16))
+        self.register_buffer("task_centroids", torch.zeros(0, 0))
         self.register_buffer("_snapshot", None, persistent=False)
         self.register_buffer("_frozen", None, persistent=False)
         self.active_slot = FREE
@@ -159,6 +163,24 @@ class MaskedLayer(_PerTaskBuffers):
         if self.task_bias is not None and self.bias is not None:
             self.task_bias[slot] = self.bias.detach()
         self._frozen = self._snapshot = None
+
+    @torch.no_grad()
+    def set_codebook(self, slot: int, centroids: Tensor, bits: int) -> None:
+        """Record the codebook of the task in ``slot`` (``bits == 0``: not quantized).
+
+        :param slot: a trained task's slot.
+        :param centroids: the ``2^bits`` centroids.
+        :param bits: the bit-width.
+        """
+        width = centroids.numel()
+        if width > self.task_centroids.shape[1]:
+            extra = self.task_centroids.new_zeros(
+                (self.task_centroids.shape[0], width - self.task_centroids.shape[1])
+            )
+            self.task_centroids = torch.cat([self.task_centroids, extra], dim=1)
+        self.task_centroids[slot].zero_()
+        self.task_centroids[slot, :width] = centroids.to(self.task_centroids)
+        self.task_bits[slot] = bits
 
     def own_mask(self, slot: int) -> Tensor:
         """Weights the task in ``slot`` owns (trained first).

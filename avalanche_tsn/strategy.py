@@ -9,7 +9,7 @@ user's plugin list.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from avalanche.benchmarks import CLExperience
@@ -22,7 +22,12 @@ from torch.nn import CrossEntropyLoss
 from torch.optim import Optimizer
 
 from avalanche_tsn.model import TSNModel
-from avalanche_tsn.plugins import MaskLearningPlugin
+from avalanche_tsn.plugins import (
+    MaskLearningPlugin,
+    PruningPlugin,
+    QuantizationPlugin,
+    ValidationSplitPlugin,
+)
 
 __all__ = ["TSNStrategy"]
 
@@ -65,6 +70,16 @@ class TSNStrategy(SupervisedTemplate):
     :param eval_every: periodic evaluation, as in Avalanche (-1 off, 0 after each experience).
     :param sparsity: fraction of each maskable layer that a task's mask leaves out, in
         [0, 1): one float, or one value per task in training order (default 0.5).
+    :param validation_fraction: fraction of each experience's training data held out for
+        pruning and quantization decisions, in (0, 1).
+    :param prune: run post-training greedy pruning of each task's own weights.
+    :param prune_iterations: pruning passes over the layers.
+    :param prune_step: fraction of a layer's own weights dropped per attempt, in (0, 1).
+    :param prune_max_drop: largest validation-accuracy drop pruning may cause, in [0, 1).
+    :param quantize: run adaptive k-means quantization of each task's own weights.
+    :param quant_min_bits: first bit-width tried, in 1..16.
+    :param quant_max_bits: largest bit-width, in ``quant_min_bits``..16.
+    :param quant_max_drop: largest validation-accuracy drop quantization may cause.
     :param base_kwargs: passed on to :class:`SupervisedTemplate`.
     """
 
@@ -82,6 +97,15 @@ class TSNStrategy(SupervisedTemplate):
         evaluator: EvaluationPlugin | Callable[[], EvaluationPlugin] = default_evaluator,
         eval_every: int = -1,
         sparsity: float | Sequence[float] | None = None,
+        validation_fraction: float = 0.1,
+        prune: bool = True,
+        prune_iterations: int = 5,
+        prune_step: float = 0.2,
+        prune_max_drop: float = 0.01,
+        quantize: bool = True,
+        quant_min_bits: int = 2,
+        quant_max_bits: int = 8,
+        quant_max_drop: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -92,20 +116,49 @@ class TSNStrategy(SupervisedTemplate):
         for p in user_plugins:
             if not isinstance(p, BasePlugin):
                 raise TypeError(f"plugins must be Avalanche plugins, got {type(p).__name__}")
-        given = [p for p in user_plugins if isinstance(p, MaskLearningPlugin)]
-        if len(given) > 1:
-            raise ValueError("plugins holds more than one MaskLearningPlugin")
-        if given and sparsity is not None:
-            raise ValueError(
-                "sparsity is set both on TSNStrategy and on the MaskLearningPlugin in plugins; "
-                "set it in one place"
-            )
-        mask_plugin = (
-            given[0] if given else MaskLearningPlugin(0.5 if sparsity is None else sparsity)
-        )
-        if not given:
-            user_plugins.append(mask_plugin)
-        self.mask_plugin: MaskLearningPlugin = mask_plugin
+        stages: list[tuple[type, bool, Callable[[], BasePlugin]]] = [
+            (
+                MaskLearningPlugin,
+                True,
+                lambda: MaskLearningPlugin(0.5 if sparsity is None else sparsity),
+            ),
+            (
+                ValidationSplitPlugin,
+                prune or quantize,
+                lambda: ValidationSplitPlugin(validation_fraction),
+            ),
+            (
+                PruningPlugin,
+                prune,
+                lambda: PruningPlugin(prune_iterations, prune_step, prune_max_drop),
+            ),
+            (
+                QuantizationPlugin,
+                quantize,
+                lambda: QuantizationPlugin(quant_min_bits, quant_max_bits, quant_max_drop),
+            ),
+        ]
+        others = [p for p in user_plugins if not isinstance(p, tuple(c for c, _, _ in stages))]
+        tsn_plugins: list[BasePlugin] = []
+        for cls, enabled, build in stages:
+            given = [p for p in user_plugins if isinstance(p, cls)]
+            if len(given) > 1:
+                raise ValueError(f"plugins holds more than one {cls.__name__}")
+            if given and not enabled:
+                raise ValueError(f"plugins holds a {cls.__name__} but its stage is switched off")
+            if given and cls is MaskLearningPlugin and sparsity is not None:
+                raise ValueError(
+                    "sparsity is set both on TSNStrategy and on the MaskLearningPlugin in "
+                    "plugins; set it in one place"
+                )
+            # Build every default even when a plugin is given, so bad arguments always raise.
+            built = build() if enabled else None
+            if enabled:
+                tsn_plugins.append(given[0] if given else built)
+        # TSN stages run in algorithm order, after the user's plugins.
+        user_plugins = others + tsn_plugins
+        self.mask_plugin: MaskLearningPlugin = cast(MaskLearningPlugin, tsn_plugins[0])
+        mask_plugin = self.mask_plugin
 
         tsn = model if isinstance(model, TSNModel) else TSNModel(model, mask_plugin.sparsity_for(0))
         super().__init__(
@@ -147,6 +200,10 @@ class TSNStrategy(SupervisedTemplate):
             if label < 0:
                 raise ValueError(f"experience {i} has a negative task label {label}")
             self.mask_plugin.sparsity_for(done + len(labels))
+            for plugin in self.plugins:
+                check = getattr(plugin, "check_experience", None)
+                if check is not None:
+                    check(i, exp)
             labels.append(label)
         return labels
 

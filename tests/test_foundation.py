@@ -26,7 +26,9 @@ def make_model(kind: str):
     return SmallConvNet()
 
 
-def make_strategy(model, opt="adam", sparsity=0.5, epochs=2, **kw):
+def make_strategy(model, opt="adam", sparsity=0.5, epochs=2, compress=False, **kw):
+    kw.setdefault("prune", compress)
+    kw.setdefault("quantize", compress)
     return TSNStrategy(
         model=model,
         optimizer=OPTIMIZERS[opt](model.parameters()),
@@ -51,13 +53,14 @@ def _x(exp):
     return torch.stack([exp.dataset[i][0] for i in range(len(exp.dataset))])
 
 
+@pytest.mark.parametrize("compress", [False, True], ids=["masks", "pruned_quantized"])
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 @pytest.mark.parametrize("kind", ["single_head", "multi_head", "conv_bn"])
-def test_earlier_tasks_bit_identical(kind, opt):
+def test_earlier_tasks_bit_identical(kind, opt, compress):
     dim = 16 if kind == "conv_bn" else 12
     bm = blob_stream(n_tasks=3, dim=dim)
     model = make_model(kind) if kind != "single_head" else mlp(dim=dim)
-    strategy = make_strategy(model, opt)
+    strategy = make_strategy(model, opt, compress=compress)
     test = list(bm.test_stream)
     xs = [_x(e) for e in test]
     seen = []

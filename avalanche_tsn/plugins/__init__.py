@@ -1,5 +1,18 @@
 """Avalanche plugins, one per TinySubNets stage."""
 
+from avalanche_tsn.plugins.compression import (
+    PruningPlugin,
+    QuantizationPlugin,
+    ValidationSplitPlugin,
+    validation_accuracy,
+)
 from avalanche_tsn.plugins.mask_learning import MaskLearningPlugin, tsn_model
 
-__all__ = ["MaskLearningPlugin", "tsn_model"]
+__all__ = [
+    "MaskLearningPlugin",
+    "ValidationSplitPlugin",
+    "PruningPlugin",
+    "QuantizationPlugin",
+    "tsn_model",
+    "validation_accuracy",
+]

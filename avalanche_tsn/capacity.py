@@ -1,0 +1,163 @@
+"""Capacity of a TinySubNets model: the memory inference needs, against the dense model.
+
+TinySubNets (Zurek et al., arXiv:2412.10869, 2024), "Capacity" and appendix Table 1: per
+task, its own weights at its bit-width, its codebooks (``2^b`` float32 centroids per layer)
+and its Huffman-coded mask; heads and per-task biases and normalisation on their own lines.
+Masks are stored as one ownership map for all tasks (Huffman-coded owner ids) plus, per task,
+a Huffman-coded bitmap of which *earlier* tasks' weights it shares; that is exactly enough to
+rebuild every task mask, and far smaller than independent full-layer masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from avalanche_tsn.huffman import encode_mask, encode_symbols
+from avalanche_tsn.layers import FREE, TaskBatchNorm
+from avalanche_tsn.model import TSNModel
+
+__all__ = ["TaskCapacity", "CapacityReport", "capacity_report", "shared_bitmap", "FLOAT_BITS"]
+
+FLOAT_BITS = 32
+
+
+@dataclass(frozen=True)
+class TaskCapacity:
+    """Bits one task adds to the model."""
+
+    task: int
+    own_weights: int
+    shared_weights: int
+    bits: int
+    weight_bits: int
+    codebook_bits: int
+    mask_bits: int
+    head_bits: int
+    norm_bits: int
+
+    @property
+    def total_bits(self) -> int:
+        """Everything this task adds."""
+        return (
+            self.weight_bits + self.codebook_bits + self.mask_bits + self.head_bits + self.norm_bits
+        )
+
+
+@dataclass(frozen=True)
+class CapacityReport:
+    """The whole model's capacity, per task and in total."""
+
+    tasks: tuple[TaskCapacity, ...]
+    ownership_bits: int
+    total_bits: int
+    dense_bits: int
+    backbone_dense_bits: int
+
+    @property
+    def percent(self) -> float:
+        """100 * total_bits / dense_bits."""
+        return 100.0 * self.total_bits / self.dense_bits
+
+    def backbone_split(self) -> dict[str, float]:
+        """The paper's Table 1 split: weights, codebooks, masks as % of the dense backbone."""
+        d = self.backbone_dense_bits
+        return {
+            "weights": 100.0 * sum(t.weight_bits for t in self.tasks) / d,
+            "codebooks": 100.0 * sum(t.codebook_bits for t in self.tasks) / d,
+            "masks": 100.0 * (sum(t.mask_bits for t in self.tasks) + self.ownership_bits) / d,
+        }
+
+    def table(self) -> str:
+        """A plain-text table (per task, then totals)."""
+        head = f"{'task':>5} {'own':>8} {'shared':>8} {'bits':>4} {'weights':>10} "
+        head += f"{'codebooks':>10} {'masks':>9} {'heads':>9} {'norm/bias':>9} {'total':>10}"
+        lines = [head]
+        for t in self.tasks:
+            lines.append(
+                f"{t.task:>5} {t.own_weights:>8} {t.shared_weights:>8} {t.bits:>4} "
+                f"{t.weight_bits:>10} {t.codebook_bits:>10} {t.mask_bits:>9} {t.head_bits:>9} "
+                f"{t.norm_bits:>9} {t.total_bits:>10}"
+            )
+        split = self.backbone_split()
+        lines += [
+            f"ownership map: {self.ownership_bits} bits",
+            f"total: {self.total_bits} bits = {self.percent:.2f}% of the dense float32 model "
+            f"({self.dense_bits} bits)",
+            "backbone split (% of dense backbone): "
+            + ", ".join(f"{k} {v:.2f}%" for k, v in split.items()),
+        ]
+        return "\n".join(lines)
+
+
+def shared_bitmap(owner: torch.Tensor, mask: torch.Tensor, slot: int) -> torch.Tensor:
+    """Which weights owned by earlier slots the task in ``slot`` reads, in flat order.
+
+    :param owner: a layer's ownership map.
+    :param mask: the task's mask for that layer.
+    :param slot: the task's slot.
+    """
+    earlier = (owner != FREE) & (owner < slot)
+    return mask.flatten()[earlier.flatten()]
+
+
+def _params_bits(module: torch.nn.Module) -> int:
+    return FLOAT_BITS * sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def capacity_report(model: TSNModel) -> CapacityReport:
+    """Measure the capacity of ``model`` as it is now (trained tasks only).
+
+    :param model: the TSN model.
+    """
+    layers = [layer for _, layer in model.masked_layers()]
+    norms = [m for m in model.net.modules() if isinstance(m, TaskBatchNorm)]
+    heads = [m for m in model.net.modules() if type(m).__name__ == "MultiHeadClassifier"]
+    backbone = sum(layer.weight.numel() for layer in layers)
+    bias_per_task = sum(layer.bias.numel() for layer in layers if layer.bias is not None)
+    norm_per_task = sum(
+        m.num_features * (4 if m.weight is not None else 2) for m in norms
+    )
+    all_heads = sum(_params_bits(h) for h in heads)
+    dense = FLOAT_BITS * (backbone + bias_per_task + norm_per_task) + all_heads
+
+    rows = []
+    for label in model.trained_tasks():
+        slot = model.slot_of(label)
+        own = shared = weight_bits = codebook_bits = mask_bits = 0
+        bits = 0
+        for layer in layers:
+            n_own = int((layer.owner == slot).sum())
+            b = int(layer.task_bits[slot]) if len(layer.task_bits) > slot else 0
+            bits = max(bits, b)
+            own += n_own
+            shared += int(layer.shared_mask(slot).sum())
+            weight_bits += n_own * (b if b else FLOAT_BITS)
+            codebook_bits += (2**b) * FLOAT_BITS if b else 0
+            bitmap = shared_bitmap(layer.owner, layer.task_masks[slot], slot)
+            mask_bits += encode_mask(bitmap).nbits if bitmap.numel() else 0
+        head_bits = sum(
+            _params_bits(h.classifiers[str(label)]) for h in heads if str(label) in h.classifiers
+        )
+        rows.append(
+            TaskCapacity(
+                task=label,
+                own_weights=own,
+                shared_weights=shared,
+                bits=bits or FLOAT_BITS,
+                weight_bits=weight_bits,
+                codebook_bits=codebook_bits,
+                mask_bits=mask_bits,
+                head_bits=head_bits,
+                norm_bits=FLOAT_BITS * (bias_per_task + norm_per_task),
+            )
+        )
+    ownership = sum(
+        encode_symbols(layer.owner.flatten().cpu().numpy().astype(np.int64) + 1).nbits
+        for layer in layers
+    ) if rows else 0
+    total = sum(r.total_bits for r in rows) + ownership
+    return CapacityReport(tuple(rows), ownership, total, dense, FLOAT_BITS * backbone)

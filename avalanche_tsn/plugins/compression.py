@@ -1,0 +1,173 @@
+"""Post-training stages of TinySubNets as Avalanche plugins: validation split, greedy
+pruning and adaptive quantization (Zurek et al., arXiv:2412.10869, 2024, steps 2 and 3).
+Each plugin only wires callbacks to :mod:`avalanche_tsn.pruning` and
+:mod:`avalanche_tsn.quantization`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from avalanche.training.plugins import SupervisedPlugin
+from torch.utils.data import DataLoader
+
+from avalanche_tsn.plugins.mask_learning import tsn_model
+from avalanche_tsn.pruning import PruneRecord, greedy_prune
+from avalanche_tsn.quantization import adaptive_bits, check_bits, quantize_task
+
+__all__ = ["ValidationSplitPlugin", "PruningPlugin", "QuantizationPlugin", "validation_accuracy"]
+
+log = logging.getLogger(__name__)
+
+
+def _fraction(value: object, name: str, low_open: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not (0.0 < value < 1.0 if low_open else 0.0 <= value < 1.0):
+        interval = "(0, 1)" if low_open else "[0, 1)"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return value
+
+
+class ValidationSplitPlugin(SupervisedPlugin):
+    """Holds out a validation split of each experience's training data (never trained on).
+
+    The split is ``strategy.tsn_validation``; pruning and quantization measure accuracy on it.
+
+    :param fraction: fraction of the training data held out, in (0, 1).
+    :param seed: seed of the split.
+    """
+
+    def __init__(self, fraction: float = 0.1, seed: int = 0) -> None:
+        super().__init__()
+        self.fraction = _fraction(fraction, "validation_fraction")
+        self.seed = seed
+
+    def check_experience(self, index: int, experience) -> None:
+        """Raise if ``experience`` is too small to split.
+
+        :param index: the experience's position in the call.
+        :param experience: the experience.
+        """
+        n = len(experience.dataset)
+        n_val = int(round(self.fraction * n))
+        if n_val < 1 or n_val >= n:
+            raise ValueError(
+                f"validation_fraction={self.fraction} leaves an empty split of experience "
+                f"{index} ({n} samples); use a fraction that keeps both sides non-empty"
+            )
+
+    def after_train_dataset_adaptation(self, strategy, **kwargs) -> None:
+        data = strategy.adapted_dataset
+        n = len(data)
+        g = torch.Generator().manual_seed(self.seed + strategy.clock.train_exp_counter)
+        order = torch.randperm(n, generator=g).tolist()
+        n_val = int(round(self.fraction * n))
+        strategy.tsn_validation = data.subset(order[:n_val]).eval()
+        strategy.adapted_dataset = data.subset(order[n_val:])
+
+
+@torch.no_grad()
+def validation_accuracy(strategy, task_label: int) -> float:
+    """Accuracy of ``strategy.model`` on the held-out split, run as ``task_label``.
+
+    :param strategy: a strategy with a :class:`ValidationSplitPlugin`.
+    :param task_label: the task whose subnetwork runs.
+    """
+    data = getattr(strategy, "tsn_validation", None)
+    if data is None:
+        raise RuntimeError("no validation split: add a ValidationSplitPlugin")
+    model = strategy.model
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    loader = DataLoader(data, batch_size=strategy.eval_mb_size, collate_fn=data.collate_fn)
+    for x, y, *_ in loader:
+        out = model(x.to(strategy.device), task_label)
+        correct += int((out.argmax(1) == y.to(strategy.device)).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / total
+
+
+class PruningPlugin(SupervisedPlugin):
+    """Greedy post-training pruning of each task's own weights.
+
+    :param iterations: passes over the layers.
+    :param step: fraction of a layer's own weights dropped per attempt, in (0, 1).
+    :param max_drop: largest accepted validation-accuracy drop, in [0, 1).
+    """
+
+    def __init__(self, iterations: int = 5, step: float = 0.2, max_drop: float = 0.01) -> None:
+        super().__init__()
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"prune_iterations must be a positive int, got {iterations!r}")
+        self.iterations = iterations
+        self.step = _fraction(step, "prune_step")
+        self.max_drop = _fraction(max_drop, "prune_max_drop", low_open=False)
+        self.records: list[PruneRecord] = []
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        label = strategy.experience.task_label
+        record = greedy_prune(
+            tsn_model(strategy),
+            label,
+            lambda: validation_accuracy(strategy, label),
+            iterations=self.iterations,
+            step=self.step,
+            max_drop=self.max_drop,
+        )
+        self.records.append(record)
+        log.info(
+            "task %d pruned: sparsity %.4f -> %.4f",
+            label,
+            record.sparsity_before,
+            record.sparsity_after,
+        )
+
+
+class QuantizationPlugin(SupervisedPlugin):
+    """Adaptive k-means quantization of each task's own weights.
+
+    :param min_bits: first bit-width tried, in 1..16.
+    :param max_bits: largest bit-width, in ``min_bits``..16.
+    :param max_drop: largest accepted validation-accuracy drop, in [0, 1).
+    """
+
+    def __init__(self, min_bits: int = 2, max_bits: int = 8, max_drop: float = 0.01) -> None:
+        super().__init__()
+        self.min_bits = check_bits(min_bits, "quant_min_bits")
+        self.max_bits = check_bits(max_bits, "quant_max_bits")
+        if self.max_bits < self.min_bits:
+            raise ValueError(
+                f"quant_max_bits ({max_bits}) must be at least quant_min_bits ({min_bits})"
+            )
+        self.max_drop = _fraction(max_drop, "quant_max_drop", low_open=False)
+        self.bits: dict[int, int] = {}
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        label = strategy.experience.task_label
+        model = tsn_model(strategy)
+        slot = model.slot_of(label)
+        layers = [layer for _, layer in model.masked_layers()]
+        saved = [layer.weight.detach().clone() for layer in layers]
+
+        def restore() -> None:
+            with torch.no_grad():
+                for layer, w in zip(layers, saved, strict=True):
+                    layer.weight.copy_(w)
+
+        baseline = validation_accuracy(strategy, label)
+        bits = adaptive_bits(
+            lambda b: quantize_task(model, slot, b),
+            restore,
+            lambda: validation_accuracy(strategy, label),
+            baseline,
+            min_bits=self.min_bits,
+            max_bits=self.max_bits,
+            max_drop=self.max_drop,
+        )
+        self.bits[label] = bits
+        log.info("task %d quantized to %d bits", label, bits)

@@ -1,0 +1,138 @@
+"""Adaptive non-linear (k-means) quantization of each task's own weights.
+
+TinySubNets (Zurek et al., arXiv:2412.10869, 2024), appendix Algorithms 1 and 2: each layer's
+weights that a task owns are clustered by 1-D k-means into ``2^b`` centroids (one codebook per
+layer per task) and replaced by their centroid; ``b`` starts small and grows until the
+validation accuracy drop is within a threshold. Shared weights of earlier tasks are never
+touched (the reference code quantizes them too, which changes earlier tasks).
+
+1-D k-means is solved exactly per Lloyd step on sorted values: clusters are contiguous runs of
+the sorted array, so one sort plus prefix sums make every step O(2^b log n).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Codebook", "kmeans_1d", "check_bits"]
+
+
+def check_bits(value: object, name: str) -> int:
+    """Validate a bit-width in 1..16.
+
+    :param value: the bit-width.
+    :param name: the argument name used in the error message.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
+        raise ValueError(f"{name} must be an int in 1..16, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Codebook:
+    """Quantized values of one layer of one task: ``centroids[codes]`` reshaped to ``shape``."""
+
+    codes: Tensor
+    centroids: Tensor
+    bits: int
+    shape: tuple[int, ...]
+
+    def values(self) -> Tensor:
+        """The dequantized values."""
+        return self.centroids[self.codes].view(self.shape)
+
+
+@torch.no_grad()
+def kmeans_1d(values: Tensor, bits: int, max_iter: int = 50) -> Codebook:
+    """Cluster ``values`` into at most ``2^bits`` centroids with 1-D k-means (Lloyd).
+
+    :param values: the values to quantize (any shape, float).
+    :param bits: bit-width; the codebook has ``2^bits`` entries.
+    :param max_iter: cap on Lloyd steps (it usually converges well before).
+    """
+    check_bits(bits, "bits")
+    k = 2**bits
+    flat = values.detach().flatten().float()
+    n = flat.numel()
+    if n == 0:
+        return Codebook(
+            torch.zeros(0, dtype=torch.long, device=flat.device),
+            torch.zeros(k, device=flat.device),
+            bits,
+            tuple(values.shape),
+        )
+    ordered, order = torch.sort(flat)
+    prefix = torch.zeros(n + 1, dtype=torch.float64, device=flat.device)
+    prefix[1:] = torch.cumsum(ordered, 0, dtype=torch.float64)
+    # Quantile initialisation: every centroid starts inside the data.
+    start = ((torch.arange(k, device=flat.device, dtype=torch.float64) + 0.5) * n / k).long()
+    centroids = ordered[start.clamp_max(n - 1)].double()
+    ends = torch.tensor([n], device=flat.device)
+    for _ in range(max_iter):
+        mids = ((centroids[1:] + centroids[:-1]) / 2).float()
+        bounds = torch.cat([ends.new_zeros(1), torch.searchsorted(ordered, mids), ends])
+        counts = bounds[1:] - bounds[:-1]
+        sums = prefix[bounds[1:]] - prefix[bounds[:-1]]
+        updated = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+        if torch.equal(updated, centroids):
+            break
+        centroids = updated
+    mids = ((centroids[1:] + centroids[:-1]) / 2).float()
+    bounds = torch.cat([ends.new_zeros(1), torch.searchsorted(ordered, mids), ends])
+    counts = bounds[1:] - bounds[:-1]
+    sorted_codes = torch.repeat_interleave(torch.arange(k, device=flat.device), counts)
+    codes = torch.empty_like(sorted_codes)
+    codes[order] = sorted_codes
+    return Codebook(codes, centroids.float(), bits, tuple(values.shape))
+
+
+def adaptive_bits(
+    quantize: Callable[[int], None],
+    restore: Callable[[], None],
+    evaluate: Callable[[], float],
+    baseline: float,
+    *,
+    min_bits: int,
+    max_bits: int,
+    max_drop: float,
+) -> int:
+    """Smallest bit-width in ``min_bits..max_bits`` whose accuracy drop is within ``max_drop``.
+
+    Leaves the model quantized at the chosen width (``max_bits`` if none is within it).
+
+    :param quantize: quantizes the model at a bit-width.
+    :param restore: undoes ``quantize``.
+    :param evaluate: validation accuracy of the model as it is.
+    :param baseline: validation accuracy before quantization.
+    :param min_bits: first bit-width tried.
+    :param max_bits: last bit-width tried.
+    :param max_drop: largest accepted accuracy drop (a fraction, e.g. 0.01).
+    """
+    for bits in range(min_bits, max_bits + 1):
+        quantize(bits)
+        if baseline - evaluate() <= max_drop or bits == max_bits:
+            return bits
+        restore()
+    raise AssertionError("unreachable")  # the loop always returns at max_bits
+
+
+@torch.no_grad()
+def quantize_task(model, slot: int, bits: int) -> dict[str, Codebook]:
+    """Quantize the weights the task in ``slot`` owns, layer by layer, in place.
+
+    :param model: a :class:`~avalanche_tsn.model.TSNModel`.
+    :param slot: a trained task's slot.
+    :param bits: the bit-width.
+    """
+    books = {}
+    for name, layer in model.masked_layers():
+        own = layer.owner == slot
+        book = kmeans_1d(layer.weight[own], bits)
+        layer.weight[own] = book.centroids[book.codes]
+        layer.set_codebook(slot, book.centroids, bits)
+        books[name] = book
+    return books
