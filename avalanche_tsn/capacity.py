@@ -118,9 +118,7 @@ def capacity_report(model: TSNModel) -> CapacityReport:
     heads = [m for m in model.net.modules() if type(m).__name__ == "MultiHeadClassifier"]
     backbone = sum(layer.weight.numel() for layer in layers)
     bias_per_task = sum(layer.bias.numel() for layer in layers if layer.bias is not None)
-    norm_per_task = sum(
-        m.num_features * (4 if m.weight is not None else 2) for m in norms
-    )
+    norm_per_task = sum(m.num_features * (4 if m.weight is not None else 2) for m in norms)
     all_heads = sum(_params_bits(h) for h in heads)
     dense = FLOAT_BITS * (backbone + bias_per_task + norm_per_task) + all_heads
 
@@ -155,9 +153,13 @@ def capacity_report(model: TSNModel) -> CapacityReport:
                 norm_bits=FLOAT_BITS * (bias_per_task + norm_per_task),
             )
         )
-    ownership = sum(
-        encode_symbols(layer.owner.flatten().cpu().numpy().astype(np.int64) + 1).nbits
-        for layer in layers
-    ) if rows else 0
+    ownership = (
+        sum(
+            encode_symbols(layer.owner.flatten().cpu().numpy().astype(np.int64) + 1).nbits
+            for layer in layers
+        )
+        if rows
+        else 0
+    )
     total = sum(r.total_bits for r in rows) + ownership
     return CapacityReport(tuple(rows), ownership, total, dense, FLOAT_BITS * backbone)

@@ -47,7 +47,7 @@ class Codebook:
 
 
 @torch.no_grad()
-def kmeans_1d(values: Tensor, bits: int, max_iter: int = 50) -> Codebook:
+def kmeans_1d(values: Tensor, bits: int, max_iter: int = 1000) -> Codebook:
     """Cluster ``values`` into at most ``2^bits`` centroids with 1-D k-means (Lloyd).
 
     :param values: the values to quantize (any shape, float).

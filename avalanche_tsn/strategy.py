@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import CrossEntropyLoss
 from torch.optim import Optimizer
 
+from avalanche_tsn.capacity import CapacityReport, capacity_report
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.plugins import (
     MaskLearningPlugin,
@@ -179,6 +180,10 @@ class TSNStrategy(SupervisedTemplate):
     def tsn_model(self) -> TSNModel:
         """The wrapped multi-task model."""
         return self.model  # type: ignore[return-value]
+
+    def capacity_report(self) -> CapacityReport:
+        """Memory the trained tasks need for inference, against the dense model."""
+        return capacity_report(self.tsn_model)
 
     def check_experiences(self, experiences: Iterable[CLExperience]) -> list[int]:
         """Check that ``experiences`` can be trained, before any work is done.

@@ -25,6 +25,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from avalanche_tsn import TSNStrategy
 from avalanche_tsn.datasets import permuted_digits, permuted_fashion_mnist, split_fashion_mnist
 from avalanche_tsn.models import MultiHeadMLP
+from avalanche_tsn.plugins import PruningPlugin, QuantizationPlugin
 
 SCENARIOS = {
     "permuted_digits": lambda a: (permuted_digits(a.tasks or 5, seed=a.seed), 64),
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-prune", action="store_true")
+    parser.add_argument("--no-quantize", action="store_true")
     parser.add_argument("--dataset-root", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="folder for results.json")
@@ -86,6 +89,8 @@ def main() -> None:
         evaluator=evaluator,
         eval_every=0,
         sparsity=args.sparsity,
+        prune=not args.no_prune,
+        quantize=not args.no_quantize,
     )
     t0 = time.perf_counter()
     for exp in benchmark.train_stream:
@@ -101,7 +106,19 @@ def main() -> None:
         "train_seconds": round(seconds, 1),
         "accuracy_matrix": accuracy_matrix(evaluator, n),
     }
-    summary = {k: result[k] for k in ("scenario", "ACC", "BWT", "FWT", "train_seconds")}
+    report = strategy.capacity_report()
+    prune = next((p for p in strategy.plugins if isinstance(p, PruningPlugin)), None)
+    quant = next((p for p in strategy.plugins if isinstance(p, QuantizationPlugin)), None)
+    result["capacity_percent"] = report.percent
+    result["capacity_backbone_split"] = report.backbone_split()
+    result["capacity_tasks"] = [vars(t) | {"total_bits": t.total_bits} for t in report.tasks]
+    result["pruning"] = [vars(r) for r in prune.records] if prune else None
+    result["bits"] = quant.bits if quant else None
+    print(report.table())
+    summary = {
+        k: result[k]
+        for k in ("scenario", "ACC", "BWT", "FWT", "train_seconds", "capacity_percent", "bits")
+    }
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

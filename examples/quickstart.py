@@ -65,6 +65,8 @@ def main() -> None:
     print(f"ACC {100 * acc:.2f}%")
     print(f"BWT {100 * results['StreamBWT/eval_phase/test_stream']:+.2f}")
     print(f"FWT {100 * results['StreamForwardTransfer/eval_phase/test_stream']:+.2f}")
+    print("\nCapacity (bits):")
+    print(strategy.capacity_report().table())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,189 @@
+"""Pruning, quantization, Huffman coding and the capacity report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import blob_stream, mlp, quiet_evaluator
+from torch import nn
+
+from avalanche_tsn import TSNModel, TSNStrategy
+from avalanche_tsn.capacity import FLOAT_BITS, capacity_report, shared_bitmap
+from avalanche_tsn.huffman import decode_mask, decode_symbols, encode_mask, encode_symbols
+from avalanche_tsn.layers import FREE
+from avalanche_tsn.models import MultiHeadMLP
+from avalanche_tsn.quantization import kmeans_1d
+
+
+def train(model=None, tasks=3, **kw):
+    bm = blob_stream(n_tasks=tasks)
+    model = model if model is not None else mlp()
+    strategy = TSNStrategy(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+        train_mb_size=16,
+        train_epochs=2,
+        evaluator=quiet_evaluator(),
+        **kw,
+    )
+    strategy.train(bm.train_stream, eval_streams=[])
+    return strategy, bm
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5])
+def test_kmeans_has_at_most_2b_values_and_is_a_fixed_point(bits):
+    v = torch.randn(5000)
+    book = kmeans_1d(v, bits)
+    q = book.values()
+    assert len(torch.unique(q)) <= 2**bits
+    # Lloyd fixed point: each centroid is the mean of its members, members nearest to it
+    for c in range(2**bits):
+        members = v[book.codes == c]
+        if len(members):
+            assert torch.isclose(members.double().mean().float(), book.centroids[c], atol=1e-4)
+    nearest = (v[:, None] - book.centroids[None]).abs().argmin(1)
+    assert (book.centroids[nearest] - v).abs().le((q.flatten() - v).abs() + 1e-6).all()
+
+
+def test_quantized_layers_hold_at_most_2b_values_per_task():
+    strategy, _ = train(prune=False, quant_min_bits=2, quant_max_bits=3, quant_max_drop=0.5)
+    model = strategy.tsn_model
+    quant = next(p for p in strategy.plugins if type(p).__name__ == "QuantizationPlugin")
+    for label in model.trained_tasks():
+        slot = model.slot_of(label)
+        for _, layer in model.masked_layers():
+            b = int(layer.task_bits[slot])
+            assert b == quant.bits[label]
+            own = layer.weight[layer.owner == slot]
+            assert len(torch.unique(own)) <= 2**b
+            assert set(torch.unique(own).tolist()) <= set(layer.task_centroids[slot].tolist())
+
+
+def test_pruned_weights_are_free_and_out_of_the_mask():
+    strategy, _ = train(quantize=False, prune_max_drop=0.5, prune_iterations=2)
+    model = strategy.tsn_model
+    prune = next(p for p in strategy.plugins if type(p).__name__ == "PruningPlugin")
+    assert any(r.own_after < r.own_before for r in prune.records)
+    for r in prune.records:
+        assert r.sparsity_after >= r.sparsity_before
+    for _, layer in model.masked_layers():
+        for slot in range(3):
+            own = layer.owner == slot
+            # every weight a task owns is in its mask; nothing outside its mask is owned by it
+            assert not (own & ~layer.task_masks[slot]).any()
+            # a task's mask holds only its own weights and weights of earlier tasks
+            others = layer.task_masks[slot] & ~own
+            assert ((layer.owner[others] >= 0) & (layer.owner[others] < slot)).all()
+
+
+def test_pruning_frees_weights_for_later_tasks():
+    strategy, _ = train(tasks=2, quantize=False, prune_max_drop=0.9, prune_step=0.5)
+    model = strategy.tsn_model
+    prune = next(p for p in strategy.plugins if type(p).__name__ == "PruningPlugin")
+    assert prune.records[0].own_after < prune.records[0].own_before
+    # after task 0 was pruned some weights were free; task 1 may own some of them, and
+    # task 0's mask never contains a weight owned by task 1
+    for _, layer in model.masked_layers():
+        assert not (layer.task_masks[0] & (layer.owner == 1)).any()
+
+
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.5, 1.0])
+def test_huffman_mask_round_trip(density):
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(37, 29, generator=g) < density
+    code = encode_mask(mask)
+    assert torch.equal(decode_mask(code, mask.shape), mask)
+    restored, end = type(code).from_bytes(code.to_bytes())
+    assert restored == code and end == len(code.to_bytes())
+
+
+def test_huffman_symbols_round_trip_and_corruption():
+    symbols = np.random.RandomState(0).randint(0, 12, size=999)
+    code = encode_symbols(symbols)
+    assert (decode_symbols(code) == symbols).all()
+    with pytest.raises(ValueError):
+        type(code).from_bytes(code.to_bytes()[:-5])
+
+
+def test_capacity_arithmetic_by_hand():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3, bias=False), nn.ReLU(), nn.Linear(3, 2, bias=False))
+    model = TSNModel(net, sparsity=0.5)
+    l1, l2 = net[0], net[2]
+    # task 0 (slot 0): trained by hand
+    model.begin_task(0, 0.5)
+    model.end_task(0)
+    l1.set_codebook(0, torch.tensor([0.1, 0.2, 0.3, 0.4]), 2)
+    l2.set_codebook(0, torch.tensor([0.5, 0.6, 0.7, 0.8]), 2)
+    report = capacity_report(model)
+    own1, own2 = int((l1.owner == 0).sum()), int((l2.owner == 0).sum())
+    assert (own1, own2) == (6, 3)  # keep_count(12, .5), keep_count(6, .5)
+    t = report.tasks[0]
+    assert t.own_weights == 9 and t.shared_weights == 0 and t.bits == 2
+    assert t.weight_bits == 9 * 2
+    assert t.codebook_bits == 2 * 4 * 32
+    assert t.mask_bits == 0  # nothing earlier to share
+    assert t.head_bits == 0 and t.norm_bits == 0
+    owner_bits = sum(
+        encode_symbols(layer.owner.flatten().numpy().astype(np.int64) + 1).nbits
+        for layer in (l1, l2)
+    )
+    assert report.ownership_bits == owner_bits
+    assert report.total_bits == 18 + 256 + owner_bits
+    assert report.dense_bits == report.backbone_dense_bits == 18 * FLOAT_BITS
+    assert report.percent == pytest.approx(100 * report.total_bits / (18 * 32))
+    split = report.backbone_split()
+    assert split["weights"] == pytest.approx(100 * 18 / 576)
+    assert split["masks"] == pytest.approx(100 * owner_bits / 576)
+
+
+def test_capacity_counts_heads_norms_and_shared_masks():
+    strategy, _ = train(model=MultiHeadMLP(12, (16, 16), 3, bias=True), tasks=2)
+    report = strategy.capacity_report()
+    model = strategy.tsn_model
+    head_bits = 32 * sum(p.numel() for p in model.net.classifier.classifiers["1"].parameters())
+    assert report.tasks[1].head_bits == head_bits
+    assert report.tasks[1].norm_bits == 32 * (16 + 16)
+    slot = model.slot_of(1)
+    expected = sum(
+        encode_mask(shared_bitmap(layer.owner, layer.task_masks[slot], slot)).nbits
+        for _, layer in model.masked_layers()
+    )
+    assert report.tasks[1].mask_bits == expected > 0
+    assert report.total_bits == sum(t.total_bits for t in report.tasks) + report.ownership_bits
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"validation_fraction": 0.0}, "validation_fraction"),
+        ({"validation_fraction": 1.0}, "validation_fraction"),
+        ({"prune_step": 1.5}, "prune_step"),
+        ({"prune_max_drop": -0.1}, "prune_max_drop"),
+        ({"prune_iterations": 0}, "prune_iterations"),
+        ({"quant_min_bits": 0}, "quant_min_bits"),
+        ({"quant_max_bits": 17}, "quant_max_bits"),
+        ({"quant_min_bits": 6, "quant_max_bits": 4}, "quant_max_bits"),
+        ({"quant_max_drop": 1.0}, "quant_max_drop"),
+    ],
+)
+def test_bad_compression_arguments(kwargs, match):
+    model = mlp()
+    with pytest.raises((ValueError, TypeError), match=match):
+        TSNStrategy(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def test_validation_fraction_leaving_an_empty_split_fails_before_training():
+    bm = blob_stream(n_tasks=2, n=6)
+    model = mlp()
+    strategy = TSNStrategy(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        evaluator=quiet_evaluator(),
+        validation_fraction=0.05,
+    )
+    with pytest.raises(ValueError, match="empty split"):
+        strategy.train(bm.train_stream, eval_streams=[])
+    assert strategy.tsn_model.trained_tasks() == []
+    assert all((layer.owner == FREE).all() for _, layer in strategy.tsn_model.masked_layers())
