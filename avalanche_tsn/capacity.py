@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from avalanche.models import MultiHeadClassifier
 
 from avalanche_tsn.huffman import encode_mask, encode_symbols
 from avalanche_tsn.layers import FREE, TaskBatchNorm
@@ -115,7 +116,7 @@ def capacity_report(model: TSNModel) -> CapacityReport:
     """
     layers = [layer for _, layer in model.masked_layers()]
     norms = [m for m in model.net.modules() if isinstance(m, TaskBatchNorm)]
-    heads = [m for m in model.net.modules() if type(m).__name__ == "MultiHeadClassifier"]
+    heads = [m for m in model.net.modules() if isinstance(m, MultiHeadClassifier)]
     backbone = sum(layer.weight.numel() for layer in layers)
     bias_per_task = sum(layer.bias.numel() for layer in layers if layer.bias is not None)
     norm_per_task = sum(m.num_features * (4 if m.weight is not None else 2) for m in norms)
