@@ -2,10 +2,18 @@
 
 from avalanche_tsn._compat import expose_optimizer_modules
 from avalanche_tsn._version import __version__
+from avalanche_tsn.export import load_compressed
 from avalanche_tsn.model import TSNModel, wrap_model
 from avalanche_tsn.plugins import MaskLearningPlugin
 from avalanche_tsn.strategy import TSNStrategy
 
 expose_optimizer_modules()
 
-__all__ = ["__version__", "TSNStrategy", "TSNModel", "MaskLearningPlugin", "wrap_model"]
+__all__ = [
+    "__version__",
+    "TSNStrategy",
+    "TSNModel",
+    "MaskLearningPlugin",
+    "wrap_model",
+    "load_compressed",
+]

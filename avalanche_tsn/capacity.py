@@ -108,6 +108,16 @@ def _params_bits(module: torch.nn.Module) -> int:
     return FLOAT_BITS * sum(p.numel() for p in module.parameters())
 
 
+def _head_bits(model: TSNModel, label: int, slot: int) -> int:
+    # Quantized head weights cost their codes and one codebook; the rest stays float32.
+    total = sum(_params_bits(h) for h in model.head_modules(label))
+    b = int(model.head_bits[slot]) if len(model.head_bits) > slot else 0
+    if b:
+        n = sum(w.numel() for w in model.head_weights(label))
+        total += n * (b - FLOAT_BITS) + (2**b) * FLOAT_BITS
+    return total
+
+
 @torch.no_grad()
 def capacity_report(model: TSNModel) -> CapacityReport:
     """Measure the capacity of ``model`` as it is now (trained tasks only).
@@ -138,9 +148,7 @@ def capacity_report(model: TSNModel) -> CapacityReport:
             codebook_bits += (2**b) * FLOAT_BITS if b else 0
             bitmap = shared_bitmap(layer.owner, layer.task_masks[slot], slot)
             mask_bits += encode_mask(bitmap).nbits if bitmap.numel() else 0
-        head_bits = sum(
-            _params_bits(h.classifiers[str(label)]) for h in heads if str(label) in h.classifiers
-        )
+        head_bits = _head_bits(model, label, slot)
         rows.append(
             TaskCapacity(
                 task=label,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avalanche_tsn.masks import keep_count, ste_masked_weight, topk_mask, topk_threshold
+from avalanche_tsn.quantization import store_centroids
 
 __all__ = ["MaskedLayer", "TSNLinear", "TSNConv2d", "TaskBatchNorm", "FREE"]
 
@@ -172,14 +173,7 @@ class MaskedLayer(_PerTaskBuffers):
         :param centroids: the ``2^bits`` centroids.
         :param bits: the bit-width.
         """
-        width = centroids.numel()
-        if width > self.task_centroids.shape[1]:
-            extra = self.task_centroids.new_zeros(
-                (self.task_centroids.shape[0], width - self.task_centroids.shape[1])
-            )
-            self.task_centroids = torch.cat([self.task_centroids, extra], dim=1)
-        self.task_centroids[slot].zero_()
-        self.task_centroids[slot, :width] = centroids.to(self.task_centroids)
+        self.task_centroids = store_centroids(self.task_centroids, slot, centroids)
         self.task_bits[slot] = bits
 
     def own_mask(self, slot: int) -> Tensor:

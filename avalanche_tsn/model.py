@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm, TSNConv2d, TSNLinear
 from avalanche_tsn.masks import check_sparsity
+from avalanche_tsn.quantization import store_centroids
 
 __all__ = ["TSNModel", "wrap_model"]
 
@@ -117,6 +118,9 @@ class TSNModel(MultiTaskModule):
         self.register_buffer("task_labels_by_slot", torch.zeros(0, dtype=torch.long))
         self.register_buffer("slot_frozen", torch.zeros(0, dtype=torch.bool))
         self.register_buffer("slot_sparsity", torch.zeros(0))
+        # Codebook of each task's head weights (bits 0: float32, not quantized).
+        self.register_buffer("head_bits", torch.zeros(0, dtype=torch.int16))
+        self.register_buffer("head_centroids", torch.zeros(0, 0))
         self._head_snapshot: list[tuple[nn.Parameter, Tensor]] = []
         self._slot_cache: tuple[dict[int, int], frozenset[int]] | None = None
         self.live_sparsity = sparsity
@@ -170,8 +174,16 @@ class TSNModel(MultiTaskModule):
         slot = self.slot_of(task_label)
         return slot is not None and slot in self._slot_table()[1]
 
+    _SLOT_BUFFERS = (
+        "task_labels_by_slot",
+        "slot_frozen",
+        "slot_sparsity",
+        "head_bits",
+        "head_centroids",
+    )
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        for name in ("task_labels_by_slot", "slot_frozen", "slot_sparsity"):
+        for name in self._SLOT_BUFFERS:
             if prefix + name in state_dict:
                 setattr(self, name, getattr(self, name).new_zeros(state_dict[prefix + name].shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -201,6 +213,13 @@ class TSNModel(MultiTaskModule):
             self.slot_sparsity = torch.cat(
                 [self.slot_sparsity, torch.tensor([float(sparsity)], device=dev)]
             )
+            self.head_bits = torch.cat([self.head_bits, self.head_bits.new_zeros(1)])
+            self.head_centroids = torch.cat(
+                [
+                    self.head_centroids,
+                    self.head_centroids.new_zeros((1, self.head_centroids.shape[1])),
+                ]
+            )
             self._slot_cache = None
         self.live_sparsity = sparsity
         for layer in self._layers:
@@ -211,6 +230,37 @@ class TSNModel(MultiTaskModule):
             (p, p.detach().clone()) for p in self._frozen_head_parameters(exclude=task_label)
         ]
         return slot
+
+    def head_modules(self, task_label: int) -> list[nn.Module]:
+        """The heads of ``task_label`` in every ``MultiHeadClassifier`` (may be empty).
+
+        :param task_label: a task label.
+        """
+        key = str(int(task_label))
+        return [h.classifiers[key] for h in self._heads if key in h.classifiers]
+
+    def head_weights(self, task_label: int) -> list[nn.Parameter]:
+        """The weight matrices of ``task_label``'s heads (quantized with the task).
+
+        :param task_label: a task label.
+        """
+        return [
+            m.weight
+            for head in self.head_modules(task_label)
+            for m in head.modules()
+            if isinstance(m, nn.Linear)
+        ]
+
+    @torch.no_grad()
+    def set_head_codebook(self, slot: int, centroids: Tensor, bits: int) -> None:
+        """Record the head codebook of the task in ``slot`` (``bits == 0``: not quantized).
+
+        :param slot: a trained task's slot.
+        :param centroids: the ``2^bits`` centroids.
+        :param bits: the bit-width.
+        """
+        self.head_centroids = store_centroids(self.head_centroids, slot, centroids)
+        self.head_bits[slot] = bits
 
     def _frozen_head_parameters(self, exclude: int) -> Iterator[nn.Parameter]:
         for heads in self._heads:

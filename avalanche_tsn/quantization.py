@@ -18,7 +18,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Codebook", "kmeans_1d", "check_bits"]
+__all__ = [
+    "Codebook",
+    "kmeans_1d",
+    "check_bits",
+    "adaptive_bits",
+    "quantize_task",
+    "quantize_head",
+    "store_centroids",
+    "codes_of",
+]
 
 
 def check_bits(value: object, name: str) -> int:
@@ -44,6 +53,39 @@ class Codebook:
     def values(self) -> Tensor:
         """The dequantized values."""
         return self.centroids[self.codes].view(self.shape)
+
+
+@torch.no_grad()
+def store_centroids(table: Tensor, slot: int, centroids: Tensor) -> Tensor:
+    """Write ``centroids`` into row ``slot`` of ``table`` (zero-padded), widening it if needed.
+
+    :param table: a ``[slots, width]`` table of centroids.
+    :param slot: the row.
+    :param centroids: the codebook's centroids.
+    :return: the table (a new tensor if it had to grow).
+    """
+    width = centroids.numel()
+    if width > table.shape[1]:
+        table = torch.cat([table, table.new_zeros((table.shape[0], width - table.shape[1]))], 1)
+    table[slot].zero_()
+    table[slot, :width] = centroids.to(table)
+    return table
+
+
+@torch.no_grad()
+def codes_of(values: Tensor, centroids: Tensor) -> Tensor:
+    """Codes of values that are exactly centroid values (inverse of ``centroids[codes]``).
+
+    :param values: quantized values (any shape).
+    :param centroids: the codebook's centroids.
+    :return: int64 codes, flat, in the order of ``values.flatten()``.
+    """
+    ordered, order = torch.sort(centroids.float())
+    flat = values.detach().flatten().float()
+    pos = torch.searchsorted(ordered, flat).clamp_max(len(ordered) - 1)
+    if not torch.equal(ordered[pos], flat):
+        raise ValueError("values are not all centroid values: the layer is not quantized")
+    return order[pos]
 
 
 @torch.no_grad()
@@ -136,3 +178,27 @@ def quantize_task(model, slot: int, bits: int) -> dict[str, Codebook]:
         layer.set_codebook(slot, book.centroids, bits)
         books[name] = book
     return books
+
+
+@torch.no_grad()
+def quantize_head(model, task_label: int, bits: int) -> Codebook | None:
+    """Quantize the weight matrices of ``task_label``'s heads with one codebook, in place.
+
+    Heads belong to their task alone, so quantizing them never touches another task.
+
+    :param model: a :class:`~avalanche_tsn.model.TSNModel`.
+    :param task_label: a trained task's label.
+    :param bits: the bit-width.
+    :return: the codebook, or None if the task has no head.
+    """
+    weights = model.head_weights(task_label)
+    if not weights:
+        return None
+    book = kmeans_1d(torch.cat([w.detach().flatten() for w in weights]), bits)
+    values = book.centroids[book.codes]
+    start = 0
+    for w in weights:
+        w.copy_(values[start : start + w.numel()].view_as(w))
+        start += w.numel()
+    model.set_head_codebook(model.slot_of(task_label), book.centroids, bits)
+    return book

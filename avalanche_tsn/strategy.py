@@ -9,7 +9,8 @@ user's plugin list.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast
+from os import PathLike
+from typing import Any, BinaryIO, cast
 
 import torch
 from avalanche.benchmarks import CLExperience
@@ -22,6 +23,7 @@ from torch.nn import CrossEntropyLoss
 from torch.optim import Optimizer
 
 from avalanche_tsn.capacity import CapacityReport, capacity_report
+from avalanche_tsn.export import export_model
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.plugins import (
     MaskLearningPlugin,
@@ -81,6 +83,7 @@ class TSNStrategy(SupervisedTemplate):
     :param quant_min_bits: first bit-width tried, in 1..16.
     :param quant_max_bits: largest bit-width, in ``quant_min_bits``..16.
     :param quant_max_drop: largest validation-accuracy drop quantization may cause.
+    :param quant_heads: also quantize each task's heads (their own codebook and bit-width).
     :param base_kwargs: passed on to :class:`SupervisedTemplate`.
     """
 
@@ -107,6 +110,7 @@ class TSNStrategy(SupervisedTemplate):
         quant_min_bits: int = 2,
         quant_max_bits: int = 8,
         quant_max_drop: float = 0.01,
+        quant_heads: bool = True,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -136,7 +140,9 @@ class TSNStrategy(SupervisedTemplate):
             (
                 QuantizationPlugin,
                 quantize,
-                lambda: QuantizationPlugin(quant_min_bits, quant_max_bits, quant_max_drop),
+                lambda: QuantizationPlugin(
+                    quant_min_bits, quant_max_bits, quant_max_drop, quant_heads
+                ),
             ),
         ]
         others = [p for p in user_plugins if not isinstance(p, tuple(c for c, _, _ in stages))]
@@ -184,6 +190,14 @@ class TSNStrategy(SupervisedTemplate):
     def capacity_report(self) -> CapacityReport:
         """Memory the trained tasks need for inference, against the dense model."""
         return capacity_report(self.tsn_model)
+
+    def export(self, path: str | PathLike | BinaryIO) -> int:
+        """Write the trained tasks to a compact file (see :func:`avalanche_tsn.load_compressed`).
+
+        :param path: a file path or a writable binary file.
+        :return: bytes written.
+        """
+        return export_model(self.tsn_model, path)
 
     def check_experiences(self, experiences: Iterable[CLExperience]) -> list[int]:
         """Check that ``experiences`` can be trained, before any work is done.

@@ -142,8 +142,12 @@ def test_capacity_counts_heads_norms_and_shared_masks():
     strategy, _ = train(model=MultiHeadMLP(12, (16, 16), 3, bias=True), tasks=2)
     report = strategy.capacity_report()
     model = strategy.tsn_model
-    head_bits = 32 * sum(p.numel() for p in model.net.classifier.classifiers["1"].parameters())
-    assert report.tasks[1].head_bits == head_bits
+    head = model.net.classifier.classifiers["1"].classifier
+    hb = int(model.head_bits[model.slot_of(1)])
+    assert 1 <= hb <= 8
+    # quantized head: codes + one codebook, bias in float32
+    assert report.tasks[1].head_bits == head.weight.numel() * hb + 2**hb * 32 + 32 * 3
+    assert len(torch.unique(head.weight)) <= 2**hb
     assert report.tasks[1].norm_bits == 32 * (16 + 16)
     slot = model.slot_of(1)
     expected = sum(
@@ -187,3 +191,38 @@ def test_validation_fraction_leaving_an_empty_split_fails_before_training():
         strategy.train(bm.train_stream, eval_streams=[])
     assert strategy.tsn_model.trained_tasks() == []
     assert all((layer.owner == FREE).all() for _, layer in strategy.tsn_model.masked_layers())
+
+
+def test_heads_stay_float_when_quant_heads_is_off():
+    strategy, _ = train(model=MultiHeadMLP(12, (16, 16), 3, bias=True), tasks=2, quant_heads=False)
+    model = strategy.tsn_model
+    assert model.head_bits.tolist() == [0, 0]
+    head = model.net.classifier.classifiers["1"]
+    assert strategy.capacity_report().tasks[1].head_bits == 32 * sum(
+        p.numel() for p in head.parameters()
+    )
+
+
+def test_capacity_metrics_reach_avalanche_loggers(tmp_path):
+    from avalanche.logging import TextLogger
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from avalanche_tsn.metrics import capacity_metrics
+
+    log_file = tmp_path / "log.txt"
+    with open(log_file, "w") as f:
+        evaluator = EvaluationPlugin(capacity_metrics(), loggers=[TextLogger(f)])
+        model = MultiHeadMLP(12, (16, 16), 3)
+        strategy = TSNStrategy(
+            model=model,
+            optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+            train_mb_size=16,
+            evaluator=evaluator,
+        )
+        strategy.train(blob_stream(n_tasks=2).train_stream, eval_streams=[])
+    report = strategy.capacity_report()
+    history = evaluator.get_all_metrics()
+    assert history["Capacity/percent"][1][-1] == pytest.approx(report.percent)
+    assert len(history["Capacity/percent"][1]) == 2  # one value per experience
+    assert history["Capacity/Task001/bits"][1][-1] == report.tasks[1].total_bits
+    assert "Capacity/backbone_masks_percent" in log_file.read_text()

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from avalanche_tsn.plugins.mask_learning import tsn_model
 from avalanche_tsn.pruning import PruneRecord, greedy_prune
-from avalanche_tsn.quantization import adaptive_bits, check_bits, quantize_task
+from avalanche_tsn.quantization import adaptive_bits, check_bits, quantize_head, quantize_task
 
 __all__ = ["ValidationSplitPlugin", "PruningPlugin", "QuantizationPlugin", "validation_accuracy"]
 
@@ -134,9 +134,13 @@ class QuantizationPlugin(SupervisedPlugin):
     :param min_bits: first bit-width tried, in 1..16.
     :param max_bits: largest bit-width, in ``min_bits``..16.
     :param max_drop: largest accepted validation-accuracy drop, in [0, 1).
+    :param heads: also quantize the task's heads (their own codebook and bit-width, chosen
+        the same way after the backbone's).
     """
 
-    def __init__(self, min_bits: int = 2, max_bits: int = 8, max_drop: float = 0.01) -> None:
+    def __init__(
+        self, min_bits: int = 2, max_bits: int = 8, max_drop: float = 0.01, heads: bool = True
+    ) -> None:
         super().__init__()
         self.min_bits = check_bits(min_bits, "quant_min_bits")
         self.max_bits = check_bits(max_bits, "quant_max_bits")
@@ -145,29 +149,49 @@ class QuantizationPlugin(SupervisedPlugin):
                 f"quant_max_bits ({max_bits}) must be at least quant_min_bits ({min_bits})"
             )
         self.max_drop = _fraction(max_drop, "quant_max_drop", low_open=False)
+        if not isinstance(heads, bool):
+            raise TypeError(f"quant_heads must be a bool, got {type(heads).__name__}")
+        self.heads = heads
         self.bits: dict[int, int] = {}
+        self.head_bits: dict[int, int] = {}
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         label = strategy.experience.task_label
         model = tsn_model(strategy)
         slot = model.slot_of(label)
         layers = [layer for _, layer in model.masked_layers()]
-        saved = [layer.weight.detach().clone() for layer in layers]
+        self.bits[label] = self._search(
+            strategy,
+            label,
+            [layer.weight for layer in layers],
+            lambda b: quantize_task(model, slot, b),
+        )
+        heads = model.head_weights(label) if self.heads else []
+        if heads:
+            self.head_bits[label] = self._search(
+                strategy, label, heads, lambda b: quantize_head(model, label, b)
+            )
+        log.info(
+            "task %d quantized: backbone %d bits, heads %s bits",
+            label,
+            self.bits[label],
+            self.head_bits.get(label, "float32"),
+        )
+
+    def _search(self, strategy, label: int, params: list, quantize) -> int:
+        saved = [p.detach().clone() for p in params]
 
         def restore() -> None:
             with torch.no_grad():
-                for layer, w in zip(layers, saved, strict=True):
-                    layer.weight.copy_(w)
+                for p, w in zip(params, saved, strict=True):
+                    p.copy_(w)
 
-        baseline = validation_accuracy(strategy, label)
-        bits = adaptive_bits(
-            lambda b: quantize_task(model, slot, b),
+        return adaptive_bits(
+            quantize,
             restore,
             lambda: validation_accuracy(strategy, label),
-            baseline,
+            validation_accuracy(strategy, label),
             min_bits=self.min_bits,
             max_bits=self.max_bits,
             max_drop=self.max_drop,
         )
-        self.bits[label] = bits
-        log.info("task %d quantized to %d bits", label, bits)

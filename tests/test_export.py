@@ -1,0 +1,117 @@
+"""Compact export: exact round trip of predictions, size against the capacity report, errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from conftest import SmallConvNet, blob_stream, quiet_evaluator
+
+from avalanche_tsn import TSNStrategy, load_compressed
+from avalanche_tsn.export import pack_codes, unpack_codes
+from avalanche_tsn.models import MultiHeadMLP
+
+
+def trained(model, dim=12, tasks=3, **kw):
+    bm = blob_stream(n_tasks=tasks, dim=dim)
+    strategy = TSNStrategy(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+        train_mb_size=16,
+        train_epochs=2,
+        evaluator=quiet_evaluator(),
+        **kw,
+    )
+    strategy.train(bm.train_stream, eval_streams=[])
+    return strategy, bm
+
+
+def stacked_inputs(bm):
+    xs, ts = [], []
+    for exp in bm.test_stream:
+        x = torch.stack([exp.dataset[i][0] for i in range(len(exp.dataset))])
+        xs.append(x)
+        ts.append(torch.full((len(x),), exp.task_label))
+    return torch.cat(xs), torch.cat(ts)
+
+
+@pytest.mark.parametrize(
+    "make, dim, kw",
+    [
+        (lambda: MultiHeadMLP(12, (16, 16), 3, bias=True), 12, {}),
+        (lambda: SmallConvNet(), 16, {}),
+        (lambda: SmallConvNet(), 16, {"quantize": False}),
+        (lambda: MultiHeadMLP(12, (16, 16), 3), 12, {"prune": False, "quant_heads": False}),
+    ],
+)
+def test_export_then_load_gives_identical_predictions_and_matches_report(tmp_path, make, dim, kw):
+    strategy, bm = trained(make(), dim=dim, **kw)
+    path = tmp_path / "model.tsn"
+    size = strategy.export(path)
+    assert size == path.stat().st_size
+    report = strategy.capacity_report()
+    assert size <= 1.1 * report.total_bits / 8 + 8192
+    # most of the file is what the report counts: not a dense dump
+    assert size * 8 >= 0.9 * report.total_bits
+    loaded = load_compressed(path, make())
+    live = strategy.model.eval()
+    x, t = stacked_inputs(bm)
+    with torch.no_grad():
+        for label in range(3):
+            sel = t == label
+            assert torch.equal(loaded(x[sel], label), live(x[sel], label))
+        assert torch.equal(loaded(x, t), live(x, t))
+    assert loaded.trained_tasks() == live.trained_tasks()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 8, 13, 16])
+def test_code_packing_round_trips(bits):
+    codes = np.random.default_rng(bits).integers(0, 2**bits, size=1001)
+    packed = pack_codes(codes, bits)
+    assert len(packed) == (1001 * bits + 7) // 8
+    assert np.array_equal(unpack_codes(packed, 1001, bits), codes)
+
+
+@pytest.fixture(scope="module")
+def exported():
+    torch.manual_seed(0)
+    strategy, _ = trained(MultiHeadMLP(12, (16, 16), 3, bias=True), tasks=2)
+    buf = io.BytesIO()
+    strategy.export(buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda d: b"XXXX" + d[4:], "magic"),
+        (lambda d: d[:-40], "checksum"),
+        (lambda d: d[:100] + bytes([d[100] ^ 1]) + d[101:], "checksum"),
+        (lambda d: d[:4] + b"\x09\x00" + d[6:], "version"),
+        (lambda d: b"", "magic"),
+    ],
+)
+def test_corrupt_files_are_rejected_before_the_model_changes(exported, corrupt, match):
+    model = MultiHeadMLP(12, (16, 16), 3, bias=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        load_compressed(io.BytesIO(corrupt(exported)), model)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mismatched_architecture_is_rejected(exported):
+    model = MultiHeadMLP(12, (16, 8), 3, bias=True)
+    with pytest.raises(ValueError, match="does not match"):
+        load_compressed(io.BytesIO(exported), model)
+    assert type(model.features[0]) is torch.nn.Linear  # not wrapped
+
+
+def test_export_needs_a_trained_task(tmp_path):
+    model = MultiHeadMLP(12, (16, 16), 3)
+    strategy = TSNStrategy(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="no task is trained"):
+        strategy.export(tmp_path / "x.tsn")
