@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-prune", action="store_true")
     parser.add_argument("--no-quantize", action="store_true")
+    parser.add_argument("--no-quant-heads", action="store_true")
     parser.add_argument("--dataset-root", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="folder for results.json")
@@ -91,6 +92,7 @@ def main() -> None:
         sparsity=args.sparsity,
         prune=not args.no_prune,
         quantize=not args.no_quantize,
+        quant_heads=not args.no_quant_heads,
     )
     t0 = time.perf_counter()
     for exp in benchmark.train_stream:
@@ -114,14 +116,20 @@ def main() -> None:
     result["capacity_tasks"] = [vars(t) | {"total_bits": t.total_bits} for t in report.tasks]
     result["pruning"] = [vars(r) for r in prune.records] if prune else None
     result["bits"] = quant.bits if quant else None
+    result["head_bits"] = quant.head_bits if quant else None
+    result["capacity_total_bits"] = report.total_bits
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        result["export_bytes"] = strategy.export(Path(args.out) / "model.tsn")
     print(report.table())
     summary = {
         k: result[k]
         for k in ("scenario", "ACC", "BWT", "FWT", "train_seconds", "capacity_percent", "bits")
+        + ("head_bits", "capacity_total_bits", "export_bytes")
+        if k in result
     }
     print(json.dumps(summary, indent=2))
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(json.dumps(result, indent=2))
 
 
