@@ -30,6 +30,7 @@ class TaskCapacity:
     """Bits one task adds to the model."""
 
     task: int
+    bank: int
     own_weights: int
     shared_weights: int
     bits: int
@@ -56,6 +57,13 @@ class CapacityReport:
     total_bits: int
     dense_bits: int
     backbone_dense_bits: int
+    banks: int = 1
+    memory_bits: int = 0
+
+    @property
+    def percent_with_memory(self) -> float:
+        """100 * (total_bits + memory_bits) / dense_bits: capacity with the task memory."""
+        return 100.0 * (self.total_bits + self.memory_bits) / self.dense_bits
 
     @property
     def percent(self) -> float:
@@ -73,23 +81,29 @@ class CapacityReport:
 
     def table(self) -> str:
         """A plain-text table (per task, then totals)."""
-        head = f"{'task':>5} {'own':>8} {'shared':>8} {'bits':>4} {'weights':>10} "
+        head = f"{'task':>5} {'bank':>4} {'own':>8} {'shared':>8} {'bits':>4} {'weights':>10} "
         head += f"{'codebooks':>10} {'masks':>9} {'heads':>9} {'norm/bias':>9} {'total':>10}"
         lines = [head]
         for t in self.tasks:
             lines.append(
-                f"{t.task:>5} {t.own_weights:>8} {t.shared_weights:>8} {t.bits:>4} "
+                f"{t.task:>5} {t.bank:>4} {t.own_weights:>8} {t.shared_weights:>8} {t.bits:>4} "
                 f"{t.weight_bits:>10} {t.codebook_bits:>10} {t.mask_bits:>9} {t.head_bits:>9} "
                 f"{t.norm_bits:>9} {t.total_bits:>10}"
             )
         split = self.backbone_split()
         lines += [
-            f"ownership map: {self.ownership_bits} bits",
+            f"ownership maps ({self.banks} bank{'s' if self.banks > 1 else ''}): "
+            f"{self.ownership_bits} bits",
             f"total: {self.total_bits} bits = {self.percent:.2f}% of the dense float32 model "
             f"({self.dense_bits} bits)",
             "backbone split (% of dense backbone): "
             + ", ".join(f"{k} {v:.2f}%" for k, v in split.items()),
         ]
+        if self.memory_bits:
+            lines.append(
+                f"task memory (training only, not in total): {self.memory_bits} bits; "
+                f"with it {self.percent_with_memory:.2f}% of the dense model"
+            )
         return "\n".join(lines)
 
 
@@ -139,19 +153,21 @@ def capacity_report(model: TSNModel) -> CapacityReport:
         own = shared = weight_bits = codebook_bits = mask_bits = 0
         bits = 0
         for layer in layers:
-            n_own = int((layer.owner == slot).sum())
+            owner = layer.slot_owner(slot)
+            n_own = int((owner == slot).sum())
             b = int(layer.task_bits[slot]) if len(layer.task_bits) > slot else 0
             bits = max(bits, b)
             own += n_own
             shared += int(layer.shared_mask(slot).sum())
             weight_bits += n_own * (b if b else FLOAT_BITS)
             codebook_bits += (2**b) * FLOAT_BITS if b else 0
-            bitmap = shared_bitmap(layer.owner, layer.task_masks[slot], slot)
+            bitmap = shared_bitmap(owner, layer.task_masks[slot], slot)
             mask_bits += encode_mask(bitmap).nbits if bitmap.numel() else 0
         head_bits = _head_bits(model, label, slot)
         rows.append(
             TaskCapacity(
                 task=label,
+                bank=model.bank_of(label),
                 own_weights=own,
                 shared_weights=shared,
                 bits=bits or FLOAT_BITS,
@@ -164,11 +180,20 @@ def capacity_report(model: TSNModel) -> CapacityReport:
         )
     ownership = (
         sum(
-            encode_symbols(layer.owner.flatten().cpu().numpy().astype(np.int64) + 1).nbits
+            encode_symbols(layer.bank_owner(b).flatten().cpu().numpy().astype(np.int64) + 1).nbits
             for layer in layers
+            for b in range(layer.n_banks)
         )
         if rows
         else 0
     )
     total = sum(r.total_bits for r in rows) + ownership
-    return CapacityReport(tuple(rows), ownership, total, dense, FLOAT_BITS * backbone)
+    return CapacityReport(
+        tuple(rows),
+        ownership,
+        total,
+        dense,
+        FLOAT_BITS * backbone,
+        banks=model.n_banks,
+        memory_bits=model.memory_bits(),
+    )

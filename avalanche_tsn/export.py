@@ -5,9 +5,9 @@ task, its own weights as ``b``-bit codes with a codebook, its mask and its small
 parts (heads, biases, normalisation). The file stores exactly what
 :func:`~avalanche_tsn.capacity.capacity_report` counts, so its size matches the report:
 
-- per maskable layer, the Huffman-coded ownership map, then per task the Huffman-coded bitmap
-  of the earlier tasks' weights it shares, its bit-packed codes and codebook (or float32
-  weights when not quantized), and its bias;
+- per maskable layer, the Huffman-coded ownership map of each bank, then per task the
+  Huffman-coded bitmap of the earlier tasks' weights it shares, its bit-packed codes and
+  codebook (or float32 weights when not quantized), and its bias;
 - per task, the normalisation statistics and affine terms, and the heads (quantized weights
   as codes and one codebook, the rest float32).
 
@@ -183,11 +183,15 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
         "layers": [],
         "heads": {},
     }
+    banks = [model.bank_of(t) for t in tasks]
+    header["banks"] = banks
     for name, layer in model.masked_layers():
-        owner = layer.owner.cpu()
-        w.huffman(encode_symbols(owner.flatten().numpy().astype(np.int64) + 1))
+        for b in range(layer.n_banks):
+            owner = layer.bank_owner(b).cpu()
+            w.huffman(encode_symbols(owner.flatten().numpy().astype(np.int64) + 1))
         bits = []
         for slot in slots:
+            owner = layer.slot_owner(slot).cpu()
             mask = layer.task_masks[slot].cpu()
             rebuilt = (owner == slot) | _scatter_shared(
                 owner, slot, shared_bitmap(owner, mask, slot)
@@ -198,7 +202,7 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
             if bitmap.numel():
                 w.huffman(encode_mask(bitmap))
             b = int(layer.task_bits[slot])
-            own = layer.weight.detach().cpu()[owner == slot]
+            own = layer.bank_weight(layer.bank_of_slot(slot)).detach().cpu()[owner == slot]
             if b:
                 w.quantized(own, layer.task_centroids[slot, : 2**b].cpu(), b)
             else:
@@ -309,17 +313,23 @@ def load_compressed(path: str | PathLike | BinaryIO, model: nn.Module) -> TSNMod
     shapes = header["architecture"]["layers"]
     # Decode everything first: a corrupt payload raises before the model changes.
     layers = []
+    banks: list[int] = header["banks"]
+    n_banks = max(banks) + 1
     for entry in header["layers"]:
         shape = tuple(shapes[entry["name"]])
-        owner = torch.from_numpy(decode_symbols(r.huffman()) - 1).to(torch.int16)
-        if owner.numel() != int(np.prod(shape)):
-            raise ValueError(
-                f"corrupt export file: ownership map of {entry['name']} has wrong size"
-            )
-        owner = owner.view(shape)
-        weight = torch.zeros(shape)
+        owners = []
+        for _ in range(n_banks):
+            owner = torch.from_numpy(decode_symbols(r.huffman()) - 1).to(torch.int16)
+            if owner.numel() != int(np.prod(shape)):
+                raise ValueError(
+                    f"corrupt export file: ownership map of {entry['name']} has wrong size"
+                )
+            owners.append(owner.view(shape))
+        weights = torch.zeros((n_banks, *shape))
         masks, biases, centroids = [], [], []
         for slot, b in enumerate(entry["bits"]):
+            owner = owners[banks[slot]]
+            weight = weights[banks[slot]]
             n_earlier = int(((owner != FREE) & (owner < slot)).sum())
             bitmap = (
                 decode_mask(r.huffman(), (n_earlier,))
@@ -337,7 +347,7 @@ def load_compressed(path: str | PathLike | BinaryIO, model: nn.Module) -> TSNMod
             centroids.append(book)
             if entry["bias"]:
                 biases.append(r.tensor((shape[0],)))
-        layers.append((weight, owner, masks, biases, centroids, entry["bits"]))
+        layers.append((weights, owners, masks, biases, centroids, entry["bits"]))
     norms = []
     for name, c in header["architecture"]["norms"].items():
         norms.append(
@@ -375,11 +385,18 @@ def load_compressed(path: str | PathLike | BinaryIO, model: nn.Module) -> TSNMod
     tsn.head_bits = torch.tensor(header["head_bits"], dtype=torch.int16, device=dev)
     tsn.head_centroids = torch.zeros(n, 0, device=dev)
     tsn._slot_cache = None
-    for (_, layer), (weight, owner, masks, biases, centroids, bits) in zip(
+    last = banks[-1]
+    for (_, layer), (weights, owners, masks, biases, centroids, bits) in zip(
         tsn.masked_layers(), layers, strict=True
     ):
-        layer.weight.copy_(weight)
-        layer.owner = owner.to(layer.owner.device)
+        layer.weight.copy_(weights[last])
+        layer.owner = owners[last].to(layer.owner.device)
+        layer.loaded_bank.fill_(last)
+        layer.slot_bank = torch.tensor(banks, dtype=torch.int16, device=layer.owner.device)
+        layer._banks = None
+        if n_banks > 1:
+            layer.bank_weights = weights.to(layer.weight)
+            layer.bank_owners = torch.stack(owners).to(layer.owner.device)
         layer.task_masks = torch.stack(masks).to(layer.owner.device)
         if layer.task_bias is not None:
             layer.task_bias = torch.stack(biases).to(layer.weight)

@@ -30,6 +30,8 @@ class _PerTaskBuffers(nn.Module):
     """Buffers whose first dimension is the task slot; resized when a state dict is loaded."""
 
     _slot_buffers: tuple[str, ...] = ()
+    #: Further buffers whose shape a state dict decides (bank copies).
+    _sized_buffers: tuple[str, ...] = ()
 
     def _grow(self, n_slots: int) -> None:
         for name in self._slot_buffers:
@@ -41,13 +43,17 @@ class _PerTaskBuffers(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         # A freshly built model has no task slots yet; make room for the saved ones.
-        for name in self._slot_buffers:
+        for name in self._slot_buffers + self._sized_buffers:
             key = prefix + name
             if key in state_dict and getattr(self, name) is not None:
                 saved = state_dict[key]
                 current = getattr(self, name)
                 setattr(self, name, current.new_zeros(saved.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._loaded()
+
+    def _loaded(self) -> None:
+        """Hook run after a state dict is loaded."""
 
 
 class MaskedLayer(_PerTaskBuffers):
@@ -56,9 +62,14 @@ class MaskedLayer(_PerTaskBuffers):
     ``weight`` and ``bias`` are the user's own parameters (so an optimizer built on the user's
     model keeps working); ``scores`` are new. ``task_masks[s]`` is the frozen mask of the task
     in slot ``s``; ``owner`` holds the slot that owns each weight or :data:`FREE`.
+
+    Banks (fresh copies of the backbone for tasks unlike earlier ones): ``weight`` and
+    ``owner`` belong to the bank in ``loaded_bank``; the others are kept in ``bank_weights``
+    and ``bank_owners`` (empty while there is one bank); ``slot_bank[s]`` is each task's bank.
     """
 
-    _slot_buffers = ("task_masks", "task_bias", "task_bits", "task_centroids")
+    _slot_buffers = ("task_masks", "task_bias", "task_bits", "task_centroids", "slot_bank")
+    _sized_buffers = ("bank_weights", "bank_owners")
 
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -83,6 +94,11 @@ class MaskedLayer(_PerTaskBuffers):
         # centroids; the codes are implied by the weights, which hold centroid values.
         self.register_buffer("task_bits", torch.zeros(0, dtype=torch.int16))
         self.register_buffer("task_centroids", torch.zeros(0, 0))
+        self.register_buffer("slot_bank", torch.zeros(0, dtype=torch.int16))
+        self.register_buffer("bank_weights", torch.zeros((0, *weight.shape)))
+        self.register_buffer("bank_owners", torch.zeros((0, *weight.shape), dtype=torch.int16))
+        self.register_buffer("loaded_bank", torch.zeros((), dtype=torch.long))
+        self._banks: tuple[list[int], int] | None = None
         self.register_buffer("_snapshot", None, persistent=False)
         self.register_buffer("_frozen", None, persistent=False)
         self.active_slot = FREE
@@ -125,18 +141,93 @@ class MaskedLayer(_PerTaskBuffers):
         slot = self.active_slot
         if slot != FREE:
             bias = None if self.task_bias is None else self.task_bias[slot]
-            return self.weight * self.task_masks[slot], bias
+            return self.bank_weight(self.bank_of_slot(slot)) * self.task_masks[slot], bias
         if self.training and torch.is_grad_enabled():
             return ste_masked_weight(self.weight, self.scores, self._live_threshold()), self.bias
         return self.weight * self.live_mask(), self.bias
 
     # -- task life cycle ----------------------------------------------------------------
-    def begin_task(self, slot: int) -> None:
-        """Make room for ``slot`` and snapshot the weights earlier tasks own.
+    # -- banks --------------------------------------------------------------------------
+    @property
+    def n_banks(self) -> int:
+        """Number of banks (copies of this layer's weights)."""
+        return max(1, self.bank_weights.shape[0])
+
+    def bank_of_slot(self, slot: int) -> int:
+        """Bank of the task in ``slot``.
+
+        :param slot: a task slot.
+        """
+        return self._bank_table()[0][slot]
+
+    def _bank_table(self) -> tuple[list[int], int]:
+        # A Python copy avoids a device sync per forward.
+        if self._banks is None:
+            self._banks = (self.slot_bank.tolist(), int(self.loaded_bank))
+        return self._banks
+
+    def bank_weight(self, bank: int) -> Tensor:
+        """Weights of ``bank`` (the live ``weight`` for the loaded bank).
+
+        :param bank: a bank index.
+        """
+        return self.weight if bank == self._bank_table()[1] else self.bank_weights[bank]
+
+    def bank_owner(self, bank: int) -> Tensor:
+        """Ownership map of ``bank``.
+
+        :param bank: a bank index.
+        """
+        return self.owner if bank == self._bank_table()[1] else self.bank_owners[bank]
+
+    def slot_owner(self, slot: int) -> Tensor:
+        """Ownership map of the bank of the task in ``slot``.
+
+        :param slot: a task slot.
+        """
+        return self.bank_owner(self.bank_of_slot(slot))
+
+    @torch.no_grad()
+    def _load_bank(self, bank: int) -> None:
+        current = int(self.loaded_bank)
+        if bank == current:
+            return
+        n = self.n_banks
+        if bank > n:
+            raise ValueError(f"bank must be an existing bank (0..{n - 1}) or {n} for a new one")
+        rows = max(n, bank + 1)
+        if self.bank_weights.shape[0] < rows:
+            extra = rows - self.bank_weights.shape[0]
+            self.bank_weights = torch.cat(
+                [self.bank_weights, self.weight.detach().new_zeros((extra, *self.weight.shape))]
+            )
+            self.bank_owners = torch.cat(
+                [self.bank_owners, self.owner.new_full((extra, *self.owner.shape), FREE)]
+            )
+        self.bank_weights[current] = self.weight.detach()
+        self.bank_owners[current] = self.owner
+        if bank == n:  # a fresh copy, initialised as the layer's own reset would
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            self.owner.fill_(FREE)
+        else:
+            self.weight.copy_(self.bank_weights[bank])
+            self.owner.copy_(self.bank_owners[bank])
+        self.loaded_bank.fill_(bank)
+        self._banks = None
+
+    def _loaded(self) -> None:
+        self._banks = None
+
+    def begin_task(self, slot: int, bank: int = 0) -> None:
+        """Make room for ``slot``, load its bank and snapshot the weights earlier tasks own.
 
         :param slot: the slot of the task about to be trained.
+        :param bank: its bank: an existing one, or ``n_banks`` to open a fresh copy.
         """
         self._grow(slot + 1)
+        self._load_bank(bank)
+        self.slot_bank[slot] = bank
+        self._banks = None
         self._threshold = None
         frozen = self.owner != FREE
         if bool(frozen.any()):
@@ -181,14 +272,14 @@ class MaskedLayer(_PerTaskBuffers):
 
         :param slot: a trained task's slot.
         """
-        return self.owner == slot
+        return self.slot_owner(slot) == slot
 
     def shared_mask(self, slot: int) -> Tensor:
         """Weights of earlier tasks that the task in ``slot`` reads.
 
         :param slot: a trained task's slot.
         """
-        return self.task_masks[slot] & (self.owner != slot)
+        return self.task_masks[slot] & (self.slot_owner(slot) != slot)
 
 
 class TSNLinear(MaskedLayer):

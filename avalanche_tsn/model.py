@@ -121,6 +121,9 @@ class TSNModel(MultiTaskModule):
         # Codebook of each task's head weights (bits 0: float32, not quantized).
         self.register_buffer("head_bits", torch.zeros(0, dtype=torch.int16))
         self.register_buffer("head_centroids", torch.zeros(0, 0))
+        # Task memory (task similarity): up to M input samples per slot, zero-padded.
+        self.register_buffer("memory_x", torch.zeros(0))
+        self.register_buffer("memory_len", torch.zeros(0, dtype=torch.long))
         self._head_snapshot: list[tuple[nn.Parameter, Tensor]] = []
         self._slot_cache: tuple[dict[int, int], frozenset[int]] | None = None
         self.live_sparsity = sparsity
@@ -180,7 +183,72 @@ class TSNModel(MultiTaskModule):
         "slot_sparsity",
         "head_bits",
         "head_centroids",
+        "memory_x",
+        "memory_len",
     )
+
+    @torch.no_grad()
+    def store_memory(self, task_label: int, x: Tensor) -> None:
+        """Keep ``x`` (a few input samples) as the memory of ``task_label``.
+
+        :param task_label: a task that started training.
+        :param x: the samples, ``[m, *input_shape]``.
+        """
+        slot = self.slot_of(task_label)
+        if slot is None:
+            raise ValueError(f"task {task_label} never started training")
+        x = x.detach().to(self.memory_len.device, torch.float32)
+        n_slots = len(self.task_labels_by_slot)
+        if self.memory_x.dim() == 1:  # first memory: fix the sample shape
+            self.memory_x = x.new_zeros((n_slots, len(x), *x.shape[1:]))
+        if tuple(self.memory_x.shape[2:]) != tuple(x.shape[1:]):
+            raise ValueError(
+                f"memory samples of task {task_label} have shape {tuple(x.shape[1:])}, earlier "
+                f"ones {tuple(self.memory_x.shape[2:])}"
+            )
+        rows, width = self.memory_x.shape[:2]
+        if rows < n_slots or width < len(x):
+            grown = x.new_zeros((max(rows, n_slots), max(width, len(x)), *x.shape[1:]))
+            grown[:rows, :width] = self.memory_x
+            self.memory_x = grown
+        if len(self.memory_len) < n_slots:
+            extra = self.memory_len.new_zeros(n_slots - len(self.memory_len))
+            self.memory_len = torch.cat([self.memory_len, extra])
+        self.memory_x[slot].zero_()
+        self.memory_x[slot, : len(x)] = x
+        self.memory_len[slot] = len(x)
+
+    def memory(self, task_label: int) -> Tensor:
+        """The memory samples of ``task_label`` (empty if none were kept).
+
+        :param task_label: a task label.
+        """
+        slot = self.slot_of(task_label)
+        if slot is None or slot >= len(self.memory_len):
+            return self.memory_x.new_zeros((0, *self.memory_x.shape[2:]))
+        return self.memory_x[slot, : int(self.memory_len[slot])]
+
+    def memory_bits(self) -> int:
+        """Bits the task memory takes (float32 samples)."""
+        if self.memory_x.dim() < 2:
+            return 0
+        per_sample = int(torch.tensor(self.memory_x.shape[2:]).prod())
+        return 32 * per_sample * int(self.memory_len.sum())
+
+    @property
+    def n_banks(self) -> int:
+        """Number of backbone copies (banks)."""
+        return self._layers[0].n_banks
+
+    def bank_of(self, task_label: int) -> int:
+        """Bank of a task that started training.
+
+        :param task_label: a task label.
+        """
+        slot = self.slot_of(task_label)
+        if slot is None:
+            raise ValueError(f"task {task_label} has no bank: it never started training")
+        return self._layers[0].bank_of_slot(slot)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         for name in self._SLOT_BUFFERS:
@@ -191,15 +259,22 @@ class TSNModel(MultiTaskModule):
 
     # -- task life cycle ----------------------------------------------------------------
     @torch.no_grad()
-    def begin_task(self, task_label: int, sparsity: float) -> int:
+    def begin_task(self, task_label: int, sparsity: float, bank: int = 0) -> int:
         """Open (or reopen, if its training was interrupted) the slot of ``task_label``.
 
         :param task_label: the label of the task about to be trained.
         :param sparsity: fraction of each maskable layer its mask leaves out.
+        :param bank: the backbone copy it trains in: an existing bank, or ``n_banks`` to open
+            a fresh one.
         :return: the task's slot.
         """
         if self.is_trained(task_label):
             raise ValueError(f"task {task_label} is already trained; its subnetwork is frozen")
+        if isinstance(bank, bool) or not isinstance(bank, int) or not 0 <= bank <= self.n_banks:
+            raise ValueError(
+                f"bank must be an existing bank (0..{self.n_banks - 1}) or {self.n_banks} to "
+                f"open a new one, got {bank!r}"
+            )
         slot = self.slot_of(task_label)
         if slot is None:
             slot = len(self.task_labels_by_slot)
@@ -223,7 +298,7 @@ class TSNModel(MultiTaskModule):
             self._slot_cache = None
         self.live_sparsity = sparsity
         for layer in self._layers:
-            layer.begin_task(slot)
+            layer.begin_task(slot, bank)
         for norm in self._norms:
             norm.begin_task(slot)
         self._head_snapshot = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 import torch
 from avalanche.benchmarks import CLExperience
@@ -29,8 +29,13 @@ from avalanche_tsn.plugins import (
     MaskLearningPlugin,
     PruningPlugin,
     QuantizationPlugin,
+    TaskSimilarityPlugin,
     ValidationSplitPlugin,
 )
+from avalanche_tsn.similarity import check_threshold
+
+#: Default ``kl_threshold`` (see the README, "Task matching", for the measurements behind it).
+DEFAULT_KL_THRESHOLD = 1.0
 
 __all__ = ["TSNStrategy"]
 
@@ -84,6 +89,11 @@ class TSNStrategy(SupervisedTemplate):
     :param quant_max_bits: largest bit-width, in ``quant_min_bits``..16.
     :param quant_max_drop: largest validation-accuracy drop quantization may cause.
     :param quant_heads: also quantize each task's heads (their own codebook and bit-width).
+    :param task_matching: measure each new task's divergence from the earlier ones on a small
+        task memory and give a task unlike all of them a fresh backbone copy (a bank).
+    :param kl_threshold: largest divergence at which a task shares its closest task's bank, a
+        float >= 0 (see :mod:`avalanche_tsn.similarity`).
+    :param memory_size: samples kept per task for task matching, at least 1.
     :param base_kwargs: passed on to :class:`SupervisedTemplate`.
     """
 
@@ -111,6 +121,9 @@ class TSNStrategy(SupervisedTemplate):
         quant_max_bits: int = 8,
         quant_max_drop: float = 0.01,
         quant_heads: bool = True,
+        task_matching: bool = False,
+        kl_threshold: float = DEFAULT_KL_THRESHOLD,
+        memory_size: int = 100,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -121,7 +134,15 @@ class TSNStrategy(SupervisedTemplate):
         for p in user_plugins:
             if not isinstance(p, BasePlugin):
                 raise TypeError(f"plugins must be Avalanche plugins, got {type(p).__name__}")
+        if not isinstance(task_matching, bool):
+            raise TypeError(f"task_matching must be a bool, got {type(task_matching).__name__}")
+        check_threshold(kl_threshold)
         stages: list[tuple[type, bool, Callable[[], BasePlugin]]] = [
+            (
+                TaskSimilarityPlugin,
+                task_matching,
+                lambda: TaskSimilarityPlugin(memory_size, kl_threshold),
+            ),
             (
                 MaskLearningPlugin,
                 True,
@@ -151,6 +172,8 @@ class TSNStrategy(SupervisedTemplate):
             given = [p for p in user_plugins if isinstance(p, cls)]
             if len(given) > 1:
                 raise ValueError(f"plugins holds more than one {cls.__name__}")
+            # Task matching is off by default; a TaskSimilarityPlugin in plugins turns it on.
+            enabled = enabled or (bool(given) and cls is TaskSimilarityPlugin)
             if given and not enabled:
                 raise ValueError(f"plugins holds a {cls.__name__} but its stage is switched off")
             if given and cls is MaskLearningPlugin and sparsity is not None:
@@ -164,7 +187,9 @@ class TSNStrategy(SupervisedTemplate):
                 tsn_plugins.append(given[0] if given else built)
         # TSN stages run in algorithm order, after the user's plugins.
         user_plugins = others + tsn_plugins
-        self.mask_plugin: MaskLearningPlugin = cast(MaskLearningPlugin, tsn_plugins[0])
+        self.mask_plugin: MaskLearningPlugin = next(
+            p for p in tsn_plugins if isinstance(p, MaskLearningPlugin)
+        )
         mask_plugin = self.mask_plugin
 
         tsn = model if isinstance(model, TSNModel) else TSNModel(model, mask_plugin.sparsity_for(0))

@@ -7,12 +7,14 @@ from avalanche_tsn.plugins.compression import (
     validation_accuracy,
 )
 from avalanche_tsn.plugins.mask_learning import MaskLearningPlugin, tsn_model
+from avalanche_tsn.plugins.similarity import TaskSimilarityPlugin
 
 __all__ = [
     "MaskLearningPlugin",
     "ValidationSplitPlugin",
     "PruningPlugin",
     "QuantizationPlugin",
+    "TaskSimilarityPlugin",
     "tsn_model",
     "validation_accuracy",
 ]

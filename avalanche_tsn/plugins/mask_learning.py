@@ -66,7 +66,8 @@ class MaskLearningPlugin(SupervisedPlugin):
         model = tsn_model(strategy)
         label = strategy.experience.task_label
         index = len(model.trained_tasks())
-        model.begin_task(label, self.sparsity_for(index))
+        # The task-similarity stage, when present, picks the bank just before this one.
+        model.begin_task(label, self.sparsity_for(index), getattr(strategy, "tsn_bank", 0))
 
     def after_update(self, strategy, **kwargs) -> None:
         tsn_model(strategy).restore_frozen()

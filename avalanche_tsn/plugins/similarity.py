@@ -1,0 +1,66 @@
+"""Task-similarity stage of TinySubNets as an Avalanche plugin: task memory and banks.
+
+Wires Avalanche callbacks to :mod:`avalanche_tsn.similarity` (Zurek et al.,
+arXiv:2412.10869, 2024, step 5).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from avalanche.training.plugins import SupervisedPlugin
+
+from avalanche_tsn.plugins.mask_learning import tsn_model
+from avalanche_tsn.similarity import check_threshold, choose_bank, task_divergence
+
+__all__ = ["TaskSimilarityPlugin"]
+
+log = logging.getLogger(__name__)
+
+
+class TaskSimilarityPlugin(SupervisedPlugin):
+    """Keeps a memory per task and sends a task unlike all earlier ones to a new bank.
+
+    Before a task trains, its divergence from every earlier task is measured; the bank is
+    ``strategy.tsn_bank``, read by the mask-learning stage. After it trains, its memory
+    samples are stored in the model (so checkpoints keep them).
+
+    :param memory_size: samples kept per task, at least 1.
+    :param kl_threshold: largest divergence at which a task shares its closest task's bank,
+        a float >= 0 (``float("inf")``: never open a bank, only measure).
+    :param seed: seed of the memory sampling.
+    """
+
+    def __init__(self, memory_size: int = 100, kl_threshold: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1:
+            raise ValueError(
+                f"memory_size must be an int >= 1 when task matching is on, got {memory_size!r}"
+            )
+        self.memory_size = memory_size
+        self.kl_threshold = check_threshold(kl_threshold)
+        self.seed = seed
+        #: divergence of each task from each earlier task, by task label
+        self.divergences: dict[int, dict[int, float]] = {}
+        self._pending: torch.Tensor | None = None
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        model = tsn_model(strategy)
+        label = strategy.experience.task_label
+        data = strategy.experience.dataset.eval()
+        g = torch.Generator().manual_seed(self.seed + label)
+        idx = torch.randperm(len(data), generator=g)[: self.memory_size].tolist()
+        x = torch.stack([data[i][0] for i in idx]).to(strategy.device)
+        earlier = [t for t in model.trained_tasks() if len(model.memory(t)) >= 2]
+        divergences = {t: task_divergence(model, x, t) for t in earlier}
+        banks = {t: model.bank_of(t) for t in earlier}
+        strategy.tsn_bank = choose_bank(divergences, banks, self.kl_threshold, model.n_banks)
+        self.divergences[label] = divergences
+        self._pending = x
+        log.info("task %d: divergences %s -> bank %d", label, divergences, strategy.tsn_bank)
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        if self._pending is not None:
+            tsn_model(strategy).store_memory(strategy.experience.task_label, self._pending)
+            self._pending = None

@@ -1,0 +1,121 @@
+"""Task similarity: KL divergence between tasks and the choice of a backbone copy (bank).
+
+TinySubNets (Zurek et al., arXiv:2412.10869, 2024), step 5 and appendix Eq. 7: a small memory
+of each task's samples lets TSN measure how unlike the earlier tasks a new task is; a task too
+unlike every earlier one gets a fresh copy of the backbone (a bank) instead of sharing.
+
+The divergence of a new task ``n`` from an earlier task ``t`` is measured in the feature space
+of ``t``'s own frozen subnetwork (the input of the heads, or of the last maskable layer): a
+diagonal Gaussian is fitted to the features of ``t``'s memory samples and one to the features
+of ``n``'s samples, and
+
+    D(n || t) = (1/d) * sum_j KL( N(mu_nj, var_nj) || N(mu_tj, var_tj) )
+
+the per-feature KL divergence averaged over the ``d`` features, in nats. It is 0 for the same
+distribution, grows with the shift between them, and does not depend on the layer width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from avalanche_tsn.layers import MaskedLayer
+from avalanche_tsn.model import TSNModel
+
+__all__ = ["gaussian_kl", "task_features", "task_divergence", "choose_bank", "check_threshold"]
+
+
+def check_threshold(value: object, name: str = "kl_threshold") -> float:
+    """Validate a divergence threshold (a float >= 0; ``inf`` never opens a bank).
+
+    :param value: the threshold.
+    :param name: the argument name used in the error message.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"{name} must be a float >= 0, got {value}")
+    return float(value)
+
+
+def gaussian_kl(p: Tensor, q: Tensor, floor: float = 1e-3) -> float:
+    """Mean per-feature KL(N_p || N_q) between diagonal Gaussians fitted to two samples.
+
+    :param p: samples of the first distribution, ``[n, d]``.
+    :param q: samples of the second distribution, ``[m, d]``.
+    :param floor: variances are floored at ``floor`` times the mean variance of ``q`` (dead
+        features, e.g. ReLU units that never fire, have zero variance).
+    """
+    if p.dim() != 2 or q.dim() != 2 or p.shape[1] != q.shape[1]:
+        raise ValueError(f"p and q must be [n, d] with the same d, got {p.shape} and {q.shape}")
+    if len(p) < 2 or len(q) < 2:
+        raise ValueError("gaussian_kl needs at least 2 samples on each side")
+    p, q = p.double(), q.double()
+    mu_p, mu_q = p.mean(0), q.mean(0)
+    eps = floor * float(q.var(0).mean()) + 1e-12
+    var_p, var_q = p.var(0) + eps, q.var(0) + eps
+    kl = 0.5 * (torch.log(var_q / var_p) + (var_p + (mu_p - mu_q) ** 2) / var_q - 1.0)
+    return float(kl.mean())
+
+
+def _feature_module(model: TSNModel) -> nn.Module:
+    heads = model._heads
+    if heads:
+        return heads[0]
+    return [m for m in model.net.modules() if isinstance(m, MaskedLayer)][-1]
+
+
+@torch.no_grad()
+def task_features(model: TSNModel, task_label: int, x: Tensor, batch_size: int = 256) -> Tensor:
+    """Features of ``x`` under ``task_label``'s subnetwork (input of the heads), ``[n, d]``.
+
+    :param model: the TSN model.
+    :param task_label: the task whose subnetwork runs.
+    :param x: input samples.
+    :param batch_size: samples per forward.
+    """
+    captured: list[Tensor] = []
+    hook = _feature_module(model).register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0].flatten(1).detach())
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(x), batch_size):
+            model(x[start : start + batch_size], int(task_label))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return torch.cat(captured)
+
+
+def task_divergence(model: TSNModel, new_x: Tensor, task_label: int) -> float:
+    """D(new || task_label): how unlike task ``task_label`` the samples ``new_x`` are.
+
+    :param model: the TSN model; ``task_label`` must be trained and have a memory.
+    :param new_x: samples of the new task.
+    :param task_label: an earlier task.
+    """
+    memory = model.memory(task_label).to(new_x.device)
+    if len(memory) < 2:
+        raise ValueError(f"task {task_label} has fewer than 2 memory samples")
+    old = task_features(model, task_label, memory)
+    new = task_features(model, task_label, new_x)
+    return gaussian_kl(new, old)
+
+
+def choose_bank(
+    divergences: dict[int, float], banks: dict[int, int], threshold: float, n_banks: int
+) -> int:
+    """The bank of a new task: its closest task's, or a new one if all are too far.
+
+    :param divergences: divergence of the new task from each earlier task.
+    :param banks: bank of each earlier task.
+    :param threshold: largest divergence at which the new task still shares.
+    :param n_banks: banks open so far (the index of a new one).
+    """
+    if not divergences:
+        return 0
+    closest = min(divergences, key=divergences.__getitem__)
+    return banks[closest] if divergences[closest] <= threshold else n_banks
