@@ -25,7 +25,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from avalanche_tsn import TSNStrategy
 from avalanche_tsn.datasets import permuted_digits, permuted_fashion_mnist, split_fashion_mnist
 from avalanche_tsn.models import MultiHeadMLP
-from avalanche_tsn.plugins import PruningPlugin, QuantizationPlugin
+from avalanche_tsn.plugins import PruningPlugin, QuantizationPlugin, TaskSimilarityPlugin
 
 SCENARIOS = {
     "permuted_digits": lambda a: (permuted_digits(a.tasks or 5, seed=a.seed), 64),
@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument("--no-prune", action="store_true")
     parser.add_argument("--no-quantize", action="store_true")
     parser.add_argument("--no-quant-heads", action="store_true")
+    parser.add_argument("--task-matching", action="store_true")
+    parser.add_argument("--kl-threshold", type=float, default=1.0)
+    parser.add_argument("--memory-size", type=int, default=100)
     parser.add_argument("--dataset-root", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="folder for results.json")
@@ -93,6 +96,9 @@ def main() -> None:
         prune=not args.no_prune,
         quantize=not args.no_quantize,
         quant_heads=not args.no_quant_heads,
+        task_matching=args.task_matching,
+        kl_threshold=args.kl_threshold,
+        memory_size=args.memory_size,
     )
     t0 = time.perf_counter()
     for exp in benchmark.train_stream:
@@ -118,6 +124,13 @@ def main() -> None:
     result["bits"] = quant.bits if quant else None
     result["head_bits"] = quant.head_bits if quant else None
     result["capacity_total_bits"] = report.total_bits
+    result["capacity_with_memory_percent"] = report.percent_with_memory
+    sim = next((p for p in strategy.plugins if isinstance(p, TaskSimilarityPlugin)), None)
+    if sim is not None:
+        result["divergences"] = {str(k): v for k, v in sim.divergences.items()}
+        result["banks"] = [
+            strategy.tsn_model.bank_of(t) for t in strategy.tsn_model.trained_tasks()
+        ]
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         result["export_bytes"] = strategy.export(Path(args.out) / "model.tsn")
@@ -125,7 +138,7 @@ def main() -> None:
     summary = {
         k: result[k]
         for k in ("scenario", "ACC", "BWT", "FWT", "train_seconds", "capacity_percent", "bits")
-        + ("head_bits", "capacity_total_bits", "export_bytes")
+        + ("head_bits", "capacity_total_bits", "export_bytes", "banks")
         if k in result
     }
     print(json.dumps(summary, indent=2))
