@@ -1,4 +1,5 @@
-"""Task-incremental benchmarks: embedded permuted digits and local Fashion-MNIST.
+"""Task-incremental benchmarks: embedded permuted digits, local Fashion-MNIST, and the
+paper's scenarios (permuted MNIST, split CIFAR-100, TinyImageNet, 5-datasets) from local data.
 
 Permuted streams follow the p-MNIST protocol used by TinySubNets (Zurek et al.,
 arXiv:2412.10869, 2024): every task is the same classification problem under its own fixed
@@ -24,6 +25,11 @@ __all__ = [
     "permuted_fashion_mnist",
     "split_fashion_mnist",
     "FASHION_MNIST_ROOT",
+    "load_mnist",
+    "permuted_mnist",
+    "split_cifar100",
+    "split_tiny_imagenet",
+    "five_datasets",
 ]
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the idx files.
@@ -166,5 +172,190 @@ def split_fashion_mnist(
         task_labels=True,
         shuffle=True,
         seed=seed,
+        class_ids_from_zero_in_each_exp=True,
+    )
+
+
+# -- the paper's scenarios: need the data on disk (or internet through torchvision) -----------
+
+
+def _require(root: Path, files: list[str], what: str, hint: str) -> None:
+    missing = [f for f in files if not (root / f).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{what} not found under {root}: missing {', '.join(missing)}. {hint} "
+            "(pass dataset_root=<folder> or --dataset-root <folder>)"
+        )
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for folder in (root, root / "MNIST" / "raw"):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _read_any_idx(path: Path) -> np.ndarray:
+    if path.suffix == ".gz":
+        return _read_idx(path)
+    data = path.read_bytes()
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_mnist(dataset_root: str | Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MNIST from the standard idx files (plain or ``.gz``, in the folder or ``MNIST/raw``).
+
+    :param dataset_root: the folder (torchvision's MNIST root works as is).
+    :return: ``x_train, y_train, x_test, y_test`` as flat float tensors in [0, 1].
+    """
+    root = Path(dataset_root)
+    stems = [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ]
+    paths = [_find_idx(root, s) for s in stems]
+    if any(p is None for p in paths):
+        missing = [s for s, p in zip(stems, paths, strict=True) if p is None]
+        raise FileNotFoundError(
+            f"MNIST idx files not found under {root} or {root / 'MNIST' / 'raw'}: missing "
+            f"{', '.join(missing)} (plain or .gz). Download them once with "
+            "torchvision.datasets.MNIST(root, download=True) and pass dataset_root=<root>"
+        )
+    arrays = [_read_any_idx(p) for p in paths]  # type: ignore[arg-type]
+    x_train, x_test = (
+        torch.from_numpy(a.reshape(-1, 784).astype(np.float32) / 255) for a in arrays[::2]
+    )
+    y_train, y_test = (torch.from_numpy(a.astype(np.int64)) for a in arrays[1::2])
+    return x_train, y_train, x_test, y_test
+
+
+def permuted_mnist(n_tasks: int = 10, *, seed: int = 0, dataset_root: str | Path) -> NCScenario:
+    """Permuted MNIST (the paper's p-MNIST): one pixel permutation and task label per task.
+
+    :param n_tasks: number of tasks.
+    :param seed: seed of the permutations.
+    :param dataset_root: folder with the MNIST idx files (see :func:`load_mnist`).
+    """
+    return _permuted_stream(*load_mnist(dataset_root), n_tasks, seed)
+
+
+def split_cifar100(n_tasks: int = 10, *, seed: int = 0, dataset_root: str | Path):
+    """Split CIFAR-100 through Avalanche's ``SplitCIFAR100``: ``n_tasks`` tasks of classes.
+
+    :param n_tasks: number of tasks (a divisor of 100).
+    :param seed: seed of the class order.
+    :param dataset_root: folder holding ``cifar-100-python/``.
+    """
+    from avalanche.benchmarks.classic import SplitCIFAR100
+
+    root = Path(dataset_root)
+    _require(
+        root,
+        ["cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"],
+        "CIFAR-100",
+        "Extract cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html",
+    )
+    return SplitCIFAR100(
+        n_experiences=n_tasks,
+        return_task_id=True,
+        seed=seed,
+        class_ids_from_zero_in_each_exp=True,
+        dataset_root=root,
+    )
+
+
+def split_tiny_imagenet(n_tasks: int = 40, *, seed: int = 0, dataset_root: str | Path):
+    """TinyImageNet in ``n_tasks`` tasks through Avalanche's ``SplitTinyImageNet``.
+
+    :param n_tasks: number of tasks (a divisor of 200; the paper: 40 tasks of 5 classes).
+    :param seed: seed of the class order.
+    :param dataset_root: folder holding ``tiny-imagenet-200/``.
+    """
+    from avalanche.benchmarks.classic import SplitTinyImageNet
+
+    root = Path(dataset_root)
+    _require(
+        root,
+        ["tiny-imagenet-200/train", "tiny-imagenet-200/val", "tiny-imagenet-200/wnids.txt"],
+        "TinyImageNet",
+        "Extract tiny-imagenet-200.zip from http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+    )
+    return SplitTinyImageNet(
+        n_experiences=n_tasks,
+        return_task_id=True,
+        seed=seed,
+        class_ids_from_zero_in_each_exp=True,
+        dataset_root=root,
+    )
+
+
+class _Resized(Dataset):
+    """A classification dataset of PIL images as 3x32x32 float tensors, with ``targets``."""
+
+    def __init__(self, base, targets) -> None:
+        from torchvision import transforms
+
+        self.base = base
+        self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        self.tf = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.tf(self.base[i][0].convert("RGB")), self.targets[i]
+
+
+def five_datasets(*, dataset_root: str | Path) -> NCScenario:
+    """5-datasets: CIFAR-10, MNIST, SVHN, Fashion-MNIST and notMNIST, one task each, at 32x32.
+
+    :param dataset_root: folder holding ``cifar-10-batches-py/``, ``MNIST/raw/``,
+        ``train_32x32.mat`` and ``test_32x32.mat`` (SVHN), ``FashionMNIST/raw/`` and
+        ``notMNIST/{train,test}/<A..J>/`` image folders.
+    """
+    from torchvision import datasets as tv
+
+    root = Path(dataset_root)
+    _require(
+        root,
+        [
+            "cifar-10-batches-py",
+            "MNIST/raw",
+            "train_32x32.mat",
+            "test_32x32.mat",
+            "FashionMNIST/raw",
+            "notMNIST/train",
+            "notMNIST/test",
+        ],
+        "5-datasets",
+        "Download CIFAR-10, MNIST, SVHN and Fashion-MNIST once with torchvision "
+        "(download=True) into that folder and add notMNIST as image folders",
+    )
+    train, test = [], []
+    for make in (
+        lambda t: tv.CIFAR10(root, train=t),
+        lambda t: tv.MNIST(root, train=t),
+        lambda t: tv.SVHN(root, split="train" if t else "test"),
+        lambda t: tv.FashionMNIST(root, train=t),
+        lambda t: tv.ImageFolder(root / "notMNIST" / ("train" if t else "test")),
+    ):
+        for flag, out in ((True, train), (False, test)):
+            base = make(flag)
+            targets = getattr(base, "targets", None)
+            if targets is None:
+                targets = base.labels  # SVHN
+            out.append(_Resized(base, targets))
+    return nc_benchmark(
+        train,
+        test,
+        n_experiences=5,
+        task_labels=True,
+        shuffle=False,
+        one_dataset_per_exp=True,
         class_ids_from_zero_in_each_exp=True,
     )

@@ -1,8 +1,14 @@
-"""Run a scenario with TSN and report ACC, BWT, FWT and the accuracy matrix as JSON.
+"""Run a scenario with TSN and Avalanche's baselines side by side; write tables and plots.
 
-Usage: ``python benchmarks/harness.py --scenario permuted_fashion --out results/pf``.
-Scenarios: ``permuted_digits`` (embedded), ``permuted_fashion`` (10 tasks) and
-``split_fashion`` (5 tasks) from local idx files (``--dataset-root``).
+Usage::
+
+    python benchmarks/harness.py --scenario split_fashion --out results/split_fashion
+    python benchmarks/harness.py --scenario permuted_digits --strategies tsn,naive
+
+Every strategy trains the same backbone (same seed, epochs, minibatch and optimizer) on the
+same stream. Writes ``results.json``, ``results.md``, ``accuracy_matrices.png`` and
+``tsn_capacity.png`` into ``--out``. Each strategy runs in a fresh process so its peak memory
+is its own (``--in-process`` runs them here, without a memory figure).
 """
 
 from __future__ import annotations
@@ -10,8 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import multiprocessing as mp
+import resource
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 from avalanche.evaluation.metrics import (
@@ -20,130 +34,434 @@ from avalanche.evaluation.metrics import (
     forward_transfer_metrics,
 )
 from avalanche.logging import InteractiveLogger
+from avalanche.models.packnet import PackNetModel
+from avalanche.training import EWC, LwF, Naive, PackNet, SynapticIntelligence
 from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.supervised import JointTraining
+from tqdm import tqdm
 
-from avalanche_tsn import TSNStrategy
-from avalanche_tsn.datasets import permuted_digits, permuted_fashion_mnist, split_fashion_mnist
-from avalanche_tsn.models import MultiHeadMLP
+from avalanche_tsn import TSNStrategy, datasets
+from avalanche_tsn.metrics import capacity_metrics
+from avalanche_tsn.models import (
+    MultiHeadMLP,
+    ReducedAlexNet,
+    ReducedResNet18,
+    TinyNet,
+    single_head,
+)
 from avalanche_tsn.plugins import PruningPlugin, QuantizationPlugin, TaskSimilarityPlugin
 
-SCENARIOS = {
-    "permuted_digits": lambda a: (permuted_digits(a.tasks or 5, seed=a.seed), 64),
-    "permuted_fashion": lambda a: (
-        permuted_fashion_mnist(a.tasks or 10, seed=a.seed, dataset_root=a.dataset_root),
-        784,
+STRATEGIES = ("tsn", "naive", "ewc", "lwf", "si", "packnet", "joint")
+PACKNET_NOTE = (
+    "biased MLP/conv layers without BatchNorm and one shared output layer packed per task: "
+    "Avalanche 0.6's PackNetModel cannot run bias-free layers, BatchNorm or MultiHeadClassifier"
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A stream and its backbones."""
+
+    build: Callable[[argparse.Namespace], Any]
+    model: Callable[[], torch.nn.Module]
+    packnet_model: Callable[[], torch.nn.Module]
+    epochs: int
+    mb: int
+    lr: float
+    optimizer: str  # "sgd" (momentum 0.9) or "adam"
+
+
+def _mlp(size: int) -> tuple[Callable, Callable]:
+    return (
+        lambda: MultiHeadMLP(input_size=size, hidden_sizes=(100, 100)),
+        lambda: single_head(size, (100, 100), 10),
+    )
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "permuted_digits": Scenario(
+        lambda a: datasets.permuted_digits(a.tasks or 5, seed=a.seed),
+        *_mlp(64),
+        epochs=10,
+        mb=32,
+        lr=0.1,
+        optimizer="sgd",
     ),
-    "split_fashion": lambda a: (
-        split_fashion_mnist(a.tasks or 5, seed=a.seed, dataset_root=a.dataset_root),
-        784,
+    "permuted_fashion": Scenario(
+        lambda a: datasets.permuted_fashion_mnist(
+            a.tasks or 10, seed=a.seed, dataset_root=a.dataset_root
+        ),
+        *_mlp(784),
+        epochs=2,
+        mb=128,
+        lr=0.05,
+        optimizer="sgd",
+    ),
+    "split_fashion": Scenario(
+        lambda a: datasets.split_fashion_mnist(
+            a.tasks or 5, seed=a.seed, dataset_root=a.dataset_root
+        ),
+        *_mlp(784),
+        epochs=2,
+        mb=128,
+        lr=0.05,
+        optimizer="sgd",
+    ),
+    "permuted_mnist": Scenario(
+        lambda a: datasets.permuted_mnist(a.tasks or 10, seed=a.seed, dataset_root=_root(a)),
+        *_mlp(784),
+        epochs=100,
+        mb=256,
+        lr=0.3,
+        optimizer="sgd",
+    ),
+    "split_cifar100": Scenario(
+        lambda a: datasets.split_cifar100(a.tasks or 10, seed=a.seed, dataset_root=_root(a)),
+        lambda: ReducedAlexNet(10),
+        lambda: ReducedAlexNet(10, norm=False, multihead=False),
+        epochs=400,
+        mb=1024,
+        lr=1e-3,
+        optimizer="adam",
+    ),
+    "tiny_imagenet": Scenario(
+        lambda a: datasets.split_tiny_imagenet(a.tasks or 40, seed=a.seed, dataset_root=_root(a)),
+        lambda: TinyNet(5),
+        lambda: TinyNet(5, norm=False, multihead=False),
+        epochs=200,
+        mb=256,
+        lr=1e-2,
+        optimizer="adam",
+    ),
+    "five_datasets": Scenario(
+        lambda a: datasets.five_datasets(dataset_root=_root(a)),
+        lambda: ReducedResNet18(10),
+        lambda: ReducedResNet18(10, norm=False, multihead=False),
+        epochs=100,
+        mb=64,
+        lr=1e-3,
+        optimizer="adam",
     ),
 }
 
 
-def accuracy_matrix(evaluator: EvaluationPlugin, n: int) -> list[list[float]]:
-    """Row i: test accuracy on every task after training task i."""
+def _root(args: argparse.Namespace) -> str:
+    if args.dataset_root is None:
+        raise SystemExit(f"--scenario {args.scenario} needs --dataset-root <folder with the data>")
+    return args.dataset_root
+
+
+def _subset(benchmark, n: int | None):
+    """At most ``n`` training and test samples per experience (smoke runs)."""
+    if n is None:
+        return benchmark
+    from avalanche.benchmarks import nc_benchmark
+
+    g = torch.Generator().manual_seed(0)
+
+    def cut(stream, keep=None):
+        out = []
+        for i, e in enumerate(stream):
+            order = torch.randperm(len(e.dataset), generator=g)[:n].tolist()
+            items = [e.dataset[j] for j in order]
+            if keep is not None:  # test classes must be among the training ones
+                items = [it for it in items if int(it[1]) in keep[i]]
+            x = torch.stack([it[0] for it in items])
+            out.append(datasets.TensorTaskDataset(x, torch.tensor([int(it[1]) for it in items])))
+        return out
+
+    train = cut(benchmark.train_stream)
+    test = cut(benchmark.test_stream, [set(d.targets.tolist()) for d in train])
+    return nc_benchmark(
+        train,
+        test,
+        n_experiences=len(benchmark.train_stream),
+        task_labels=True,
+        shuffle=False,
+        one_dataset_per_exp=True,
+        class_ids_from_zero_in_each_exp=True,
+    )
+
+
+def _evaluator(name: str, interactive: bool) -> EvaluationPlugin:
+    metrics = [accuracy_metrics(experience=True, stream=True)]
+    if name != "joint":  # one training phase: no backward or forward transfer
+        metrics.append(bwt_metrics(experience=True, stream=True))
+        metrics.append(forward_transfer_metrics(experience=True, stream=True))
+    if name == "tsn":
+        metrics.append(capacity_metrics())
+    return EvaluationPlugin(*metrics, loggers=[InteractiveLogger()] if interactive else [])
+
+
+def _optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
+    torch.manual_seed(args.seed)
+    model = sc.packnet_model() if name == "packnet" else sc.model()
+    if name == "packnet":
+        model = PackNetModel(model)
+    common = dict(
+        optimizer=_optimizer(args.optimizer or sc.optimizer, model.parameters(), args.lr or sc.lr),
+        criterion=torch.nn.CrossEntropyLoss(),
+        train_mb_size=args.mb or sc.mb,
+        train_epochs=args.epochs or sc.epochs,
+        eval_mb_size=1024,
+        device=args.device,
+        evaluator=_evaluator(name, not args.quiet),
+    )
+    if name == "tsn":
+        return TSNStrategy(
+            model=model,
+            sparsity=args.sparsity,
+            prune=not args.no_prune,
+            quantize=not args.no_quantize,
+            task_matching=args.task_matching,
+            kl_threshold=args.kl_threshold,
+            eval_every=0,
+            **common,
+        )
+    if name == "joint":
+        return JointTraining(model=model, **common)
+    extra: dict[str, Any] = {
+        "naive": {},
+        "ewc": {"ewc_lambda": args.ewc_lambda},
+        "lwf": {"alpha": args.lwf_alpha, "temperature": 2.0},
+        "si": {"si_lambda": args.si_lambda},
+        "packnet": {"post_prune_epochs": 1, "prune_proportion": args.packnet_prune},
+    }[name]
+    cls = {"naive": Naive, "ewc": EWC, "lwf": LwF, "si": SynapticIntelligence, "packnet": PackNet}
+    return cls[name](model=model, eval_every=0, **extra, **common)
+
+
+def accuracy_matrix(evaluator: EvaluationPlugin, n: int, joint: bool) -> list[list[float]]:
+    """Row i: test accuracy on every task after training task i (one row for joint)."""
     history = evaluator.get_all_metrics()
     rows = []
     for j in range(n):
         key = next(
             k for k in history if k.startswith("Top1_Acc_Exp/") and k.endswith(f"Exp{j:03d}")
         )
-        # one value per eval call: the first is the initial eval, then one after each task
-        rows.append(history[key][1][1 : n + 1])
-    return [[rows[j][i] for j in range(n)] for i in range(n)]
+        values = history[key][1]
+        # sequential: an initial eval (for forward transfer), then one after each task
+        rows.append(values[-1:] if joint else values[1 : n + 1])
+    return [[rows[j][i] for j in range(n)] for i in range(len(rows[0]))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="permuted_digits")
-    parser.add_argument("--tasks", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--mb", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-prune", action="store_true")
-    parser.add_argument("--no-quantize", action="store_true")
-    parser.add_argument("--no-quant-heads", action="store_true")
-    parser.add_argument("--task-matching", action="store_true")
-    parser.add_argument("--kl-threshold", type=float, default=1.0)
-    parser.add_argument("--memory-size", type=int, default=100)
-    parser.add_argument("--dataset-root", default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="folder for results.json")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.manual_seed(args.seed)
-    benchmark, size = SCENARIOS[args.scenario](args)
+def _model_bits(model: torch.nn.Module, packnet_tasks: int = 0) -> int:
+    bits = 32 * sum(p.numel() for p in model.parameters())
+    if packnet_tasks:  # PackNet stores which task owns each prunable weight
+        index_bits = math.ceil(math.log2(packnet_tasks + 1))
+        bits += index_bits * sum(
+            m.weight.numel()
+            for m in model.modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+        )
+    return bits
+
+
+def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Train and evaluate one strategy; returns its row of the results."""
+    logging.basicConfig(level=logging.WARNING)
+    sc = SCENARIOS[args.scenario]
+    benchmark = _subset(sc.build(args), args.subset)
     n = len(benchmark.train_stream)
-    model = MultiHeadMLP(input_size=size, hidden_sizes=(100, 100))
-    evaluator = EvaluationPlugin(
-        accuracy_metrics(experience=True, stream=True),
-        bwt_metrics(experience=True, stream=True),
-        forward_transfer_metrics(experience=True, stream=True),
-        loggers=[InteractiveLogger()],
-    )
-    strategy = TSNStrategy(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9),
-        train_mb_size=args.mb,
-        train_epochs=args.epochs,
-        eval_mb_size=1024,
-        device=args.device,
-        evaluator=evaluator,
-        eval_every=0,
-        sparsity=args.sparsity,
-        prune=not args.no_prune,
-        quantize=not args.no_quantize,
-        quant_heads=not args.no_quant_heads,
-        task_matching=args.task_matching,
-        kl_threshold=args.kl_threshold,
-        memory_size=args.memory_size,
-    )
+    strategy = _strategy(name, sc, args, n)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for exp in benchmark.train_stream:
-        strategy.train(exp, eval_streams=[benchmark.test_stream])
+    if name == "joint":
+        strategy.train(benchmark.train_stream)
+    else:
+        for exp in benchmark.train_stream:
+            strategy.train(exp, eval_streams=[benchmark.test_stream])
     seconds = time.perf_counter() - t0
     res = strategy.eval(benchmark.test_stream)
-    result = {
-        "scenario": args.scenario,
-        "args": vars(args),
+    row: dict[str, Any] = {
+        "strategy": name,
         "ACC": next(v for k, v in res.items() if k.startswith("Top1_Acc_Stream/")),
-        "BWT": res["StreamBWT/eval_phase/test_stream"],
-        "FWT": res["StreamForwardTransfer/eval_phase/test_stream"],
-        "train_seconds": round(seconds, 1),
-        "accuracy_matrix": accuracy_matrix(evaluator, n),
+        "BWT": None if name == "joint" else res.get("StreamBWT/eval_phase/test_stream"),
+        "FWT": None if name == "joint" else res.get("StreamForwardTransfer/eval_phase/test_stream"),
+        "train_seconds": round(seconds, 2),
+        "accuracy_matrix": accuracy_matrix(strategy.evaluator, n, name == "joint"),
+        "note": PACKNET_NOTE if name == "packnet" else "",
     }
-    report = strategy.capacity_report()
-    prune = next((p for p in strategy.plugins if isinstance(p, PruningPlugin)), None)
-    quant = next((p for p in strategy.plugins if isinstance(p, QuantizationPlugin)), None)
-    result["capacity_percent"] = report.percent
-    result["capacity_backbone_split"] = report.backbone_split()
-    result["capacity_tasks"] = [vars(t) | {"total_bits": t.total_bits} for t in report.tasks]
-    result["pruning"] = [vars(r) for r in prune.records] if prune else None
-    result["bits"] = quant.bits if quant else None
-    result["head_bits"] = quant.head_bits if quant else None
-    result["capacity_total_bits"] = report.total_bits
-    result["capacity_with_memory_percent"] = report.percent_with_memory
-    sim = next((p for p in strategy.plugins if isinstance(p, TaskSimilarityPlugin)), None)
-    if sim is not None:
-        result["divergences"] = {str(k): v for k, v in sim.divergences.items()}
-        result["banks"] = [
-            strategy.tsn_model.bank_of(t) for t in strategy.tsn_model.trained_tasks()
-        ]
+    if name == "tsn":
+        report = strategy.capacity_report()
+        row["capacity_percent"] = report.percent
+        row["capacity_backbone_split"] = report.backbone_split()
+        row["capacity_tasks"] = [vars(t) | {"total_bits": t.total_bits} for t in report.tasks]
+        prune = next((p for p in strategy.plugins if isinstance(p, PruningPlugin)), None)
+        quant = next((p for p in strategy.plugins if isinstance(p, QuantizationPlugin)), None)
+        sim = next((p for p in strategy.plugins if isinstance(p, TaskSimilarityPlugin)), None)
+        row["pruning"] = [vars(r) for r in prune.records] if prune else None
+        row["bits"] = quant.bits if quant else None
+        row["head_bits"] = quant.head_bits if quant else None
+        row["banks"] = [strategy.tsn_model.bank_of(t) for t in strategy.tsn_model.trained_tasks()]
+        row["divergences"] = {str(k): v for k, v in sim.divergences.items()} if sim else None
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            row["export_bytes"] = strategy.export(Path(args.out) / "tsn_model.tsn")
+    else:
+        # the model as trained, in float32 (PackNet adds its weight-to-task index)
+        row["capacity_percent"] = (
+            100.0
+            * _model_bits(strategy.model, n if name == "packnet" else 0)
+            / _model_bits(strategy.model)
+        )
+    if args.device.startswith("cuda"):
+        row["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        row["peak_memory_kind"] = "cuda allocated"
+    elif not args.in_process:
+        row["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        row["peak_memory_kind"] = "process max RSS"
+    return row
+
+
+def _fmt(v: Any, pct: bool = True) -> str:
+    if v is None:
+        return "n/a"
+    return f"{100 * v:.2f}" if pct else f"{v:.2f}"
+
+
+def markdown(rows: list[dict[str, Any]], header: str) -> str:
+    """The results table in Markdown."""
+    lines = [
+        header,
+        "",
+        "| strategy | ACC % | BWT (points) | FWT (points) | capacity % of dense | train s | "
+        "peak memory MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for r in rows:
+        name = r["strategy"] + (f" [{len(notes) + 1}]" if r.get("note") else "")
+        if r.get("note"):
+            notes.append(f"[{len(notes) + 1}] {r['strategy']}: {r['note']}")
+        mem = r.get("peak_memory_mb")
+        lines.append(
+            f"| {name} | {_fmt(r['ACC'])} | {_fmt(r['BWT'])} | {_fmt(r['FWT'])} | "
+            f"{r['capacity_percent']:.2f} | {r['train_seconds']:.1f} | "
+            f"{'n/a' if mem is None else f'{mem:.0f}'} |"
+        )
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> None:
+    """Accuracy-matrix heatmaps of every strategy and TSN's capacity per task (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], rows, strict=True):
+        m = torch.tensor(r["accuracy_matrix"]) * 100
+        im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
+        ax.set_title(f"{r['strategy']} (ACC {100 * r['ACC']:.1f})", fontsize=9)
+        ax.set_xticks(range(m.shape[1]))
+        ax.set_yticks(range(m.shape[0]))
+        ax.set_xlabel("evaluated task")
+        ax.set_ylabel("after training task" if r["strategy"] != "joint" else "joint")
+        if m.numel() <= 100:
+            for (i, j), v in zip(
+                [(i, j) for i in range(m.shape[0]) for j in range(m.shape[1])],
+                m.flatten(),
+                strict=True,
+            ):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6, color="w")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy %")
+    fig.savefig(out / "accuracy_matrices.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tsn = next((r for r in rows if r["strategy"] == "tsn"), None)
+    if tsn is None:
+        return
+    tasks = tsn["capacity_tasks"]
+    parts = ["weight_bits", "codebook_bits", "mask_bits", "head_bits", "norm_bits"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bottom = [0.0] * len(tasks)
+    for part in parts:
+        vals = [t[part] / 8 / 1024 for t in tasks]
+        ax.bar([t["task"] for t in tasks], vals, bottom=bottom, label=part.replace("_bits", ""))
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax.set_xlabel("task")
+    ax.set_ylabel("KiB added")
+    ax.set_title(f"TSN capacity per task (total {tsn['capacity_percent']:.2f}% of dense)")
+    ax.legend(fontsize=7)
+    fig.savefig(out / "tsn_capacity.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments (defaults per scenario: the paper code's settings)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scenario", choices=sorted(SCENARIOS), default="permuted_digits")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--tasks", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--mb", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subset", type=int, default=None, help="samples per experience (smoke)")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--no-prune", action="store_true")
+    p.add_argument("--no-quantize", action="store_true")
+    p.add_argument("--task-matching", action="store_true")
+    p.add_argument("--kl-threshold", type=float, default=1.0)
+    p.add_argument("--ewc-lambda", type=float, default=100.0)
+    p.add_argument("--lwf-alpha", type=float, default=1.0)
+    p.add_argument("--si-lambda", type=float, default=1.0)
+    p.add_argument("--packnet-prune", type=float, default=0.5)
+    p.add_argument("--dataset-root", default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--in-process", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
+    p.add_argument("--out", default=None, help="folder for results.json/.md and PNGs")
+    args = p.parse_args(argv)
+    names = args.strategies.split(",")
+    bad = [s for s in names if s not in STRATEGIES]
+    if bad:
+        p.error(f"--strategies: unknown {', '.join(bad)}; choose from {', '.join(STRATEGIES)}")
+    args.strategy_list = names
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run every chosen strategy, print the table, write the files."""
+    args = parse(argv)
+    SCENARIOS[args.scenario].build(args)  # fail now on missing data, before any training
+    rows = []
+    pool = None if args.in_process else ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+    for name in tqdm(args.strategy_list, desc=f"{args.scenario}: strategies", unit="strategy"):
+        if pool is None:
+            rows.append(run_one(name, args))
+        else:  # a fresh process per strategy: its peak memory is its own
+            rows.append(pool.submit(run_one, name, args).result())
+            pool.shutdown()
+            pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+    if pool is not None:
+        pool.shutdown()
+    sc = SCENARIOS[args.scenario]
+    header = (
+        f"### {args.scenario} ({datetime.now(timezone.utc):%Y-%m-%d}; epochs "
+        f"{args.epochs or sc.epochs}, minibatch {args.mb or sc.mb}, "
+        f"{args.optimizer or sc.optimizer} lr {args.lr or sc.lr}, seed {args.seed}, "
+        f"device {args.device})"
+    )
+    table = markdown(rows, header)
+    print(table)
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        result["export_bytes"] = strategy.export(Path(args.out) / "model.tsn")
-    print(report.table())
-    summary = {
-        k: result[k]
-        for k in ("scenario", "ACC", "BWT", "FWT", "train_seconds", "capacity_percent", "bits")
-        + ("head_bits", "capacity_total_bits", "export_bytes", "banks")
-        if k in result
-    }
-    print(json.dumps(summary, indent=2))
-    if args.out:
-        (Path(args.out) / "results.json").write_text(json.dumps(result, indent=2))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        public = {k: v for k, v in vars(args).items() if k != "strategy_list"}
+        (out / "results.json").write_text(json.dumps({"args": public, "rows": rows}, indent=2))
+        (out / "results.md").write_text(table)
+        plot(rows, out)
+    return rows
 
 
 if __name__ == "__main__":

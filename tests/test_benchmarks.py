@@ -1,0 +1,50 @@
+"""The comparison harness end to end on a tiny subset, and missing-data messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from avalanche_tsn import datasets
+from benchmarks import harness
+
+
+def test_harness_smoke_runs_every_strategy(tmp_path):
+    rows = harness.main(
+        [
+            "--scenario", "permuted_digits", "--tasks", "2", "--epochs", "2", "--subset", "48",
+            "--in-process", "--quiet", "--device", "cpu", "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert [r["strategy"] for r in rows] == list(harness.STRATEGIES)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["strategy"] for r in saved["rows"]] == list(harness.STRATEGIES)
+    tsn = rows[0]
+    assert tsn["BWT"] == 0.0
+    assert len(tsn["accuracy_matrix"]) == 2 and len(tsn["accuracy_matrix"][0]) == 2
+    assert tsn["capacity_percent"] < 100.0
+    assert "| packnet [1] |" in (tmp_path / "results.md").read_text()
+    for png in ("accuracy_matrices.png", "tsn_capacity.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_strategy_is_rejected():
+    with pytest.raises(SystemExit):
+        harness.parse(["--strategies", "tsn,gem"])
+
+
+@pytest.mark.parametrize(
+    "load, names",
+    [
+        (lambda r: datasets.permuted_mnist(dataset_root=r), "train-images-idx3-ubyte"),
+        (lambda r: datasets.split_cifar100(dataset_root=r), "cifar-100-python/train"),
+        (lambda r: datasets.split_tiny_imagenet(dataset_root=r), "tiny-imagenet-200/wnids.txt"),
+        (lambda r: datasets.five_datasets(dataset_root=r), "train_32x32.mat"),
+        (lambda r: datasets.load_fashion_mnist(r), "t10k-labels-idx1-ubyte.gz"),
+    ],
+)
+def test_missing_data_names_the_files_and_the_folder(tmp_path, load, names):
+    with pytest.raises(FileNotFoundError) as err:
+        load(tmp_path)
+    assert names in str(err.value) and str(tmp_path) in str(err.value)
