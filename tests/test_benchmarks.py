@@ -48,3 +48,29 @@ def test_missing_data_names_the_files_and_the_folder(tmp_path, load, names):
     with pytest.raises(FileNotFoundError) as err:
         load(tmp_path)
     assert names in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def _write_idx(path, array):
+    import struct
+
+    import numpy as np
+
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def test_permuted_mnist_reads_torchvision_layout(tmp_path):
+    import numpy as np
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("t10k", 20)):
+        _write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+    x_train, y_train, x_test, _ = datasets.load_mnist(tmp_path)
+    assert x_train.shape == (40, 784) and x_test.shape == (20, 784)
+    assert float(x_train.max()) <= 1.0 and y_train.tolist()[:3] == [0, 1, 2]
+    bm = datasets.permuted_mnist(3, dataset_root=tmp_path)
+    assert [e.task_label for e in bm.train_stream] == [0, 1, 2]

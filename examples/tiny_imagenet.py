@@ -1,0 +1,79 @@
+"""TinySubNets on TinyImageNet with the paper code's settings.
+
+Scenario: 40 tasks of 5 classes, a TinyNet-like backbone.
+Needs the data on disk (nothing is downloaded):
+``python examples/tiny_imagenet.py --dataset-root <folder>``; meant for a GPU (``--device cuda``,
+the default when one is present). Epochs, minibatch, optimiser, learning rate, validation
+fraction and pruning follow the paper's public code (README, "Reference settings"). The
+learning rate halves after 6 epochs without improvement (of the training loss here; the
+reference scripts watch a validation split and restore the best epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+from avalanche.evaluation.metrics import (
+    accuracy_metrics,
+    bwt_metrics,
+    forward_transfer_metrics,
+)
+from avalanche.logging import InteractiveLogger, TextLogger
+from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
+
+from avalanche_tsn import TSNStrategy
+from avalanche_tsn.datasets import split_tiny_imagenet
+from avalanche_tsn.metrics import capacity_metrics
+from avalanche_tsn.models import TinyNet
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset-root", required=True)
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--export", default="tiny_imagenet.tsn", help="compact model file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(args.seed)
+
+    benchmark = split_tiny_imagenet(40, seed=args.seed, dataset_root=args.dataset_root)
+    model = TinyNet(n_classes=5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=0.5, patience=6, min_lr=1e-3
+    )
+    strategy = TSNStrategy(
+        model=model,
+        optimizer=optimizer,
+        train_mb_size=256,
+        train_epochs=args.epochs,
+        eval_mb_size=256,
+        device=args.device,
+        plugins=[LRSchedulerPlugin(scheduler, metric="train_loss")],
+        evaluator=EvaluationPlugin(
+            accuracy_metrics(experience=True, stream=True),
+            bwt_metrics(experience=True, stream=True),
+            forward_transfer_metrics(experience=True, stream=True),
+            capacity_metrics(),
+            loggers=[InteractiveLogger(), TextLogger(open("tiny_imagenet.log", "w"))],
+        ),
+        eval_every=0,
+        sparsity=0.5,
+        validation_fraction=0.1,
+        prune_iterations=20,
+        prune_step=0.2,
+        prune_max_drop=0.002,
+    )
+    for experience in benchmark.train_stream:
+        strategy.train(experience, eval_streams=[benchmark.test_stream])
+    strategy.eval(benchmark.test_stream)
+    print(strategy.capacity_report().table())
+    print(f"export: {strategy.export(args.export)} bytes in {args.export}")
+
+
+if __name__ == "__main__":
+    main()
