@@ -32,10 +32,7 @@ from avalanche_tsn.plugins import (
     TaskSimilarityPlugin,
     ValidationSplitPlugin,
 )
-from avalanche_tsn.similarity import check_threshold
-
-#: Default ``kl_threshold`` (see the README, "Task matching", for the measurements behind it).
-DEFAULT_KL_THRESHOLD = 1.0
+from avalanche_tsn.similarity import DEFAULT_KL_THRESHOLD, check_threshold
 
 __all__ = ["TSNStrategy"]
 

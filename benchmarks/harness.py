@@ -411,7 +411,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-prune", action="store_true")
     p.add_argument("--no-quantize", action="store_true")
     p.add_argument("--task-matching", action="store_true")
-    p.add_argument("--kl-threshold", type=float, default=1.0)
+    p.add_argument("--kl-threshold", type=float, default=1.5)
     p.add_argument("--ewc-lambda", type=float, default=100.0)
     p.add_argument("--lwf-alpha", type=float, default=1.0)
     p.add_argument("--si-lambda", type=float, default=1.0)

@@ -12,7 +12,12 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 
 from avalanche_tsn.plugins.mask_learning import tsn_model
-from avalanche_tsn.similarity import check_threshold, choose_bank, task_divergence
+from avalanche_tsn.similarity import (
+    DEFAULT_KL_THRESHOLD,
+    check_threshold,
+    choose_bank,
+    task_divergence,
+)
 
 __all__ = ["TaskSimilarityPlugin"]
 
@@ -32,7 +37,9 @@ class TaskSimilarityPlugin(SupervisedPlugin):
     :param seed: seed of the memory sampling.
     """
 
-    def __init__(self, memory_size: int = 100, kl_threshold: float = 1.0, seed: int = 0) -> None:
+    def __init__(
+        self, memory_size: int = 100, kl_threshold: float = DEFAULT_KL_THRESHOLD, seed: int = 0
+    ) -> None:
         super().__init__()
         if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1:
             raise ValueError(
