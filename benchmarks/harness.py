@@ -245,9 +245,17 @@ def accuracy_matrix(evaluator: EvaluationPlugin, n: int, joint: bool) -> list[li
         key = next(
             k for k in history if k.startswith("Top1_Acc_Exp/") and k.endswith(f"Exp{j:03d}")
         )
-        values = history[key][1]
-        # sequential: an initial eval (for forward transfer), then one after each task
-        rows.append(values[-1:] if joint else values[1 : n + 1])
+        xs, values = history[key]
+        if joint:
+            rows.append(values[-1:])
+            continue
+        # Each train() call evaluates before training (for forward transfer) and after the
+        # experience, at the same iteration count; the first value at each new count is the
+        # one measured right after a task.
+        firsts = [
+            v for i, (x, v) in enumerate(zip(xs, values, strict=True)) if x and x != xs[i - 1]
+        ]
+        rows.append(firsts[:n])
     return [[rows[j][i] for j in range(n)] for i in range(len(rows[0]))]
 
 

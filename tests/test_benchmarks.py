@@ -22,7 +22,10 @@ def test_harness_smoke_runs_every_strategy(tmp_path):
     assert [r["strategy"] for r in saved["rows"]] == list(harness.STRATEGIES)
     tsn = rows[0]
     assert tsn["BWT"] == 0.0
-    assert len(tsn["accuracy_matrix"]) == 2 and len(tsn["accuracy_matrix"][0]) == 2
+    m = tsn["accuracy_matrix"]
+    assert len(m) == 2 and len(m[0]) == 2
+    assert m[1][0] == m[0][0]  # row i is measured after task i: TSN forgets nothing
+    assert sum(m[1]) / 2 == pytest.approx(tsn["ACC"], abs=0.01)
     assert tsn["capacity_percent"] < 100.0
     assert "| packnet [1] |" in (tmp_path / "results.md").read_text()
     for png in ("accuracy_matrices.png", "tsn_capacity.png"):
