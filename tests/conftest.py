@@ -82,3 +82,21 @@ def quiet_evaluator():
     from avalanche.training.plugins import EvaluationPlugin
 
     return EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
+
+
+def train_tsn(model=None, tasks: int = 3, dim: int = 12, **kw):
+    """Train a TSNStrategy (Adam, 2 epochs) on a blob stream; returns it and the stream."""
+    from avalanche_tsn import TSNStrategy
+
+    bm = blob_stream(n_tasks=tasks, dim=dim)
+    model = model if model is not None else mlp(dim)
+    strategy = TSNStrategy(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+        train_mb_size=16,
+        train_epochs=2,
+        evaluator=quiet_evaluator(),
+        **kw,
+    )
+    strategy.train(bm.train_stream, eval_streams=[])
+    return strategy, bm

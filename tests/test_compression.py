@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import blob_stream, mlp, quiet_evaluator
+from conftest import blob_stream, mlp, quiet_evaluator, train_tsn
 from torch import nn
 
 from avalanche_tsn import TSNModel, TSNStrategy
@@ -17,18 +17,7 @@ from avalanche_tsn.quantization import kmeans_1d
 
 
 def train(model=None, tasks=3, **kw):
-    bm = blob_stream(n_tasks=tasks)
-    model = model if model is not None else mlp()
-    strategy = TSNStrategy(
-        model=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
-        train_mb_size=16,
-        train_epochs=2,
-        evaluator=quiet_evaluator(),
-        **kw,
-    )
-    strategy.train(bm.train_stream, eval_streams=[])
-    return strategy, bm
+    return train_tsn(model, tasks=tasks, **kw)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 5])

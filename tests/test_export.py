@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import SmallConvNet, blob_stream, quiet_evaluator
+from conftest import SmallConvNet, train_tsn
 
 from avalanche_tsn import TSNStrategy, load_compressed
 from avalanche_tsn.export import pack_codes, unpack_codes
@@ -15,17 +15,7 @@ from avalanche_tsn.models import MultiHeadMLP
 
 
 def trained(model, dim=12, tasks=3, **kw):
-    bm = blob_stream(n_tasks=tasks, dim=dim)
-    strategy = TSNStrategy(
-        model=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
-        train_mb_size=16,
-        train_epochs=2,
-        evaluator=quiet_evaluator(),
-        **kw,
-    )
-    strategy.train(bm.train_stream, eval_streams=[])
-    return strategy, bm
+    return train_tsn(model, tasks=tasks, dim=dim, **kw)
 
 
 def stacked_inputs(bm):
