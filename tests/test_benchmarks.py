@@ -7,6 +7,7 @@ import json
 import pytest
 
 from avalanche_tsn import datasets
+from avalanche_tsn.models import ReducedAlexNet, ReducedResNet18, TinyNet
 from benchmarks import harness
 
 
@@ -77,3 +78,28 @@ def test_permuted_mnist_reads_torchvision_layout(tmp_path):
     assert float(x_train.max()) <= 1.0 and y_train.tolist()[:3] == [0, 1, 2]
     bm = datasets.permuted_mnist(3, dataset_root=tmp_path)
     assert [e.task_label for e in bm.train_stream] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "make, size, classes",
+    [
+        (lambda **k: ReducedAlexNet(10, **k), 32, 10),
+        (lambda **k: TinyNet(5, **k), 64, 5),
+        (lambda **k: ReducedResNet18(10, **k), 32, 10),
+    ],
+)
+def test_paper_backbones_run_under_tsn_and_packnet(make, size, classes):
+    import torch
+    from avalanche.models.packnet import PackNetModel
+
+    from avalanche_tsn import TSNModel
+
+    x = torch.randn(2, 3, size, size)
+    tsn = TSNModel(make())
+    assert tsn(x, 0).shape == (2, classes)
+    tsn.begin_task(0, 0.5)
+    tsn.train()
+    tsn(x, 0).sum().backward()
+    assert all(layer.scores.grad is not None for _, layer in tsn.masked_layers())
+    packnet = PackNetModel(make(norm=False, multihead=False))
+    assert packnet(x, torch.zeros(2, dtype=torch.long)).shape == (2, classes)
