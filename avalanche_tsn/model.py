@@ -338,11 +338,10 @@ class TSNModel(MultiTaskModule):
         self.head_bits[slot] = bits
 
     def _frozen_head_parameters(self, exclude: int) -> Iterator[nn.Parameter]:
-        for heads in self._heads:
-            for label in self.trained_tasks():
-                key = str(label)
-                if label != exclude and key in heads.classifiers:
-                    yield from heads.classifiers[key].parameters()
+        for label in self.trained_tasks():
+            if label != exclude:
+                for head in self.head_modules(label):
+                    yield from head.parameters()
 
     @torch.no_grad()
     def restore_frozen(self) -> None:
