@@ -10,7 +10,7 @@ rebuild every task mask, and far smaller than independent full-layer masks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -59,6 +59,12 @@ class CapacityReport:
     backbone_dense_bits: int
     banks: int = 1
     memory_bits: int = 0
+    #: fraction of each maskable layer's weights that no task owns, per bank
+    free_fractions: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def min_free_fraction(self) -> float:
+        """The smallest free fraction of any layer in the newest bank (1.0 with no layer)."""
+        return min((f[-1] for f in self.free_fractions.values()), default=1.0)
 
     @property
     def percent_with_memory(self) -> float:
@@ -99,6 +105,11 @@ class CapacityReport:
             "backbone split (% of dense backbone): "
             + ", ".join(f"{k} {v:.2f}%" for k, v in split.items()),
         ]
+        if self.free_fractions:
+            lines.append(
+                "free weights (newest bank): "
+                + ", ".join(f"{n} {100 * f[-1]:.1f}%" for n, f in self.free_fractions.items())
+            )
         if self.memory_bits:
             lines.append(
                 f"task memory (training only, not in total): {self.memory_bits} bits; "
@@ -119,7 +130,10 @@ def shared_bitmap(owner: torch.Tensor, mask: torch.Tensor, slot: int) -> torch.T
 
 
 def _params_bits(module: torch.nn.Module) -> int:
-    return FLOAT_BITS * sum(p.numel() for p in module.parameters())
+    # Trained heads hold their weights as buffers: count every floating-point tensor.
+    return FLOAT_BITS * sum(
+        t.numel() for t in module.state_dict().values() if t.is_floating_point()
+    )
 
 
 def _head_bits(model: TSNModel, label: int, slot: int) -> int:
@@ -161,7 +175,7 @@ def capacity_report(model: TSNModel) -> CapacityReport:
             shared += int(layer.shared_mask(slot).sum())
             weight_bits += n_own * (b if b else FLOAT_BITS)
             codebook_bits += (2**b) * FLOAT_BITS if b else 0
-            bitmap = shared_bitmap(owner, layer.task_masks[slot], slot)
+            bitmap = shared_bitmap(owner, layer.task_mask(slot), slot)
             mask_bits += encode_mask(bitmap).nbits if bitmap.numel() else 0
         head_bits = _head_bits(model, label, slot)
         rows.append(
@@ -196,4 +210,8 @@ def capacity_report(model: TSNModel) -> CapacityReport:
         FLOAT_BITS * backbone,
         banks=model.n_banks,
         memory_bits=model.memory_bits(),
+        free_fractions={
+            name: tuple(layer.free_fraction(b) for b in range(layer.n_banks))
+            for name, layer in model.masked_layers()
+        },
     )

@@ -28,10 +28,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from avalanche.models import IncrementalClassifier, MultiHeadClassifier
+from avalanche.models import MultiHeadClassifier
 from torch import Tensor, nn
 
 from avalanche_tsn.capacity import shared_bitmap
+from avalanche_tsn.heads import freeze_head, new_head
 from avalanche_tsn.huffman import (
     HuffmanCode,
     decode_mask,
@@ -40,6 +41,7 @@ from avalanche_tsn.huffman import (
     encode_symbols,
 )
 from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm
+from avalanche_tsn.masks import pack_mask
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.quantization import codes_of
 
@@ -172,9 +174,8 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
     tasks = model.trained_tasks()
     if not tasks:
         raise ValueError("nothing to export: no task is trained yet")
+    # Trained tasks hold slots 0..k-1; a task in training (or interrupted) is left out.
     slots = [model.slot_of(t) for t in tasks]
-    if slots != list(range(len(slots))):
-        raise ValueError("cannot export while a task is being trained; finish it first")
     w = _Writer()
     header: dict[str, Any] = {
         "tasks": tasks,
@@ -186,13 +187,13 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
     banks = [model.bank_of(t) for t in tasks]
     header["banks"] = banks
     for name, layer in model.masked_layers():
-        for b in range(layer.n_banks):
+        for b in range(max(banks) + 1):
             owner = layer.bank_owner(b).cpu()
             w.huffman(encode_symbols(owner.flatten().numpy().astype(np.int64) + 1))
         bits = []
         for slot in slots:
             owner = layer.slot_owner(slot).cpu()
-            mask = layer.task_masks[slot].cpu()
+            mask = layer.task_mask(slot).cpu()
             rebuilt = (owner == slot) | _scatter_shared(
                 owner, slot, shared_bitmap(owner, mask, slot)
             )
@@ -202,7 +203,7 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
             if bitmap.numel():
                 w.huffman(encode_mask(bitmap))
             b = int(layer.task_bits[slot])
-            own = layer.bank_weight(layer.bank_of_slot(slot)).detach().cpu()[owner == slot]
+            own = layer.own_values(slot).detach().cpu()
             if b:
                 w.quantized(own, layer.task_centroids[slot, : 2**b].cpu(), b)
             else:
@@ -299,6 +300,10 @@ def _check_architecture(saved: dict[str, Any], module: nn.Module) -> None:
 def load_compressed(path: str | PathLike | BinaryIO, model: nn.Module) -> TSNModel:
     """Rebuild the inference model from an :func:`export_model` file.
 
+    Everything is read, decoded and checked against ``model`` before ``model`` changes: a
+    wrong magic number, format version or checksum, a truncated or inconsistent payload, or
+    a model whose layers (shapes, biases, normalisation, heads) differ raise ``ValueError``.
+
     :param path: the file (path or readable binary file).
     :param model: a freshly constructed instance of the architecture that was trained (or a
         ``TSNModel`` around one); it is wrapped in place.
@@ -308,26 +313,54 @@ def load_compressed(path: str | PathLike | BinaryIO, model: nn.Module) -> TSNMod
     data = Path(path).read_bytes() if isinstance(path, (str, PathLike)) else path.read()
     header, r = _parse(data)
     net = model.net if isinstance(model, TSNModel) else model
-    _check_architecture(header["architecture"], net)
-    tasks: list[int] = header["tasks"]
+    try:
+        _check_architecture(header["architecture"], net)
+        decoded = _decode(header, r, net)
+    except ValueError:
+        raise
+    except (KeyError, IndexError, TypeError, AttributeError, struct.error, RuntimeError) as err:
+        # The checksum matched, so the file was written this way: a structural defect.
+        raise ValueError(f"corrupt export file: inconsistent content ({err!r})") from err
+    return _apply(decoded, TSNModel.of(model, header["sparsity"][0]))
+
+
+def _decode(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[str, Any]:
+    """Decode the payload into tensors, checking it against ``net`` (which is not changed)."""
+    tasks: list[int] = [int(t) for t in header["tasks"]]
     shapes = header["architecture"]["layers"]
-    # Decode everything first: a corrupt payload raises before the model changes.
-    layers = []
-    banks: list[int] = header["banks"]
+    modules = dict(net.named_modules())
+    banks: list[int] = [int(b) for b in header["banks"]]
+    if not tasks or len(banks) != len(tasks) or min(banks) < 0:
+        raise ValueError("corrupt export file: task and bank lists do not match")
     n_banks = max(banks) + 1
+    if [e["name"] for e in header["layers"]] != list(shapes):
+        raise ValueError("corrupt export file: layer list does not match the architecture")
+    layers = []
     for entry in header["layers"]:
-        shape = tuple(shapes[entry["name"]])
+        name = entry["name"]
+        has_bias = modules[name].bias is not None
+        if bool(entry["bias"]) != has_bias:
+            raise ValueError(
+                f"model does not match the export file: layer {name} has "
+                f"{'a' if has_bias else 'no'} bias in the model and "
+                f"{'a' if entry['bias'] else 'no'} bias in the file"
+            )
+        if len(entry["bits"]) != len(tasks):
+            raise ValueError(f"corrupt export file: bit-widths of {name} do not match the tasks")
+        shape = tuple(shapes[name])
         owners = []
         for _ in range(n_banks):
-            owner = torch.from_numpy(decode_symbols(r.huffman()) - 1).to(torch.int16)
-            if owner.numel() != int(np.prod(shape)):
-                raise ValueError(
-                    f"corrupt export file: ownership map of {entry['name']} has wrong size"
-                )
-            owners.append(owner.view(shape))
+            owner = torch.from_numpy(decode_symbols(r.huffman()) - 1)
+            if owner.numel() != int(np.prod(shape)) or (
+                owner.numel() and (owner.min() < FREE or owner.max() >= len(tasks))
+            ):
+                raise ValueError(f"corrupt export file: ownership map of {name} is invalid")
+            owners.append(owner.to(torch.int16).view(shape))
         weights = torch.zeros((n_banks, *shape))
         masks, biases, centroids = [], [], []
         for slot, b in enumerate(entry["bits"]):
+            if not isinstance(b, int) or not 0 <= b <= 16:
+                raise ValueError(f"corrupt export file: bit-width {b!r} of {name}")
             owner = owners[banks[slot]]
             weight = weights[banks[slot]]
             n_earlier = int(((owner != FREE) & (owner < slot)).sum())
@@ -350,14 +383,16 @@ def load_compressed(path: str | PathLike | BinaryIO, model: nn.Module) -> TSNMod
         layers.append((weights, owners, masks, biases, centroids, entry["bits"]))
     norms = []
     for name, c in header["architecture"]["norms"].items():
-        norms.append(
-            [[r.tensor((c,)) for _ in range(4 if _affine(net, name) else 2)] for _ in tasks]
-        )
+        affine = modules[name].weight is not None
+        norms.append([[r.tensor((c,)) for _ in range(4 if affine else 2)] for _ in tasks])
+    head_bits = [int(b) for b in header["head_bits"]]
+    if len(head_bits) != len(tasks):
+        raise ValueError("corrupt export file: head bit-widths do not match the tasks")
     heads = {}
     for hname, entry in header["heads"].items():
         for key, spec in entry.items():
             slot = tasks.index(int(key))
-            b = header["head_bits"][slot]
+            b = head_bits[slot]
             state = {}
             book = torch.zeros(0)
             if b:
@@ -372,63 +407,70 @@ def load_compressed(path: str | PathLike | BinaryIO, model: nn.Module) -> TSNMod
                 state[k] = r.tensor(tuple(s), _dtype(dt))
             au = spec["active_units"]
             active = None if au is None else r.tensor((au[0],), _dtype(au[1]))
-            heads[(hname, key)] = (spec["out"], state, active, book)
+            heads[(hname, key)] = (int(spec["out"]), state, active, book, slot)
     if r.pos != len(r.data):
         raise ValueError("corrupt export file: unexpected trailing data")
+    return {
+        "tasks": tasks,
+        "banks": banks,
+        "sparsity": [float(x) for x in header["sparsity"]],
+        "head_bits": head_bits,
+        "layers": layers,
+        "norms": norms,
+        "heads": heads,
+    }
 
-    tsn = model if isinstance(model, TSNModel) else TSNModel(model, header["sparsity"][0])
+
+def _apply(decoded: dict[str, Any], tsn: TSNModel) -> TSNModel:
+    """Write decoded tensors into ``tsn`` (every check has passed)."""
+    tasks, banks = decoded["tasks"], decoded["banks"]
     n = len(tasks)
     dev = tsn.task_labels_by_slot.device
     tsn.task_labels_by_slot = torch.tensor(tasks, dtype=torch.long, device=dev)
     tsn.slot_frozen = torch.ones(n, dtype=torch.bool, device=dev)
-    tsn.slot_sparsity = torch.tensor(header["sparsity"], device=dev)
-    tsn.head_bits = torch.tensor(header["head_bits"], dtype=torch.int16, device=dev)
+    tsn.slot_sparsity = torch.tensor(decoded["sparsity"], device=dev)
+    tsn.head_bits = torch.tensor(decoded["head_bits"], dtype=torch.int16, device=dev)
     tsn.head_centroids = torch.zeros(n, 0, device=dev)
     tsn._slot_cache = None
     last = banks[-1]
     for (_, layer), (weights, owners, masks, biases, centroids, bits) in zip(
-        tsn.masked_layers(), layers, strict=True
+        tsn.masked_layers(), decoded["layers"], strict=True
     ):
-        layer.weight.copy_(weights[last])
-        layer.owner = owners[last].to(layer.owner.device)
+        device = layer.weight.device
+        layer.bank_weights = weights.to(layer.weight)
+        layer.bank_owners = torch.stack(owners).to(device)
         layer.loaded_bank.fill_(last)
-        layer.slot_bank = torch.tensor(banks, dtype=torch.int16, device=layer.owner.device)
-        layer._banks = None
-        if n_banks > 1:
-            layer.bank_weights = weights.to(layer.weight)
-            layer.bank_owners = torch.stack(owners).to(layer.owner.device)
-        layer.task_masks = torch.stack(masks).to(layer.owner.device)
+        layer.weight.copy_(weights[last])
+        layer.slot_bank = torch.tensor(banks, dtype=torch.int16, device=device)
+        layer.task_masks = torch.stack([pack_mask(m) for m in masks]).to(device)
         if layer.task_bias is not None:
             layer.task_bias = torch.stack(biases).to(layer.weight)
-        layer.task_bits = torch.tensor(bits, dtype=torch.int16, device=layer.owner.device)
+        layer.task_bits = torch.tensor(bits, dtype=torch.int16, device=device)
         layer.task_centroids = layer.task_centroids.new_zeros((n, 0))
         for slot, (b, book) in enumerate(zip(bits, centroids, strict=True)):
             if b:
                 layer.set_codebook(slot, book, b)
-    for norm, per_task in zip(tsn._norms, norms, strict=True):
+        layer._loaded()
+    for norm, per_task in zip(tsn._norms, decoded["norms"], strict=True):
         norm.task_mean = torch.stack([t[0] for t in per_task]).to(norm.running_mean)
         norm.task_var = torch.stack([t[1] for t in per_task]).to(norm.running_mean)
         if norm.task_weight is not None:
             norm.task_weight = torch.stack([t[2] for t in per_task]).to(norm.running_mean)
             norm.task_bias = torch.stack([t[3] for t in per_task]).to(norm.running_mean)
     modules = dict(tsn.net.named_modules())
-    for (hname, key), (out, state, active, book) in heads.items():
+    for (hname, key), (out, state, active, book, slot) in decoded["heads"].items():
         mh: MultiHeadClassifier = modules[hname]  # type: ignore[assignment]
-        # A fresh model has only its first head, at its initial width: rebuild each one.
-        head = IncrementalClassifier(mh.in_features, out, masking=False, auto_adapt=False)
+        units = state["active_units"].shape[0] if "active_units" in state else out
+        head = new_head(mh, out, units)
         head.load_state_dict(state)
-        mh.classifiers[key] = head.to(tsn.task_labels_by_slot.device)
+        mh.classifiers[key] = head.to(dev)
+        freeze_head(mh, key)
         if active is not None:
-            mh.register_buffer(f"active_units_T{key}", active)
+            mh.register_buffer(f"active_units_T{key}", active.to(dev))
         if len(book):
-            tsn.set_head_codebook(
-                tasks.index(int(key)), book, header["head_bits"][tasks.index(int(key))]
-            )
+            tsn.set_head_codebook(slot, book, decoded["head_bits"][slot])
+    tsn.known_train_tasks_labels = set(tasks)
     return tsn.eval()
-
-
-def _affine(net: nn.Module, name: str) -> bool:
-    return dict(net.named_modules())[name].weight is not None
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -4,17 +4,33 @@ TinySubNets (Zurek et al., arXiv:2412.10869, 2024): one backbone holds every tas
 ``t`` reads the weights its boolean mask selects, a weight belongs to the first task that
 trained it (``owner``) and is frozen after. Biases and normalisation statistics are small,
 so each task keeps its own copy of them.
+
+The guarantee that nothing changes a trained task rests on one rule: the values trained tasks
+read live in buffers (``bank_weights``, ``task_masks``, ``task_bias``...) that no optimizer
+holds, and they are applied by selection, never by multiplication (``0 * NaN`` is NaN). The
+user's ``weight`` parameter is the optimizer's working copy: it is read only where no trained
+task owns the weight.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avalanche_tsn.masks import keep_count, ste_masked_weight, topk_mask, topk_threshold
+from avalanche_tsn.masks import (
+    keep_count,
+    live_weight,
+    pack_mask,
+    packed_size,
+    topk_mask,
+    topk_threshold,
+    unpack_mask,
+)
 from avalanche_tsn.quantization import store_centroids
 
 __all__ = ["MaskedLayer", "TSNLinear", "TSNConv2d", "TaskBatchNorm", "FREE"]
@@ -24,6 +40,21 @@ FREE = -1
 
 #: Training steps between two exact recomputations of a live mask's threshold.
 THRESHOLD_REFRESH = 8
+
+#: Trained tasks whose effective weights each layer keeps ready for evaluation.
+EVAL_CACHE_SIZE = 4
+
+
+def _fingerprint(tensors: tuple[Tensor, ...]) -> tuple:
+    """Identity and version of tensors: any replacement or in-place change alters it."""
+    return tuple((weakref.ref(t), t._version) for t in tensors)
+
+
+def _matches(fingerprint: tuple, tensors: tuple[Tensor, ...]) -> bool:
+    return all(
+        ref() is t and version == t._version
+        for (ref, version), t in zip(fingerprint, tensors, strict=True)
+    )
 
 
 class _PerTaskBuffers(nn.Module):
@@ -40,6 +71,12 @@ class _PerTaskBuffers(nn.Module):
                 continue
             extra = buf.new_zeros((n_slots - buf.shape[0], *buf.shape[1:]))
             setattr(self, name, torch.cat([buf, extra]))
+
+    def _shrink(self, n_slots: int) -> None:
+        for name in self._slot_buffers:
+            buf = getattr(self, name)
+            if buf is not None and buf.shape[0] > n_slots:
+                setattr(self, name, buf[:n_slots].clone())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         # A freshly built model has no task slots yet; make room for the saved ones.
@@ -60,21 +97,29 @@ class MaskedLayer(_PerTaskBuffers):
     """Base of :class:`TSNLinear` and :class:`TSNConv2d`.
 
     ``weight`` and ``bias`` are the user's own parameters (so an optimizer built on the user's
-    model keeps working); ``scores`` are new. ``task_masks[s]`` is the frozen mask of the task
-    in slot ``s``; ``owner`` holds the slot that owns each weight or :data:`FREE`.
+    model keeps working); ``scores`` are new. What trained tasks read is kept in buffers:
 
-    Banks (fresh copies of the backbone for tasks unlike earlier ones): ``weight`` and
-    ``owner`` belong to the bank in ``loaded_bank``; the others are kept in ``bank_weights``
-    and ``bank_owners`` (empty while there is one bank); ``slot_bank[s]`` is each task's bank.
+    - ``bank_weights[b]``: the weights of bank ``b`` (a bank is a copy of the backbone; there
+      is one unless task matching opens more). Where a trained task owns a weight this is its
+      frozen value; elsewhere it is the free weight's value when the bank was last unloaded.
+    - ``bank_owners[b]``: the slot that owns each weight of bank ``b``, or :data:`FREE`.
+    - ``task_masks[s]``: the mask of the task in slot ``s``, bit-packed (1 bit per weight).
+    - ``task_bias[s]``, ``task_bits[s]``, ``task_centroids[s]``: its bias and codebook.
+
+    ``weight`` holds the loaded bank (``loaded_bank``): it is synchronised with the frozen
+    values at task boundaries, but only its free entries are ever read.
     """
 
     _slot_buffers = ("task_masks", "task_bias", "task_bits", "task_centroids", "slot_bank")
     _sized_buffers = ("bank_weights", "bank_owners")
+    # Version 2: frozen values in bank_weights, bit-packed masks (version 1 read ``weight``).
+    _version = 2
 
     weight: nn.Parameter
     bias: nn.Parameter | None
     scores: nn.Parameter
-    owner: Tensor
+    bank_weights: Tensor
+    bank_owners: Tensor
     task_masks: Tensor
     task_bias: Tensor | None
 
@@ -85,29 +130,55 @@ class MaskedLayer(_PerTaskBuffers):
         # WSN initialises scores like weights (Kaiming uniform).
         nn.init.kaiming_uniform_(scores, a=math.sqrt(5))
         self.scores = nn.Parameter(scores)
-        self.register_buffer("owner", torch.full(weight.shape, FREE, dtype=torch.int16))
-        self.register_buffer("task_masks", torch.zeros((0, *weight.shape), dtype=torch.bool))
+        self.register_buffer("bank_weights", weight.detach().clone().unsqueeze(0))
+        self.register_buffer("bank_owners", torch.full((1, *weight.shape), FREE, dtype=torch.int16))
+        self.register_buffer("loaded_bank", torch.zeros((), dtype=torch.long))
+        self.register_buffer(
+            "task_masks", torch.zeros((0, packed_size(weight.numel())), dtype=torch.uint8)
+        )
         self.register_buffer(
             "task_bias", None if bias is None else bias.detach().new_zeros((0, bias.numel()))
         )
         # Codebook of each task's own weights: bit-width (0: float32, not quantized) and
-        # centroids; the codes are implied by the weights, which hold centroid values.
+        # centroids; the codes are implied by the frozen values, which are centroid values.
         self.register_buffer("task_bits", torch.zeros(0, dtype=torch.int16))
         self.register_buffer("task_centroids", torch.zeros(0, 0))
         self.register_buffer("slot_bank", torch.zeros(0, dtype=torch.int16))
-        self.register_buffer("bank_weights", torch.zeros((0, *weight.shape)))
-        self.register_buffer("bank_owners", torch.zeros((0, *weight.shape), dtype=torch.int16))
-        self.register_buffer("loaded_bank", torch.zeros((), dtype=torch.long))
-        self._banks: tuple[list[int], int] | None = None
-        self.register_buffer("_snapshot", None, persistent=False)
-        self.register_buffer("_frozen", None, persistent=False)
         self.active_slot = FREE
         self.live_keep = keep_count(weight.numel(), 0.5)
-        self._eval_mask_cache: tuple[int, int, Tensor] | None = None
+        self.eval_cache_size = EVAL_CACHE_SIZE
+        self._clear_caches()
+
+    def _clear_caches(self) -> None:
+        self._banks: tuple[list[int], int] | None = None
+        self._live_mask_cache: tuple[int, int, Tensor] | None = None
+        self._owned_cache: tuple[tuple, int, Tensor | None] | None = None
+        self._eval_cache: OrderedDict[int, tuple[tuple, Tensor]] = OrderedDict()
         self._threshold: Tensor | None = None
         self._threshold_age = 0
 
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
+        # .to(), .cuda(), .half()... replace every tensor: cached views would be stale.
+        out = super()._apply(fn, *args, **kwargs)
+        self._clear_caches()
+        return out
+
     # -- masks --------------------------------------------------------------------------
+    def task_mask(self, slot: int) -> Tensor:
+        """The boolean mask of the task in ``slot`` (shape of ``weight``).
+
+        :param slot: a task slot.
+        """
+        return unpack_mask(self.task_masks[slot], self.weight.shape)
+
+    def set_task_mask(self, slot: int, mask: Tensor) -> None:
+        """Store the boolean mask of the task in ``slot``.
+
+        :param slot: a task slot.
+        :param mask: a boolean tensor of the shape of ``weight``.
+        """
+        self.task_masks[slot] = pack_mask(mask)
+
     def set_live_sparsity(self, sparsity: float) -> None:
         """Set the sparsity of the live (training or untrained) mask.
 
@@ -119,11 +190,11 @@ class MaskedLayer(_PerTaskBuffers):
     def live_mask(self) -> Tensor:
         """Exact boolean mask the current scores select."""
         version = self.scores._version
-        cache = self._eval_mask_cache
+        cache = self._live_mask_cache
         stale = cache is None or cache[2].device != self.scores.device
         if stale or cache[0] != version or cache[1] != self.live_keep:
             cache = (version, self.live_keep, topk_mask(self.scores, self.live_keep))
-            self._eval_mask_cache = cache
+            self._live_mask_cache = cache
         return cache[2]
 
     def _live_threshold(self) -> Tensor:
@@ -136,22 +207,64 @@ class MaskedLayer(_PerTaskBuffers):
         self._threshold_age += 1
         return self._threshold
 
+    def _owned(self) -> tuple[Tensor, Tensor | None]:
+        """Frozen values of the loaded bank and where trained tasks own them (None: nowhere)."""
+        loaded = self._bank_table()[1]
+        cache = self._owned_cache
+        if cache is None or cache[1] != loaded or not _matches(cache[0], (self.bank_owners,)):
+            owned = self.owner != FREE
+            any_owned = owned if bool(owned.any()) else None
+            cache = (_fingerprint((self.bank_owners,)), loaded, any_owned)
+            self._owned_cache = cache
+        return self.bank_weights[loaded], cache[2]
+
     def effective_params(self) -> tuple[Tensor, Tensor | None]:
         """Weight and bias of the active task (``active_slot``) or of the live subnetwork."""
         slot = self.active_slot
         if slot != FREE:
             bias = None if self.task_bias is None else self.task_bias[slot]
-            return self.bank_weight(self.bank_of_slot(slot)) * self.task_masks[slot], bias
+            return self.frozen_weight(slot), bias
+        frozen, owned = self._owned()
         if self.training and torch.is_grad_enabled():
-            return ste_masked_weight(self.weight, self.scores, self._live_threshold()), self.bias
-        return self.weight * self.live_mask(), self.bias
+            threshold = self._live_threshold()
+            return live_weight(self.weight, self.scores, threshold, frozen, owned), self.bias
+        with torch.no_grad():
+            weight = self.weight.detach()
+            combined = weight if owned is None else torch.where(owned, frozen, weight)
+            return torch.where(self.live_mask(), combined, combined.new_zeros(())), self.bias
 
-    # -- task life cycle ----------------------------------------------------------------
+    @torch.no_grad()
+    def frozen_weight(self, slot: int) -> Tensor:
+        """Effective weight of the trained task in ``slot`` (its mask over its bank's values).
+
+        Kept in a small cache, keyed on the buffers it is made of, so that any change to them
+        (a later pruning or quantization step, a loaded state dict) is seen.
+
+        :param slot: a trained task's slot.
+        """
+        parts = (self.bank_weights, self.task_masks, self.slot_bank)
+        hit = self._eval_cache.get(slot)
+        if hit is not None and _matches(hit[0], parts):
+            self._eval_cache.move_to_end(slot)
+            return hit[1]
+        values = self.bank_weights[self.bank_of_slot(slot)]
+        weight = torch.where(self.task_mask(slot), values, values.new_zeros(()))
+        if self.eval_cache_size > 0:
+            self._eval_cache[slot] = (_fingerprint(parts), weight)
+            while len(self._eval_cache) > self.eval_cache_size:
+                self._eval_cache.popitem(last=False)
+        return weight
+
     # -- banks --------------------------------------------------------------------------
     @property
     def n_banks(self) -> int:
         """Number of banks (copies of this layer's weights)."""
-        return max(1, self.bank_weights.shape[0])
+        return self.bank_weights.shape[0]
+
+    @property
+    def owner(self) -> Tensor:
+        """Ownership map of the loaded bank (a view of ``bank_owners``)."""
+        return self.bank_owners[self._bank_table()[1]]
 
     def bank_of_slot(self, slot: int) -> int:
         """Bank of the task in ``slot``.
@@ -167,25 +280,35 @@ class MaskedLayer(_PerTaskBuffers):
         return self._banks
 
     def bank_weight(self, bank: int) -> Tensor:
-        """Weights of ``bank`` (the live ``weight`` for the loaded bank).
+        """Weights of ``bank``: frozen values where owned, free values elsewhere.
 
         :param bank: a bank index.
         """
-        return self.weight if bank == self._bank_table()[1] else self.bank_weights[bank]
+        if bank == self._bank_table()[1]:
+            return torch.where(self.owner != FREE, self.bank_weights[bank], self.weight.detach())
+        return self.bank_weights[bank]
 
     def bank_owner(self, bank: int) -> Tensor:
         """Ownership map of ``bank``.
 
         :param bank: a bank index.
         """
-        return self.owner if bank == self._bank_table()[1] else self.bank_owners[bank]
+        return self.bank_owners[bank]
 
     def slot_owner(self, slot: int) -> Tensor:
         """Ownership map of the bank of the task in ``slot``.
 
         :param slot: a task slot.
         """
-        return self.bank_owner(self.bank_of_slot(slot))
+        return self.bank_owners[self.bank_of_slot(slot)]
+
+    def free_fraction(self, bank: int | None = None) -> float:
+        """Fraction of the weights of ``bank`` (default: the loaded one) that no task owns.
+
+        :param bank: a bank index.
+        """
+        bank = self._bank_table()[1] if bank is None else bank
+        return float((self.bank_owners[bank] == FREE).float().mean())
 
     @torch.no_grad()
     def _load_bank(self, bank: int) -> None:
@@ -193,33 +316,37 @@ class MaskedLayer(_PerTaskBuffers):
         if bank == current:
             return
         n = self.n_banks
-        if bank > n:
+        if not 0 <= bank <= n:
             raise ValueError(f"bank must be an existing bank (0..{n - 1}) or {n} for a new one")
-        rows = max(n, bank + 1)
-        if self.bank_weights.shape[0] < rows:
-            extra = rows - self.bank_weights.shape[0]
-            self.bank_weights = torch.cat(
-                [self.bank_weights, self.weight.detach().new_zeros((extra, *self.weight.shape))]
-            )
-            self.bank_owners = torch.cat(
-                [self.bank_owners, self.owner.new_full((extra, *self.owner.shape), FREE)]
-            )
-        self.bank_weights[current] = self.weight.detach()
-        self.bank_owners[current] = self.owner
+        # Owned entries of the bank being unloaded are already in bank_weights; keep its free
+        # entries too (a later task of that bank starts from them).
+        free = self.bank_owners[current] == FREE
+        self.bank_weights[current] = torch.where(
+            free, self.weight.detach(), self.bank_weights[current]
+        )
         if bank == n:  # a fresh copy, initialised as the layer's own reset would
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-            self.owner.fill_(FREE)
-        else:
-            self.weight.copy_(self.bank_weights[bank])
-            self.owner.copy_(self.bank_owners[bank])
+            fresh = torch.empty_like(self.weight.detach())
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+            self.bank_weights = torch.cat([self.bank_weights, fresh.unsqueeze(0)])
+            self.bank_owners = torch.cat(
+                [self.bank_owners, torch.full_like(self.bank_owners[:1], FREE)]
+            )
+        self.weight.copy_(self.bank_weights[bank])
         self.loaded_bank.fill_(bank)
         self._banks = None
 
     def _loaded(self) -> None:
-        self._banks = None
+        self._clear_caches()
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):  # type: ignore[override]
+        if local_metadata.get("version", 1) < 2 and prefix + "owner" in state_dict:
+            _upgrade_v1(state_dict, prefix, self.weight.shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+    # -- task life cycle ----------------------------------------------------------------
+    @torch.no_grad()
     def begin_task(self, slot: int, bank: int = 0) -> None:
-        """Make room for ``slot``, load its bank and snapshot the weights earlier tasks own.
+        """Make room for ``slot`` and load its bank.
 
         :param slot: the slot of the task about to be trained.
         :param bank: its bank: an existing one, or ``n_banks`` to open a fresh copy.
@@ -227,34 +354,86 @@ class MaskedLayer(_PerTaskBuffers):
         self._grow(slot + 1)
         self._load_bank(bank)
         self.slot_bank[slot] = bank
-        self._banks = None
-        self._threshold = None
-        frozen = self.owner != FREE
-        if bool(frozen.any()):
-            self._frozen = frozen
-            self._snapshot = self.weight.detach().clone()
-        else:
-            self._frozen = self._snapshot = None
+        self._clear_caches()
+        self._sync_weight()
 
     @torch.no_grad()
-    def restore_frozen(self) -> None:
-        """Undo any optimizer change to weights owned by earlier tasks (momentum, decay...)."""
-        if self._frozen is not None:
-            self.weight.data.copy_(torch.where(self._frozen, self._snapshot, self.weight.data))
+    def _sync_weight(self) -> None:
+        # Only free entries of ``weight`` are read; keeping the owned ones equal to their
+        # frozen values keeps what users see in ``weight`` truthful.
+        frozen, owned = self._owned()
+        if owned is not None:
+            self.weight.copy_(torch.where(owned, frozen, self.weight.detach()))
+
+    @torch.no_grad()
+    def reset_live(self) -> None:
+        """Re-initialise what the live subnetwork trains: free weights, scores and bias.
+
+        Used when a task's training is abandoned or restarted; trained tasks are untouched.
+        """
+        fresh = torch.empty_like(self.weight.detach())
+        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+        self.weight.copy_(fresh)
+        nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        self._clear_caches()
+        self._sync_weight()
+
+    def check_finite(self) -> str | None:
+        """What is non-finite among the values the live task would freeze, or None.
+
+        :return: a description naming the tensor, or None if every value is finite.
+        """
+        frozen, owned = self._owned()
+        mask = self.live_mask() if bool(torch.isfinite(self.scores).all()) else None
+        if mask is None:
+            return "scores"
+        trained = mask if owned is None else mask & ~owned
+        if not bool(torch.isfinite(self.weight[trained]).all()):
+            return "weight"
+        if self.bias is not None and not bool(torch.isfinite(self.bias).all()):
+            return "bias"
+        return None
 
     @torch.no_grad()
     def end_task(self, slot: int) -> None:
         """Freeze the task in ``slot``: its mask from the final scores, ownership, bias.
 
+        Call :meth:`check_finite` first: the values frozen here are what the task keeps.
+
         :param slot: the slot of the task just trained.
         """
-        self.restore_frozen()
         mask = topk_mask(self.scores, self.live_keep)
-        self.task_masks[slot] = mask
-        self.owner[(self.owner == FREE) & mask] = slot
+        bank = self._bank_table()[1]
+        owners = self.bank_owners[bank]
+        new = (owners == FREE) & mask
+        self.bank_weights[bank] = torch.where(new, self.weight.detach(), self.bank_weights[bank])
+        owners[new] = slot
+        self.set_task_mask(slot, mask)
         if self.task_bias is not None and self.bias is not None:
             self.task_bias[slot] = self.bias.detach()
-        self._frozen = self._snapshot = None
+        self._clear_caches()
+        self._sync_weight()
+
+    @torch.no_grad()
+    def drop_slot(self, slot: int) -> None:
+        """Forget the slot of a task that was never frozen (it owns no weight).
+
+        A bank opened for that task alone is dropped too.
+
+        :param slot: the last slot.
+        """
+        bank = self.bank_of_slot(slot) if slot < len(self.slot_bank) else 0
+        self._shrink(slot)
+        self._banks = None
+        if bank > 0 and bank == self.n_banks - 1 and bank not in self._bank_table()[0]:
+            self._load_bank(bank - 1)
+            self.bank_weights = self.bank_weights[:bank].clone()
+            self.bank_owners = self.bank_owners[:bank].clone()
+        self._clear_caches()
 
     @torch.no_grad()
     def set_codebook(self, slot: int, centroids: Tensor, bits: int) -> None:
@@ -274,19 +453,63 @@ class MaskedLayer(_PerTaskBuffers):
         """
         return self.slot_owner(slot) == slot
 
+    def own_values(self, slot: int) -> Tensor:
+        """Frozen values of the weights the task in ``slot`` owns, in flat order.
+
+        :param slot: a trained task's slot.
+        """
+        return self.bank_weights[self.bank_of_slot(slot)][self.own_mask(slot)]
+
+    @torch.no_grad()
+    def set_own_values(self, slot: int, values: Tensor) -> None:
+        """Replace the frozen values of the weights the task in ``slot`` owns.
+
+        :param slot: a trained task's slot.
+        :param values: new values, in the order of :meth:`own_values`.
+        """
+        bank = self.bank_of_slot(slot)
+        own = self.own_mask(slot)
+        self.bank_weights[bank][own] = values.to(self.bank_weights)
+        if bank == self._bank_table()[1]:
+            self._sync_weight()
+
     def shared_mask(self, slot: int) -> Tensor:
         """Weights of earlier tasks that the task in ``slot`` reads.
 
         :param slot: a trained task's slot.
         """
-        return self.task_masks[slot] & (self.slot_owner(slot) != slot)
+        return self.task_mask(slot) & (self.slot_owner(slot) != slot)
 
 
-class TSNLinear(MaskedLayer):
-    """An ``nn.Linear`` whose weights are selected per task by a learned mask."""
+def _upgrade_v1(state_dict: dict, prefix: str, shape: torch.Size) -> None:
+    """Rewrite a version-1 state dict (``owner`` buffer, boolean masks) in place."""
+    weight, owner = state_dict[prefix + "weight"], state_dict.pop(prefix + "owner")
+    loaded = int(state_dict[prefix + "loaded_bank"])
+    banks, owners = state_dict[prefix + "bank_weights"], state_dict[prefix + "bank_owners"]
+    if banks.shape[0] == 0:
+        banks, owners = weight.detach().clone().unsqueeze(0), owner.unsqueeze(0)
+    else:
+        banks, owners = banks.clone(), owners.clone()
+        banks[loaded], owners[loaded] = weight.detach(), owner
+    state_dict[prefix + "bank_weights"] = banks
+    state_dict[prefix + "bank_owners"] = owners
+    masks = state_dict[prefix + "task_masks"]
+    state_dict[prefix + "task_masks"] = (
+        torch.stack([pack_mask(m) for m in masks])
+        if len(masks)
+        else torch.zeros((0, packed_size(shape.numel())), dtype=torch.uint8)
+    )
+
+
+class TSNLinear(MaskedLayer, nn.Linear):
+    """An ``nn.Linear`` whose weights are selected per task by a learned mask.
+
+    It is an ``nn.Linear`` (tools that look for one find it), built around the user's layer:
+    the very same ``weight`` and ``bias`` parameters.
+    """
 
     def __init__(self, layer: nn.Linear) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         self.in_features = layer.in_features
         self.out_features = layer.out_features
         self._init_masking(layer.weight, layer.bias)
@@ -299,34 +522,26 @@ class TSNLinear(MaskedLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-class TSNConv2d(MaskedLayer):
-    """An ``nn.Conv2d`` whose weights are selected per task by a learned mask."""
+class TSNConv2d(MaskedLayer, nn.Conv2d):
+    """An ``nn.Conv2d`` whose weights are selected per task by a learned mask.
+
+    It is an ``nn.Conv2d`` (tools that look for one find it), built around the user's layer:
+    the very same ``weight`` and ``bias`` parameters.
+    """
 
     def __init__(self, layer: nn.Conv2d) -> None:
-        super().__init__()
-        self.in_channels = layer.in_channels
-        self.out_channels = layer.out_channels
-        self.kernel_size = layer.kernel_size
-        self.stride = layer.stride
-        self.padding = layer.padding
-        self.dilation = layer.dilation
-        self.groups = layer.groups
-        self.padding_mode = layer.padding_mode
-        self._pad = layer._reversed_padding_repeated_twice
+        nn.Module.__init__(self)
+        for name in nn.Conv2d.__constants__:
+            setattr(self, name, getattr(layer, name))
+        self._reversed_padding_repeated_twice = layer._reversed_padding_repeated_twice
         self._init_masking(layer.weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.effective_params()
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._pad, mode=self.padding_mode)
-            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return self._conv_forward(x, weight, bias)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}"
-        )
+        return nn.Conv2d.extra_repr(self)
 
 
 class TaskBatchNorm(_PerTaskBuffers):
@@ -364,12 +579,36 @@ class TaskBatchNorm(_PerTaskBuffers):
         :param slot: the slot of the task about to be trained.
         """
         self._grow(slot + 1)
+        self.reset_live()
+
+    @torch.no_grad()
+    def reset_live(self) -> None:
+        """Fresh live statistics (and affine terms, reset as BatchNorm's own reset would)."""
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
         self.num_batches_tracked.zero_()
 
-    def restore_frozen(self) -> None:
-        """Nothing to restore: frozen tasks read their own copies."""
+    @torch.no_grad()
+    def reset_affine(self) -> None:
+        """Reset the live affine terms as BatchNorm's own reset would."""
+        if self.weight is not None and self.bias is not None:
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+
+    def check_finite(self) -> str | None:
+        """What is non-finite among the values the live task would freeze, or None."""
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            t = getattr(self, name)
+            if t is not None and not bool(torch.isfinite(t).all()):
+                return name
+        return None
+
+    def drop_slot(self, slot: int) -> None:
+        """Forget the slot of a task that was never frozen.
+
+        :param slot: the last slot.
+        """
+        self._shrink(slot)
 
     @torch.no_grad()
     def end_task(self, slot: int) -> None:

@@ -16,8 +16,11 @@ __all__ = [
     "keep_count",
     "topk_mask",
     "topk_threshold",
-    "ste_masked_weight",
+    "live_weight",
     "check_sparsity",
+    "pack_mask",
+    "unpack_mask",
+    "packed_size",
 ]
 
 
@@ -67,25 +70,81 @@ def topk_threshold(scores: Tensor, keep: int) -> Tensor:
     return torch.kthvalue(flat, flat.numel() - keep + 1).values
 
 
-class _MaskedWeightSTE(torch.autograd.Function):
+class _LiveWeight(torch.autograd.Function):
+    """Selection (never multiplication) of the live subnetwork's weights.
+
+    Frozen values come from ``frozen`` where ``owned`` holds; the optimizer's ``weight`` is
+    read only elsewhere, so nothing it does can reach a weight an earlier task owns, and a
+    non-finite value outside the mask never leaks (``0 * NaN`` is NaN; selection is not).
+    """
+
     @staticmethod
-    def forward(ctx, weight: Tensor, scores: Tensor, threshold: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, weight, scores, threshold, frozen, owned):  # type: ignore[override]
         mask = scores.abs() >= threshold
-        ctx.save_for_backward(weight, scores, mask)
-        return weight * mask
+        combined = weight if owned is None else torch.where(owned, frozen, weight)
+        ctx.save_for_backward(combined, scores, mask, owned)
+        return torch.where(mask, combined, combined.new_zeros(()))
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
-        weight, scores, mask = ctx.saved_tensors
+    def backward(ctx, grad):  # type: ignore[override]
+        combined, scores, mask, owned = ctx.saved_tensors
+        trainable = mask if owned is None else mask & ~owned
+        zero = grad.new_zeros(())
+        grad_weight = torch.where(trainable, grad, zero) if ctx.needs_input_grad[0] else None
         # Straight through the top-k (as WSN): d mask / d |score| = 1.
-        return grad * mask, grad * weight * scores.sign(), None
+        grad_scores = grad * combined * scores.sign() if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_scores, None, None, None
 
 
-def ste_masked_weight(weight: Tensor, scores: Tensor, threshold: Tensor) -> Tensor:
-    """``weight * (|scores| >= threshold)`` with a straight-through gradient to ``scores``.
+def live_weight(
+    weight: Tensor, scores: Tensor, threshold: Tensor, frozen: Tensor, owned: Tensor | None
+) -> Tensor:
+    """The live mask (``|scores| >= threshold``) applied to the weights by selection.
 
-    :param weight: the layer's weights.
+    Where ``owned`` holds the value comes from ``frozen`` and gets no gradient; elsewhere it
+    comes from ``weight``. The gradient reaches ``scores`` straight through the top-k.
+
+    :param weight: the optimizer's weights.
     :param scores: the layer's scores.
     :param threshold: the mask threshold, from :func:`topk_threshold`.
+    :param frozen: the frozen values of weights that earlier tasks own.
+    :param owned: where earlier tasks own the weight, or None if nowhere.
     """
-    return _MaskedWeightSTE.apply(weight, scores, threshold)
+    return _LiveWeight.apply(weight, scores, threshold, frozen, owned)
+
+
+def packed_size(numel: int) -> int:
+    """Bytes that :func:`pack_mask` needs for a mask of ``numel`` entries.
+
+    :param numel: number of entries.
+    """
+    return (numel + 7) // 8
+
+
+def _shifts(device: torch.device) -> Tensor:
+    return torch.arange(8, dtype=torch.uint8, device=device)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """Pack a boolean mask into bytes (1 bit per entry, little-endian bit order), flat.
+
+    :param mask: a boolean tensor.
+    """
+    flat = mask.flatten().to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) << _shifts(flat.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """Inverse of :func:`pack_mask`: the boolean mask of ``shape``.
+
+    :param packed: the packed bytes.
+    :param shape: the mask's shape.
+    """
+    n = 1
+    for d in shape:
+        n *= d
+    bits = (packed.view(-1, 1) >> _shifts(packed.device)) & 1
+    return bits.flatten()[:n].view(tuple(shape)).bool()

@@ -21,7 +21,9 @@ class CapacityMetric(PluginMetric[float]):
     """Capacity of the TSN model after each training experience.
 
     Emits ``Capacity/percent``, ``Capacity/total_bits``,
-    ``Capacity/backbone_{weights,codebooks,masks}_percent`` and ``Capacity/Task{t:03d}/bits``.
+    ``Capacity/backbone_{weights,codebooks,masks}_percent``, ``Capacity/Task{t:03d}/bits``,
+    and the free weights left for later tasks: ``Capacity/free_fraction_min`` (the smallest
+    over layers, in the newest bank) and ``Capacity/FreeFraction/<layer>``.
     """
 
     def __init__(self) -> None:
@@ -54,6 +56,9 @@ class CapacityMetric(PluginMetric[float]):
             values[f"Capacity/backbone_{part}_percent"] = value
         for task in report.tasks:
             values[f"Capacity/Task{task.task:03d}/bits"] = float(task.total_bits)
+        values["Capacity/free_fraction_min"] = report.min_free_fraction()
+        for layer, fractions in report.free_fractions.items():
+            values[f"Capacity/FreeFraction/{layer}"] = fractions[-1]
         return [MetricValue(self, name, value, x) for name, value in values.items()]
 
     def __str__(self) -> str:

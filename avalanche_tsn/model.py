@@ -15,29 +15,41 @@ import torch
 from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
 from torch import Tensor, nn
 
+from avalanche_tsn.heads import freeze_head, rebuild_heads
 from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm, TSNConv2d, TSNLinear
 from avalanche_tsn.masks import check_sparsity
 from avalanche_tsn.quantization import store_centroids
 
-__all__ = ["TSNModel", "wrap_model"]
+__all__ = ["TSNModel", "wrap_model", "LOW_FREE_FRACTION"]
 
 log = logging.getLogger(__name__)
 
 _SUPPORTED = "nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d and MultiHeadClassifier heads"
 
+#: A task that starts with less than this fraction of free weights in some layer of its bank
+#: gets a logged warning: it can train almost nothing of its own.
+LOW_FREE_FRACTION = 0.05
+
+# Attribute set on the user's module that points to its TSNModel (plain attribute, not a
+# submodule, so the user's state dict is unaffected).
+_OWNER_ATTR = "_tsn_model"
+
 
 def _convert(module: nn.Module) -> nn.Module:
+    if isinstance(module, MaskedLayer | TaskBatchNorm):
+        return module
     if isinstance(module, nn.Linear) and not isinstance(module, nn.LazyLinear):
         return TSNLinear(module)
     if isinstance(module, nn.Conv2d) and not isinstance(module, nn.LazyConv2d):
         return TSNConv2d(module)
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
         return TaskBatchNorm(module)
     return module
 
 
-def _wrap_children(module: nn.Module, path: str) -> None:
-    for name, child in list(module.named_children()):
+def _plan(module: nn.Module, path: str, plan: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Collect the layers to replace under ``module``; raise before anything changes."""
+    for name, child in module.named_children():
         where = f"{path}.{name}" if path else name
         if isinstance(child, MultiHeadClassifier):
             continue  # one head per task already: forget-free by construction
@@ -46,37 +58,62 @@ def _wrap_children(module: nn.Module, path: str) -> None:
                 f"{where} is an IncrementalClassifier, which grows one shared output layer; "
                 "TSN needs a fixed layer or a MultiHeadClassifier"
             )
-        new = _convert(child)
-        if new is not child:
-            setattr(module, name, new)
+        if isinstance(child, MaskedLayer | TaskBatchNorm):
+            continue
+        if _is_maskable(child):
+            plan.append((module, name, child))
             continue
         if any(True for _ in child.parameters(recurse=False)):
             raise TypeError(
                 f"{where} ({type(child).__name__}) has parameters that TSN cannot mask or keep "
                 f"per task; supported layers: {_SUPPORTED}"
             )
-        _wrap_children(child, where)
+        _plan(child, where, plan)
 
 
-def wrap_model(module: nn.Module) -> nn.Module:
-    """Replace the maskable layers of ``module`` in place and return it.
+def _is_maskable(module: nn.Module) -> bool:
+    if isinstance(module, nn.LazyLinear | nn.LazyConv2d):
+        return False
+    return isinstance(module, nn.Linear | nn.Conv2d | nn.BatchNorm1d | nn.BatchNorm2d)
 
-    The new layers reuse the original ``weight`` and ``bias`` parameters, so an optimizer
-    built on ``module.parameters()`` keeps optimising them.
 
-    :param module: the user's model.
-    """
-    root = _convert(module)
-    if root is not module:
-        return root
-    if isinstance(module, (IncrementalClassifier, MultiHeadClassifier)):
+def _check_model(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """The layers of ``module`` to replace; raises for an unsupported model, changing nothing."""
+    if isinstance(module, MaskedLayer | TaskBatchNorm) or _is_maskable(module):
+        return []
+    if isinstance(module, IncrementalClassifier | MultiHeadClassifier):
         raise ValueError(f"model has no maskable layer: {type(module).__name__} is only a head")
     if any(True for _ in module.parameters(recurse=False)):
         raise TypeError(
             f"model ({type(module).__name__}) has parameters of its own that TSN cannot mask; "
             f"supported layers: {_SUPPORTED}"
         )
-    _wrap_children(module, "")
+    plan: list[tuple[nn.Module, str, nn.Module]] = []
+    _plan(module, "", plan)
+    masked = [m for m in module.modules() if isinstance(m, MaskedLayer)]
+    if not masked and not any(isinstance(c, nn.Linear | nn.Conv2d) for _, _, c in plan):
+        raise ValueError(
+            f"model ({type(module).__name__}) has no maskable layer; TSN masks "
+            "nn.Linear and nn.Conv2d layers"
+        )
+    return plan
+
+
+def wrap_model(module: nn.Module) -> nn.Module:
+    """Replace the maskable layers of ``module`` in place and return it.
+
+    The whole model is checked first: an unsupported layer raises a ``TypeError`` and leaves
+    ``module`` untouched. The new layers reuse the original ``weight`` and ``bias``
+    parameters, so an optimizer built on ``module.parameters()`` keeps optimising them.
+    Layers that are already converted are kept as they are.
+
+    :param module: the user's model.
+    """
+    plan = _check_model(module)
+    if _is_maskable(module):
+        return _convert(module)
+    for parent, name, child in plan:
+        setattr(parent, name, _convert(child))
     return module
 
 
@@ -95,21 +132,29 @@ class TSNModel(MultiTaskModule):
     the current biases and normalisation statistics.
 
     Task labels are mapped to slots in training order; ``task_labels_by_slot`` and
-    ``slot_frozen`` are buffers, so ``state_dict`` holds everything.
+    ``slot_frozen`` are buffers, so ``state_dict`` holds everything. Slots ``0..k-1`` hold the
+    trained tasks; slot ``k``, if any, the task being trained (or whose training was
+    interrupted: train it again, or :meth:`abandon_task`).
+
+    :param module: the user's model (converted in place) or one already converted.
+    :param sparsity: sparsity of the live subnetwork until a task sets its own.
     """
 
     def __init__(self, module: nn.Module, sparsity: float = 0.5) -> None:
         super().__init__()
         sparsity = check_sparsity(sparsity)
+        if isinstance(module, TSNModel):
+            raise TypeError("module is already a TSNModel; use it directly")
+        owner = getattr(module, _OWNER_ATTR, None)
+        if owner is not None:
+            raise ValueError(
+                f"{type(module).__name__} is already wrapped by a TSNModel, which holds its "
+                "trained tasks; use TSNModel.of(module) (TSNStrategy does) to continue with it"
+            )
         self.net = wrap_model(module)
         self._layers: list[MaskedLayer] = [
             m for m in self.net.modules() if isinstance(m, MaskedLayer)
         ]
-        if not self._layers:
-            raise ValueError(
-                f"model ({type(module).__name__}) has no maskable layer; TSN masks "
-                "nn.Linear and nn.Conv2d layers"
-            )
         self._norms: list[TaskBatchNorm] = [
             m for m in self.net.modules() if isinstance(m, TaskBatchNorm)
         ]
@@ -124,9 +169,24 @@ class TSNModel(MultiTaskModule):
         # Task memory (task similarity): up to M input samples per slot, zero-padded.
         self.register_buffer("memory_x", torch.zeros(0))
         self.register_buffer("memory_len", torch.zeros(0, dtype=torch.long))
-        self._head_snapshot: list[tuple[nn.Parameter, Tensor]] = []
         self._slot_cache: tuple[dict[int, int], frozenset[int]] | None = None
         self.live_sparsity = sparsity
+        for target in {id(module): module, id(self.net): self.net}.values():
+            object.__setattr__(target, _OWNER_ATTR, self)
+
+    @classmethod
+    def of(cls, module: nn.Module, sparsity: float = 0.5) -> TSNModel:
+        """The TSNModel of ``module``: itself, the one that already wraps it, or a new one.
+
+        :param module: a TSNModel, a module a TSNModel wraps, or a user's module.
+        :param sparsity: sparsity of the live subnetwork of a new TSNModel.
+        """
+        if isinstance(module, TSNModel):
+            return module
+        owner = getattr(module, _OWNER_ATTR, None)
+        if isinstance(owner, TSNModel):
+            return owner
+        return cls(module, sparsity)
 
     # -- bookkeeping --------------------------------------------------------------------
     @property
@@ -168,6 +228,11 @@ class TSNModel(MultiTaskModule):
         """Task labels whose subnetworks are frozen, in training order."""
         slots, frozen = self._slot_table()
         return [t for t, s in sorted(slots.items(), key=lambda kv: kv[1]) if s in frozen]
+
+    def open_task(self) -> int | None:
+        """Label of the task being trained (or whose training was interrupted), or None."""
+        slots, frozen = self._slot_table()
+        return next((t for t, s in slots.items() if s not in frozen), None)
 
     def is_trained(self, task_label: int) -> bool:
         """Whether ``task_label`` has a frozen subnetwork.
@@ -250,17 +315,36 @@ class TSNModel(MultiTaskModule):
             raise ValueError(f"task {task_label} has no bank: it never started training")
         return self._layers[0].bank_of_slot(slot)
 
+    def free_fractions(self, bank: int | None = None) -> dict[str, float]:
+        """Fraction of each maskable layer's weights that no task owns, in ``bank``.
+
+        :param bank: a bank index (default: the loaded one, where the next task trains).
+        """
+        return {name: layer.free_fraction(bank) for name, layer in self.masked_layers()}
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         for name in self._SLOT_BUFFERS:
             if prefix + name in state_dict:
                 setattr(self, name, getattr(self, name).new_zeros(state_dict[prefix + name].shape))
+        labels = state_dict.get(prefix + "task_labels_by_slot")
+        frozen = state_dict.get(prefix + "slot_frozen")
+        if labels is not None and frozen is not None and len(labels) == len(frozen):
+            trained = {str(int(t)) for t, f in zip(labels, frozen, strict=True) if bool(f)}
+            for name, heads in self.net.named_modules():
+                if isinstance(heads, MultiHeadClassifier):
+                    head_prefix = f"{prefix}net.{name}." if name else f"{prefix}net."
+                    rebuild_heads(heads, head_prefix, state_dict, trained)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._slot_cache = None
+        self.known_train_tasks_labels = set(self.trained_tasks())
 
     # -- task life cycle ----------------------------------------------------------------
     @torch.no_grad()
     def begin_task(self, task_label: int, sparsity: float, bank: int = 0) -> int:
-        """Open (or reopen, if its training was interrupted) the slot of ``task_label``.
+        """Open the slot of ``task_label``; restart it if its training was interrupted.
+
+        A restarted task starts afresh (see :meth:`reset_live`); a different task whose
+        training was interrupted is abandoned first (see :meth:`abandon_task`).
 
         :param task_label: the label of the task about to be trained.
         :param sparsity: fraction of each maskable layer its mask leaves out.
@@ -270,12 +354,22 @@ class TSNModel(MultiTaskModule):
         """
         if self.is_trained(task_label):
             raise ValueError(f"task {task_label} is already trained; its subnetwork is frozen")
+        check_sparsity(sparsity)
         if isinstance(bank, bool) or not isinstance(bank, int) or not 0 <= bank <= self.n_banks:
             raise ValueError(
                 f"bank must be an existing bank (0..{self.n_banks - 1}) or {self.n_banks} to "
                 f"open a new one, got {bank!r}"
             )
+        interrupted = self.open_task()
+        if interrupted is not None and interrupted != int(task_label):
+            log.warning(
+                "task %d was never finished; abandoning it to train task %d",
+                interrupted,
+                task_label,
+            )
+            self.abandon_task()
         slot = self.slot_of(task_label)
+        restart = slot is not None
         if slot is None:
             slot = len(self.task_labels_by_slot)
             dev = self.task_labels_by_slot.device
@@ -296,15 +390,74 @@ class TSNModel(MultiTaskModule):
                 ]
             )
             self._slot_cache = None
+        self.slot_sparsity[slot] = float(sparsity)
         self.live_sparsity = sparsity
         for layer in self._layers:
             layer.begin_task(slot, bank)
         for norm in self._norms:
             norm.begin_task(slot)
-        self._head_snapshot = [
-            (p, p.detach().clone()) for p in self._frozen_head_parameters(exclude=task_label)
-        ]
+        if restart:
+            self.reset_live(task_label)
+        low = {n: f for n, f in self.free_fractions().items() if f < LOW_FREE_FRACTION}
+        if low:
+            log.warning(
+                "task %d starts with few free weights in bank %d (%s): it can train almost "
+                "nothing of its own. Lower the sparsity, prune more, use a bigger backbone or "
+                "let new banks open (new_bank_below, task_matching).",
+                task_label,
+                bank,
+                ", ".join(f"{n}: {100 * f:.1f}% free" for n, f in low.items()),
+            )
         return slot
+
+    @torch.no_grad()
+    def reset_live(self, task_label: int | None = None) -> None:
+        """Re-initialise what the live subnetwork trains, leaving trained tasks untouched.
+
+        Free weights, scores and live biases of every maskable layer, live normalisation
+        statistics and affine terms, and the heads of ``task_label`` (if it is not trained).
+
+        :param task_label: the task whose heads are reset too.
+        """
+        for layer in self._layers:
+            layer.reset_live()
+        for norm in self._norms:
+            norm.reset_live()
+            norm.reset_affine()
+        if task_label is not None and not self.is_trained(task_label):
+            for head in self.head_modules(task_label):
+                for m in head.modules():
+                    if isinstance(m, nn.Linear):
+                        m.reset_parameters()
+
+    @torch.no_grad()
+    def abandon_task(self) -> int | None:
+        """Forget the task whose training was interrupted, as if it had never started.
+
+        Its slot is dropped and the live subnetwork re-initialised; trained tasks are
+        untouched. Export and the capacity report work with or without this call.
+
+        :return: the abandoned task's label, or None if no task was open.
+        """
+        label = self.open_task()
+        if label is None:
+            return None
+        slot = self.slot_of(label)
+        self.reset_live(label)
+        for layer in self._layers:
+            layer.drop_slot(slot)
+        for norm in self._norms:
+            norm.drop_slot(slot)
+        for name in self._SLOT_BUFFERS:
+            buf = getattr(self, name)
+            if name == "memory_x" and buf.dim() < 2:
+                continue  # no memory kept yet
+            if buf.shape[0] > slot:
+                setattr(self, name, buf[:slot].clone())
+        self._slot_cache = None
+        self.known_train_tasks_labels.discard(label)
+        log.info("task %d abandoned", label)
+        return label
 
     def head_modules(self, task_label: int) -> list[nn.Module]:
         """The heads of ``task_label`` in every ``MultiHeadClassifier`` (may be empty).
@@ -314,7 +467,7 @@ class TSNModel(MultiTaskModule):
         key = str(int(task_label))
         return [h.classifiers[key] for h in self._heads if key in h.classifiers]
 
-    def head_weights(self, task_label: int) -> list[nn.Parameter]:
+    def head_weights(self, task_label: int) -> list[Tensor]:
         """The weight matrices of ``task_label``'s heads (quantized with the task).
 
         :param task_label: a task label.
@@ -337,23 +490,31 @@ class TSNModel(MultiTaskModule):
         self.head_centroids = store_centroids(self.head_centroids, slot, centroids)
         self.head_bits[slot] = bits
 
-    def _frozen_head_parameters(self, exclude: int) -> Iterator[nn.Parameter]:
-        for label in self.trained_tasks():
-            if label != exclude:
-                for head in self.head_modules(label):
-                    yield from head.parameters()
+    def check_finite(self, task_label: int) -> str | None:
+        """The first non-finite value the task in training would freeze, or None.
 
-    @torch.no_grad()
-    def restore_frozen(self) -> None:
-        """Undo any optimizer change to what trained tasks own (weights and heads)."""
-        for layer in self._layers:
-            layer.restore_frozen()
-        for param, saved in self._head_snapshot:
-            param.copy_(saved)
+        :param task_label: the task being trained.
+        :return: where it is (layer and tensor), or None if every value is finite.
+        """
+        for name, layer in self.masked_layers():
+            bad = layer.check_finite()
+            if bad:
+                return f"{name}.{bad}"
+        for name, norm in self.net.named_modules():
+            if isinstance(norm, TaskBatchNorm) and (bad := norm.check_finite()):
+                return f"{name}.{bad}"
+        for head in self.head_modules(task_label):
+            for name, t in head.state_dict().items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    return f"head {task_label}: {name}"
+        return None
 
     @torch.no_grad()
     def end_task(self, task_label: int) -> int:
         """Freeze ``task_label``'s subnetwork from the final scores.
+
+        Every value to be frozen is checked first: a non-finite one raises
+        ``FloatingPointError`` and nothing changes (train the task again, or abandon it).
 
         :param task_label: the label of the task just trained.
         :return: the task's slot.
@@ -361,14 +522,24 @@ class TSNModel(MultiTaskModule):
         slot = self.slot_of(task_label)
         if slot is None or bool(self.slot_frozen[slot]):
             raise RuntimeError(f"task {task_label} is not being trained")
-        self.restore_frozen()
+        bad = self.check_finite(task_label)
+        if bad is not None:
+            raise FloatingPointError(
+                f"task {task_label}: {bad} holds non-finite values at the end of training, so "
+                "the task cannot be frozen; trained tasks are unchanged. Train this "
+                "experience again (e.g. with a lower learning rate) or abandon the task."
+            )
         for layer in self._layers:
             layer.end_task(slot)
         for norm in self._norms:
             norm.end_task(slot)
+        key = str(int(task_label))
+        for heads in self._heads:
+            if key in heads.classifiers:
+                freeze_head(heads, key)
         self.slot_frozen[slot] = True
         self._slot_cache = None
-        self._head_snapshot = []
+        self.known_train_tasks_labels.add(int(task_label))
         log.debug("task %s frozen in slot %d", task_label, slot)
         return slot
 

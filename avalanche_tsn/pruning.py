@@ -39,13 +39,21 @@ def task_sparsity(model: TSNModel, slot: int) -> float:
     :param model: the TSN model.
     :param slot: a trained task's slot.
     """
-    kept = sum(int(layer.task_masks[slot].sum()) for _, layer in model.masked_layers())
+    kept = sum(int(layer.task_mask(slot).sum()) for _, layer in model.masked_layers())
     total = sum(layer.weight.numel() for _, layer in model.masked_layers())
     return 1.0 - kept / total
 
 
 def _own_count(model: TSNModel, slot: int) -> int:
-    return sum(int((layer.owner == slot).sum()) for _, layer in model.masked_layers())
+    return sum(int(layer.own_mask(slot).sum()) for _, layer in model.masked_layers())
+
+
+def _set_slot(layer, slot: int, idx: torch.Tensor, owned: bool) -> None:
+    owners = layer.slot_owner(slot)
+    mask = layer.task_mask(slot).flatten()
+    mask[idx] = owned
+    layer.set_task_mask(slot, mask.view(owners.shape))
+    owners.view(-1)[idx] = slot if owned else FREE
 
 
 @torch.no_grad()
@@ -60,6 +68,11 @@ def greedy_prune(
 ) -> PruneRecord:
     """Prune ``task_label``'s own weights greedily, layer by layer.
 
+    Only the task's own weights are candidates (selected by index, so no value of another
+    task can be picked); non-finite own weights raise ``ValueError`` before anything changes.
+    If anything raises midway (``evaluate`` included), the task's mask and ownership are put
+    back as they were.
+
     :param model: the TSN model; the task must be trained (frozen).
     :param task_label: the task to prune.
     :param evaluate: validation accuracy of the model as it is.
@@ -70,24 +83,37 @@ def greedy_prune(
     slot = model.slot_of(task_label)
     if slot is None or not model.is_trained(task_label):
         raise ValueError(f"task {task_label} is not trained; prune it after training")
+    layers = [layer for _, layer in model.masked_layers()]
+    for name, layer in model.masked_layers():
+        if not bool(torch.isfinite(layer.own_values(slot)).all()):
+            raise ValueError(f"task {task_label} owns non-finite weights in {name}; not pruned")
+    saved = [(layer.task_masks[slot].clone(), layer.slot_owner(slot).clone()) for layer in layers]
+    try:
+        return _prune(model, task_label, slot, evaluate, iterations, step, max_drop)
+    except BaseException:
+        for layer, (mask, owners) in zip(layers, saved, strict=True):
+            layer.task_masks[slot] = mask
+            layer.slot_owner(slot).copy_(owners)
+        raise
+
+
+def _prune(model, task_label, slot, evaluate, iterations, step, max_drop) -> PruneRecord:
     sparsity_before, own_before = task_sparsity(model, slot), _own_count(model, slot)
     baseline = evaluate()
     accuracy = baseline
     for _ in range(iterations):
         kept_any = False
         for _, layer in model.masked_layers():
-            own = layer.owner == slot
-            n_drop = int(int(own.sum()) * step)
+            own_idx = layer.own_mask(slot).flatten().nonzero().squeeze(1)
+            n_drop = int(len(own_idx) * step)
             if n_drop == 0:
                 continue
-            magnitude = layer.weight.detach().abs().masked_fill(~own, float("inf")).flatten()
-            idx = torch.topk(magnitude, n_drop, largest=False).indices
-            layer.task_masks[slot].view(-1)[idx] = False
-            layer.owner.view(-1)[idx] = FREE
+            magnitude = layer.own_values(slot).abs()
+            idx = own_idx[torch.topk(magnitude, n_drop, largest=False).indices]
+            _set_slot(layer, slot, idx, owned=False)
             acc = evaluate()
             if baseline - acc > max_drop:
-                layer.task_masks[slot].view(-1)[idx] = True
-                layer.owner.view(-1)[idx] = slot
+                _set_slot(layer, slot, idx, owned=True)
             else:
                 kept_any, accuracy = True, acc
         if not kept_any:

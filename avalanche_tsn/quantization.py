@@ -99,6 +99,8 @@ def kmeans_1d(values: Tensor, bits: int, max_iter: int = 1000) -> Codebook:
     check_bits(bits, "bits")
     k = 2**bits
     flat = values.detach().flatten().float()
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("kmeans_1d needs finite values; got NaN or infinity")
     n = flat.numel()
     if n == 0:
         return Codebook(
@@ -144,7 +146,8 @@ def adaptive_bits(
 ) -> int:
     """Smallest bit-width in ``min_bits..max_bits`` whose accuracy drop is within ``max_drop``.
 
-    Leaves the model quantized at the chosen width (``max_bits`` if none is within it).
+    Leaves the model quantized at the chosen width (``max_bits`` if none is within it). If
+    anything raises midway, ``restore`` runs before the exception propagates.
 
     :param quantize: quantizes the model at a bit-width.
     :param restore: undoes ``quantize``.
@@ -154,11 +157,15 @@ def adaptive_bits(
     :param max_bits: last bit-width tried.
     :param max_drop: largest accepted accuracy drop (a fraction, e.g. 0.01).
     """
-    for bits in range(min_bits, max_bits + 1):
-        quantize(bits)
-        if baseline - evaluate() <= max_drop or bits == max_bits:
-            return bits
+    try:
+        for bits in range(min_bits, max_bits + 1):
+            quantize(bits)
+            if baseline - evaluate() <= max_drop or bits == max_bits:
+                return bits
+            restore()
+    except BaseException:
         restore()
+        raise
     raise AssertionError("unreachable")  # the loop always returns at max_bits
 
 
@@ -172,9 +179,8 @@ def quantize_task(model, slot: int, bits: int) -> dict[str, Codebook]:
     """
     books = {}
     for name, layer in model.masked_layers():
-        own = layer.owner == slot
-        book = kmeans_1d(layer.weight[own], bits)
-        layer.weight[own] = book.centroids[book.codes]
+        book = kmeans_1d(layer.own_values(slot), bits)
+        layer.set_own_values(slot, book.centroids[book.codes])
         layer.set_codebook(slot, book.centroids, bits)
         books[name] = book
     return books

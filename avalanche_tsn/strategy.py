@@ -91,6 +91,8 @@ class TSNStrategy(SupervisedTemplate):
     :param kl_threshold: largest divergence at which a task shares its closest task's bank, a
         float >= 0 (see :mod:`avalanche_tsn.similarity`).
     :param memory_size: samples kept per task for task matching, at least 1.
+    :param new_bank_below: open a fresh backbone copy (a bank) for a task whose bank has less
+        than this fraction of free weights in some layer, in (0, 1); None never does.
     :param base_kwargs: passed on to :class:`SupervisedTemplate`.
     """
 
@@ -121,16 +123,24 @@ class TSNStrategy(SupervisedTemplate):
         task_matching: bool = False,
         kl_threshold: float = DEFAULT_KL_THRESHOLD,
         memory_size: int = 100,
+        new_bank_below: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+        if plugins is not None and not isinstance(plugins, list | tuple):
+            raise TypeError(
+                "plugins must be a list (or tuple) of Avalanche plugins, got "
+                f"{type(plugins).__name__}"
+            )
         user_plugins = list(plugins) if plugins is not None else []
         for p in user_plugins:
             if not isinstance(p, BasePlugin):
-                raise TypeError(f"plugins must be Avalanche plugins, got {type(p).__name__}")
+                raise TypeError(
+                    f"plugins must hold Avalanche plugins only, got a {type(p).__name__}"
+                )
         if not isinstance(task_matching, bool):
             raise TypeError(f"task_matching must be a bool, got {type(task_matching).__name__}")
         check_threshold(kl_threshold)
@@ -138,12 +148,17 @@ class TSNStrategy(SupervisedTemplate):
             (
                 TaskSimilarityPlugin,
                 task_matching,
-                lambda: TaskSimilarityPlugin(memory_size, kl_threshold),
+                # memory_size=0 is a valid way to say "no memory" while matching is off.
+                lambda: TaskSimilarityPlugin(
+                    1 if memory_size == 0 and not task_matching else memory_size, kl_threshold
+                ),
             ),
             (
                 MaskLearningPlugin,
                 True,
-                lambda: MaskLearningPlugin(0.5 if sparsity is None else sparsity),
+                lambda: MaskLearningPlugin(
+                    0.5 if sparsity is None else sparsity, new_bank_below=new_bank_below
+                ),
             ),
             (
                 ValidationSplitPlugin,
@@ -173,13 +188,17 @@ class TSNStrategy(SupervisedTemplate):
             enabled = enabled or (bool(given) and cls is TaskSimilarityPlugin)
             if given and not enabled:
                 raise ValueError(f"plugins holds a {cls.__name__} but its stage is switched off")
-            if given and cls is MaskLearningPlugin and sparsity is not None:
+            if (
+                given
+                and cls is MaskLearningPlugin
+                and (sparsity is not None or new_bank_below is not None)
+            ):
                 raise ValueError(
-                    "sparsity is set both on TSNStrategy and on the MaskLearningPlugin in "
-                    "plugins; set it in one place"
+                    "sparsity or new_bank_below is set both on TSNStrategy and on the "
+                    "MaskLearningPlugin in plugins; set it in one place"
                 )
-            # Build every default even when a plugin is given, so bad arguments always raise.
-            built = build() if enabled else None
+            # Build every stage even when it is off or given, so bad arguments always raise.
+            built = build()
             if enabled:
                 tsn_plugins.append(given[0] if given else built)
         # TSN stages run in algorithm order, after the user's plugins.
@@ -189,7 +208,8 @@ class TSNStrategy(SupervisedTemplate):
         )
         mask_plugin = self.mask_plugin
 
-        tsn = model if isinstance(model, TSNModel) else TSNModel(model, mask_plugin.sparsity_for(0))
+        # A model TSN already wraps (a strategy rebuilt around it) continues where it is.
+        tsn = TSNModel.of(model, mask_plugin.sparsity_for(0))
         super().__init__(
             model=tsn,
             optimizer=optimizer,
@@ -220,6 +240,19 @@ class TSNStrategy(SupervisedTemplate):
         :return: bytes written.
         """
         return export_model(self.tsn_model, path)
+
+    def abandon_task(self) -> int | None:
+        """Forget the task whose training was interrupted (an exception, a non-finite loss).
+
+        Trained tasks are untouched either way; the alternative is to train the same
+        experience again, which restarts the task. Clears the optimizer's state.
+
+        :return: the abandoned task's label, or None if no task was open.
+        """
+        label = self.tsn_model.abandon_task()
+        if label is not None:
+            self.optimizer.state.clear()
+        return label
 
     def check_experiences(self, experiences: Iterable[CLExperience]) -> list[int]:
         """Check that ``experiences`` can be trained, before any work is done.

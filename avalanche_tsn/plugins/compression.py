@@ -160,16 +160,28 @@ class QuantizationPlugin(SupervisedPlugin):
         model = tsn_model(strategy)
         slot = model.slot_of(label)
         layers = [layer for _, layer in model.masked_layers()]
+        own = [layer.own_values(slot).clone() for layer in layers]
+
+        def restore_backbone() -> None:
+            for layer, values in zip(layers, own, strict=True):
+                layer.set_own_values(slot, values)
+                layer.set_codebook(slot, values.new_zeros(0), 0)
+
         self.bits[label] = self._search(
-            strategy,
-            label,
-            [layer.weight for layer in layers],
-            lambda b: quantize_task(model, slot, b),
+            strategy, label, restore_backbone, lambda b: quantize_task(model, slot, b)
         )
         heads = model.head_weights(label) if self.heads else []
         if heads:
+            saved = [w.detach().clone() for w in heads]
+
+            def restore_heads() -> None:
+                with torch.no_grad():
+                    for w, values in zip(heads, saved, strict=True):
+                        w.copy_(values)
+                model.set_head_codebook(slot, saved[0].new_zeros(0), 0)
+
             self.head_bits[label] = self._search(
-                strategy, label, heads, lambda b: quantize_head(model, label, b)
+                strategy, label, restore_heads, lambda b: quantize_head(model, label, b)
             )
         log.info(
             "task %d quantized: backbone %d bits, heads %s bits",
@@ -178,14 +190,7 @@ class QuantizationPlugin(SupervisedPlugin):
             self.head_bits.get(label, "float32"),
         )
 
-    def _search(self, strategy, label: int, params: list, quantize) -> int:
-        saved = [p.detach().clone() for p in params]
-
-        def restore() -> None:
-            with torch.no_grad():
-                for p, w in zip(params, saved, strict=True):
-                    p.copy_(w)
-
+    def _search(self, strategy, label: int, restore, quantize) -> int:
         return adaptive_bits(
             quantize,
             restore,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from avalanche.training.plugins import SupervisedPlugin
 
 from avalanche_tsn.masks import check_sparsity
@@ -35,10 +36,21 @@ class MaskLearningPlugin(SupervisedPlugin):
 
     :param sparsity: fraction of each maskable layer a task's mask leaves out, in [0, 1);
         a float for every task or one value per task, in training order.
+    :param new_bank_below: open a fresh bank for a task whose bank has less than this
+        fraction of free weights in some layer, in (0, 1); None never does.
     """
 
-    def __init__(self, sparsity: float | Sequence[float] = 0.5) -> None:
+    def __init__(
+        self, sparsity: float | Sequence[float] = 0.5, new_bank_below: float | None = None
+    ) -> None:
         super().__init__()
+        if new_bank_below is not None and (
+            isinstance(new_bank_below, bool)
+            or not isinstance(new_bank_below, int | float)
+            or not 0.0 < new_bank_below < 1.0
+        ):
+            raise ValueError(f"new_bank_below must be None or in (0, 1), got {new_bank_below!r}")
+        self.new_bank_below = new_bank_below
         if isinstance(sparsity, Sequence) and not isinstance(sparsity, str):
             if len(sparsity) == 0:
                 raise ValueError("sparsity must be a float or a non-empty sequence of floats")
@@ -65,12 +77,32 @@ class MaskLearningPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy, **kwargs) -> None:
         model = tsn_model(strategy)
         label = strategy.experience.task_label
+        restart = model.open_task() == label
         index = len(model.trained_tasks())
-        # The task-similarity stage, when present, picks the bank just before this one.
-        model.begin_task(label, self.sparsity_for(index), getattr(strategy, "tsn_bank", 0))
+        # The task-similarity stage, when present, picks the bank just before this one;
+        # otherwise tasks train in the newest bank.
+        bank = getattr(strategy, "tsn_bank", None)
+        bank = model.n_banks - 1 if bank is None else bank
+        if self.new_bank_below is not None and bank < model.n_banks:
+            if min(model.free_fractions(bank).values()) < self.new_bank_below:
+                bank = model.n_banks
+        model.begin_task(label, self.sparsity_for(index), bank)
+        if restart:
+            # The interrupted run may have left non-finite momentum or Adam moments.
+            strategy.optimizer.state.clear()
 
-    def after_update(self, strategy, **kwargs) -> None:
-        tsn_model(strategy).restore_frozen()
+    def before_backward(self, strategy, **kwargs) -> None:
+        loss = strategy.loss
+        if not bool(torch.isfinite(loss).all()):
+            clock = strategy.clock
+            raise FloatingPointError(
+                f"task {strategy.experience.task_label}: the training loss is "
+                f"{float(loss.detach().float().sum())} at iteration "
+                f"{clock.train_epoch_iterations} of epoch {clock.train_exp_epochs} "
+                f"(experience {strategy.experience.current_experience}); trained tasks are "
+                "unchanged. Check the data and the learning rate, then train this experience "
+                "again (the task restarts) or call strategy.abandon_task()."
+            )
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         tsn_model(strategy).end_task(strategy.experience.task_label)
