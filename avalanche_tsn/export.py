@@ -316,8 +316,10 @@ def load_compressed(path: str | PathLike | BinaryIO, model: nn.Module) -> TSNMod
     try:
         _check_architecture(header["architecture"], net)
         decoded = _decode(header, r, net)
-    except ValueError:
-        raise
+    except ValueError as err:
+        if str(err).startswith(("corrupt export file", "model does not match")):
+            raise
+        raise ValueError(f"corrupt export file: {err}") from err
     except (KeyError, IndexError, TypeError, AttributeError, struct.error, RuntimeError) as err:
         # The checksum matched, so the file was written this way: a structural defect.
         raise ValueError(f"corrupt export file: inconsistent content ({err!r})") from err

@@ -68,8 +68,9 @@ def greedy_prune(
 ) -> PruneRecord:
     """Prune ``task_label``'s own weights greedily, layer by layer.
 
-    Only the task's own weights are candidates (selected by index, so no value of another
-    task can be picked); non-finite own weights raise ``ValueError`` before anything changes.
+    Only the task's own weights that no later task reads are candidates (selected by index,
+    so no value of another task can be picked); non-finite own weights raise ``ValueError``
+    before anything changes.
     If anything raises midway (``evaluate`` included), the task's mask and ownership are put
     back as they were.
 
@@ -99,16 +100,23 @@ def greedy_prune(
 
 def _prune(model, task_label, slot, evaluate, iterations, step, max_drop) -> PruneRecord:
     sparsity_before, own_before = task_sparsity(model, slot), _own_count(model, slot)
+    later = [s for s in range(slot + 1, len(model.task_labels_by_slot))]
     baseline = evaluate()
     accuracy = baseline
     for _ in range(iterations):
         kept_any = False
         for _, layer in model.masked_layers():
-            own_idx = layer.own_mask(slot).flatten().nonzero().squeeze(1)
+            candidates = layer.own_mask(slot)
+            for s in later:
+                if layer.bank_of_slot(s) == layer.bank_of_slot(slot):
+                    # a weight a later task reads must stay frozen, so it stays owned
+                    candidates &= ~layer.task_mask(s)
+            own_idx = candidates.flatten().nonzero().squeeze(1)
             n_drop = int(len(own_idx) * step)
             if n_drop == 0:
                 continue
-            magnitude = layer.own_values(slot).abs()
+            values = layer.bank_weights[layer.bank_of_slot(slot)].flatten()
+            magnitude = values[own_idx].abs()
             idx = own_idx[torch.topk(magnitude, n_drop, largest=False).indices]
             _set_slot(layer, slot, idx, owned=False)
             acc = evaluate()

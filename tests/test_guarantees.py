@@ -1,0 +1,594 @@
+"""Nothing that happens after a task is learned may change or lose it (issue 9).
+
+Each test drives one path off the happy path (a diverging later task, an exception inside
+training, a rejected model, a reload, an exhausted backbone, bad arguments) and asserts that
+every trained task's outputs stay ``torch.equal`` to what they were right after it was learned.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import struct
+import zlib
+
+import pytest
+import torch
+from avalanche.models import MTSimpleMLP
+from avalanche.training.plugins import SupervisedPlugin
+from conftest import blob_stream, mlp, quiet_evaluator
+from torch import nn
+
+from avalanche_tsn import TSNModel, TSNStrategy, load_compressed
+from avalanche_tsn.datasets import TensorTaskDataset
+from avalanche_tsn.export import MAGIC
+from avalanche_tsn.models import MultiHeadMLP
+from avalanche_tsn.plugins import MaskLearningPlugin
+from avalanche_tsn.pruning import greedy_prune
+from avalanche_tsn.quantization import kmeans_1d
+
+DIM = 12
+
+
+class Fault(SupervisedPlugin):
+    """Injects one fault into training when armed: a bad input, or an exception in a hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode: str | None = None
+
+    def before_forward(self, strategy, **kwargs):
+        if self.mode in ("nan_input", "inf_input"):
+            x = strategy.mbatch[0].clone()
+            x[0, 0] = float("nan") if self.mode == "nan_input" else float("inf")
+            strategy.mbatch[0] = x
+
+    def after_update(self, strategy, **kwargs):
+        if self.mode == "raise_after_update" and strategy.clock.train_exp_iterations >= 3:
+            raise RuntimeError("plugin failure in after_update")
+
+    def after_training_epoch(self, strategy, **kwargs):
+        if self.mode == "interrupt":
+            raise KeyboardInterrupt
+
+
+def make(model=None, opt="sgd", lr=0.1, plugins=(), **kw) -> TSNStrategy:
+    model = model if model is not None else mlp(DIM)
+    optimizer = (
+        torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3)
+        if opt == "sgd"
+        else torch.optim.Adam(model.parameters(), lr=lr)
+    )
+    kw.setdefault("prune", False)
+    kw.setdefault("quantize", False)
+    return TSNStrategy(
+        model=model,
+        optimizer=optimizer,
+        train_mb_size=16,
+        train_epochs=2,
+        evaluator=quiet_evaluator(),
+        plugins=list(plugins),
+        **kw,
+    )
+
+
+def inputs(bm) -> list[tuple[torch.Tensor, int]]:
+    out = []
+    for exp in bm.test_stream:
+        out.append((torch.stack([exp.dataset[i][0] for i in range(20)]), exp.task_label))
+    return out
+
+
+@torch.no_grad()
+def snapshot(model, data, labels) -> dict[int, torch.Tensor]:
+    model.eval()
+    return {t: model(x, t) for x, t in data if t in labels}
+
+
+def assert_unchanged(model, data, recorded: dict[int, torch.Tensor], when: str) -> None:
+    now = snapshot(model, data, recorded)
+    for t, before in recorded.items():
+        assert torch.equal(now[t], before), f"task {t} changed {when}"
+
+
+def learn(strategy, exp, data, recorded) -> None:
+    strategy.train(exp, eval_streams=[])
+    label = exp.task_label
+    recorded.update(snapshot(strategy.model, data, [label]))
+
+
+# -- 1. non-finite values ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["nan_input", "inf_input", "exploding_lr"])
+def test_diverging_later_task_stops_with_a_clear_error_and_can_be_retrained(fault):
+    bm = blob_stream(n_tasks=2, dim=DIM)
+    data = inputs(bm)
+    faults = Fault()
+    strategy = make(plugins=[faults], prune=True, quantize=True)
+    exps = list(bm.train_stream)
+    recorded: dict[int, torch.Tensor] = {}
+    learn(strategy, exps[0], data, recorded)
+    if fault == "exploding_lr":
+        for group in strategy.optimizer.param_groups:
+            group["lr"] = 1e30
+    else:
+        faults.mode = fault
+    with pytest.raises(FloatingPointError, match=r"task 1: .*loss"):
+        strategy.train(exps[1], eval_streams=[])
+    assert_unchanged(strategy.model, data, recorded, f"after a {fault} in task 1")
+    assert strategy.tsn_model.open_task() == 1
+    # the user can retrain the task, and it learns
+    faults.mode = None
+    for group in strategy.optimizer.param_groups:
+        group["lr"] = 0.1
+    learn(strategy, exps[1], data, recorded)
+    assert_unchanged(strategy.model, data, {0: recorded[0]}, "after task 1 was retrained")
+    acc = strategy.eval(bm.test_stream)
+    assert acc["Top1_Acc_Stream/eval_phase/test_stream/Task001"] > 0.6
+
+
+def test_frozen_tasks_select_their_weights_so_non_finite_live_weights_never_leak():
+    strategy = make()
+    bm = blob_stream(n_tasks=2, dim=DIM)
+    data = inputs(bm)
+    recorded: dict[int, torch.Tensor] = {}
+    learn(strategy, list(bm.train_stream)[0], data, recorded)
+    with torch.no_grad():
+        for _, layer in strategy.tsn_model.masked_layers():
+            layer.weight.fill_(float("nan"))  # what a diverging later task leaves behind
+            layer.bias.fill_(float("inf"))
+            # free entries of a bank keep the live values when the bank is switched
+            layer.bank_weights[0][layer.owner == -1] = float("nan")
+    assert_unchanged(strategy.model, data, recorded, "with NaN live weights")
+    for t, out in snapshot(strategy.model, data, recorded).items():
+        assert torch.isfinite(out).all(), f"task {t} reads a non-finite value"
+
+
+def test_end_of_task_refuses_to_freeze_non_finite_weights():
+    strategy = make()
+    model = strategy.tsn_model
+    model.begin_task(0, 0.5)
+    layer = next(layer for _, layer in model.masked_layers())
+    with torch.no_grad():
+        layer.weight[layer.live_mask()] = float("nan")
+    with pytest.raises(FloatingPointError, match="task 0: .*weight"):
+        model.end_task(0)
+    assert model.trained_tasks() == [] and model.open_task() == 0
+    assert all((layer.owner == -1).all() for _, layer in model.masked_layers())
+
+
+def test_pruning_and_quantization_refuse_non_finite_weights_and_touch_no_other_task():
+    strategy = make()
+    bm = blob_stream(n_tasks=2, dim=DIM)
+    strategy.train(bm.train_stream, eval_streams=[])
+    model = strategy.tsn_model
+    layer = next(layer for _, layer in model.masked_layers())
+    owners = [layer.owner.clone() for _, layer in model.masked_layers()]
+    with torch.no_grad():
+        layer.bank_weights[0][layer.own_mask(1)] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        greedy_prune(model, 1, lambda: 1.0, iterations=2, step=0.5, max_drop=1.0)
+    after = [layer.owner for _, layer in model.masked_layers()]
+    assert all(torch.equal(a, b) for a, b in zip(owners, after, strict=True))
+    with pytest.raises(ValueError, match="finite"):
+        kmeans_1d(torch.tensor([0.0, float("nan"), 1.0]), 2)
+
+
+def test_failed_pruning_step_puts_the_task_back():
+    strategy = make()
+    bm = blob_stream(n_tasks=2, dim=DIM)
+    data = inputs(bm)
+    strategy.train(bm.train_stream, eval_streams=[])
+    model = strategy.tsn_model
+    before = snapshot(model, data, [0, 1])
+    calls = iter(range(100))
+
+    def evaluate():
+        if next(calls) == 1:  # right after the first weights were dropped
+            raise RuntimeError("validation failed midway")
+        return 1.0
+
+    owners = [layer.owner.clone() for _, layer in model.masked_layers()]
+    with pytest.raises(RuntimeError, match="midway"):
+        greedy_prune(model, 1, evaluate, iterations=3, step=0.5, max_drop=1.0)
+    after = [layer.owner for _, layer in model.masked_layers()]
+    assert all(torch.equal(a, b) for a, b in zip(owners, after, strict=True))
+    assert_unchanged(model, data, before, "after a pruning run that failed midway")
+
+
+def test_pruning_an_earlier_task_keeps_what_later_tasks_read():
+    strategy = make()
+    bm = blob_stream(n_tasks=2, dim=DIM)
+    data = inputs(bm)
+    strategy.train(bm.train_stream, eval_streams=[])
+    model = strategy.tsn_model
+    before = snapshot(model, data, [1])
+    record = greedy_prune(model, 0, lambda: 1.0, iterations=3, step=0.5, max_drop=1.0)
+    assert record.own_after < record.own_before
+    for _, layer in model.masked_layers():
+        # every weight task 1 reads is still owned by a trained task (frozen)
+        assert (layer.owner[layer.task_mask(1)] != -1).all()
+    assert_unchanged(model, data, before, "after pruning the task it shares with")
+
+
+# -- 2. exceptions inside training -------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["raise_after_update", "interrupt"])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_exception_inside_training_moves_no_frozen_task(mode, opt):
+    bm = blob_stream(n_tasks=3, dim=DIM)
+    data = inputs(bm)
+    faults = Fault()
+    model = MTSimpleMLP(input_size=DIM, hidden_size=16)
+    strategy = make(model, opt=opt, lr=0.1 if opt == "sgd" else 1e-2, plugins=[faults])
+    exps = list(bm.train_stream)
+    recorded: dict[int, torch.Tensor] = {}
+    learn(strategy, exps[0], data, recorded)
+    faults.mode = mode
+    with pytest.raises((RuntimeError, KeyboardInterrupt)):
+        strategy.train(exps[1], eval_streams=[])
+    faults.mode = None
+    assert_unchanged(strategy.model, data, recorded, f"after {mode}")
+    # export and the capacity report work with the task left open...
+    loaded = load_compressed(io.BytesIO(_export(strategy)), MTSimpleMLP(DIM, 16))
+    assert_unchanged(loaded, data, recorded, "in an export made with a task open")
+    assert [t.task for t in strategy.capacity_report().tasks] == [0]
+    # ...and the interrupted task can be retrained, after which training goes on
+    learn(strategy, exps[1], data, recorded)
+    learn(strategy, exps[2], data, recorded)
+    assert_unchanged(strategy.model, data, recorded, "after retraining and a later task")
+
+
+class RogueSGD(torch.optim.SGD):
+    """An optimizer that, besides its step, moves every parameter it holds, gradient or not."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(torch.randn_like(p) * 0.01)
+        return loss
+
+
+def test_an_optimizer_that_moves_every_parameter_changes_no_trained_task():
+    bm = blob_stream(n_tasks=3, dim=DIM)
+    data = inputs(bm)
+    model = MTSimpleMLP(input_size=DIM, hidden_size=16)
+    strategy = TSNStrategy(
+        model=model,
+        optimizer=RogueSGD(model.parameters(), lr=0.05, momentum=0.9),
+        train_mb_size=16,
+        train_epochs=2,
+        evaluator=quiet_evaluator(),
+    )
+    recorded: dict[int, torch.Tensor] = {}
+    for exp in bm.train_stream:
+        learn(strategy, exp, data, recorded)
+        assert_unchanged(strategy.model, data, recorded, f"after task {exp.task_label}")
+
+
+def test_abandoning_an_interrupted_task():
+    bm = blob_stream(n_tasks=3, dim=DIM)
+    data = inputs(bm)
+    faults = Fault()
+    strategy = make(plugins=[faults])
+    exps = list(bm.train_stream)
+    recorded: dict[int, torch.Tensor] = {}
+    learn(strategy, exps[0], data, recorded)
+    faults.mode = "interrupt"
+    with pytest.raises(KeyboardInterrupt):
+        strategy.train(exps[1], eval_streams=[])
+    faults.mode = None
+    assert strategy.abandon_task() == 1
+    assert strategy.tsn_model.open_task() is None
+    assert strategy.abandon_task() is None
+    assert len(strategy.tsn_model.task_labels_by_slot) == 1
+    learn(strategy, exps[2], data, recorded)  # the next task takes slot 1
+    assert strategy.tsn_model.slot_of(2) == 1
+    assert_unchanged(strategy.model, data, recorded, "after abandoning task 1")
+
+
+def test_starting_another_task_abandons_the_interrupted_one(caplog):
+    bm = blob_stream(n_tasks=3, dim=DIM)
+    data = inputs(bm)
+    faults = Fault()
+    strategy = make(plugins=[faults])
+    exps = list(bm.train_stream)
+    recorded: dict[int, torch.Tensor] = {}
+    learn(strategy, exps[0], data, recorded)
+    faults.mode = "interrupt"
+    with pytest.raises(KeyboardInterrupt):
+        strategy.train(exps[1], eval_streams=[])
+    faults.mode = None
+    with caplog.at_level(logging.WARNING, logger="avalanche_tsn"):
+        learn(strategy, exps[2], data, recorded)
+    assert "abandoning it" in caplog.text
+    assert strategy.tsn_model.trained_tasks() == [0, 2]
+    learn(strategy, exps[1], data, recorded)
+    assert strategy.tsn_model.trained_tasks() == [0, 2, 1]
+    assert_unchanged(strategy.model, data, recorded, "after tasks trained out of order")
+    _ = load_compressed(io.BytesIO(_export(strategy)), mlp(DIM))
+
+
+# -- 3. rejected models ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: nn.LayerNorm(8),
+        lambda: nn.Embedding(4, 8),
+        lambda: nn.LSTM(8, 8),
+        lambda: nn.Conv1d(8, 8, 1),
+    ],
+    ids=["layernorm", "embedding", "lstm", "conv1d"],
+)
+def test_rejected_model_is_left_untouched(bad):
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Sequential(nn.Linear(8, 8)), bad())
+    types = [type(m) for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="TSN"):
+        TSNStrategy(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert [type(m) for m in model.modules()] == types
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+# -- 4. reloading ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make_model",
+    [lambda: MultiHeadMLP(DIM, (16, 16), 3), lambda: MTSimpleMLP(DIM, 16)],
+    ids=["MultiHeadMLP", "MTSimpleMLP"],
+)
+def test_state_dict_loads_into_a_freshly_built_model(make_model):
+    bm = blob_stream(n_tasks=3, dim=DIM)
+    data = inputs(bm)
+    strategy = make(make_model(), prune=True, quantize=True)
+    strategy.train(bm.train_stream, eval_streams=[])
+    recorded = snapshot(strategy.model, data, [0, 1, 2])
+    fresh = TSNModel(make_model())
+    fresh.load_state_dict(strategy.model.state_dict())
+    assert fresh.trained_tasks() == [0, 1, 2]
+    assert_unchanged(fresh, data, recorded, "in a freshly built model")
+    # the reloaded model is protected too: a new strategy trains on without moving them
+    bm4 = blob_stream(n_tasks=4, dim=DIM)
+    later = make(fresh)
+    later.train(list(bm4.train_stream)[3], eval_streams=[])
+    assert_unchanged(later.model, data, recorded, "after training a task on the reloaded model")
+
+
+@pytest.mark.parametrize(
+    "make_model",
+    [lambda: MultiHeadMLP(DIM, (16, 16), 3, bias=True), lambda: MTSimpleMLP(DIM, 16)],
+    ids=["MultiHeadMLP", "MTSimpleMLP"],
+)
+def test_export_loads_bit_identically_whatever_the_heads_grew_to(make_model):
+    bm = blob_stream(n_tasks=3, dim=DIM)
+    data = inputs(bm)
+    strategy = make(make_model(), prune=True, quantize=True)
+    strategy.train(bm.train_stream, eval_streams=[])
+    recorded = snapshot(strategy.model, data, [0, 1, 2])
+    loaded = load_compressed(io.BytesIO(_export(strategy)), make_model())
+    assert_unchanged(loaded, data, recorded, "in the loaded export")
+
+
+def _export(strategy) -> bytes:
+    buf = io.BytesIO()
+    strategy.export(buf)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def exported_with_bias() -> bytes:
+    torch.manual_seed(0)
+    strategy = make(MultiHeadMLP(DIM, (16, 16), 3, bias=True), quantize=True)
+    strategy.train(blob_stream(n_tasks=2, dim=DIM).train_stream, eval_streams=[])
+    return _export(strategy)
+
+
+def test_bias_mismatch_is_rejected_before_the_model_changes(exported_with_bias):
+    model = MultiHeadMLP(DIM, (16, 16), 3, bias=False)
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="bias"):
+        load_compressed(io.BytesIO(exported_with_bias), model)
+    assert [type(m) for m in model.modules()] == types
+
+
+def _rewrite(data: bytes, edit_header=None, edit_payload=None) -> bytes:
+    """The file with its header or payload edited and a valid checksum."""
+    _, version, hlen = struct.unpack_from("<4sHI", data)
+    start = struct.calcsize("<4sHI")
+    header = json.loads(zlib.decompress(data[start : start + hlen]))
+    payload = data[start + hlen : -4]
+    if edit_header:
+        edit_header(header)
+    if edit_payload:
+        payload = edit_payload(payload)
+    head = zlib.compress(json.dumps(header).encode())
+    body = struct.pack("<4sHI", MAGIC, version, len(head)) + head + payload
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _set(path, value):
+    def edit(header):
+        target = header
+        for key in path[:-1]:
+            target = target[key]
+        if value is _DELETE:
+            del target[path[-1]]
+        else:
+            target[path[-1]] = value
+
+    return edit
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "edit_header, edit_payload",
+    [
+        (_set(["banks"], _DELETE), None),
+        (_set(["tasks"], []), None),
+        (_set(["banks"], [0, 5]), None),
+        (_set(["head_bits"], [0]), None),
+        (_set(["layers", 0, "bits"], [3]), None),
+        (_set(["layers", 0, "bits"], [99, 99]), None),
+        (_set(["layers", 0, "name"], "nowhere"), None),
+        (_set(["heads", "classifier"], {"7": {"out": 3, "weights": [], "raw": []}}), None),
+        (None, lambda p: p[:-7]),
+        (None, lambda p: p + b"\x00" * 9),
+        (None, lambda p: b"\xff" * 12 + p[12:]),
+        (None, lambda p: p[:40] + bytes(b ^ 0x5A for b in p[40:200]) + p[200:]),
+    ],
+)
+def test_structurally_corrupt_file_with_valid_checksum_raises_value_error(
+    exported_with_bias, edit_header, edit_payload
+):
+    data = _rewrite(exported_with_bias, edit_header, edit_payload)
+    model = MultiHeadMLP(DIM, (16, 16), 3, bias=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="corrupt|does not match"):
+        load_compressed(io.BytesIO(data), model)
+    assert type(model.features[0]) is nn.Linear  # not even wrapped
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+# -- 5. capacity exhaustion --------------------------------------------------------------
+
+
+def _small_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(DIM, 64), nn.ReLU(), nn.Linear(64, 32), nn.Linear(32, 3))
+
+
+def test_low_free_pool_is_warned_about_and_reported(caplog):
+    from avalanche_tsn.metrics import capacity_metrics
+
+    bm = blob_stream(n_tasks=4, dim=DIM)
+    strategy = make(_small_net(), sparsity=0.1)
+    strategy.evaluator.metrics.extend(capacity_metrics())
+    with caplog.at_level(logging.WARNING, logger="avalanche_tsn"):
+        strategy.train(bm.train_stream, eval_streams=[])
+    assert "few free weights" in caplog.text and "% free" in caplog.text
+    report = strategy.capacity_report()
+    assert set(report.free_fractions) == {"0", "2", "3"}
+    assert report.min_free_fraction() < 0.05
+    free = strategy.tsn_model.free_fractions()
+    assert all(abs(free[n] - report.free_fractions[n][-1]) < 1e-9 for n in free)
+    assert "free weights" in report.table()
+    metrics = strategy.evaluator.get_last_metrics()
+    assert metrics["Capacity/free_fraction_min"] == pytest.approx(report.min_free_fraction())
+    assert "Capacity/FreeFraction/2" in metrics
+
+
+def test_new_bank_opens_when_the_free_pool_runs_out():
+    bm = blob_stream(n_tasks=4, dim=DIM)
+    data = inputs(bm)
+    strategy = make(_small_net(), sparsity=0.1, new_bank_below=0.05)
+    recorded: dict[int, torch.Tensor] = {}
+    for exp in bm.train_stream:
+        learn(strategy, exp, data, recorded)
+        assert_unchanged(strategy.model, data, recorded, f"after task {exp.task_label}")
+    model = strategy.tsn_model
+    banks = [model.bank_of(t) for t in range(4)]
+    assert banks[0] == 0 and max(banks) >= 1 and banks == sorted(banks)
+    assert strategy.capacity_report().banks == model.n_banks
+    loaded = load_compressed(io.BytesIO(_export(strategy)), _small_net())
+    assert_unchanged(loaded, data, recorded, "in the export")
+
+
+# -- 6. argument checks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"plugins": MaskLearningPlugin()}, TypeError, "plugins"),
+        ({"plugins": 3}, TypeError, "plugins"),
+        ({"plugins": [3]}, TypeError, "plugins"),
+        ({"prune": False, "prune_step": -1}, ValueError, "prune_step"),
+        ({"prune": False, "prune_iterations": 0}, ValueError, "prune_iterations"),
+        ({"quantize": False, "quant_min_bits": 0}, ValueError, "quant_min_bits"),
+        ({"quantize": False, "quant_max_drop": 2.0}, ValueError, "quant_max_drop"),
+        ({"prune": False, "quantize": False, "validation_fraction": 5.0}, ValueError, "valid"),
+        ({"new_bank_below": 1.5}, ValueError, "new_bank_below"),
+        ({"task_matching": False, "kl_threshold": -1.0}, ValueError, "kl_threshold"),
+    ],
+)
+def test_every_argument_is_checked_even_when_its_stage_is_off(kwargs, error, match):
+    model = mlp(DIM)
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(error, match=match):
+        TSNStrategy(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+    assert [type(m) for m in model.modules()] == types
+
+
+# -- the whole promise under random faults -----------------------------------------------
+
+
+FAULTS = [
+    "nan_input",
+    "inf_input",
+    "exploding_lr",
+    "raise_after_update",
+    "interrupt",
+    "checkpoint",
+    "export",
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_faults_never_change_a_learned_task(tmp_path, seed):
+    from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    # every fault once, in a random order, then a few drawn at random
+    schedule = rng.sample(FAULTS, len(FAULTS)) + [rng.choice(FAULTS) for _ in range(2)]
+    n_tasks = len(schedule) + 1
+    bm = blob_stream(n_tasks=n_tasks, dim=DIM, seed=seed)
+    data = inputs(bm)
+    exps = list(bm.train_stream)
+
+    def build():
+        faults = Fault()
+        model = MTSimpleMLP(DIM, 16)
+        return make(model, plugins=[faults], prune=True, quantize=True), faults
+
+    strategy, faults = build()
+    recorded: dict[int, torch.Tensor] = {}
+    learn(strategy, exps[0], data, recorded)
+    for exp, fault in zip(exps[1:], schedule, strict=True):
+        if fault in ("nan_input", "inf_input", "raise_after_update", "interrupt"):
+            faults.mode = fault
+            with pytest.raises((FloatingPointError, RuntimeError, KeyboardInterrupt)):
+                strategy.train(exp, eval_streams=[])
+            faults.mode = None
+        elif fault == "exploding_lr":
+            for group in strategy.optimizer.param_groups:
+                group["lr"] = 1e30
+            with pytest.raises(FloatingPointError):
+                strategy.train(exp, eval_streams=[])
+            for group in strategy.optimizer.param_groups:
+                group["lr"] = 0.1
+        assert_unchanged(strategy.model, data, recorded, f"after {fault} in task {exp.task_label}")
+        learn(strategy, exp, data, recorded)
+        assert_unchanged(strategy.model, data, recorded, f"after task {exp.task_label}")
+        if fault == "checkpoint":
+            path = str(tmp_path / f"ckpt{exp.task_label}.pkl")
+            save_checkpoint(strategy, path)
+            fresh, faults = build()
+            strategy, start = maybe_load_checkpoint(fresh, path)
+            faults = next(p for p in strategy.plugins if isinstance(p, Fault))
+            assert start == strategy.clock.train_exp_counter
+            assert_unchanged(strategy.model, data, recorded, "after resuming a checkpoint")
+        elif fault == "export":
+            loaded = load_compressed(io.BytesIO(_export(strategy)), MTSimpleMLP(DIM, 16))
+            assert_unchanged(loaded, data, recorded, "in the exported model")
+    assert strategy.tsn_model.trained_tasks() == list(range(n_tasks)), schedule
