@@ -17,8 +17,12 @@ def blob_stream(
     n: int = 96,
     seed: int = 0,
     task_labels: bool = True,
+    poison: dict[int, float] | None = None,
 ):
-    """Gaussian blobs; each task draws its own class centres (a different problem per task)."""
+    """Gaussian blobs; each task draws its own class centres (a different problem per task).
+
+    ``poison={i: value}`` writes ``value`` (NaN, inf...) into one training input of task ``i``.
+    """
     g = torch.Generator().manual_seed(seed)
     train, test = [], []
     for _ in range(n_tasks):
@@ -27,6 +31,8 @@ def blob_stream(
         for size in (n, n // 2):
             y = torch.arange(size) % n_classes
             x = centres[y] + 0.5 * torch.randn(size, dim, generator=g)
+            if poison and len(train) in poison and size == n:
+                x[3, 0] = poison[len(train)]
             parts.append(TensorTaskDataset(x, y))
         train.append(parts[0])
         test.append(parts[1])
