@@ -152,7 +152,7 @@ class MaskedLayer(_PerTaskBuffers):
     def _clear_caches(self) -> None:
         self._banks: tuple[list[int], int] | None = None
         self._live_mask_cache: tuple[int, int, Tensor] | None = None
-        self._owned_cache: tuple[tuple, int, Tensor | None] | None = None
+        self._owned_cache: tuple[tuple, int, tuple[Tensor, Tensor, Tensor] | None] | None = None
         self._eval_cache: OrderedDict[int, tuple[tuple, Tensor]] = OrderedDict()
         self._threshold: Tensor | None = None
         self._threshold_age = 0
@@ -207,16 +207,25 @@ class MaskedLayer(_PerTaskBuffers):
         self._threshold_age += 1
         return self._threshold
 
-    def _owned(self) -> tuple[Tensor, Tensor | None]:
-        """Frozen values of the loaded bank and where trained tasks own them (None: nowhere)."""
+    def _owned(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Where trained tasks own weights of the loaded bank (None: nowhere).
+
+        :return: the owned weights' flat indices, their frozen values and a 0/1 float tensor
+            of the free weights.
+        """
         loaded = self._bank_table()[1]
+        parts = (self.bank_owners, self.bank_weights)
         cache = self._owned_cache
-        if cache is None or cache[1] != loaded or not _matches(cache[0], (self.bank_owners,)):
+        if cache is None or cache[1] != loaded or not _matches(cache[0], parts):
             owned = self.owner != FREE
-            any_owned = owned if bool(owned.any()) else None
-            cache = (_fingerprint((self.bank_owners,)), loaded, any_owned)
+            found = None
+            if bool(owned.any()):
+                idx = owned.flatten().nonzero().squeeze(1)
+                values = self.bank_weights[loaded].flatten()[idx]
+                found = (idx, values, (~owned).to(self.bank_weights.dtype))
+            cache = (_fingerprint(parts), loaded, found)
             self._owned_cache = cache
-        return self.bank_weights[loaded], cache[2]
+        return cache[2]
 
     def effective_params(self) -> tuple[Tensor, Tensor | None]:
         """Weight and bias of the active task (``active_slot``) or of the live subnetwork."""
@@ -224,14 +233,15 @@ class MaskedLayer(_PerTaskBuffers):
         if slot != FREE:
             bias = None if self.task_bias is None else self.task_bias[slot]
             return self.frozen_weight(slot), bias
-        frozen, owned = self._owned()
+        owned = self._owned()
         if self.training and torch.is_grad_enabled():
             threshold = self._live_threshold()
-            return live_weight(self.weight, self.scores, threshold, frozen, owned), self.bias
+            return live_weight(self.weight, self.scores, threshold, owned), self.bias
         with torch.no_grad():
             weight = self.weight.detach()
-            combined = weight if owned is None else torch.where(owned, frozen, weight)
-            return torch.where(self.live_mask(), combined, combined.new_zeros(())), self.bias
+            if owned is not None:
+                weight = weight.flatten().scatter(0, owned[0], owned[1]).view_as(weight)
+            return torch.where(self.live_mask(), weight, weight.new_zeros(())), self.bias
 
     @torch.no_grad()
     def frozen_weight(self, slot: int) -> Tensor:
@@ -361,9 +371,9 @@ class MaskedLayer(_PerTaskBuffers):
     def _sync_weight(self) -> None:
         # Only free entries of ``weight`` are read; keeping the owned ones equal to their
         # frozen values keeps what users see in ``weight`` truthful.
-        frozen, owned = self._owned()
+        owned = self._owned()
         if owned is not None:
-            self.weight.copy_(torch.where(owned, frozen, self.weight.detach()))
+            self.weight.view(-1).index_copy_(0, owned[0], owned[1])
 
     @torch.no_grad()
     def reset_live(self) -> None:
@@ -387,11 +397,9 @@ class MaskedLayer(_PerTaskBuffers):
 
         :return: a description naming the tensor, or None if every value is finite.
         """
-        frozen, owned = self._owned()
-        mask = self.live_mask() if bool(torch.isfinite(self.scores).all()) else None
-        if mask is None:
+        if not bool(torch.isfinite(self.scores).all()):
             return "scores"
-        trained = mask if owned is None else mask & ~owned
+        trained = self.live_mask() & (self.owner == FREE)
         if not bool(torch.isfinite(self.weight[trained]).all()):
             return "weight"
         if self.bias is not None and not bool(torch.isfinite(self.bias).all()):

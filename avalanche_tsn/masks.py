@@ -70,47 +70,62 @@ def topk_threshold(scores: Tensor, keep: int) -> Tensor:
     return torch.kthvalue(flat, flat.numel() - keep + 1).values
 
 
-class _LiveWeight(torch.autograd.Function):
-    """Selection (never multiplication) of the live subnetwork's weights.
+def _at_least(values: Tensor, threshold: Tensor) -> Tensor:
+    """``(values >= threshold)`` as 0/1 floats of ``values``' dtype.
 
-    Frozen values come from ``frozen`` where ``owned`` holds; the optimizer's ``weight`` is
-    read only elsewhere, so nothing it does can reach a weight an earlier task owns, and a
-    non-finite value outside the mask never leaks (``0 * NaN`` is NaN; selection is not).
+    Bool masks are slow on the CPU (a bool-to-float multiply or a ``torch.where`` costs 5x to
+    30x a float multiply); ``sign(v - t) + 1`` clamped to [0, 1] is 1 exactly where
+    ``v >= t`` (float subtraction is 0 only for equal operands).
+    """
+    return (values - threshold).sign_().add_(1.0).clamp_(0.0, 1.0)
+
+
+class _LiveWeight(torch.autograd.Function):
+    """The live subnetwork's weights: frozen values by selection, trained ones by the mask.
+
+    Where an earlier task owns a weight, its frozen value is scattered in (selection), so
+    nothing the optimizer does to ``weight`` there is ever read, and the gradient there is 0.
+    Trained tasks never run through this function: they read their own frozen weights.
     """
 
     @staticmethod
-    def forward(ctx, weight, scores, threshold, frozen, owned):  # type: ignore[override]
-        mask = scores.abs() >= threshold
-        combined = weight if owned is None else torch.where(owned, frozen, weight)
-        ctx.save_for_backward(combined, scores, mask, owned)
-        return torch.where(mask, combined, combined.new_zeros(()))
+    def forward(ctx, weight, scores, threshold, owned_idx, owned_vals, free):  # type: ignore[override]
+        mask = _at_least(scores.abs(), threshold).to(weight.dtype)
+        if owned_idx is None:
+            combined, trainable = weight, mask
+        else:
+            combined = weight.flatten().scatter(0, owned_idx, owned_vals).view_as(weight)
+            trainable = mask * free
+        ctx.save_for_backward(combined, scores, trainable)
+        return combined * mask
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        combined, scores, mask, owned = ctx.saved_tensors
-        trainable = mask if owned is None else mask & ~owned
-        zero = grad.new_zeros(())
-        grad_weight = torch.where(trainable, grad, zero) if ctx.needs_input_grad[0] else None
+        combined, scores, trainable = ctx.saved_tensors
+        grad_weight = grad * trainable if ctx.needs_input_grad[0] else None
         # Straight through the top-k (as WSN): d mask / d |score| = 1.
         grad_scores = grad * combined * scores.sign() if ctx.needs_input_grad[1] else None
-        return grad_weight, grad_scores, None, None, None
+        return grad_weight, grad_scores, None, None, None, None
 
 
 def live_weight(
-    weight: Tensor, scores: Tensor, threshold: Tensor, frozen: Tensor, owned: Tensor | None
+    weight: Tensor,
+    scores: Tensor,
+    threshold: Tensor,
+    owned: tuple[Tensor, Tensor, Tensor] | None,
 ) -> Tensor:
-    """The live mask (``|scores| >= threshold``) applied to the weights by selection.
-
-    Where ``owned`` holds the value comes from ``frozen`` and gets no gradient; elsewhere it
-    comes from ``weight``. The gradient reaches ``scores`` straight through the top-k.
+    """The live mask (``|scores| >= threshold``) over the weights, frozen ones selected.
 
     :param weight: the optimizer's weights.
     :param scores: the layer's scores.
     :param threshold: the mask threshold, from :func:`topk_threshold`.
-    :param frozen: the frozen values of weights that earlier tasks own.
-    :param owned: where earlier tasks own the weight, or None if nowhere.
+    :param owned: where earlier tasks own weights, as flat indices, their frozen values and a
+        0/1 float tensor of the free weights; None if no weight is owned. The frozen values
+        replace ``weight``'s there and get no gradient.
     """
-    return _LiveWeight.apply(weight, scores, threshold, frozen, owned)
+    if owned is None:
+        return _LiveWeight.apply(weight, scores, threshold, None, None, None)
+    return _LiveWeight.apply(weight, scores, threshold, *owned)
 
 
 def packed_size(numel: int) -> int:
