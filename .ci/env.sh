@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Source me: builds (or reuses) the project's virtual environment and activates it.
-# The environment is cached under ~/.cache/avalanche-tsn, keyed on the hash of pyproject.toml,
-# so torch is not downloaded again unless the dependencies change.
+#
+# The environment is cached under ${AVALANCHE_TSN_CACHE:-~/.cache/avalanche-tsn}, keyed on the
+# hash of pyproject.toml, so nothing is downloaded again unless the dependencies change.
+# PYTHON picks the interpreter that creates it (default: python3, 3.10 or newer).
+# First run: about 3 GB of wheels are downloaded (PyPI's torch comes with its CUDA libraries,
+# also on CPU-only machines) and the environment takes about 6.5 GB; 5 to 10 minutes.
+# Later runs print nothing unless something is wrong.
 set -euo pipefail
-_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 _py=${PYTHON:-python3}
 _key=$(sha256sum "$_root/pyproject.toml" | cut -c1-16)
 _cache=${AVALANCHE_TSN_CACHE:-$HOME/.cache/avalanche-tsn}
@@ -13,18 +18,30 @@ _venv="$_cache/venv-$_key"
 # cannot load against (torchvision::nms missing); take torch and torchvision from PyPI only.
 export PIP_FIND_LINKS=
 if [ ! -f "$_venv/.complete" ]; then
+    echo "avalanche-tsn: building $_venv (first run: ~3 GB of downloads, 5-10 minutes)" >&2
     rm -rf "$_venv"
     mkdir -p "$_cache"
     "$_py" -m venv "$_venv"
-    "$_venv/bin/python" -m pip install --upgrade pip
-    "$_venv/bin/python" -m pip install -e "$_root[dev]"
+    "$_venv/bin/python" -m pip install -q --upgrade pip
+    "$_venv/bin/python" -m pip install -q -e "$_root[dev]"
     touch "$_venv/.complete"
 fi
-# A cached environment must point at this checkout, wherever it was cloned.
-"$_venv/bin/python" -m pip install --no-deps -q -e "$_root"
-"$_venv/bin/python" -c "import torchvision; from torchvision.ops import nms" || {
-    echo "torchvision does not load in $_venv; delete it and retry" >&2
-    exit 1
-}
+# A cached environment must import this checkout, wherever it was cloned; reinstall (quietly)
+# only when it points elsewhere. torchvision must load against its torch.
+_check='import os, avalanche_tsn, torchvision; from torchvision.ops import nms
+print(os.path.dirname(os.path.dirname(os.path.realpath(avalanche_tsn.__file__))))'
+_found=$(cd / && "$_venv/bin/python" -c "$_check" 2>/dev/null || true)
+if [ "$_found" != "$_root" ]; then
+    _log=$(mktemp)
+    "$_venv/bin/python" -m pip install --no-deps -q -e "$_root" >"$_log" 2>&1 || {
+        cat "$_log" >&2
+        exit 1
+    }
+    rm -f "$_log"
+    _found=$(cd / && "$_venv/bin/python" -c "$_check") || {
+        echo "avalanche_tsn or torchvision does not load in $_venv; delete it and retry" >&2
+        exit 1
+    }
+fi
 # shellcheck disable=SC1091
 source "$_venv/bin/activate"

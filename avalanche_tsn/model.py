@@ -559,9 +559,30 @@ class TSNModel(MultiTaskModule):
             return self.net(x, task_label)
         return self.net(x)
 
-    def forward(self, x: Tensor, task_labels: Tensor | int | None = None) -> Tensor:
+    def forward_all_tasks(self, x: Tensor) -> dict[int, Tensor]:
+        """Every known task's output for ``x``: the trained tasks and the one in training.
+
+        Tasks not trained yet and not in training are left out (their output would only be
+        the live subnetwork's, as for the task in training).
+
+        :param x: the inputs.
+        """
+        return {t: self.forward_single_task(x, t) for t in sorted(self.known_train_tasks_labels)}
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, task_labels: Tensor | int | None = None
+    ) -> Tensor | dict[int, Tensor]:
+        """Outputs of ``x``: each sample run as its task (``task_labels``: a tensor or an int).
+
+        With ``task_labels=None`` it returns every known task's output (see
+        :meth:`forward_all_tasks`), as Avalanche's multi-task models do.
+
+        :param x: the inputs.
+        :param task_labels: one task label per sample, an int for all, or None.
+        """
         if task_labels is None:
-            raise ValueError("TSNModel needs task_labels: one task label per sample, or an int")
+            # Avalanche's contract (LwF relies on it): every known task's output, as a dict.
+            return self.forward_all_tasks(x)
         if isinstance(task_labels, int):
             return self.forward_single_task(x, task_labels)
         tasks = torch.unique(task_labels)

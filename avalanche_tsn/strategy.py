@@ -33,24 +33,14 @@ from avalanche_tsn.plugins import (
     ValidationSplitPlugin,
 )
 from avalanche_tsn.similarity import DEFAULT_KL_THRESHOLD, check_threshold
+from avalanche_tsn.streams import check_stream, task_aware
 
 __all__ = ["TSNStrategy"]
 
 
-def _experience_task_label(index: int, exp: CLExperience) -> int:
-    labels = getattr(exp, "task_labels", None)
-    if labels is None:
-        raise ValueError(
-            f"experience {index} has no task labels; TSN is task-incremental and needs one "
-            "task label per experience (e.g. PermutedMNIST(..., return_task_id=True))"
-        )
-    labels = list(labels)
-    if len(labels) != 1:
-        raise ValueError(
-            f"experience {index} holds task labels {sorted(labels)}; TSN trains one task per "
-            "experience"
-        )
-    return int(labels[0])
+def _aware(items: Iterable[Any]) -> list[Any]:
+    """Streams or experiences, with every experience made task-aware."""
+    return [task_aware(x) if isinstance(x, CLExperience) else _aware(x) for x in items]
 
 
 class TSNStrategy(SupervisedTemplate):
@@ -257,39 +247,72 @@ class TSNStrategy(SupervisedTemplate):
     def check_experiences(self, experiences: Iterable[CLExperience]) -> list[int]:
         """Check that ``experiences`` can be trained, before any work is done.
 
+        The whole stream each experience comes from is checked too (one task label per
+        experience, all distinct), so a stream without task labels is refused before its
+        first experience trains, also in a ``for exp in stream: strategy.train(exp)`` loop.
+
         :param experiences: the experiences about to be trained, in order.
         :return: their task labels.
         """
-        labels = []
+        experiences = list(experiences)
+        streams = {}
+        for exp in experiences:
+            stream = getattr(exp, "origin_stream", None)
+            if stream is not None and hasattr(stream, "__len__"):
+                streams[id(stream)] = stream
+        for stream in streams.values():
+            check_stream(stream)
+        labels = check_stream(experiences)
         model = self.tsn_model
         done = len(model.trained_tasks())
-        for i, exp in enumerate(experiences):
-            label = _experience_task_label(i, exp)
-            if model.is_trained(label) or label in labels:
+        for i, (exp, label) in enumerate(zip(experiences, labels, strict=True)):
+            index = getattr(exp, "current_experience", i)
+            if model.is_trained(label):
                 raise ValueError(
-                    f"experience {i} has task label {label}, which is already trained; TSN "
+                    f"experience {index} has task label {label}, which is already trained; TSN "
                     "needs a distinct task label per experience (a stream without task "
                     "labels gives every experience label 0)"
                 )
             if label < 0:
-                raise ValueError(f"experience {i} has a negative task label {label}")
-            self.mask_plugin.sparsity_for(done + len(labels))
+                raise ValueError(f"experience {index} has a negative task label {label}")
+            self.mask_plugin.sparsity_for(done + i)
             for plugin in self.plugins:
                 check = getattr(plugin, "check_experience", None)
                 if check is not None:
-                    check(i, exp)
-            labels.append(label)
+                    check(index, exp)
         return labels
 
     def train(self, experiences, eval_streams=None, **kwargs):
         """Train on one experience or a sequence of them (see Avalanche's ``train``).
 
+        Experiences whose task labels live on their dataset only are accepted.
+
         :param experiences: an experience or an iterable of experiences.
         :param eval_streams: streams evaluated by periodic evaluation.
         """
-        exps = [experiences] if isinstance(experiences, CLExperience) else list(experiences)
+        single = isinstance(experiences, CLExperience)
+        exps = _aware([experiences] if single else list(experiences))
         self.check_experiences(exps)
+        if eval_streams is not None:
+            eval_streams = _aware(eval_streams)
         return super().train(exps, eval_streams, **kwargs)
+
+    def eval(self, exp_list, **kwargs):
+        """Evaluate on one experience or a sequence of them (see Avalanche's ``eval``).
+
+        :param exp_list: an experience or an iterable of experiences.
+        """
+        single = isinstance(exp_list, CLExperience)
+        exps = _aware([exp_list] if single else list(exp_list))
+        return super().eval(exps, **kwargs)
+
+    def forward(self):
+        """The model's output for the current minibatch, each sample run as its own task.
+
+        The minibatch's task labels are used whether the experience has task labels or not
+        (Avalanche would call the model without them then).
+        """
+        return self.model(self.mb_x, self.mb_task_id)
 
 
 # Avalanche re-wraps every strategy's __init__ to accept legacy positional arguments with a

@@ -106,3 +106,31 @@ def train_tsn(model=None, tasks: int = 3, dim: int = 12, **kw):
     )
     strategy.train(bm.train_stream, eval_streams=[])
     return strategy, bm
+
+
+def fast_benchmark(task_labels: bool = True, seed: int = 1234, n_per_class: int = 100):
+    """Avalanche's own fast test benchmark: 10 classes of 6 features, 5 experiences of 2."""
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+    from sklearn.datasets import make_classification
+    from sklearn.model_selection import train_test_split
+
+    x, y = make_classification(
+        n_samples=10 * n_per_class,
+        n_classes=10,
+        n_features=6,
+        n_informative=6,
+        n_redundant=0,
+        random_state=seed,
+    )
+    x, y = torch.from_numpy(x).float(), torch.from_numpy(y).long()
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, train_size=0.6, shuffle=True, stratify=y, random_state=seed
+    )
+    return nc_benchmark(
+        _make_taskaware_tensor_classification_dataset(x_tr, y_tr),
+        _make_taskaware_tensor_classification_dataset(x_te, y_te),
+        5,
+        task_labels=task_labels,
+        shuffle=True,
+        seed=seed,
+    )

@@ -282,14 +282,26 @@ def test_stream_without_task_labels_fails_before_training():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-def test_repeated_task_label_keeps_learned_state():
+def test_unlabelled_stream_is_refused_before_its_first_experience_trains():
+    # the usual per-experience loop: the first call already sees the whole stream
     bm = blob_stream(n_tasks=2, task_labels=False)
+    strategy = make_strategy(mlp())
+    state = {k: v.clone() for k, v in strategy.model.state_dict().items()}
+    with pytest.raises(ValueError, match="experience 1 of the train stream has task label 0"):
+        strategy.train(list(bm.train_stream)[0], eval_streams=[])
+    after = strategy.model.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    assert strategy.tsn_model.open_task() is None
+
+
+def test_repeated_task_label_keeps_learned_state():
+    bm = blob_stream(n_tasks=2)
     strategy = make_strategy(mlp())
     exps = list(bm.train_stream)
     strategy.train(exps[0], eval_streams=[])
     state = {k: v.clone() for k, v in strategy.model.state_dict().items()}
-    with pytest.raises(ValueError, match="already trained"):
-        strategy.train(exps[1], eval_streams=[])
+    with pytest.raises(ValueError, match="experience 0 has task label 0, which is already"):
+        strategy.train(exps[0], eval_streams=[])
     after = strategy.model.state_dict()
     assert all(torch.equal(state[k], after[k]) for k in state)
 

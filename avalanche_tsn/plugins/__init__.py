@@ -1,12 +1,13 @@
 """Avalanche plugins, one per TinySubNets stage."""
 
+from avalanche_tsn.plugins._common import current_task, tsn_model
 from avalanche_tsn.plugins.compression import (
     PruningPlugin,
     QuantizationPlugin,
     ValidationSplitPlugin,
     validation_accuracy,
 )
-from avalanche_tsn.plugins.mask_learning import MaskLearningPlugin, tsn_model
+from avalanche_tsn.plugins.mask_learning import MaskLearningPlugin
 from avalanche_tsn.plugins.similarity import TaskSimilarityPlugin
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "QuantizationPlugin",
     "TaskSimilarityPlugin",
     "tsn_model",
+    "current_task",
     "validation_accuracy",
 ]

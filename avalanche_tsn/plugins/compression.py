@@ -10,9 +10,8 @@ import logging
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
-from torch.utils.data import DataLoader
 
-from avalanche_tsn.plugins.mask_learning import tsn_model
+from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_model
 from avalanche_tsn.pruning import PruneRecord, greedy_prune
 from avalanche_tsn.quantization import adaptive_bits, check_bits, quantize_head, quantize_task
 
@@ -83,10 +82,9 @@ def validation_accuracy(strategy, task_label: int) -> float:
     was_training = model.training
     model.eval()
     correct = total = 0
-    loader = DataLoader(data, batch_size=strategy.eval_mb_size, collate_fn=data.collate_fn)
-    for x, y, *_ in loader:
-        out = model(x.to(strategy.device), task_label)
-        correct += int((out.argmax(1) == y.to(strategy.device)).sum())
+    for x, y in strategy_batches(strategy, data, strategy.eval_mb_size):
+        out = model(x, task_label)
+        correct += int((out.argmax(1) == y).sum())
         total += len(y)
     model.train(was_training)
     return correct / total
@@ -110,7 +108,7 @@ class PruningPlugin(SupervisedPlugin):
         self.records: list[PruneRecord] = []
 
     def after_training_exp(self, strategy, **kwargs) -> None:
-        label = strategy.experience.task_label
+        label = current_task(strategy)
         record = greedy_prune(
             tsn_model(strategy),
             label,
@@ -156,7 +154,7 @@ class QuantizationPlugin(SupervisedPlugin):
         self.head_bits: dict[int, int] = {}
 
     def after_training_exp(self, strategy, **kwargs) -> None:
-        label = strategy.experience.task_label
+        label = current_task(strategy)
         model = tsn_model(strategy)
         slot = model.slot_of(label)
         layers = [layer for _, layer in model.masked_layers()]

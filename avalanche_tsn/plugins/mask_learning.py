@@ -12,23 +12,9 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 
 from avalanche_tsn.masks import check_sparsity
-from avalanche_tsn.model import TSNModel
+from avalanche_tsn.plugins._common import current_task, tsn_model
 
-__all__ = ["MaskLearningPlugin", "tsn_model"]
-
-
-def tsn_model(strategy) -> TSNModel:
-    """The strategy's :class:`TSNModel`, or a TypeError naming what it is.
-
-    :param strategy: an Avalanche strategy.
-    """
-    model = strategy.model
-    if not isinstance(model, TSNModel):
-        raise TypeError(
-            f"TSN plugins need strategy.model to be a TSNModel, got {type(model).__name__}; "
-            "use TSNStrategy or wrap the model with TSNModel"
-        )
-    return model
+__all__ = ["MaskLearningPlugin"]
 
 
 class MaskLearningPlugin(SupervisedPlugin):
@@ -76,7 +62,7 @@ class MaskLearningPlugin(SupervisedPlugin):
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         model = tsn_model(strategy)
-        label = strategy.experience.task_label
+        label = current_task(strategy)
         restart = model.open_task() == label
         index = len(model.trained_tasks())
         # The task-similarity stage, when present, picks the bank just before this one;
@@ -96,7 +82,7 @@ class MaskLearningPlugin(SupervisedPlugin):
         if not bool(torch.isfinite(loss).all()):
             clock = strategy.clock
             raise FloatingPointError(
-                f"task {strategy.experience.task_label}: the training loss is "
+                f"task {current_task(strategy)}: the training loss is "
                 f"{float(loss.detach().float().sum())} at iteration "
                 f"{clock.train_epoch_iterations} of epoch {clock.train_exp_epochs} "
                 f"(experience {strategy.experience.current_experience}); trained tasks are "
@@ -105,4 +91,4 @@ class MaskLearningPlugin(SupervisedPlugin):
             )
 
     def after_training_exp(self, strategy, **kwargs) -> None:
-        tsn_model(strategy).end_task(strategy.experience.task_label)
+        tsn_model(strategy).end_task(current_task(strategy))

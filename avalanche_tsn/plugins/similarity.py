@@ -11,7 +11,7 @@ import logging
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
-from avalanche_tsn.plugins.mask_learning import tsn_model
+from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_model
 from avalanche_tsn.similarity import (
     DEFAULT_KL_THRESHOLD,
     check_threshold,
@@ -54,11 +54,11 @@ class TaskSimilarityPlugin(SupervisedPlugin):
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         model = tsn_model(strategy)
-        label = strategy.experience.task_label
+        label = current_task(strategy)
         data = strategy.experience.dataset.eval()
         g = torch.Generator().manual_seed(self.seed + label)
         idx = torch.randperm(len(data), generator=g)[: self.memory_size].tolist()
-        x = torch.stack([data[i][0] for i in idx]).to(strategy.device)
+        x = torch.cat([x for x, _ in strategy_batches(strategy, data.subset(idx), len(idx))])
         earlier = [t for t in model.trained_tasks() if len(model.memory(t)) >= 2]
         divergences = {t: task_divergence(model, x, t) for t in earlier}
         banks = {t: model.bank_of(t) for t in earlier}
@@ -69,5 +69,5 @@ class TaskSimilarityPlugin(SupervisedPlugin):
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         if self._pending is not None:
-            tsn_model(strategy).store_memory(strategy.experience.task_label, self._pending)
+            tsn_model(strategy).store_memory(current_task(strategy), self._pending)
             self._pending = None

@@ -1,0 +1,60 @@
+"""What the TSN plugins share: the strategy's model, its current task, its minibatches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from avalanche_tsn.model import TSNModel
+from avalanche_tsn.streams import experience_task_labels
+
+__all__ = ["tsn_model", "current_task", "strategy_batches"]
+
+
+def tsn_model(strategy) -> TSNModel:
+    """The strategy's :class:`TSNModel`, or a TypeError naming what it is.
+
+    :param strategy: an Avalanche strategy.
+    """
+    model = strategy.model
+    if not isinstance(model, TSNModel):
+        raise TypeError(
+            f"TSN plugins need strategy.model to be a TSNModel, got {type(model).__name__}; "
+            "use TSNStrategy or wrap the model with TSNModel"
+        )
+    return model
+
+
+def current_task(strategy) -> int:
+    """Task label of the strategy's current experience (from the experience or its data).
+
+    :param strategy: an Avalanche strategy.
+    """
+    labels = experience_task_labels(strategy.experience)
+    if len(labels) != 1:
+        raise ValueError(f"the current experience has task labels {labels}; TSN needs one")
+    return labels[0]
+
+
+def strategy_batches(strategy, data, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Inputs and targets of ``data`` in minibatches, read the way the strategy reads them.
+
+    The strategy's own ``_unpack_minibatch``, ``mb_x`` and ``mb_y`` are used, so strategies
+    whose minibatches are dictionaries (or anything else) work; ``strategy.mbatch`` is put
+    back afterwards.
+
+    :param strategy: an Avalanche strategy.
+    :param data: an Avalanche dataset.
+    :param batch_size: samples per minibatch.
+    """
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=getattr(data, "collate_fn", None))
+    saved = strategy.mbatch
+    try:
+        for batch in loader:
+            strategy.mbatch = batch
+            strategy._unpack_minibatch()
+            yield strategy.mb_x, strategy.mb_y
+    finally:
+        strategy.mbatch = saved

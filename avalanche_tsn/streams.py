@@ -1,0 +1,105 @@
+"""Task labels and classes of Avalanche experiences, wherever Avalanche keeps them.
+
+TinySubNets (Zurek et al., arXiv:2412.10869, 2024) is task-incremental: each experience is one
+task, named by its task label. Avalanche's classic benchmarks put the labels on the experience
+(``task_labels``); its newer helpers (``benchmark_from_datasets``, hand-built
+``CLExperience`` objects) leave them on the dataset only (``targets_task_labels``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+from avalanche.benchmarks import CLExperience
+
+__all__ = ["experience_task_labels", "experience_classes", "task_aware", "check_stream"]
+
+
+def _uniques(attribute: Any) -> list[int]:
+    uniques = getattr(attribute, "uniques", None)
+    values = uniques if uniques is not None else set(attribute)
+    return sorted(int(v) for v in values)
+
+
+def experience_task_labels(experience: CLExperience) -> list[int]:
+    """The task labels of an experience: its own, or those of its dataset's samples.
+
+    :param experience: an Avalanche experience.
+    :return: the distinct labels, sorted (empty if neither place has any).
+    """
+    labels = getattr(experience, "task_labels", None)
+    if labels is not None:
+        return sorted({int(t) for t in labels})
+    attribute = getattr(getattr(experience, "dataset", None), "targets_task_labels", None)
+    return [] if attribute is None else _uniques(attribute)
+
+
+def experience_classes(experience: CLExperience) -> list[int]:
+    """The classes of an experience: its own list, or those of its dataset's targets.
+
+    :param experience: an Avalanche experience.
+    """
+    classes = getattr(experience, "classes_in_this_experience", None)
+    if classes is not None:
+        return sorted(int(c) for c in classes)
+    targets = getattr(getattr(experience, "dataset", None), "targets", None)
+    return [] if targets is None else _uniques(targets)
+
+
+def task_aware(experience: CLExperience) -> CLExperience:
+    """The experience, with ``task_labels`` and ``classes_in_this_experience`` set.
+
+    Avalanche's dynamic modules (``MultiHeadClassifier``, ``MultiTaskModule``) read both from
+    the experience. When either is missing, a shallow copy carries them, read from the
+    dataset; the caller's experience is never modified.
+
+    :param experience: an Avalanche experience.
+    """
+    has_labels = getattr(experience, "task_labels", None) is not None
+    has_classes = getattr(experience, "classes_in_this_experience", None) is not None
+    if has_labels and has_classes:
+        return experience
+    aware = copy.copy(experience)
+    if not has_labels:
+        aware.task_labels = experience_task_labels(experience)
+    if not has_classes:
+        aware.classes_in_this_experience = experience_classes(experience)
+    return aware
+
+
+def _name(experience: CLExperience) -> str:
+    index = getattr(experience, "current_experience", None)
+    stream = getattr(getattr(experience, "origin_stream", None), "name", None)
+    where = f" of the {stream} stream" if stream else ""
+    return f"experience {index}{where}" if index is not None else "an experience"
+
+
+def check_stream(experiences: Iterable[CLExperience]) -> list[int]:
+    """Check that every experience is one task with a label of its own.
+
+    :param experiences: the experiences (e.g. a whole stream).
+    :return: their task labels, in order.
+    :raises ValueError: naming the first experience that has no single task label, or that
+        repeats an earlier one's (a stream without task labels labels every experience 0).
+    """
+    seen: dict[int, str] = {}
+    for experience in experiences:
+        labels = experience_task_labels(experience)
+        if len(labels) != 1:
+            found = f"task labels {labels}" if labels else "no task labels"
+            raise ValueError(
+                f"{_name(experience)} has {found}; TSN is task-incremental and trains one task "
+                "per experience, with one task label (e.g. PermutedMNIST(..., "
+                "return_task_id=True), SplitMNIST(..., return_task_id=True))"
+            )
+        label = labels[0]
+        if label in seen:
+            raise ValueError(
+                f"{_name(experience)} has task label {label}, as {seen[label]} does; TSN needs "
+                "a distinct task label per experience (a stream without task labels gives "
+                "every experience label 0)"
+            )
+        seen[label] = _name(experience)
+    return list(seen)
