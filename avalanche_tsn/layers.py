@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avalanche_tsn.masks import (
+    LiveWorkspace,
     keep_count,
     live_weight,
     pack_mask,
@@ -152,7 +153,9 @@ class MaskedLayer(_PerTaskBuffers):
     def _clear_caches(self) -> None:
         self._banks: tuple[list[int], int] | None = None
         self._live_mask_cache: tuple[int, int, Tensor] | None = None
-        self._owned_cache: tuple[tuple, int, tuple[Tensor, Tensor, Tensor] | None] | None = None
+        self._owned_cache: tuple[tuple, int, tuple[Tensor, Tensor] | None] | None = None
+        self._synced_version: int | None = None
+        self._workspace: LiveWorkspace | None = None
         self._eval_cache: OrderedDict[int, tuple[tuple, Tensor]] = OrderedDict()
         self._threshold: Tensor | None = None
         self._threshold_age = 0
@@ -207,25 +210,37 @@ class MaskedLayer(_PerTaskBuffers):
         self._threshold_age += 1
         return self._threshold
 
-    def _owned(self) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _owned(self) -> tuple[Tensor, Tensor] | None:
         """Where trained tasks own weights of the loaded bank (None: nowhere).
 
-        :return: the owned weights' flat indices, their frozen values and a 0/1 float tensor
-            of the free weights.
+        :return: the owned weights' flat indices and their frozen values.
         """
         loaded = self._bank_table()[1]
         parts = (self.bank_owners, self.bank_weights)
         cache = self._owned_cache
         if cache is None or cache[1] != loaded or not _matches(cache[0], parts):
-            owned = self.owner != FREE
+            owned = (self.owner != FREE).flatten()
             found = None
             if bool(owned.any()):
-                idx = owned.flatten().nonzero().squeeze(1)
-                values = self.bank_weights[loaded].flatten()[idx]
-                found = (idx, values, (~owned).to(self.bank_weights.dtype))
+                idx = owned.nonzero().squeeze(1)
+                found = (idx, self.bank_weights[loaded].flatten()[idx])
             cache = (_fingerprint(parts), loaded, found)
             self._owned_cache = cache
+            self._synced_version = None
         return cache[2]
+
+    @torch.no_grad()
+    def _sync_weight(self) -> None:
+        """Make ``weight`` hold the frozen values wherever a trained task owns the weight.
+
+        The live subnetwork reads ``weight``; the optimizer may have moved owned entries
+        (momentum, weight decay, a custom step) since. Skipped when ``weight`` has not changed
+        since the last sync, so two forwards before a backward (LwF's) leave it alone.
+        """
+        owned = self._owned()
+        if owned is not None and self.weight._version != self._synced_version:
+            self.weight.view(-1).scatter_(0, owned[0], owned[1])
+            self._synced_version = self.weight._version
 
     def effective_params(self) -> tuple[Tensor, Tensor | None]:
         """Weight and bias of the active task (``active_slot``) or of the live subnetwork."""
@@ -233,15 +248,15 @@ class MaskedLayer(_PerTaskBuffers):
         if slot != FREE:
             bias = None if self.task_bias is None else self.task_bias[slot]
             return self.frozen_weight(slot), bias
-        owned = self._owned()
+        self._sync_weight()
         if self.training and torch.is_grad_enabled():
             threshold = self._live_threshold()
-            return live_weight(self.weight, self.scores, threshold, owned), self.bias
-        with torch.no_grad():
-            weight = self.weight.detach()
-            if owned is not None:
-                weight = weight.flatten().scatter(0, owned[0], owned[1]).view_as(weight)
-            return torch.where(self.live_mask(), weight, weight.new_zeros(())), self.bias
+            if self._workspace is None:
+                self._workspace = LiveWorkspace()
+            weight = live_weight(self.weight, self.scores, threshold, self._workspace)
+            return weight, self.bias
+        weight = self.weight.detach()
+        return torch.where(self.live_mask(), weight, weight.new_zeros(())), self.bias
 
     @torch.no_grad()
     def frozen_weight(self, slot: int) -> Tensor:
@@ -366,14 +381,6 @@ class MaskedLayer(_PerTaskBuffers):
         self.slot_bank[slot] = bank
         self._clear_caches()
         self._sync_weight()
-
-    @torch.no_grad()
-    def _sync_weight(self) -> None:
-        # Only free entries of ``weight`` are read; keeping the owned ones equal to their
-        # frozen values keeps what users see in ``weight`` truthful.
-        owned = self._owned()
-        if owned is not None:
-            self.weight.view(-1).index_copy_(0, owned[0], owned[1])
 
     @torch.no_grad()
     def reset_live(self) -> None:

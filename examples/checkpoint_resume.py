@@ -61,7 +61,8 @@ def main() -> None:
     with torch.no_grad():
         for t in range(args.tasks):
             digest.update(strategy.model.eval()(x, t).numpy().tobytes())
-    acc = [results[f"Top1_Acc_Exp/eval_phase/test_stream/Task{t:03d}/Exp{t:03d}"] for t in range(args.tasks)]
+    key = "Top1_Acc_Exp/eval_phase/test_stream/Task{0:03d}/Exp{0:03d}"
+    acc = [results[key.format(t)] for t in range(args.tasks)]
     print("accuracy per task:", ", ".join(f"{100 * a:.2f}%" for a in acc))
     print("outputs digest:", digest.hexdigest()[:16])
 
