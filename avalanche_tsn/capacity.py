@@ -16,11 +16,19 @@ import numpy as np
 import torch
 from avalanche.models import MultiHeadClassifier
 
-from avalanche_tsn.huffman import encode_mask, encode_symbols
+from avalanche_tsn.huffman import MAX_SYMBOL, encoded_bits, pair_symbols
 from avalanche_tsn.layers import FREE, TaskBatchNorm
 from avalanche_tsn.model import TSNModel
 
-__all__ = ["TaskCapacity", "CapacityReport", "capacity_report", "shared_bitmap", "FLOAT_BITS"]
+__all__ = [
+    "TaskCapacity",
+    "CapacityReport",
+    "capacity_report",
+    "shared_bitmap",
+    "owner_symbols",
+    "owner_pairs",
+    "FLOAT_BITS",
+]
 
 FLOAT_BITS = 32
 
@@ -118,6 +126,25 @@ class CapacityReport:
         return "\n".join(lines)
 
 
+def owner_symbols(owner: np.ndarray, n_tasks: int) -> np.ndarray:
+    """The Huffman symbols of an ownership map: pairs of ``owner + 1`` when they fit.
+
+    :param owner: a layer's ownership map (:data:`FREE` or a trained task's slot), flat.
+    :param n_tasks: number of trained tasks (owner ids are below it).
+    """
+    alphabet = n_tasks + 1
+    values = np.asarray(owner, dtype=np.int64).ravel() + 1
+    return pair_symbols(values, alphabet) if owner_pairs(n_tasks) else values
+
+
+def owner_pairs(n_tasks: int) -> bool:
+    """Whether ownership maps of ``n_tasks`` trained tasks are coded in pairs of weights.
+
+    :param n_tasks: number of trained tasks.
+    """
+    return (n_tasks + 1) ** 2 - 1 <= MAX_SYMBOL
+
+
 def shared_bitmap(owner: torch.Tensor, mask: torch.Tensor, slot: int) -> torch.Tensor:
     """Which weights owned by earlier slots the task in ``slot`` reads, in flat order.
 
@@ -162,21 +189,31 @@ def capacity_report(model: TSNModel) -> CapacityReport:
     dense = FLOAT_BITS * (backbone + bias_per_task + norm_per_task) + all_heads
 
     rows = []
-    for label in model.trained_tasks():
+    trained = model.trained_tasks()
+    owners = [
+        [layer.bank_owner(b).cpu().numpy().ravel() for b in range(layer.n_banks)]
+        for layer in layers
+    ]
+    for label in trained:
         slot = model.slot_of(label)
         own = shared = weight_bits = codebook_bits = mask_bits = 0
         bits = 0
-        for layer in layers:
-            owner = layer.slot_owner(slot)
-            n_own = int((owner == slot).sum())
+        for layer, bank_owners in zip(layers, owners, strict=True):
+            owner = bank_owners[layer.bank_of_slot(slot)]
+            mask = np.unpackbits(layer.task_masks[slot].cpu().numpy(), bitorder="little")
+            mask = mask[: owner.size].astype(bool)
+            is_own = owner == slot
+            n_own = int(is_own.sum())
             b = int(layer.task_bits[slot]) if len(layer.task_bits) > slot else 0
             bits = max(bits, b)
             own += n_own
-            shared += int(layer.shared_mask(slot).sum())
+            shared += int(np.count_nonzero(mask & ~is_own))
             weight_bits += n_own * (b if b else FLOAT_BITS)
             codebook_bits += (2**b) * FLOAT_BITS if b else 0
-            bitmap = shared_bitmap(owner, layer.task_mask(slot), slot)
-            mask_bits += encode_mask(bitmap).nbits if bitmap.numel() else 0
+            # Sizes from symbol counts: exactly what the export writes, without encoding.
+            bitmap = mask[(owner != FREE) & (owner < slot)]
+            if bitmap.size:
+                mask_bits += encoded_bits(np.bincount(np.packbits(bitmap), minlength=256))
         head_bits = _head_bits(model, label, slot)
         rows.append(
             TaskCapacity(
@@ -192,14 +229,11 @@ def capacity_report(model: TSNModel) -> CapacityReport:
                 norm_bits=FLOAT_BITS * (bias_per_task + norm_per_task),
             )
         )
-    ownership = (
-        sum(
-            encode_symbols(layer.bank_owner(b).flatten().cpu().numpy().astype(np.int64) + 1).nbits
-            for layer in layers
-            for b in range(layer.n_banks)
-        )
-        if rows
-        else 0
+    n_banks = max((model.bank_of(t) for t in trained), default=-1) + 1
+    ownership = sum(
+        encoded_bits(np.bincount(owner_symbols(bank_owners[b], len(trained))))
+        for bank_owners in owners
+        for b in range(n_banks)
     )
     total = sum(r.total_bits for r in rows) + ownership
     return CapacityReport(

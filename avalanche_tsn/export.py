@@ -13,7 +13,9 @@ parts (heads, biases, normalisation). The file stores exactly what
 
 Layout: magic, format version, header length, zlib-compressed JSON header, payload, CRC-32
 of everything before it. A load checks the magic, version, checksum and the architecture
-before it changes anything.
+before it changes anything. Version 2 (this one) writes the numpy canonical Huffman codes of
+:mod:`avalanche_tsn.huffman`; version-1 files (avalanche-tsn 0.1, ``dahuffman`` codes) are
+still read.
 """
 
 from __future__ import annotations
@@ -31,24 +33,25 @@ import torch
 from avalanche.models import MultiHeadClassifier
 from torch import Tensor, nn
 
-from avalanche_tsn.capacity import shared_bitmap
+from avalanche_tsn.capacity import owner_pairs, owner_symbols
 from avalanche_tsn.heads import freeze_head, new_head
 from avalanche_tsn.huffman import (
     HuffmanCode,
-    decode_mask,
-    decode_symbols,
-    encode_mask,
+    decode_many,
+    decode_symbols_v1,
     encode_symbols,
+    read_code_v1,
+    unpair_symbols,
 )
 from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm
-from avalanche_tsn.masks import pack_mask
 from avalanche_tsn.model import TSNModel
-from avalanche_tsn.quantization import codes_of
 
 __all__ = ["export_model", "load_compressed", "pack_codes", "unpack_codes", "MAGIC"]
 
 MAGIC = b"TSNZ"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions :func:`load_compressed` reads.
+READABLE_VERSIONS = (1, 2)
 _PREFIX = struct.Struct("<4sHI")
 _CRC = struct.Struct("<I")
 
@@ -60,8 +63,15 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
     :param bits: bits per code, 1..16.
     """
     codes = np.asarray(codes, dtype=np.int64).ravel()
-    planes = (codes[:, None] >> np.arange(bits)) & 1
-    return np.packbits(planes.astype(np.uint8).ravel(), bitorder="little").tobytes()
+    start = np.arange(codes.size, dtype=np.int64) * bits
+    word, shift = start >> 5, start & 31
+    n_words = (codes.size * bits + 31) // 32 + 1
+    # Codes never overlap, so each 32-bit word is the sum of the code pieces that land in it.
+    low = ((codes << shift) & 0xFFFFFFFF).astype(np.float64)
+    high = (codes >> (32 - shift)).astype(np.float64)
+    words = np.bincount(word, weights=low, minlength=n_words)
+    words += np.bincount(word + 1, weights=high, minlength=n_words)
+    return words.astype(np.uint64).astype("<u4").tobytes()[: (codes.size * bits + 7) // 8]
 
 
 def unpack_codes(buf: bytes, count: int, bits: int) -> np.ndarray:
@@ -71,8 +81,27 @@ def unpack_codes(buf: bytes, count: int, bits: int) -> np.ndarray:
     :param count: number of codes.
     :param bits: bits per code.
     """
-    flat = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=count * bits, bitorder="little")
-    return flat.reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits, dtype=np.int64))
+    n_words = (count * bits + 31) // 32 + 2
+    raw = np.zeros(4 * n_words, dtype=np.uint8)
+    data = np.frombuffer(buf, dtype=np.uint8)[: 4 * n_words]
+    raw[: data.size] = data
+    words = raw.view("<u4").astype(np.uint64)
+    start = np.arange(count, dtype=np.int64) * bits
+    word, shift = start >> 5, (start & 31).astype(np.uint64)
+    pair = words[word] | (words[word + 1] << np.uint64(32))
+    return ((pair >> shift) & np.uint64((1 << bits) - 1)).astype(np.int64)
+
+
+def _mask_bits(mask: np.ndarray) -> np.ndarray:
+    """Little-endian unpacking of a layer's bit-packed task mask (as its buffer stores it)."""
+    return np.unpackbits(mask, bitorder="little").view(bool)
+
+
+def _indices_by_owner(owner: np.ndarray, n_slots: int) -> list[np.ndarray]:
+    """Flat indices of the weights each slot owns, in increasing order (one stable sort)."""
+    order = np.argsort(owner.astype(np.int16), kind="stable")  # int16: a radix sort
+    counts = np.bincount(owner.astype(np.int64) + 1, minlength=n_slots + 1)
+    return np.split(order[counts[0] :], np.cumsum(counts[1:n_slots]))[:n_slots]
 
 
 class _Writer:
@@ -88,15 +117,27 @@ class _Writer:
     def huffman(self, code: HuffmanCode) -> None:
         self.raw(code.to_bytes())
 
-    def quantized(self, values: Tensor, centroids: Tensor, bits: int) -> None:
-        self.raw(pack_codes(codes_of(values, centroids).cpu().numpy(), bits))
-        self.tensor(centroids.float())
+    def quantized(self, values: np.ndarray, centroids: np.ndarray, bits: int) -> None:
+        book = np.asarray(centroids, dtype=np.float32)
+        self.raw(pack_codes(_codes_of(np.asarray(values, dtype=np.float32), book), bits))
+        self.raw(book.tobytes())
+
+
+def _codes_of(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Codes of values that are exactly centroid values (numpy :func:`codes_of`)."""
+    order = np.argsort(centroids, kind="stable")
+    ordered = centroids[order]
+    pos = np.searchsorted(ordered, values).clip(max=len(ordered) - 1)
+    if not np.array_equal(ordered[pos], values):
+        raise ValueError("values are not all centroid values: the layer is not quantized")
+    return order[pos]
 
 
 class _Reader:
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, version: int = FORMAT_VERSION) -> None:
         self.data = data
         self.pos = 0
+        self.version = version
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
@@ -111,7 +152,11 @@ class _Reader:
         array = np.frombuffer(self.take(n * size), dtype=_NUMPY[dtype]).copy()
         return torch.from_numpy(array).view(shape)
 
-    def huffman(self) -> HuffmanCode:
+    def code(self) -> HuffmanCode | np.ndarray:
+        """Read one Huffman code: decoded at once in version 1, left for a batch in 2."""
+        if self.version == 1:
+            code, self.pos = read_code_v1(self.data, self.pos)
+            return decode_symbols_v1(code)
         code, self.pos = HuffmanCode.from_bytes(self.data, self.pos)
         return code
 
@@ -186,32 +231,41 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
     }
     banks = [model.bank_of(t) for t in tasks]
     header["banks"] = banks
+    header["owner_pairs"] = owner_pairs(len(tasks))
     for name, layer in model.masked_layers():
-        for b in range(max(banks) + 1):
-            owner = layer.bank_owner(b).cpu()
-            w.huffman(encode_symbols(owner.flatten().numpy().astype(np.int64) + 1))
-        bits = []
+        owners = [layer.bank_owner(b).cpu().numpy().ravel() for b in range(max(banks) + 1)]
+        banks_np = layer.bank_weights.detach().cpu().numpy()
+        values_of = [banks_np[b].ravel() for b in range(len(owners))]
+        for owner in owners:
+            w.huffman(encode_symbols(owner_symbols(owner, len(tasks))))
+        own_idx = [_indices_by_owner(owner, len(slots)) for owner in owners]
+        earlier = [np.zeros(owner.size, dtype=bool) for owner in owners]
+        bits, own_counts = [], []
         for slot in slots:
-            owner = layer.slot_owner(slot).cpu()
-            mask = layer.task_mask(slot).cpu()
-            rebuilt = (owner == slot) | _scatter_shared(
-                owner, slot, shared_bitmap(owner, mask, slot)
-            )
-            if not torch.equal(rebuilt, mask):
+            bank = layer.bank_of_slot(slot)
+            idx = own_idx[bank][slot]
+            mask = _mask_bits(layer.task_masks[slot].cpu().numpy())[: owners[bank].size]
+            shared = mask[earlier[bank]]
+            # mask = own + shared (and nothing else): the counts and the own entries tell
+            if not mask[idx].all() or int(np.count_nonzero(mask)) != idx.size + int(
+                np.count_nonzero(shared)
+            ):
                 raise RuntimeError(f"{name}: task mask is not own plus shared weights")
-            bitmap = shared_bitmap(owner, mask, slot)
-            if bitmap.numel():
-                w.huffman(encode_mask(bitmap))
+            w.huffman(encode_symbols(np.packbits(shared)))
+            earlier[bank][idx] = True
+            own_counts.append(idx.size)
             b = int(layer.task_bits[slot])
-            own = layer.own_values(slot).detach().cpu()
+            values = values_of[bank][idx]
             if b:
-                w.quantized(own, layer.task_centroids[slot, : 2**b].cpu(), b)
+                w.quantized(values, layer.task_centroids[slot, : 2**b].cpu().numpy(), b)
             else:
-                w.tensor(own.float())
+                w.raw(values.astype(np.float32).tobytes())
             if layer.task_bias is not None:
                 w.tensor(layer.task_bias[slot])
             bits.append(b)
-        header["layers"].append({"name": name, "bias": layer.task_bias is not None, "bits": bits})
+        header["layers"].append(
+            {"name": name, "bias": layer.task_bias is not None, "bits": bits, "own": own_counts}
+        )
     for norm in model._norms:
         for slot in slots:
             for t in (norm.task_mean, norm.task_var, norm.task_weight, norm.task_bias):
@@ -229,8 +283,8 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
             state = head.state_dict()
             b = int(model.head_bits[slot])
             if b:
-                values = torch.cat([state[k].flatten() for k in weights])
-                w.quantized(values, model.head_centroids[slot, : 2**b].cpu(), b)
+                values = torch.cat([state[k].flatten() for k in weights]).cpu().numpy()
+                w.quantized(values, model.head_centroids[slot, : 2**b].cpu().numpy(), b)
             raw = rest if b else weights + rest
             au = f"active_units_T{key}"
             extra = heads._buffers.get(au)
@@ -259,20 +313,15 @@ def _named_heads(model: TSNModel) -> list[tuple[str, MultiHeadClassifier]]:
     return [(n, m) for n, m in model.net.named_modules() if isinstance(m, MultiHeadClassifier)]
 
 
-def _scatter_shared(owner: Tensor, slot: int, bitmap: Tensor) -> Tensor:
-    earlier = (owner != FREE) & (owner < slot)
-    out = torch.zeros(owner.numel(), dtype=torch.bool)
-    out[earlier.flatten()] = bitmap
-    return out.view(owner.shape)
-
-
 def _parse(data: bytes) -> tuple[dict[str, Any], _Reader]:
     if len(data) < _PREFIX.size + _CRC.size or data[:4] != MAGIC:
         raise ValueError("not an avalanche-tsn export file (bad magic number)")
     _, version, hlen = _PREFIX.unpack_from(data)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(
-            f"export format version {version} is not supported (expected {FORMAT_VERSION})"
+            f"export format version {version} is not supported (this avalanche-tsn reads "
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}; a newer file needs a newer "
+            "avalanche-tsn)"
         )
     (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
     if zlib.crc32(data[: -_CRC.size]) != crc:
@@ -282,7 +331,7 @@ def _parse(data: bytes) -> tuple[dict[str, Any], _Reader]:
         header = json.loads(zlib.decompress(data[start : start + hlen]))
     except (zlib.error, ValueError) as err:
         raise ValueError(f"corrupt export file: unreadable header ({err})") from err
-    return header, _Reader(data[start + hlen : -_CRC.size])
+    return header, _Reader(data[start + hlen : -_CRC.size], version)
 
 
 def _check_architecture(saved: dict[str, Any], module: nn.Module) -> None:
@@ -334,10 +383,8 @@ def _decode(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[str, Any
     banks: list[int] = [int(b) for b in header["banks"]]
     if not tasks or len(banks) != len(tasks) or min(banks) < 0:
         raise ValueError("corrupt export file: task and bank lists do not match")
-    n_banks = max(banks) + 1
     if [e["name"] for e in header["layers"]] != list(shapes):
         raise ValueError("corrupt export file: layer list does not match the architecture")
-    layers = []
     for entry in header["layers"]:
         name = entry["name"]
         has_bias = modules[name].bias is not None
@@ -349,40 +396,9 @@ def _decode(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[str, Any
             )
         if len(entry["bits"]) != len(tasks):
             raise ValueError(f"corrupt export file: bit-widths of {name} do not match the tasks")
-        shape = tuple(shapes[name])
-        owners = []
-        for _ in range(n_banks):
-            owner = torch.from_numpy(decode_symbols(r.huffman()) - 1)
-            if owner.numel() != int(np.prod(shape)) or (
-                owner.numel() and (owner.min() < FREE or owner.max() >= len(tasks))
-            ):
-                raise ValueError(f"corrupt export file: ownership map of {name} is invalid")
-            owners.append(owner.to(torch.int16).view(shape))
-        weights = torch.zeros((n_banks, *shape))
-        masks, biases, centroids = [], [], []
-        for slot, b in enumerate(entry["bits"]):
-            if not isinstance(b, int) or not 0 <= b <= 16:
-                raise ValueError(f"corrupt export file: bit-width {b!r} of {name}")
-            owner = owners[banks[slot]]
-            weight = weights[banks[slot]]
-            n_earlier = int(((owner != FREE) & (owner < slot)).sum())
-            bitmap = (
-                decode_mask(r.huffman(), (n_earlier,))
-                if n_earlier
-                else torch.zeros(0, dtype=torch.bool)
-            )
-            own = owner == slot
-            masks.append(own | _scatter_shared(owner, slot, bitmap))
-            n_own = int(own.sum())
-            if b:
-                values, book = r.quantized(n_own, b)
-            else:
-                values, book = r.tensor((n_own,)), torch.zeros(0)
-            weight[own] = values
-            centroids.append(book)
-            if entry["bias"]:
-                biases.append(r.tensor((shape[0],)))
-        layers.append((weights, owners, masks, biases, centroids, entry["bits"]))
+        if any(not isinstance(b, int) or not 0 <= b <= 16 for b in entry["bits"]):
+            raise ValueError(f"corrupt export file: bit-widths {entry['bits']!r} of {name}")
+    layers = _decode_layers(header, r, tasks, banks)
     norms = []
     for name, c in header["architecture"]["norms"].items():
         affine = modules[name].weight is not None
@@ -423,6 +439,103 @@ def _decode(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[str, Any
     }
 
 
+def _decode_layers(
+    header: dict[str, Any], r: _Reader, tasks: list[int], banks: list[int]
+) -> list[tuple]:
+    """Read every masked layer: ownership maps, masks, own values, biases, codebooks.
+
+    Version 2 files give each task's own-weight count in the header and always write each
+    shared bitmap, so the payload is parsed first and every Huffman code decoded in one
+    batch; version-1 files are read code by code.
+    """
+    n_banks = max(banks) + 1
+    shapes = header["architecture"]["layers"]
+    parsed = []
+    for entry in header["layers"]:
+        name, numel = entry["name"], int(np.prod(shapes[entry["name"]]))
+        owners = [r.code() for _ in range(n_banks)]
+        if r.version == 1:
+            owners = [_check_owner(o - 1, numel, len(tasks), name) for o in owners]
+            counts = [[int(np.count_nonzero(o == s)) for s in range(len(tasks))] for o in owners]
+            n_own = [counts[banks[s]][s] for s in range(len(tasks))]
+        else:
+            n_own = [int(n) for n in entry["own"]]
+            if len(n_own) != len(tasks) or min(n_own) < 0:
+                raise ValueError(f"corrupt export file: own-weight counts of {name}")
+        slots = []
+        for slot, b in enumerate(entry["bits"]):
+            if r.version == 1:
+                owner = owners[banks[slot]]
+                n_earlier = int(np.count_nonzero((owner != FREE) & (owner < slot)))
+                bitmap = r.code() if n_earlier else np.zeros(0, dtype=np.int64)
+            else:
+                bitmap = r.code()
+            if b:
+                values, book = r.quantized(n_own[slot], b)
+            else:
+                values, book = r.tensor((n_own[slot],)), torch.zeros(0)
+            bias = r.tensor((shapes[name][0],)) if entry["bias"] else None
+            slots.append((bitmap, values, book, bias))
+        parsed.append((name, numel, owners, n_own, slots, [int(b) for b in entry["bits"]]))
+    if r.version != 1:
+        pending = [c for p in parsed for c in p[2] + [s[0] for s in p[4]]]
+        decoded = iter(decode_many(pending))
+        pairs = bool(header.get("owner_pairs", False))
+        parsed = [
+            (
+                name,
+                numel,
+                [_owner_from(next(decoded), pairs, len(tasks), numel) for _ in owners],
+                n_own,
+                [(next(decoded), *rest) for _, *rest in slots],
+                bits,
+            )
+            for name, numel, owners, n_own, slots, bits in parsed
+        ]
+    layers = []
+    for name, numel, owners, n_own, slots, bits_per_slot in parsed:
+        owners = [_check_owner(o, numel, len(tasks), name) for o in owners]
+        own_idx = [_indices_by_owner(owner, len(tasks)) for owner in owners]
+        earlier = [np.zeros(numel, dtype=bool) for _ in owners]
+        weights = np.zeros((n_banks, numel), dtype=np.float32)
+        masks, biases, centroids = [], [], []
+        for slot, (symbols, values, book, bias) in enumerate(slots):
+            bank = banks[slot]
+            idx = own_idx[bank][slot]
+            if idx.size != n_own[slot]:
+                raise ValueError(f"corrupt export file: ownership map of {name} is invalid")
+            n_earlier = int(np.count_nonzero(earlier[bank]))
+            bits = np.unpackbits(np.asarray(symbols, dtype=np.uint8))[:n_earlier]
+            if bits.size != n_earlier or len(symbols) != (n_earlier + 7) // 8:
+                raise ValueError(f"corrupt export file: shared bitmap of {name} has wrong size")
+            mask = np.zeros(numel, dtype=bool)
+            mask[earlier[bank]] = bits.view(bool)
+            mask[idx] = True
+            earlier[bank][idx] = True
+            masks.append(torch.from_numpy(np.packbits(mask, bitorder="little")))
+            weights[bank][idx] = values.numpy()
+            centroids.append(book)
+            if bias is not None:
+                biases.append(bias)
+        shape = tuple(shapes[name])
+        owners = [torch.from_numpy(o.astype(np.int16)).view(shape) for o in owners]
+        weights_t = torch.from_numpy(weights).view(n_banks, *shape)
+        layers.append((weights_t, owners, masks, biases, centroids, bits_per_slot))
+    return layers
+
+
+def _owner_from(symbols: np.ndarray, pairs: bool, n_tasks: int, numel: int) -> np.ndarray:
+    """An ownership map from its Huffman symbols (see :func:`owner_symbols`)."""
+    values = unpair_symbols(symbols, n_tasks + 1, numel) if pairs else symbols
+    return values.astype(np.int32) - 1
+
+
+def _check_owner(owner: np.ndarray, numel: int, n_tasks: int, name: str) -> np.ndarray:
+    if owner.size != numel or (owner.size and (owner.min() < FREE or owner.max() >= n_tasks)):
+        raise ValueError(f"corrupt export file: ownership map of {name} is invalid")
+    return owner
+
+
 def _apply(decoded: dict[str, Any], tsn: TSNModel) -> TSNModel:
     """Write decoded tensors into ``tsn`` (every check has passed)."""
     tasks, banks = decoded["tasks"], decoded["banks"]
@@ -444,7 +557,7 @@ def _apply(decoded: dict[str, Any], tsn: TSNModel) -> TSNModel:
         layer.loaded_bank.fill_(last)
         layer.weight.copy_(weights[last])
         layer.slot_bank = torch.tensor(banks, dtype=torch.int16, device=device)
-        layer.task_masks = torch.stack([pack_mask(m) for m in masks]).to(device)
+        layer.task_masks = torch.stack(masks).to(device)
         if layer.task_bias is not None:
             layer.task_bias = torch.stack(biases).to(layer.weight)
         layer.task_bits = torch.tensor(bits, dtype=torch.int16, device=device)

@@ -9,7 +9,7 @@ from conftest import blob_stream, mlp, quiet_evaluator, train_tsn
 from torch import nn
 
 from avalanche_tsn import TSNModel, TSNStrategy
-from avalanche_tsn.capacity import FLOAT_BITS, capacity_report, shared_bitmap
+from avalanche_tsn.capacity import FLOAT_BITS, capacity_report, owner_symbols, shared_bitmap
 from avalanche_tsn.huffman import decode_mask, decode_symbols, encode_mask, encode_symbols
 from avalanche_tsn.layers import FREE
 from avalanche_tsn.models import MultiHeadMLP
@@ -114,9 +114,9 @@ def test_capacity_arithmetic_by_hand():
     assert t.codebook_bits == 2 * 4 * 32
     assert t.mask_bits == 0  # nothing earlier to share
     assert t.head_bits == 0 and t.norm_bits == 0
+    # one trained task: ownership maps are coded as pairs of (owner + 1) in {0, 1}
     owner_bits = sum(
-        encode_symbols(layer.owner.flatten().numpy().astype(np.int64) + 1).nbits
-        for layer in (l1, l2)
+        encode_symbols(owner_symbols(layer.owner.flatten().numpy(), 1)).nbits for layer in (l1, l2)
     )
     assert report.ownership_bits == owner_bits
     assert report.total_bits == 18 + 256 + owner_bits
