@@ -584,6 +584,7 @@ def _apply(decoded: dict[str, Any], tsn: TSNModel) -> TSNModel:
             mh.register_buffer(f"active_units_T{key}", active.to(dev))
         if len(book):
             tsn.set_head_codebook(slot, book, decoded["head_bits"][slot])
+        mh.max_class_label = max(mh.max_class_label, out)
     tsn.known_train_tasks_labels = set(tasks)
     return tsn.eval()
 

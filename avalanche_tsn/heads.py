@@ -167,3 +167,6 @@ def rebuild_heads(
         if prefix + au in state_dict:
             heads.register_buffer(au, torch.zeros_like(state_dict[prefix + au], device=device))
     heads.known_train_tasks_labels = {int(k) for k in frozen if k.lstrip("-").isdigit()}
+    # Avalanche sizes a mixed-task output by this (it grows it during adaptation only).
+    widths = [h.classifier.out_features for h in heads.classifiers.values()]
+    heads.max_class_label = max([heads.max_class_label, *widths])

@@ -42,7 +42,8 @@ FREE = -1
 #: Training steps between two exact recomputations of a live mask's threshold.
 THRESHOLD_REFRESH = 8
 
-#: Trained tasks whose effective weights each layer keeps ready for evaluation.
+#: Trained tasks whose effective weights each layer keeps ready for evaluation (the model
+#: raises it to fit its memory budget, see ``TSNModel.eval_cache_bytes``).
 EVAL_CACHE_SIZE = 4
 
 
@@ -146,6 +147,8 @@ class MaskedLayer(_PerTaskBuffers):
         self.register_buffer("task_centroids", torch.zeros(0, 0))
         self.register_buffer("slot_bank", torch.zeros(0, dtype=torch.int16))
         self.active_slot = FREE
+        # A minibatch sorted by task: (slot or FREE, rows) per task, in order; None: one task.
+        self.task_groups: list[tuple[int, int]] | None = None
         self.live_keep = keep_count(weight.numel(), 0.5)
         self.eval_cache_size = EVAL_CACHE_SIZE
         self._clear_caches()
@@ -242,12 +245,24 @@ class MaskedLayer(_PerTaskBuffers):
             self.weight.view(-1).scatter_(0, owned[0], owned[1])
             self._synced_version = self.weight._version
 
+    def _per_group(self, x: Tensor, apply) -> Tensor:
+        """Run ``apply(x_part, weight, bias)`` on each task's rows of a task-sorted batch."""
+        if self.task_groups is None:
+            weight, bias = self.effective_params()
+            return apply(x, weight, bias)
+        outs, start = [], 0
+        for slot, count in self.task_groups:
+            self.__dict__["active_slot"] = slot  # a plain attribute: skip Module's checks
+            weight, bias = self.effective_params()
+            outs.append(apply(x[start : start + count], weight, bias))
+            start += count
+        return torch.cat(outs)
+
     def effective_params(self) -> tuple[Tensor, Tensor | None]:
         """Weight and bias of the active task (``active_slot``) or of the live subnetwork."""
         slot = self.active_slot
         if slot != FREE:
-            bias = None if self.task_bias is None else self.task_bias[slot]
-            return self.frozen_weight(slot), bias
+            return self.frozen_params(slot)
         self._sync_weight()
         if self.training and torch.is_grad_enabled():
             threshold = self._live_threshold()
@@ -258,27 +273,40 @@ class MaskedLayer(_PerTaskBuffers):
         weight = self.weight.detach()
         return torch.where(self.live_mask(), weight, weight.new_zeros(())), self.bias
 
-    @torch.no_grad()
-    def frozen_weight(self, slot: int) -> Tensor:
-        """Effective weight of the trained task in ``slot`` (its mask over its bank's values).
+    def frozen_params(self, slot: int) -> tuple[Tensor, Tensor | None]:
+        """Effective weight and bias of the trained task in ``slot`` (mask over its bank).
 
-        Kept in a small cache, keyed on the buffers it is made of, so that any change to them
-        (a later pruning or quantization step, a loaded state dict) is seen.
+        Kept in a small cache keyed on the buffers they are made of, so that any change to
+        them (a later pruning or quantization step, a loaded state dict) is seen.
 
         :param slot: a trained task's slot.
         """
-        parts = (self.bank_weights, self.task_masks, self.slot_bank)
+        parts = (self.bank_weights, self.task_masks, self.slot_bank, self.task_bias)
         hit = self._eval_cache.get(slot)
-        if hit is not None and _matches(hit[0], parts):
+        # The entry keeps the very tensors it was made from: same objects, same versions.
+        if hit is not None and all(
+            t is k and (t is None or t._version == v)
+            for t, (k, v) in zip(parts, hit[0], strict=True)
+        ):
             self._eval_cache.move_to_end(slot)
             return hit[1]
-        values = self.bank_weights[self.bank_of_slot(slot)]
-        weight = torch.where(self.task_mask(slot), values, values.new_zeros(()))
+        with torch.no_grad():
+            values = self.bank_weights[self.bank_of_slot(slot)]
+            weight = torch.where(self.task_mask(slot), values, values.new_zeros(()))
+            bias = None if self.task_bias is None else self.task_bias[slot]
         if self.eval_cache_size > 0:
-            self._eval_cache[slot] = (_fingerprint(parts), weight)
+            key = tuple((t, None if t is None else t._version) for t in parts)
+            self._eval_cache[slot] = (key, (weight, bias))
             while len(self._eval_cache) > self.eval_cache_size:
                 self._eval_cache.popitem(last=False)
-        return weight
+        return weight, bias
+
+    def frozen_weight(self, slot: int) -> Tensor:
+        """Effective weight of the trained task in ``slot`` (see :meth:`frozen_params`).
+
+        :param slot: a trained task's slot.
+        """
+        return self.frozen_params(slot)[0]
 
     # -- banks --------------------------------------------------------------------------
     @property
@@ -530,8 +558,7 @@ class TSNLinear(MaskedLayer, nn.Linear):
         self._init_masking(layer.weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.effective_params()
-        return F.linear(x, weight, bias)
+        return self._per_group(x, F.linear)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -552,8 +579,7 @@ class TSNConv2d(MaskedLayer, nn.Conv2d):
         self._init_masking(layer.weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.effective_params()
-        return self._conv_forward(x, weight, bias)
+        return self._per_group(x, self._conv_forward)
 
     def extra_repr(self) -> str:
         return nn.Conv2d.extra_repr(self)
@@ -587,6 +613,7 @@ class TaskBatchNorm(_PerTaskBuffers):
         self.register_buffer("task_weight", torch.zeros(0, c) if affine else None)
         self.register_buffer("task_bias", torch.zeros(0, c) if affine else None)
         self.active_slot = FREE
+        self.task_groups: list[tuple[int, int]] | None = None
 
     def begin_task(self, slot: int) -> None:
         """Start a task with fresh statistics.
@@ -639,7 +666,15 @@ class TaskBatchNorm(_PerTaskBuffers):
             self.task_bias[slot] = self.bias.detach()
 
     def forward(self, x: Tensor) -> Tensor:
-        slot = self.active_slot
+        if self.task_groups is None:
+            return self._forward_slot(x, self.active_slot)
+        outs, start = [], 0
+        for slot, count in self.task_groups:
+            outs.append(self._forward_slot(x[start : start + count], slot))
+            start += count
+        return torch.cat(outs)
+
+    def _forward_slot(self, x: Tensor, slot: int) -> Tensor:
         if slot != FREE:
             weight = None if self.task_weight is None else self.task_weight[slot]
             bias = None if self.task_bias is None else self.task_bias[slot]

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 _SUPPORTED = "nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d and MultiHeadClassifier heads"
 
+#: Default memory budget of the evaluation cache (see ``TSNModel.eval_cache_bytes``).
+EVAL_CACHE_BYTES = 256 * 2**20
+
 #: A task that starts with less than this fraction of free weights in some layer of its bank
 #: gets a logged warning: it can train almost nothing of its own.
 LOW_FREE_FRACTION = 0.05
@@ -159,6 +162,7 @@ class TSNModel(MultiTaskModule):
             m for m in self.net.modules() if isinstance(m, TaskBatchNorm)
         ]
         self._heads = [m for m in self.net.modules() if isinstance(m, MultiHeadClassifier)]
+        self._modules_per_task: list[nn.Module] = [*self._layers, *self._norms]
         self._pass_labels = _takes_task_labels(self.net)
         self.register_buffer("task_labels_by_slot", torch.zeros(0, dtype=torch.long))
         self.register_buffer("slot_frozen", torch.zeros(0, dtype=torch.bool))
@@ -171,6 +175,7 @@ class TSNModel(MultiTaskModule):
         self.register_buffer("memory_len", torch.zeros(0, dtype=torch.long))
         self._slot_cache: tuple[dict[int, int], frozenset[int]] | None = None
         self.live_sparsity = sparsity
+        self.eval_cache_bytes = EVAL_CACHE_BYTES
         for target in {id(module): module, id(self.net): self.net}.values():
             object.__setattr__(target, _OWNER_ATTR, self)
 
@@ -548,10 +553,8 @@ class TSNModel(MultiTaskModule):
         slots, frozen = self._slot_table()
         slot = slots.get(int(task_label))
         active = slot if slot in frozen else FREE
-        for layer in self._layers:
-            layer.active_slot = active
-        for norm in self._norms:
-            norm.active_slot = active
+        for module in self._modules_per_task:
+            module.__dict__["active_slot"] = active  # a plain attribute: skip Module's checks
 
     def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
         self._activate(task_label)
@@ -585,13 +588,50 @@ class TSNModel(MultiTaskModule):
             return self.forward_all_tasks(x)
         if isinstance(task_labels, int):
             return self.forward_single_task(x, task_labels)
-        tasks = torch.unique(task_labels)
-        if len(tasks) == 1:
-            return self.forward_single_task(x, int(tasks[0]))
-        groups = [(task_labels == t, int(t)) for t in tasks]
-        outs = [(sel, self.forward_single_task(x[sel], t)) for sel, t in groups]
-        width = max(o.shape[1] for _, o in outs)
-        out = outs[0][1].new_zeros((x.shape[0], width))
-        for sel, o in outs:
-            out[sel, : o.shape[1]] = o
-        return out
+        labels = task_labels.to(torch.long)
+        first = labels[:1]
+        if bool((labels == first).all()):
+            return self.forward_single_task(x, int(first))
+        return self._forward_mixed(x, labels)
+
+    def _forward_mixed(self, x: Tensor, labels: Tensor) -> Tensor:
+        # One pass of the network over the minibatch sorted by task: each masked layer and
+        # normalisation runs each task's rows with that task's parameters, the rest of the
+        # network runs once (a pass per task would repeat every module for every task).
+        order = torch.argsort(labels, stable=True)
+        tasks, counts = torch.unique_consecutive(labels[order], return_counts=True)
+        slots, frozen = self._slot_table()
+        groups = []
+        for t, c in zip(tasks.tolist(), counts.tolist(), strict=True):
+            slot = slots.get(t)
+            groups.append((slot if slot in frozen else FREE, c))
+        for module in self._layers + self._norms:
+            module.task_groups = groups
+        try:
+            sorted_labels = labels[order]
+            out = self.net(x[order], sorted_labels) if self._pass_labels else self.net(x[order])
+        finally:
+            for module in self._layers + self._norms:
+                module.task_groups = None
+        result = torch.empty_like(out)
+        result[order] = out
+        return result
+
+    @property
+    def eval_cache_bytes(self) -> int:
+        """Memory budget of the evaluation cache (trained tasks' effective weights).
+
+        Each masked layer keeps the effective weights of as many trained tasks as the budget
+        holds for the whole backbone (at least 2), so minibatches that mix tasks, and
+        evaluation loops over tasks, do not rebuild them.
+        """
+        return self._eval_cache_bytes
+
+    @eval_cache_bytes.setter
+    def eval_cache_bytes(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"eval_cache_bytes must be an int >= 0, got {value!r}")
+        self._eval_cache_bytes = value
+        per_task = sum(layer.weight.numel() * layer.weight.element_size() for layer in self._layers)
+        for layer in self._layers:
+            layer.eval_cache_size = max(2, value // max(per_task, 1))

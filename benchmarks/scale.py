@@ -1,0 +1,289 @@
+"""Costs at the paper's scale, as ratios against a baseline measured in the same process.
+
+Usage::
+
+    python benchmarks/scale.py                       # every row, printed
+    python benchmarks/scale.py --rows io,mixed       # some rows
+    python benchmarks/scale.py --write BENCHMARKS.md # also replace the scale section there
+
+Rows (issue 11):
+
+- ``train``: one training step (zero_grad, forward, loss, backward, optimizer step) of TSN's
+  second task (the first one frozen) against the same step of the plain model, SGD with
+  momentum, minibatch 64: MLP 784-100-100, ReducedAlexNet, ReducedResNet18 (20 filters).
+- ``compress``: pruning + quantization time as a % of training time, ReducedResNet18 on
+  split Fashion-MNIST (3x32x32), 2 epochs a task; with the ACC and capacity they reach.
+- ``io``: ``capacity_report()``, ``export()`` and ``load_compressed()`` against
+  ``torch.save(state_dict)`` on ResNet-18 (64 filters, 11M weights) with 10 tasks.
+- ``state``: ``state_dict`` bytes against the capacity report's, and mask bits per weight
+  per task (ResNet-18, 2 and 10 tasks).
+- ``mixed``: a minibatch of 256 that mixes k tasks against one of a single task.
+- ``eval``: the evaluation forward of a trained task against the unwrapped model.
+
+Everything runs with a fixed thread count (printed); each figure is the min and the median
+of repeats, and ratios are of medians. Synthetic tasks (``io``, ``state``, ``mixed``,
+``eval``) are made by freezing random masks and quantizing at 4 bits: their costs depend on
+sizes, not on what was learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from avalanche_tsn import TSNModel, load_compressed
+from avalanche_tsn.capacity import capacity_report
+from avalanche_tsn.export import export_model
+from avalanche_tsn.models import ReducedAlexNet, ReducedResNet18, single_head
+from avalanche_tsn.quantization import quantize_task
+
+BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
+
+
+def _timed(fn: Callable[[], object], repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _fmt(times: list[float], scale: float = 1000.0) -> str:
+    return f"{scale * min(times):.1f} / {scale * statistics.median(times):.1f}"
+
+
+def synthetic(make: Callable[[], nn.Module], tasks: int, bits: int = 4, seed: int = 0) -> TSNModel:
+    """A TSN model with ``tasks`` frozen tasks of random masks, quantized at ``bits``."""
+    torch.manual_seed(seed)
+    model = TSNModel(make())
+    for t in range(tasks):
+        model.begin_task(t, 0.5)
+        with torch.no_grad():
+            for _, layer in model.masked_layers():
+                layer.scores.normal_()
+                layer.weight.normal_(std=0.05)
+        model.end_task(t)
+        if bits:
+            quantize_task(model, t, bits)
+    return model.eval()
+
+
+# -- train -------------------------------------------------------------------------------
+
+
+def _step_times(make, shape, tsn: bool, steps: int, mb: int = 64) -> list[float]:
+    torch.manual_seed(0)
+    net = make()
+    model: nn.Module = net
+    if tsn:
+        model = TSNModel(net)
+        model.begin_task(0, 0.5)
+        model.train()
+        model(torch.randn(mb, *shape), 0).sum().backward()
+        model.end_task(0)
+        model.begin_task(1, 0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x, y = torch.randn(mb, *shape), torch.randint(0, 10, (mb,))
+    model.train()
+    times = []
+    for i in range(steps + 3):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        out = model(x, 1) if tsn else model(x)
+        loss = nn.functional.cross_entropy(out, y)
+        if tsn and not bool(torch.isfinite(loss)):  # TSN's per-step check
+            raise FloatingPointError
+        loss.backward()
+        opt.step()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def row_train(args) -> list[str]:
+    backbones = [
+        ("MLP 784-100-100", lambda: single_head(784, (100, 100), 10), (784,), 60),
+        ("ReducedAlexNet", lambda: ReducedAlexNet(multihead=False), (3, 32, 32), 16),
+        ("ReducedResNet18", lambda: ReducedResNet18(multihead=False), (3, 32, 32), 8),
+    ]
+    lines = [
+        "| backbone (minibatch 64) | plain ms/step (min / median) | TSN ms/step | TSN / plain |",
+        "|---|---|---|---|",
+    ]
+    for name, make, shape, steps in backbones:
+        plain, tsn = [], []
+        for _ in range(args.repeats):  # interleaved, so both see the same machine
+            plain += _step_times(make, shape, False, steps)
+            tsn += _step_times(make, shape, True, steps)
+        ratio = statistics.median(tsn) / statistics.median(plain)
+        lines.append(f"| {name} | {_fmt(plain)} | {_fmt(tsn)} | {ratio:.2f} |")
+    return lines
+
+
+# -- io and state ------------------------------------------------------------------------
+
+
+def _resnet18() -> nn.Module:
+    return ReducedResNet18(nf=64, multihead=False)
+
+
+def row_io(args) -> list[str]:
+    model = synthetic(_resnet18, 10)
+    n = sum(layer.weight.numel() for _, layer in model.masked_layers())
+    state = model.state_dict()
+    blob: dict[str, bytes] = {}
+
+    def save():
+        buf = io.BytesIO()
+        torch.save(state, buf)
+
+    def export():
+        buf = io.BytesIO()
+        export_model(model, buf)
+        blob["file"] = buf.getvalue()
+
+    export()
+    fresh = [_resnet18() for _ in range(args.repeats)]
+
+    def load():
+        load_compressed(io.BytesIO(blob["file"]), fresh.pop())
+
+    base = _timed(save, args.repeats)
+    rows = [("capacity_report()", _timed(lambda: capacity_report(model), args.repeats))]
+    rows += [("export()", _timed(export, args.repeats)), ("load_compressed()", _timed(load, 1))]
+    rows[-1] = ("load_compressed()", rows[-1][1] + _timed(load, len(fresh)))
+    lines = [
+        f"ResNet-18 (64 filters, {n:,} maskable weights), 10 tasks; export file "
+        f"{len(blob['file']):,} bytes.",
+        "",
+        "| operation | s (min / median) | / torch.save(state_dict) |",
+        "|---|---|---|",
+        f"| torch.save(state_dict) | {_fmt(base, 1)} | 1.00 |",
+    ]
+    for name, times in rows:
+        ratio = statistics.median(times) / statistics.median(base)
+        lines.append(f"| {name} | {_fmt(times, 1)} | {ratio:.2f} |")
+    return lines
+
+
+def row_state(args) -> list[str]:
+    lines = [
+        "| ResNet-18, tasks | state_dict bytes | capacity report bytes | ratio | "
+        "mask bits / weight / task |",
+        "|---|---|---|---|---|",
+    ]
+    for tasks in (2, 10):
+        model = synthetic(_resnet18, tasks)
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        report = capacity_report(model)
+        n = sum(layer.weight.numel() for _, layer in model.masked_layers())
+        mask_bits = sum(8 * layer.task_masks.numel() for _, layer in model.masked_layers())
+        lines.append(
+            f"| {tasks} | {buf.tell():,} | {report.total_bits // 8:,} | "
+            f"{8 * buf.tell() / report.total_bits:.1f} | {mask_bits / n / tasks:.3f} |"
+        )
+    return lines
+
+
+# -- mixed and eval ----------------------------------------------------------------------
+
+
+def row_mixed(args) -> list[str]:
+    model = synthetic(lambda: single_head(784, (100, 100), 10), 30)
+    x = torch.randn(256, 784)
+    lines = [
+        "MLP 784-100-100 with 30 trained tasks, minibatch 256.",
+        "",
+        "| tasks in the minibatch | ms (min / median) | / single-task minibatch |",
+        "|---|---|---|",
+    ]
+    base = None
+    with torch.no_grad():
+        for k in (1, 9, 16, 30):
+            labels = torch.arange(256) % k
+            model(x, labels)  # warm the caches
+            times = _timed(lambda labels=labels: model(x, labels), args.repeats * 20)
+            base = base or statistics.median(times)
+            lines.append(f"| {k} | {_fmt(times)} | {statistics.median(times) / base:.2f} |")
+    return lines
+
+
+def row_eval(args) -> list[str]:
+    lines = [
+        "| backbone, minibatch 256 | unwrapped ms (min / median) | trained task ms | ratio |",
+        "|---|---|---|---|",
+    ]
+    for name, make, shape in [
+        ("MLP 784-100-100", lambda: single_head(784, (100, 100), 10), (784,)),
+        ("ReducedAlexNet", lambda: ReducedAlexNet(multihead=False, norm=False), (3, 32, 32)),
+    ]:
+        torch.manual_seed(0)
+        plain = make().eval()
+        model = synthetic(make, 3)
+        x = torch.randn(256, *shape)
+        with torch.no_grad():
+            model(x, 1)
+            n = args.repeats * (20 if len(shape) == 1 else 3)
+            a, b = [], []
+            for _ in range(n):  # interleaved
+                a += _timed(lambda p=plain, x=x: p(x), 1)
+                b += _timed(lambda m=model, x=x: m(x, 1), 1)
+        ratio = statistics.median(b) / statistics.median(a)
+        lines.append(f"| {name} | {_fmt(a)} | {_fmt(b)} | {ratio:.2f} |")
+    return lines
+
+
+ROWS = {
+    "train": ("Training step, TSN against the plain model", row_train),
+    "io": ("Capacity report, export and load against torch.save", row_io),
+    "state": ("State dict against the capacity report", row_state),
+    "mixed": ("Minibatches that mix tasks", row_mixed),
+    "eval": ("Evaluation forward of a trained task", row_eval),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--write", help="replace the scale section of this Markdown file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.getLogger("avalanche_tsn").setLevel(logging.ERROR)  # synthetic tasks fill up
+    out = [
+        f"Measured {date.today()} with `python benchmarks/scale.py --rows {args.rows} "
+        f"--repeats {args.repeats}`, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), CPU.",
+    ]
+    print(out[0], flush=True)
+    for key in args.rows.split(","):
+        title, fn = ROWS[key]
+        section = ["", f"### {title}", ""] + fn(args)
+        print("\n".join(section), flush=True)
+        out += section
+    text = "\n".join(out)
+    if args.write:
+        path = Path(args.write)
+        doc = path.read_text()
+        if BEGIN in doc and END in doc:
+            head, rest = doc.split(BEGIN, 1)
+            doc = head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1]
+        else:
+            doc += f"\n## Costs at scale (issue 11)\n\n{BEGIN}\n{text}\n{END}\n"
+        path.write_text(doc)
+
+
+if __name__ == "__main__":
+    main()
