@@ -16,8 +16,9 @@ import torch
 
 from avalanche_tsn.layers import FREE
 from avalanche_tsn.model import TSNModel
+from avalanche_tsn.quantization import accuracy_at_least
 
-__all__ = ["PruneRecord", "greedy_prune", "task_sparsity"]
+__all__ = ["PruneRecord", "greedy_prune", "task_sparsity", "check_search", "SEARCHES"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,21 @@ class PruneRecord:
     own_after: int
     accuracy_before: float
     accuracy_after: float
+    #: validation passes the search made (one that stops early counts too)
+    evaluations: int = 0
+
+
+SEARCHES = ("joint", "layerwise")
+
+
+def check_search(value: object) -> str:
+    """Validate a pruning search name.
+
+    :param value: ``"joint"`` or ``"layerwise"``.
+    """
+    if value not in SEARCHES:
+        raise ValueError(f"prune_search must be one of {', '.join(SEARCHES)}, got {value!r}")
+    return str(value)
 
 
 def task_sparsity(model: TSNModel, slot: int) -> float:
@@ -65,8 +81,17 @@ def greedy_prune(
     iterations: int,
     step: float,
     max_drop: float,
+    search: str = "joint",
 ) -> PruneRecord:
     """Prune ``task_label``'s own weights greedily, layer by layer.
+
+    Each pass proposes to drop the smallest-magnitude ``step`` of every layer's own weights
+    and keeps a drop if the validation accuracy stays within ``max_drop`` of the unpruned
+    accuracy. ``search="layerwise"`` (the paper's loop) tries the layers one at a time: one
+    validation pass per layer and pass. ``search="joint"`` tries all of them at once and,
+    when the drop is too large, splits them in halves and tries each (group testing): one
+    pass when every layer can be pruned, about ``2 r log(layers / r)`` when ``r`` cannot;
+    a layer whose drop is rejected on its own is not tried again in later passes.
 
     Only the task's own weights that no later task reads are candidates (selected by index,
     so no value of another task can be picked); non-finite own weights raise ``ValueError``
@@ -76,10 +101,12 @@ def greedy_prune(
 
     :param model: the TSN model; the task must be trained (frozen).
     :param task_label: the task to prune.
-    :param evaluate: validation accuracy of the model as it is.
+    :param evaluate: validation accuracy of the model as it is; if it takes an argument it
+        is given the accuracy to reach and may stop early below it.
     :param iterations: passes over the layers.
     :param step: fraction of a layer's own weights dropped per attempt, in (0, 1).
     :param max_drop: largest accepted drop below the unpruned accuracy.
+    :param search: ``"joint"`` or ``"layerwise"``.
     """
     slot = model.slot_of(task_label)
     if slot is None or not model.is_trained(task_label):
@@ -89,8 +116,9 @@ def greedy_prune(
         if not bool(torch.isfinite(layer.own_values(slot)).all()):
             raise ValueError(f"task {task_label} owns non-finite weights in {name}; not pruned")
     saved = [(layer.task_masks[slot].clone(), layer.slot_owner(slot).clone()) for layer in layers]
+    check_search(search)
     try:
-        return _prune(model, task_label, slot, evaluate, iterations, step, max_drop)
+        return _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search)
     except BaseException:
         for layer, (mask, owners) in zip(layers, saved, strict=True):
             layer.task_masks[slot] = mask
@@ -98,32 +126,68 @@ def greedy_prune(
         raise
 
 
-def _prune(model, task_label, slot, evaluate, iterations, step, max_drop) -> PruneRecord:
+def _candidates(model: TSNModel, layer, slot: int, later: list[int]) -> torch.Tensor:
+    """Flat indices of the weights ``slot`` owns that no later task of its bank reads."""
+    candidates = layer.own_mask(slot)
+    for s in later:
+        if layer.bank_of_slot(s) == layer.bank_of_slot(slot):
+            # a weight a later task reads must stay frozen, so it stays owned
+            candidates &= ~layer.task_mask(s)
+    return candidates.flatten().nonzero().squeeze(1)
+
+
+def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search) -> PruneRecord:
     sparsity_before, own_before = task_sparsity(model, slot), _own_count(model, slot)
-    later = [s for s in range(slot + 1, len(model.task_labels_by_slot))]
+    later = list(range(slot + 1, len(model.task_labels_by_slot)))
+    layers = [layer for _, layer in model.masked_layers()]
     baseline = evaluate()
+    evaluations = 1
     accuracy = baseline
+
+    def proposal(layer) -> torch.Tensor | None:
+        own_idx = _candidates(model, layer, slot, later)
+        n_drop = int(len(own_idx) * step)
+        if n_drop == 0:
+            return None
+        values = layer.bank_weights[layer.bank_of_slot(slot)].flatten()
+        return own_idx[torch.topk(values[own_idx].abs(), n_drop, largest=False).indices]
+
+    def attempt(group: list) -> bool:
+        nonlocal evaluations, accuracy
+        drops = [(layer, proposal(layer)) for layer in group]
+        drops = [(layer, idx) for layer, idx in drops if idx is not None]
+        if not drops:
+            return False
+        for layer, idx in drops:
+            _set_slot(layer, slot, idx, owned=False)
+        acc = accuracy_at_least(evaluate, baseline - max_drop)
+        evaluations += 1
+        if baseline - acc > max_drop:
+            for layer, idx in drops:
+                _set_slot(layer, slot, idx, owned=True)
+            return False
+        accuracy = acc
+        return True
+
+    open_layers = list(layers)
     for _ in range(iterations):
         kept_any = False
-        for _, layer in model.masked_layers():
-            candidates = layer.own_mask(slot)
-            for s in later:
-                if layer.bank_of_slot(s) == layer.bank_of_slot(slot):
-                    # a weight a later task reads must stay frozen, so it stays owned
-                    candidates &= ~layer.task_mask(s)
-            own_idx = candidates.flatten().nonzero().squeeze(1)
-            n_drop = int(len(own_idx) * step)
-            if n_drop == 0:
-                continue
-            values = layer.bank_weights[layer.bank_of_slot(slot)].flatten()
-            magnitude = values[own_idx].abs()
-            idx = own_idx[torch.topk(magnitude, n_drop, largest=False).indices]
-            _set_slot(layer, slot, idx, owned=False)
-            acc = evaluate()
-            if baseline - acc > max_drop:
-                _set_slot(layer, slot, idx, owned=True)
-            else:
-                kept_any, accuracy = True, acc
+        if search == "layerwise":
+            for layer in layers:
+                kept_any |= attempt([layer])
+        else:
+            pending = [open_layers]
+            while pending:
+                group = pending.pop()
+                if attempt(group):
+                    kept_any = True
+                elif len(group) > 1:
+                    half = len(group) // 2
+                    pending += [group[half:], group[:half]]  # the first half is tried first
+                elif group:
+                    # A layer whose next drop is too much is done: more of its weights would
+                    # only cost more accuracy (the layerwise loop tries it again every pass).
+                    open_layers = [layer for layer in open_layers if layer is not group[0]]
         if not kept_any:
             break
     return PruneRecord(
@@ -134,4 +198,5 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop) -> Pru
         own_after=_own_count(model, slot),
         accuracy_before=baseline,
         accuracy_after=accuracy,
+        evaluations=evaluations,
     )

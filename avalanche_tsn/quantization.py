@@ -12,6 +12,7 @@ the sorted array, so one sort plus prefix sums make every step O(2^b log n).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ __all__ = [
     "quantize_head",
     "store_centroids",
     "codes_of",
+    "accuracy_at_least",
 ]
 
 
@@ -151,7 +153,8 @@ def adaptive_bits(
 
     :param quantize: quantizes the model at a bit-width.
     :param restore: undoes ``quantize``.
-    :param evaluate: validation accuracy of the model as it is.
+    :param evaluate: validation accuracy of the model as it is; if it takes an argument it
+        is given the accuracy to reach and may stop early below it.
     :param baseline: validation accuracy before quantization.
     :param min_bits: first bit-width tried.
     :param max_bits: last bit-width tried.
@@ -160,13 +163,28 @@ def adaptive_bits(
     try:
         for bits in range(min_bits, max_bits + 1):
             quantize(bits)
-            if baseline - evaluate() <= max_drop or bits == max_bits:
+            if bits == max_bits:
+                return bits
+            if baseline - accuracy_at_least(evaluate, baseline - max_drop) <= max_drop:
                 return bits
             restore()
     except BaseException:
         restore()
         raise
     raise AssertionError("unreachable")  # the loop always returns at max_bits
+
+
+def accuracy_at_least(evaluate: Callable[..., float], floor: float) -> float:
+    """``evaluate(floor)`` if ``evaluate`` takes an argument (it may stop below the floor).
+
+    :param evaluate: validation accuracy of the model as it is.
+    :param floor: the accuracy the caller needs to know it reaches.
+    """
+    try:
+        takes_floor = bool(inspect.signature(evaluate).parameters)
+    except (TypeError, ValueError):
+        takes_floor = False
+    return evaluate(floor) if takes_floor else evaluate()
 
 
 @torch.no_grad()

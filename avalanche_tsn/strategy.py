@@ -71,6 +71,9 @@ class TSNStrategy(SupervisedTemplate):
     :param prune_iterations: pruning passes over the layers.
     :param prune_step: fraction of a layer's own weights dropped per attempt, in (0, 1).
     :param prune_max_drop: largest validation-accuracy drop pruning may cause, in [0, 1).
+    :param prune_search: ``"joint"`` (all layers at once, split where the drop is too large)
+        or ``"layerwise"`` (the paper's loop, one layer at a time); see
+        :func:`avalanche_tsn.pruning.greedy_prune`.
     :param quantize: run adaptive k-means quantization of each task's own weights.
     :param quant_min_bits: first bit-width tried, in 1..16.
     :param quant_max_bits: largest bit-width, in ``quant_min_bits``..16.
@@ -105,6 +108,7 @@ class TSNStrategy(SupervisedTemplate):
         prune_iterations: int = 5,
         prune_step: float = 0.2,
         prune_max_drop: float = 0.01,
+        prune_search: str = "joint",
         quantize: bool = True,
         quant_min_bits: int = 2,
         quant_max_bits: int = 8,
@@ -158,7 +162,7 @@ class TSNStrategy(SupervisedTemplate):
             (
                 PruningPlugin,
                 prune,
-                lambda: PruningPlugin(prune_iterations, prune_step, prune_max_drop),
+                lambda: PruningPlugin(prune_iterations, prune_step, prune_max_drop, prune_search),
             ),
             (
                 QuantizationPlugin,

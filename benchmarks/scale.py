@@ -244,12 +244,129 @@ def row_eval(args) -> list[str]:
     return lines
 
 
+# -- compress ---------------------------------------------------------------------------
+
+
+def _fashion_32(per_task: int, tasks: int = 3, seed: int = 0):
+    """Split Fashion-MNIST as 3x32x32 images (ReducedResNet18's input), ``per_task`` samples."""
+    from avalanche.benchmarks import nc_benchmark
+
+    from avalanche_tsn.datasets import TensorTaskDataset, load_fashion_mnist
+
+    x_train, y_train, x_test, y_test = load_fashion_mnist()
+
+    def images(x):
+        x = nn.functional.pad(x.view(-1, 1, 28, 28), (2, 2, 2, 2))
+        return x.expand(-1, 3, -1, -1).contiguous()
+
+    g = torch.Generator().manual_seed(seed)
+    keep_train = torch.randperm(len(y_train), generator=g)[: per_task * 5]
+    keep_test = torch.randperm(len(y_test), generator=g)[: per_task * 5 // 4]
+    bm = nc_benchmark(
+        TensorTaskDataset(images(x_train[keep_train]), y_train[keep_train]),
+        TensorTaskDataset(images(x_test[keep_test]), y_test[keep_test]),
+        n_experiences=5,
+        task_labels=True,
+        shuffle=True,
+        seed=seed,
+        class_ids_from_zero_in_each_exp=True,
+    )
+    return bm, tasks
+
+
+def _compress_run(bm, tasks: int, pruning: dict) -> dict:
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
+
+    from avalanche_tsn import TSNStrategy
+    from avalanche_tsn.plugins import PruningPlugin, QuantizationPlugin
+
+    class Clock(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.train = 0.0
+
+        def before_training_epoch(self, strategy, **kwargs):
+            self._t = time.perf_counter()
+
+        def after_training_epoch(self, strategy, **kwargs):
+            self.train += time.perf_counter() - self._t
+
+    torch.manual_seed(0)
+    model = ReducedResNet18(n_classes=2)
+    clock = Clock()
+    strategy = TSNStrategy(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        train_mb_size=64,
+        train_epochs=2,
+        eval_mb_size=256,
+        plugins=[clock],
+        evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
+        **pruning,
+    )
+    spent = {"prune": 0.0, "quantize": 0.0}
+    for plugin in strategy.plugins:
+        for kind, cls in (("prune", PruningPlugin), ("quantize", QuantizationPlugin)):
+            if isinstance(plugin, cls):
+                original = plugin.after_training_exp
+
+                def timed(strategy, _original=original, _kind=kind, **kwargs):
+                    t0 = time.perf_counter()
+                    _original(strategy, **kwargs)
+                    spent[_kind] += time.perf_counter() - t0
+
+                plugin.after_training_exp = timed
+    for exp in list(bm.train_stream)[:tasks]:
+        strategy.train(exp, eval_streams=[])
+    res = strategy.eval(list(bm.test_stream)[:tasks])
+    acc = [res[f"Top1_Acc_Exp/eval_phase/test_stream/Task{t:03d}/Exp{t:03d}"] for t in range(tasks)]
+    pruner = next((p for p in strategy.plugins if isinstance(p, PruningPlugin)), None)
+    records = pruner.records if pruner is not None else []
+    return {
+        "passes": sum(r.evaluations for r in records) / max(len(records), 1),
+        "train_s": clock.train,
+        "prune_s": spent["prune"],
+        "quantize_s": spent["quantize"],
+        "acc": 100 * sum(acc) / len(acc),
+        "capacity": strategy.capacity_report().percent,
+    }
+
+
+def row_compress(args) -> list[str]:
+    try:
+        bm, tasks = _fashion_32(per_task=args.compress_samples)
+    except FileNotFoundError as err:
+        return [f"skipped: {err}"]
+    configs = [
+        ("layerwise (the paper's loop)", {"prune_search": "layerwise"}),
+        ("joint (default)", {"prune_search": "joint"}),
+    ]
+    lines = [
+        f"ReducedResNet18 (20 filters) on split Fashion-MNIST as 3x32x32, {tasks} tasks of "
+        f"{args.compress_samples} training samples (10% held out), 2 epochs a task, SGD 0.05.",
+        "",
+        "| pruning | validation passes a task | train s | prune s | quantize s | "
+        "(prune + quantize) / train | ACC % | capacity % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, extra in configs:
+        r = _compress_run(bm, tasks, extra)
+        share = 100 * (r["prune_s"] + r["quantize_s"]) / r["train_s"]
+        lines.append(
+            f"| {name} | {r['passes']:.1f} | {r['train_s']:.1f} | {r['prune_s']:.1f} | {r['quantize_s']:.1f} | "
+            f"{share:.0f}% | {r['acc']:.2f} | {r['capacity']:.2f} |"
+        )
+    return lines
+
+
 ROWS = {
     "train": ("Training step, TSN against the plain model", row_train),
     "io": ("Capacity report, export and load against torch.save", row_io),
     "state": ("State dict against the capacity report", row_state),
     "mixed": ("Minibatches that mix tasks", row_mixed),
     "eval": ("Evaluation forward of a trained task", row_eval),
+    "compress": ("Pruning and quantization against training", row_compress),
 }
 
 
@@ -259,6 +376,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write", help="replace the scale section of this Markdown file")
+    parser.add_argument("--compress-samples", type=int, default=2000)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("avalanche_tsn").setLevel(logging.ERROR)  # synthetic tasks fill up

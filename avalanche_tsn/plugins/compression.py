@@ -12,12 +12,15 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 
 from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_model
-from avalanche_tsn.pruning import PruneRecord, greedy_prune
+from avalanche_tsn.pruning import PruneRecord, check_search, greedy_prune
 from avalanche_tsn.quantization import adaptive_bits, check_bits, quantize_head, quantize_task
 
 __all__ = ["ValidationSplitPlugin", "PruningPlugin", "QuantizationPlugin", "validation_accuracy"]
 
 log = logging.getLogger(__name__)
+
+#: Largest minibatch of a validation pass (see :func:`validation_accuracy`).
+_FLOOR_BATCH = 64
 
 
 def _fraction(value: object, name: str, low_open: bool = True) -> float:
@@ -65,29 +68,60 @@ class ValidationSplitPlugin(SupervisedPlugin):
         order = torch.randperm(n, generator=g).tolist()
         n_val = int(round(self.fraction * n))
         strategy.tsn_validation = data.subset(order[:n_val]).eval()
+        strategy.tsn_validation_batches = None  # read again for this experience
         strategy.adapted_dataset = data.subset(order[n_val:])
 
 
 @torch.no_grad()
-def validation_accuracy(strategy, task_label: int) -> float:
+def validation_accuracy(strategy, task_label: int, floor: float | None = None) -> float:
     """Accuracy of ``strategy.model`` on the held-out split, run as ``task_label``.
+
+    The split is read once per experience (with the strategy's own minibatch conventions)
+    and kept on the strategy's device, so repeated evaluations cost only forwards.
 
     :param strategy: a strategy with a :class:`ValidationSplitPlugin`.
     :param task_label: the task whose subnetwork runs.
+    :param floor: stop as soon as the accuracy cannot reach ``floor`` any more, and return
+        a value below it (searches only need to know which side of the floor it is).
     """
     data = getattr(strategy, "tsn_validation", None)
     if data is None:
         raise RuntimeError("no validation split: add a ValidationSplitPlugin")
+    batches = getattr(strategy, "tsn_validation_batches", None)
+    if batches is None:
+        # Small batches: a search that only needs to know whether a floor is reached stops
+        # after the first batch that rules it out.
+        size = min(strategy.eval_mb_size, _FLOOR_BATCH)
+        batches = [
+            (x.to(strategy.device), y.to(strategy.device))
+            for x, y in strategy_batches(strategy, data, size)
+        ]
+        strategy.tsn_validation_batches = batches
+    total = sum(len(y) for _, y in batches)
     model = strategy.model
+    # The same model state gives the same accuracy: searches re-ask for their baselines.
+    state = (task_label, id(batches), _state_key(model))
+    memo = getattr(strategy, "tsn_validation_memo", None)
+    if memo is not None and memo[0] == state:
+        return memo[1]
     was_training = model.training
     model.eval()
-    correct = total = 0
-    for x, y in strategy_batches(strategy, data, strategy.eval_mb_size):
-        out = model(x, task_label)
-        correct += int((out.argmax(1) == y).sum())
-        total += len(y)
-    model.train(was_training)
+    correct = seen = 0
+    try:
+        for x, y in batches:
+            correct += int((model(x, task_label).argmax(1) == y).sum())
+            seen += len(y)
+            if floor is not None and correct + (total - seen) < floor * total:
+                return (correct + total - seen) / total  # an upper bound, below the floor
+    finally:
+        model.train(was_training)
+    strategy.tsn_validation_memo = (state, correct / total)
     return correct / total
+
+
+def _state_key(model: torch.nn.Module) -> tuple:
+    """Identity and version of every tensor of ``model``: any change alters it."""
+    return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
 
 
 class PruningPlugin(SupervisedPlugin):
@@ -96,15 +130,25 @@ class PruningPlugin(SupervisedPlugin):
     :param iterations: passes over the layers.
     :param step: fraction of a layer's own weights dropped per attempt, in (0, 1).
     :param max_drop: largest accepted validation-accuracy drop, in [0, 1).
+    :param search: ``"joint"`` tries every layer at once and splits the layers only where
+        the drop is too large; ``"layerwise"`` tries each layer on its own (the paper's
+        loop, one validation pass per layer and pass). See :func:`greedy_prune`.
     """
 
-    def __init__(self, iterations: int = 5, step: float = 0.2, max_drop: float = 0.01) -> None:
+    def __init__(
+        self,
+        iterations: int = 5,
+        step: float = 0.2,
+        max_drop: float = 0.01,
+        search: str = "joint",
+    ) -> None:
         super().__init__()
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"prune_iterations must be a positive int, got {iterations!r}")
         self.iterations = iterations
         self.step = _fraction(step, "prune_step")
         self.max_drop = _fraction(max_drop, "prune_max_drop", low_open=False)
+        self.search = check_search(search)
         self.records: list[PruneRecord] = []
 
     def after_training_exp(self, strategy, **kwargs) -> None:
@@ -112,17 +156,19 @@ class PruningPlugin(SupervisedPlugin):
         record = greedy_prune(
             tsn_model(strategy),
             label,
-            lambda: validation_accuracy(strategy, label),
+            lambda floor=None: validation_accuracy(strategy, label, floor),
             iterations=self.iterations,
             step=self.step,
             max_drop=self.max_drop,
+            search=self.search,
         )
         self.records.append(record)
         log.info(
-            "task %d pruned: sparsity %.4f -> %.4f",
+            "task %d pruned: sparsity %.4f -> %.4f (%d validation passes)",
             label,
             record.sparsity_before,
             record.sparsity_after,
+            record.evaluations,
         )
 
 
@@ -192,7 +238,7 @@ class QuantizationPlugin(SupervisedPlugin):
         return adaptive_bits(
             quantize,
             restore,
-            lambda: validation_accuracy(strategy, label),
+            lambda floor=None: validation_accuracy(strategy, label, floor),
             validation_accuracy(strategy, label),
             min_bits=self.min_bits,
             max_bits=self.max_bits,
