@@ -354,8 +354,8 @@ def row_compress(args) -> list[str]:
         r = _compress_run(bm, tasks, extra)
         share = 100 * (r["prune_s"] + r["quantize_s"]) / r["train_s"]
         lines.append(
-            f"| {name} | {r['passes']:.1f} | {r['train_s']:.1f} | {r['prune_s']:.1f} | {r['quantize_s']:.1f} | "
-            f"{share:.0f}% | {r['acc']:.2f} | {r['capacity']:.2f} |"
+            f"| {name} | {r['passes']:.1f} | {r['train_s']:.1f} | {r['prune_s']:.1f} | "
+            f"{r['quantize_s']:.1f} | {share:.0f}% | {r['acc']:.2f} | {r['capacity']:.2f} |"
         )
     return lines
 

@@ -32,6 +32,9 @@ from avalanche_tsn.models import ReducedAlexNet
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset-root", required=True)
+    parser.add_argument(
+        "--tasks", type=int, default=None, help="train only the first N tasks (a smoke run)"
+    )
     parser.add_argument("--epochs", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -65,9 +68,11 @@ def main() -> None:
         sparsity=0.5,
         validation_fraction=0.05,
     )
-    for experience in benchmark.train_stream:
-        strategy.train(experience, eval_streams=[benchmark.test_stream])
-    strategy.eval(benchmark.test_stream)
+    train = list(benchmark.train_stream)[: args.tasks]
+    test = list(benchmark.test_stream)[: args.tasks]
+    for experience in train:
+        strategy.train(experience, eval_streams=[test])
+    strategy.eval(test)
     print(strategy.capacity_report().table())
     print(f"export: {strategy.export(args.export)} bytes in {args.export}")
 
