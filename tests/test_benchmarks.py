@@ -103,3 +103,16 @@ def test_paper_backbones_run_under_tsn_and_packnet(make, size, classes):
     assert all(layer.scores.grad is not None for _, layer in tsn.masked_layers())
     packnet = PackNetModel(make(norm=False, multihead=False))
     assert packnet(x, torch.zeros(2, dtype=torch.long)).shape == (2, classes)
+
+
+def test_gpu_check_skips_cleanly_without_cuda(capsys, monkeypatch):
+    import sys
+
+    import torch
+
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
+    assert gpu_check.main() == 0
+    assert "skipped" in capsys.readouterr().out
