@@ -403,15 +403,18 @@ class TSNModel(MultiTaskModule):
             norm.begin_task(slot)
         if restart:
             self.reset_live(task_label)
-        low = {n: f for n, f in self.free_fractions().items() if f < LOW_FREE_FRACTION}
+        low = sorted((f, n) for n, f in self.free_fractions().items() if f < LOW_FREE_FRACTION)
         if low:
+            shown = ", ".join(f"{n}: {100 * f:.1f}% free" for f, n in low[:3])
+            more = f" and {len(low) - 3} more layers" if len(low) > 3 else ""
             log.warning(
-                "task %d starts with few free weights in bank %d (%s): it can train almost "
+                "task %d starts with few free weights in bank %d (%s%s): it can train almost "
                 "nothing of its own. Lower the sparsity, prune more, use a bigger backbone or "
                 "let new banks open (new_bank_below, task_matching).",
                 task_label,
                 bank,
-                ", ".join(f"{n}: {100 * f:.1f}% free" for n, f in low.items()),
+                shown,
+                more,
             )
         return slot
 

@@ -36,7 +36,7 @@ from avalanche.evaluation.metrics import (
 from avalanche.logging import InteractiveLogger
 from avalanche.models.packnet import PackNetModel
 from avalanche.training import EWC, LwF, Naive, PackNet, SynapticIntelligence
-from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.training.supervised import JointTraining
 from tqdm import tqdm
 
@@ -216,6 +216,8 @@ def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
     if name == "tsn":
         return TSNStrategy(
             model=model,
+            plugins=[FreeAtStart()],
+            new_bank_below=args.new_bank_below,
             sparsity=args.sparsity,
             prune=not args.no_prune,
             quantize=not args.no_quantize,
@@ -235,6 +237,18 @@ def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
     }[name]
     cls = {"naive": Naive, "ewc": EWC, "lwf": LwF, "si": SynapticIntelligence, "packnet": PackNet}
     return cls[name](model=model, eval_every=0, **extra, **common)
+
+
+class FreeAtStart(SupervisedPlugin):
+    """The smallest free fraction over layers of the bank each task starts training in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.free: list[float] = []
+
+    def before_training_epoch(self, strategy, **kwargs) -> None:
+        if strategy.clock.train_exp_epochs == 0:
+            self.free.append(min(strategy.model.free_fractions().values()))
 
 
 def accuracy_matrix(evaluator: EvaluationPlugin, n: int, joint: bool) -> list[list[float]]:
@@ -309,6 +323,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         row["bits"] = quant.bits if quant else None
         row["head_bits"] = quant.head_bits if quant else None
         row["banks"] = [strategy.tsn_model.bank_of(t) for t in strategy.tsn_model.trained_tasks()]
+        free = next(p for p in strategy.plugins if isinstance(p, FreeAtStart))
+        row["free_at_start"] = free.free
         row["divergences"] = {str(k): v for k, v in sim.divergences.items()} if sim else None
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -420,6 +436,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-quantize", action="store_true")
     p.add_argument("--task-matching", action="store_true")
     p.add_argument("--kl-threshold", type=float, default=1.5)
+    p.add_argument("--new-bank-below", type=float, default=None)
     p.add_argument("--ewc-lambda", type=float, default=100.0)
     p.add_argument("--lwf-alpha", type=float, default=1.0)
     p.add_argument("--si-lambda", type=float, default=1.0)
