@@ -288,6 +288,8 @@ def _model_bits(model: torch.nn.Module, packnet_tasks: int = 0) -> int:
 def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train and evaluate one strategy; returns its row of the results."""
     logging.basicConfig(level=logging.WARNING)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     sc = SCENARIOS[args.scenario]
     benchmark = _subset(sc.build(args), args.subset)
     n = len(benchmark.train_stream)
@@ -444,6 +446,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset-root", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--in-process", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
     p.add_argument("--out", default=None, help="folder for results.json/.md and PNGs")
     args = p.parse_args(argv)
@@ -475,7 +478,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"### {args.scenario} ({datetime.now(timezone.utc):%Y-%m-%d}; epochs "
         f"{args.epochs or sc.epochs}, minibatch {args.mb or sc.mb}, "
         f"{args.optimizer or sc.optimizer} lr {args.lr or sc.lr}, seed {args.seed}, "
-        f"device {args.device})"
+        f"device {args.device}, threads {args.threads or torch.get_num_threads()})"
     )
     table = markdown(rows, header)
     print(table)

@@ -271,7 +271,8 @@ def test_an_optimizer_that_moves_every_parameter_changes_no_trained_task():
         assert_unchanged(strategy.model, data, recorded, f"after task {exp.task_label}")
 
 
-def test_abandoning_an_interrupted_task():
+def _task_1_interrupted():
+    """Task 0 learned, task 1's training interrupted; returns what the tests need."""
     bm = blob_stream(n_tasks=3, dim=DIM)
     data = inputs(bm)
     faults = Fault()
@@ -283,6 +284,11 @@ def test_abandoning_an_interrupted_task():
     with pytest.raises(KeyboardInterrupt):
         strategy.train(exps[1], eval_streams=[])
     faults.mode = None
+    return strategy, exps, data, recorded
+
+
+def test_abandoning_an_interrupted_task():
+    strategy, exps, data, recorded = _task_1_interrupted()
     assert strategy.abandon_task() == 1
     assert strategy.tsn_model.open_task() is None
     assert strategy.abandon_task() is None
@@ -293,17 +299,7 @@ def test_abandoning_an_interrupted_task():
 
 
 def test_starting_another_task_abandons_the_interrupted_one(caplog):
-    bm = blob_stream(n_tasks=3, dim=DIM)
-    data = inputs(bm)
-    faults = Fault()
-    strategy = make(plugins=[faults])
-    exps = list(bm.train_stream)
-    recorded: dict[int, torch.Tensor] = {}
-    learn(strategy, exps[0], data, recorded)
-    faults.mode = "interrupt"
-    with pytest.raises(KeyboardInterrupt):
-        strategy.train(exps[1], eval_streams=[])
-    faults.mode = None
+    strategy, exps, data, recorded = _task_1_interrupted()
     with caplog.at_level(logging.WARNING, logger="avalanche_tsn"):
         learn(strategy, exps[2], data, recorded)
     assert "abandoning it" in caplog.text
