@@ -6,12 +6,14 @@ from avalanche_tsn.export import load_compressed
 from avalanche_tsn.model import TSNModel, wrap_model
 from avalanche_tsn.plugins import MaskLearningPlugin
 from avalanche_tsn.strategy import TSNStrategy
+from avalanche_tsn.wsn import WSNStrategy
 
 expose_optimizer_modules()
 
 __all__ = [
     "__version__",
     "TSNStrategy",
+    "WSNStrategy",
     "TSNModel",
     "MaskLearningPlugin",
     "wrap_model",

@@ -28,7 +28,13 @@ __all__ = [
     "owner_symbols",
     "owner_pairs",
     "FLOAT_BITS",
+    "WSNCapacity",
+    "wsn_capacity",
+    "WSN_GROUP",
 ]
+
+#: Tasks whose masks WSN packs into one integer per weight before Huffman coding.
+WSN_GROUP = 7
 
 FLOAT_BITS = 32
 
@@ -249,3 +255,61 @@ def capacity_report(model: TSNModel) -> CapacityReport:
             for name, layer in model.masked_layers()
         },
     )
+
+
+@dataclass(frozen=True)
+class WSNCapacity:
+    """Capacity as WSN counts it (Kang et al., ICML 2022, Section 4.3).
+
+    Every weight some task uses is a float32; the masks are stored per group of
+    :data:`WSN_GROUP` tasks as one integer per weight (bit ``b``: task ``7g + b`` uses it),
+    Huffman-coded per layer. Heads are not counted, as in the paper.
+    """
+
+    used_weights: int
+    weights: int
+    tasks: int
+    mask_bits: int
+
+    @property
+    def percent(self) -> float:
+        """100 * (32 * used weights + mask bits) / (32 * weights)."""
+        return (
+            100.0 * (FLOAT_BITS * self.used_weights + self.mask_bits) / (FLOAT_BITS * self.weights)
+        )
+
+    @property
+    def compression(self) -> float:
+        """The paper's alpha: 1 - mask bits / (tasks * weights), 0 with no task."""
+        return 1.0 - self.mask_bits / (self.tasks * self.weights) if self.tasks else 0.0
+
+    @property
+    def paper_formula(self) -> float:
+        """The paper's CAP in %: (1 - S) + (1 - alpha) * T / 32, S the unused fraction."""
+        unused = 1.0 - self.used_weights / self.weights
+        return 100.0 * ((1.0 - unused) + (1.0 - self.compression) * self.tasks / FLOAT_BITS)
+
+
+@torch.no_grad()
+def wsn_capacity(model: TSNModel) -> WSNCapacity:
+    """Measure ``model``'s trained tasks as WSN stores and counts them.
+
+    :param model: the TSN model (trained by :class:`~avalanche_tsn.wsn.WSNStrategy` or any
+        TSN strategy: only its masks are read).
+    """
+    slots = [model.slot_of(t) for t in model.trained_tasks()]
+    used = weights = mask_bits = 0
+    for _, layer in model.masked_layers():
+        n = layer.weight.numel()
+        weights += n
+        masks = [
+            np.unpackbits(layer.task_masks[s].cpu().numpy(), bitorder="little")[:n] for s in slots
+        ]
+        if masks:
+            used += int(np.count_nonzero(np.bitwise_or.reduce(masks)))
+        for start in range(0, len(masks), WSN_GROUP):
+            group = np.zeros(n, dtype=np.int64)
+            for b, m in enumerate(masks[start : start + WSN_GROUP]):
+                group |= m.astype(np.int64) << b
+            mask_bits += encoded_bits(np.bincount(group))
+    return WSNCapacity(used, weights, len(slots), mask_bits)

@@ -40,7 +40,7 @@ from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.training.supervised import JointTraining
 from tqdm import tqdm
 
-from avalanche_tsn import TSNStrategy, datasets
+from avalanche_tsn import TSNStrategy, WSNStrategy, datasets
 from avalanche_tsn.metrics import capacity_metrics
 from avalanche_tsn.models import (
     MultiHeadMLP,
@@ -51,7 +51,11 @@ from avalanche_tsn.models import (
 )
 from avalanche_tsn.plugins import PruningPlugin, QuantizationPlugin, TaskSimilarityPlugin
 
-STRATEGIES = ("tsn", "naive", "ewc", "lwf", "si", "packnet", "joint")
+STRATEGIES = ("tsn", "wsn", "naive", "ewc", "lwf", "si", "packnet", "joint")
+WSN_NOTE = (
+    "WSNStrategy: TSN's mask learning alone (no pruning, float32 weights); capacity as this "
+    "package counts it (heads included); by WSN's own formula (backbone only): {wsn:.2f}%"
+)
 PACKNET_NOTE = (
     "biased MLP/conv layers without BatchNorm and one shared output layer packed per task: "
     "Avalanche 0.6's PackNetModel cannot run bias-free layers, BatchNorm or MultiHeadClassifier"
@@ -188,7 +192,7 @@ def _evaluator(name: str, interactive: bool) -> EvaluationPlugin:
     if name != "joint":  # one training phase: no backward or forward transfer
         metrics.append(bwt_metrics(experience=True, stream=True))
         metrics.append(forward_transfer_metrics(experience=True, stream=True))
-    if name == "tsn":
+    if name in ("tsn", "wsn"):
         metrics.append(capacity_metrics())
     return EvaluationPlugin(*metrics, loggers=[InteractiveLogger()] if interactive else [])
 
@@ -213,6 +217,8 @@ def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
         device=args.device,
         evaluator=_evaluator(name, not args.quiet),
     )
+    if name == "wsn":
+        return WSNStrategy(model=model, sparsity=args.sparsity, eval_every=0, **common)
     if name == "tsn":
         return TSNStrategy(
             model=model,
@@ -221,6 +227,7 @@ def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
             sparsity=args.sparsity,
             prune=not args.no_prune,
             quantize=not args.no_quantize,
+            quant_heads=not args.no_quant_heads,
             task_matching=args.task_matching,
             kl_threshold=args.kl_threshold,
             eval_every=0,
@@ -313,7 +320,11 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "accuracy_matrix": accuracy_matrix(strategy.evaluator, n, name == "joint"),
         "note": PACKNET_NOTE if name == "packnet" else "",
     }
-    if name == "tsn":
+    if name == "wsn":
+        row["capacity_percent"] = strategy.capacity_report().percent
+        row["capacity_wsn_percent"] = strategy.wsn_capacity().percent
+        row["note"] = WSN_NOTE.format(wsn=row["capacity_wsn_percent"])
+    elif name == "tsn":
         report = strategy.capacity_report()
         row["capacity_percent"] = report.percent
         row["capacity_backbone_split"] = report.backbone_split()
@@ -436,6 +447,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--no-prune", action="store_true")
     p.add_argument("--no-quantize", action="store_true")
+    p.add_argument("--no-quant-heads", action="store_true")
     p.add_argument("--task-matching", action="store_true")
     p.add_argument("--kl-threshold", type=float, default=1.5)
     p.add_argument("--new-bank-below", type=float, default=None)

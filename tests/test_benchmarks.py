@@ -28,7 +28,11 @@ def test_harness_smoke_runs_every_strategy(tmp_path):
     assert m[1][0] == m[0][0]  # row i is measured after task i: TSN forgets nothing
     assert sum(m[1]) / 2 == pytest.approx(tsn["ACC"], abs=0.01)
     assert tsn["capacity_percent"] < 100.0
-    assert "| packnet [1] |" in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
+    assert "| wsn [1] |" in table and "| packnet [2] |" in table
+    wsn = rows[1]
+    assert wsn["BWT"] == 0.0 and wsn["capacity_wsn_percent"] > 0
+    assert wsn["capacity_percent"] > tsn["capacity_percent"]  # float32 weights, nothing pruned
     for png in ("accuracy_matrices.png", "tsn_capacity.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
