@@ -164,7 +164,7 @@ class MaskedLayer(_PerTaskBuffers):
         self._threshold_age = 0
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
-        # .to(), .cuda(), .half()... replace every tensor: cached views would be stale.
+        # Moving or casting the module replaces every tensor: cached views would be stale.
         out = super()._apply(fn, *args, **kwargs)
         self._clear_caches()
         return out
@@ -301,13 +301,6 @@ class MaskedLayer(_PerTaskBuffers):
                 self._eval_cache.popitem(last=False)
         return weight, bias
 
-    def frozen_weight(self, slot: int) -> Tensor:
-        """Effective weight of the trained task in ``slot`` (see :meth:`frozen_params`).
-
-        :param slot: a trained task's slot.
-        """
-        return self.frozen_params(slot)[0]
-
     # -- banks --------------------------------------------------------------------------
     @property
     def n_banks(self) -> int:
@@ -331,15 +324,6 @@ class MaskedLayer(_PerTaskBuffers):
         if self._banks is None:
             self._banks = (self.slot_bank.tolist(), int(self.loaded_bank))
         return self._banks
-
-    def bank_weight(self, bank: int) -> Tensor:
-        """Weights of ``bank``: frozen values where owned, free values elsewhere.
-
-        :param bank: a bank index.
-        """
-        if bank == self._bank_table()[1]:
-            return torch.where(self.owner != FREE, self.bank_weights[bank], self.weight.detach())
-        return self.bank_weights[bank]
 
     def bank_owner(self, bank: int) -> Tensor:
         """Ownership map of ``bank``.
