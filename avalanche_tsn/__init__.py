@@ -2,6 +2,7 @@
 
 from avalanche_tsn._compat import expose_optimizer_modules
 from avalanche_tsn._version import __version__
+from avalanche_tsn.adaqpacknet import AdaQPacknetStrategy
 from avalanche_tsn.export import load_compressed
 from avalanche_tsn.model import TSNModel, wrap_model
 from avalanche_tsn.plugins import MaskLearningPlugin
@@ -14,6 +15,7 @@ __all__ = [
     "__version__",
     "TSNStrategy",
     "WSNStrategy",
+    "AdaQPacknetStrategy",
     "TSNModel",
     "MaskLearningPlugin",
     "wrap_model",

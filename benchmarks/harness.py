@@ -40,7 +40,7 @@ from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.training.supervised import JointTraining
 from tqdm import tqdm
 
-from avalanche_tsn import TSNStrategy, WSNStrategy, datasets
+from avalanche_tsn import AdaQPacknetStrategy, TSNStrategy, WSNStrategy, datasets
 from avalanche_tsn.metrics import capacity_metrics
 from avalanche_tsn.models import (
     MultiHeadMLP,
@@ -51,7 +51,13 @@ from avalanche_tsn.models import (
 )
 from avalanche_tsn.plugins import PruningPlugin, QuantizationPlugin, TaskSimilarityPlugin
 
-STRATEGIES = ("tsn", "wsn", "naive", "ewc", "lwf", "si", "packnet", "joint")
+STRATEGIES = ("tsn", "wsn", "adaqpacknet", "naive", "ewc", "lwf", "si", "packnet", "joint")
+ADAQ_NOTE = (
+    "AdaQPacknetStrategy: searched per-layer magnitude pruning (2 candidates, 1 search epoch "
+    "each), one bit-width per task by codebook halving; capacity as this package counts it; "
+    "as bits used per 32-bit weight slot (Ada-QPacknet's count, backbone weights only): "
+    "{adaq:.2f}%"
+)
 WSN_NOTE = (
     "WSNStrategy: TSN's mask learning alone (no pruning, float32 weights); capacity as this "
     "package counts it (heads included); by WSN's own formula (backbone only): {wsn:.2f}%"
@@ -192,7 +198,7 @@ def _evaluator(name: str, interactive: bool) -> EvaluationPlugin:
     if name != "joint":  # one training phase: no backward or forward transfer
         metrics.append(bwt_metrics(experience=True, stream=True))
         metrics.append(forward_transfer_metrics(experience=True, stream=True))
-    if name in ("tsn", "wsn"):
+    if name in ("tsn", "wsn", "adaqpacknet"):
         metrics.append(capacity_metrics())
     return EvaluationPlugin(*metrics, loggers=[InteractiveLogger()] if interactive else [])
 
@@ -219,6 +225,8 @@ def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
     )
     if name == "wsn":
         return WSNStrategy(model=model, sparsity=args.sparsity, eval_every=0, **common)
+    if name == "adaqpacknet":
+        return AdaQPacknetStrategy(model=model, eval_every=0, **common)
     if name == "tsn":
         return TSNStrategy(
             model=model,
@@ -324,6 +332,11 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         row["capacity_percent"] = strategy.capacity_report().percent
         row["capacity_wsn_percent"] = strategy.wsn_capacity().percent
         row["note"] = WSN_NOTE.format(wsn=row["capacity_wsn_percent"])
+    elif name == "adaqpacknet":
+        row["capacity_percent"] = strategy.capacity_report().percent
+        row["capacity_adaq_percent"] = strategy.adaq_capacity().percent
+        row["bits"] = strategy.quantization_plugin.bits
+        row["note"] = ADAQ_NOTE.format(adaq=row["capacity_adaq_percent"])
     elif name == "tsn":
         report = strategy.capacity_report()
         row["capacity_percent"] = report.percent

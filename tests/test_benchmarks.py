@@ -29,7 +29,10 @@ def test_harness_smoke_runs_every_strategy(tmp_path):
     assert sum(m[1]) / 2 == pytest.approx(tsn["ACC"], abs=0.01)
     assert tsn["capacity_percent"] < 100.0
     table = (tmp_path / "results.md").read_text()
-    assert "| wsn [1] |" in table and "| packnet [2] |" in table
+    assert "| wsn [1] |" in table and "| adaqpacknet [2] |" in table
+    assert "| packnet [3] |" in table
+    adaq = rows[2]
+    assert adaq["BWT"] == 0.0 and adaq["capacity_percent"] < 100.0
     wsn = rows[1]
     assert wsn["BWT"] == 0.0 and wsn["capacity_wsn_percent"] > 0
     assert wsn["capacity_percent"] > tsn["capacity_percent"]  # float32 weights, nothing pruned

@@ -73,8 +73,10 @@ class ValidationSplitPlugin(SupervisedPlugin):
 
 
 @torch.no_grad()
-def validation_accuracy(strategy, task_label: int, floor: float | None = None) -> float:
-    """Accuracy of ``strategy.model`` on the held-out split, run as ``task_label``.
+def validation_accuracy(
+    strategy, task_label: int, floor: float | None = None, model: torch.nn.Module | None = None
+) -> float:
+    """Accuracy of ``strategy.model`` (or ``model``) on the held-out split, as ``task_label``.
 
     The split is read once per experience (with the strategy's own minibatch conventions)
     and kept on the strategy's device, so repeated evaluations cost only forwards.
@@ -83,6 +85,7 @@ def validation_accuracy(strategy, task_label: int, floor: float | None = None) -
     :param task_label: the task whose subnetwork runs.
     :param floor: stop as soon as the accuracy cannot reach ``floor`` any more, and return
         a value below it (searches only need to know which side of the floor it is).
+    :param model: the model to evaluate (default: the strategy's).
     """
     data = getattr(strategy, "tsn_validation", None)
     if data is None:
@@ -98,7 +101,7 @@ def validation_accuracy(strategy, task_label: int, floor: float | None = None) -
         ]
         strategy.tsn_validation_batches = batches
     total = sum(len(y) for _, y in batches)
-    model = strategy.model
+    model = strategy.model if model is None else model
     # The same model state gives the same accuracy: searches re-ask for their baselines.
     state = (task_label, id(batches), _state_key(model))
     memo = getattr(strategy, "tsn_validation_memo", None)
