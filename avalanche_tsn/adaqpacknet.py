@@ -36,7 +36,7 @@ from avalanche_tsn.capacity import FLOAT_BITS
 from avalanche_tsn.layers import FREE
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.quantization import accuracy_at_least
-from avalanche_tsn.strategy import TSNStrategy
+from avalanche_tsn.strategy import TSNStrategy, reject_arguments
 
 __all__ = [
     "Candidate",
@@ -295,13 +295,9 @@ class AdaQPacknetStrategy(TSNStrategy):
         from avalanche_tsn.plugins.adaqpacknet import HalvingQuantizationPlugin, MaskSearchPlugin
         from avalanche_tsn.plugins.compression import ValidationSplitPlugin
 
-        given = [n for n in _ABSENT if n in kwargs]
-        given += [n for n in kwargs if n.startswith(("prune_", "quant_"))]
-        if given:
-            raise TypeError(
-                f"AdaQPacknetStrategy has its own pruning and quantization; remove "
-                f"{', '.join(sorted(given))} (TSNStrategy's)"
-            )
+        reject_arguments(
+            kwargs, _ABSENT, "AdaQPacknetStrategy has its own pruning and quantization"
+        )
         population_size = _positive(population_size, "population_size")
         search_epochs = _positive(search_epochs, "search_epochs")
         low, high = _fraction(prune_low, "prune_low"), _fraction(prune_high, "prune_high")

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "TensorTaskDataset",
+    "task_stream",
     "permuted_digits",
     "load_fashion_mnist",
     "permuted_fashion_mnist",
@@ -60,6 +61,33 @@ class TensorTaskDataset(Dataset):
         return self.x[i], self.targets[i]
 
 
+def task_stream(
+    train: list[Dataset], test: list[Dataset], *, task_labels: bool = True
+) -> NCScenario:
+    """One experience per (train, test) dataset pair, in order, task label = its position.
+
+    Class ids start from zero in each experience, as multi-head models expect.
+
+    :param train: one training dataset per task (with ``targets``).
+    :param test: one test dataset per task, as many as ``train``.
+    :param task_labels: give each experience its own task label (else all are task 0).
+    """
+    if len(train) != len(test) or not train:
+        raise ValueError(
+            f"train and test must hold the same number (>= 1) of datasets, "
+            f"got {len(train)} and {len(test)}"
+        )
+    return nc_benchmark(
+        train,
+        test,
+        n_experiences=len(train),
+        task_labels=task_labels,
+        shuffle=False,
+        one_dataset_per_exp=True,
+        class_ids_from_zero_in_each_exp=True,
+    )
+
+
 def _permuted_stream(
     x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, n_tasks: int, seed: int
 ) -> NCScenario:
@@ -71,15 +99,7 @@ def _permuted_stream(
         perm = torch.from_numpy(rng.permutation(x_train.shape[1]))
         train.append(TensorTaskDataset(x_train[:, perm], y_train))
         test.append(TensorTaskDataset(x_test[:, perm], y_test))
-    return nc_benchmark(
-        train,
-        test,
-        n_experiences=n_tasks,
-        task_labels=True,
-        shuffle=False,
-        one_dataset_per_exp=True,
-        class_ids_from_zero_in_each_exp=True,
-    )
+    return task_stream(train, test)
 
 
 def permuted_digits(n_tasks: int = 5, *, seed: int = 0, test_fraction: float = 0.25) -> NCScenario:
@@ -350,12 +370,4 @@ def five_datasets(*, dataset_root: str | Path) -> NCScenario:
             if targets is None:
                 targets = base.labels  # SVHN
             out.append(_Resized(base, targets))
-    return nc_benchmark(
-        train,
-        test,
-        n_experiences=5,
-        task_labels=True,
-        shuffle=False,
-        one_dataset_per_exp=True,
-        class_ids_from_zero_in_each_exp=True,
-    )
+    return task_stream(train, test)

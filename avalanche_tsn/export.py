@@ -45,6 +45,7 @@ from avalanche_tsn.huffman import (
 )
 from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm
 from avalanche_tsn.model import TSNModel
+from avalanche_tsn.quantization import codes_of
 
 __all__ = ["export_model", "load_compressed", "pack_codes", "unpack_codes", "MAGIC"]
 
@@ -117,20 +118,9 @@ class _Writer:
     def huffman(self, code: HuffmanCode) -> None:
         self.raw(code.to_bytes())
 
-    def quantized(self, values: np.ndarray, centroids: np.ndarray, bits: int) -> None:
-        book = np.asarray(centroids, dtype=np.float32)
-        self.raw(pack_codes(_codes_of(np.asarray(values, dtype=np.float32), book), bits))
-        self.raw(book.tobytes())
-
-
-def _codes_of(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Codes of values that are exactly centroid values (numpy :func:`codes_of`)."""
-    order = np.argsort(centroids, kind="stable")
-    ordered = centroids[order]
-    pos = np.searchsorted(ordered, values).clip(max=len(ordered) - 1)
-    if not np.array_equal(ordered[pos], values):
-        raise ValueError("values are not all centroid values: the layer is not quantized")
-    return order[pos]
+    def quantized(self, values: Tensor, centroids: Tensor, bits: int) -> None:
+        self.raw(pack_codes(codes_of(values, centroids).cpu().numpy(), bits))
+        self.tensor(centroids.float())
 
 
 class _Reader:
@@ -234,8 +224,7 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
     header["owner_pairs"] = owner_pairs(len(tasks))
     for name, layer in model.masked_layers():
         owners = [layer.bank_owner(b).cpu().numpy().ravel() for b in range(max(banks) + 1)]
-        banks_np = layer.bank_weights.detach().cpu().numpy()
-        values_of = [banks_np[b].ravel() for b in range(len(owners))]
+        values_of = [layer.bank_weights[b].detach().cpu().flatten() for b in range(len(owners))]
         for owner in owners:
             w.huffman(encode_symbols(owner_symbols(owner, len(tasks))))
         own_idx = [_indices_by_owner(owner, len(slots)) for owner in owners]
@@ -255,11 +244,11 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
             earlier[bank][idx] = True
             own_counts.append(idx.size)
             b = int(layer.task_bits[slot])
-            values = values_of[bank][idx]
+            values = values_of[bank][torch.from_numpy(idx)]
             if b:
-                w.quantized(values, layer.task_centroids[slot, : 2**b].cpu().numpy(), b)
+                w.quantized(values, layer.task_centroids[slot, : 2**b].cpu(), b)
             else:
-                w.raw(values.astype(np.float32).tobytes())
+                w.tensor(values.float())
             if layer.task_bias is not None:
                 w.tensor(layer.task_bias[slot])
             bits.append(b)
@@ -283,8 +272,8 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
             state = head.state_dict()
             b = int(model.head_bits[slot])
             if b:
-                values = torch.cat([state[k].flatten() for k in weights]).cpu().numpy()
-                w.quantized(values, model.head_centroids[slot, : 2**b].cpu().numpy(), b)
+                values = torch.cat([state[k].flatten() for k in weights]).cpu()
+                w.quantized(values, model.head_centroids[slot, : 2**b].cpu(), b)
             raw = rest if b else weights + rest
             au = f"active_units_T{key}"
             extra = heads._buffers.get(au)

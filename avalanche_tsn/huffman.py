@@ -389,15 +389,14 @@ def encode_mask(mask: Tensor) -> HuffmanCode:
     return encode_symbols(mask_symbols(mask))
 
 
-def decode_mask(code: HuffmanCode, shape: tuple[int, ...], *, legacy: bool = False) -> Tensor:
+def decode_mask(code: HuffmanCode, shape: tuple[int, ...]) -> Tensor:
     """Decode :func:`encode_mask`' output into a boolean tensor of ``shape``.
 
     :param code: the Huffman code.
     :param shape: the mask's shape.
-    :param legacy: the code was written by avalanche-tsn 0.1 (``dahuffman``).
     """
     n = int(np.prod(shape))
-    packed = (decode_symbols_v1(code) if legacy else decode_symbols(code)).astype(np.uint8)
+    packed = decode_symbols(code).astype(np.uint8)
     bits = np.unpackbits(packed)[:n]
     if bits.size != n:
         raise ValueError(f"mask code holds {bits.size} bits, expected {n}")

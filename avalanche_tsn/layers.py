@@ -15,8 +15,8 @@ task owns the weight.
 from __future__ import annotations
 
 import math
-import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,20 +47,35 @@ THRESHOLD_REFRESH = 8
 EVAL_CACHE_SIZE = 4
 
 
-def _fingerprint(tensors: tuple[Tensor, ...]) -> tuple:
-    """Identity and version of tensors: any replacement or in-place change alters it."""
-    return tuple((weakref.ref(t), t._version) for t in tensors)
+def _fingerprint(tensors: tuple[Tensor | None, ...]) -> tuple:
+    """The tensors themselves and their versions: a replacement or in-place change alters it."""
+    return tuple((t, None if t is None else t._version) for t in tensors)
 
 
-def _matches(fingerprint: tuple, tensors: tuple[Tensor, ...]) -> bool:
+def _matches(fingerprint: tuple, tensors: tuple[Tensor | None, ...]) -> bool:
     return all(
-        ref() is t and version == t._version
-        for (ref, version), t in zip(fingerprint, tensors, strict=True)
+        t is k and (t is None or t._version == v)
+        for t, (k, v) in zip(tensors, fingerprint, strict=True)
     )
 
 
 class _PerTaskBuffers(nn.Module):
     """Buffers whose first dimension is the task slot; resized when a state dict is loaded."""
+
+    #: The slot whose parameters a one-task forward uses (FREE: the live subnetwork).
+    active_slot: int
+    #: A minibatch sorted by task: (slot or FREE, rows) per task, in order; None: one task.
+    task_groups: list[tuple[int, int]] | None
+
+    def _per_group(self, x: Tensor, run: Callable[[Tensor, int], Tensor]) -> Tensor:
+        """``run(rows, slot)`` on each task's rows of a task-sorted minibatch, concatenated."""
+        if self.task_groups is None:
+            return run(x, self.active_slot)
+        outs, start = [], 0
+        for slot, count in self.task_groups:
+            outs.append(run(x[start : start + count], slot))
+            start += count
+        return torch.cat(outs)
 
     _slot_buffers: tuple[str, ...] = ()
     #: Further buffers whose shape a state dict decides (bank copies).
@@ -147,8 +162,7 @@ class MaskedLayer(_PerTaskBuffers):
         self.register_buffer("task_centroids", torch.zeros(0, 0))
         self.register_buffer("slot_bank", torch.zeros(0, dtype=torch.int16))
         self.active_slot = FREE
-        # A minibatch sorted by task: (slot or FREE, rows) per task, in order; None: one task.
-        self.task_groups: list[tuple[int, int]] | None = None
+        self.task_groups = None
         self.live_keep = keep_count(weight.numel(), 0.5)
         self.eval_cache_size = EVAL_CACHE_SIZE
         self._clear_caches()
@@ -245,22 +259,13 @@ class MaskedLayer(_PerTaskBuffers):
             self.weight.view(-1).scatter_(0, owned[0], owned[1])
             self._synced_version = self.weight._version
 
-    def _per_group(self, x: Tensor, apply) -> Tensor:
-        """Run ``apply(x_part, weight, bias)`` on each task's rows of a task-sorted batch."""
-        if self.task_groups is None:
-            weight, bias = self.effective_params()
-            return apply(x, weight, bias)
-        outs, start = [], 0
-        for slot, count in self.task_groups:
-            self.__dict__["active_slot"] = slot  # a plain attribute: skip Module's checks
-            weight, bias = self.effective_params()
-            outs.append(apply(x[start : start + count], weight, bias))
-            start += count
-        return torch.cat(outs)
+    def effective_params(self, slot: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """Weight and bias of a trained task or of the live subnetwork.
 
-    def effective_params(self) -> tuple[Tensor, Tensor | None]:
-        """Weight and bias of the active task (``active_slot``) or of the live subnetwork."""
-        slot = self.active_slot
+        :param slot: a trained task's slot, or :data:`FREE` for the live subnetwork; default:
+            ``active_slot``.
+        """
+        slot = self.active_slot if slot is None else slot
         if slot != FREE:
             return self.frozen_params(slot)
         self._sync_weight()
@@ -284,10 +289,7 @@ class MaskedLayer(_PerTaskBuffers):
         parts = (self.bank_weights, self.task_masks, self.slot_bank, self.task_bias)
         hit = self._eval_cache.get(slot)
         # The entry keeps the very tensors it was made from: same objects, same versions.
-        if hit is not None and all(
-            t is k and (t is None or t._version == v)
-            for t, (k, v) in zip(parts, hit[0], strict=True)
-        ):
+        if hit is not None and _matches(hit[0], parts):
             self._eval_cache.move_to_end(slot)
             return hit[1]
         with torch.no_grad():
@@ -295,8 +297,7 @@ class MaskedLayer(_PerTaskBuffers):
             weight = torch.where(self.task_mask(slot), values, values.new_zeros(()))
             bias = None if self.task_bias is None else self.task_bias[slot]
         if self.eval_cache_size > 0:
-            key = tuple((t, None if t is None else t._version) for t in parts)
-            self._eval_cache[slot] = (key, (weight, bias))
+            self._eval_cache[slot] = (_fingerprint(parts), (weight, bias))
             while len(self._eval_cache) > self.eval_cache_size:
                 self._eval_cache.popitem(last=False)
         return weight, bias
@@ -542,7 +543,7 @@ class TSNLinear(MaskedLayer, nn.Linear):
         self._init_masking(layer.weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._per_group(x, F.linear)
+        return self._per_group(x, lambda rows, slot: F.linear(rows, *self.effective_params(slot)))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -563,7 +564,9 @@ class TSNConv2d(MaskedLayer, nn.Conv2d):
         self._init_masking(layer.weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._per_group(x, self._conv_forward)
+        return self._per_group(
+            x, lambda rows, slot: self._conv_forward(rows, *self.effective_params(slot))
+        )
 
     def extra_repr(self) -> str:
         return nn.Conv2d.extra_repr(self)
@@ -597,7 +600,7 @@ class TaskBatchNorm(_PerTaskBuffers):
         self.register_buffer("task_weight", torch.zeros(0, c) if affine else None)
         self.register_buffer("task_bias", torch.zeros(0, c) if affine else None)
         self.active_slot = FREE
-        self.task_groups: list[tuple[int, int]] | None = None
+        self.task_groups = None
 
     def begin_task(self, slot: int) -> None:
         """Start a task with fresh statistics.
@@ -650,13 +653,7 @@ class TaskBatchNorm(_PerTaskBuffers):
             self.task_bias[slot] = self.bias.detach()
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.task_groups is None:
-            return self._forward_slot(x, self.active_slot)
-        outs, start = [], 0
-        for slot, count in self.task_groups:
-            outs.append(self._forward_slot(x[start : start + count], slot))
-            start += count
-        return torch.cat(outs)
+        return self._per_group(x, self._forward_slot)
 
     def _forward_slot(self, x: Tensor, slot: int) -> Tensor:
         if slot != FREE:

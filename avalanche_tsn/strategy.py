@@ -35,12 +35,27 @@ from avalanche_tsn.plugins import (
 from avalanche_tsn.similarity import DEFAULT_KL_THRESHOLD, check_threshold
 from avalanche_tsn.streams import check_stream, task_aware
 
-__all__ = ["TSNStrategy"]
+__all__ = ["TSNStrategy", "reject_arguments"]
 
 
 def _aware(items: Iterable[Any]) -> list[Any]:
     """Streams or experiences, with every experience made task-aware."""
     return [task_aware(x) if isinstance(x, CLExperience) else _aware(x) for x in items]
+
+
+def reject_arguments(kwargs: dict[str, Any], names: Sequence[str], message: str) -> None:
+    """Raise a TypeError naming the ``names`` (or ``prune_*``/``quant_*`` keys) in ``kwargs``.
+
+    For strategies built on TSNStrategy that do not have some of its stages.
+
+    :param kwargs: the keyword arguments given.
+    :param names: arguments that are not accepted.
+    :param message: what the strategy has instead, put before the list.
+    """
+    given = [n for n in names if n in kwargs]
+    given += [n for n in kwargs if n.startswith(("prune_", "quant_"))]
+    if given:
+        raise TypeError(f"{message}; remove {', '.join(sorted(given))} (TSNStrategy's)")
 
 
 class TSNStrategy(SupervisedTemplate):

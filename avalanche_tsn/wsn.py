@@ -29,7 +29,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from avalanche_tsn.capacity import WSNCapacity, wsn_capacity
-from avalanche_tsn.strategy import TSNStrategy
+from avalanche_tsn.strategy import TSNStrategy, reject_arguments
 
 __all__ = ["WSNStrategy"]
 
@@ -56,13 +56,9 @@ class WSNStrategy(TSNStrategy):
         sparsity: float | list[float] | None = None,
         **kwargs: Any,
     ) -> None:
-        given = [name for name in _ABSENT if name in kwargs]
-        given += [name for name in kwargs if name.startswith(("prune_", "quant_"))]
-        if given:
-            raise TypeError(
-                f"WSNStrategy has no pruning, quantization or task-matching stage; remove "
-                f"{', '.join(sorted(given))} (TSNStrategy has them)"
-            )
+        reject_arguments(
+            kwargs, _ABSENT, "WSNStrategy has no pruning, quantization or task-matching stage"
+        )
         super().__init__(
             model=model,
             optimizer=optimizer,

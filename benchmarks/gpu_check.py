@@ -31,9 +31,7 @@ import torch
 
 
 def _stream(tasks: int, n: int, seed: int = 0):
-    from avalanche.benchmarks import nc_benchmark
-
-    from avalanche_tsn.datasets import TensorTaskDataset
+    from avalanche_tsn.datasets import TensorTaskDataset, task_stream
 
     g = torch.Generator().manual_seed(seed)
     train, test = [], []
@@ -43,15 +41,7 @@ def _stream(tasks: int, n: int, seed: int = 0):
             y = torch.arange(size) % 10
             x = centres[y] + torch.randn(size, 3, 32, 32, generator=g)
             part.append(TensorTaskDataset(x, y))
-    return nc_benchmark(
-        train,
-        test,
-        n_experiences=tasks,
-        task_labels=True,
-        shuffle=False,
-        one_dataset_per_exp=True,
-        class_ids_from_zero_in_each_exp=True,
-    )
+    return task_stream(train, test)
 
 
 def _amp_strategy(base):

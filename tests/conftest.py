@@ -7,7 +7,7 @@ import torch
 from avalanche.benchmarks import nc_benchmark
 from torch import nn
 
-from avalanche_tsn.datasets import TensorTaskDataset
+from avalanche_tsn.datasets import TensorTaskDataset, task_stream
 
 
 def blob_stream(
@@ -36,15 +36,7 @@ def blob_stream(
             parts.append(TensorTaskDataset(x, y))
         train.append(parts[0])
         test.append(parts[1])
-    return nc_benchmark(
-        train,
-        test,
-        n_experiences=n_tasks,
-        task_labels=task_labels,
-        shuffle=False,
-        one_dataset_per_exp=True,
-        class_ids_from_zero_in_each_exp=True,
-    )
+    return task_stream(train, test, task_labels=task_labels)
 
 
 def mlp(dim: int = 12, hidden: int = 16, out: int = 3, bias: bool = True) -> nn.Module:

@@ -123,3 +123,14 @@ def test_gpu_check_skips_cleanly_without_cuda(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
     assert gpu_check.main() == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_task_stream_labels_each_pair_and_rejects_mismatched_lists():
+    import torch
+
+    pairs = [datasets.TensorTaskDataset(torch.randn(6, 2), torch.tensor([3, 4] * 3)) for _ in "ab"]
+    bm = datasets.task_stream(pairs, pairs)
+    assert [e.task_label for e in bm.train_stream] == [0, 1]
+    assert sorted(set(bm.train_stream[1].dataset.targets)) == [0, 1]
+    with pytest.raises(ValueError, match="train and test"):
+        datasets.task_stream(pairs, pairs[:1])

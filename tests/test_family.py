@@ -18,9 +18,9 @@ from avalanche_tsn.models import MultiHeadMLP
 DIM = 12
 
 
-def wsn(model=None, **kw) -> WSNStrategy:
+def build(cls, model=None, **kw):
     model = model if model is not None else MultiHeadMLP(DIM, (16, 16), 3)
-    return WSNStrategy(
+    return cls(
         model=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
         train_mb_size=16,
@@ -32,7 +32,7 @@ def wsn(model=None, **kw) -> WSNStrategy:
 
 def test_wsn_forgets_nothing_and_keeps_float32_weights():
     bm = blob_stream(n_tasks=3, dim=DIM)
-    strategy = wsn(sparsity=0.5)
+    strategy = build(WSNStrategy, sparsity=0.5)
     x = torch.randn(20, DIM)
     recorded: dict[int, torch.Tensor] = {}
     for exp in bm.train_stream:
@@ -108,21 +108,9 @@ from avalanche_tsn.adaqpacknet import (  # noqa: E402
 from avalanche_tsn.layers import FREE  # noqa: E402
 
 
-def adaq(model=None, **kw) -> AdaQPacknetStrategy:
-    model = model if model is not None else MultiHeadMLP(DIM, (16, 16), 3)
-    return AdaQPacknetStrategy(
-        model=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
-        train_mb_size=16,
-        train_epochs=2,
-        evaluator=quiet_evaluator(),
-        **kw,
-    )
-
-
 def test_adaqpacknet_forgets_nothing_and_packs_tasks():
     bm = blob_stream(n_tasks=3, dim=DIM)
-    strategy = adaq(population_size=2, search_epochs=1)
+    strategy = build(AdaQPacknetStrategy, population_size=2, search_epochs=1)
     x = torch.randn(20, DIM)
     recorded: dict[int, torch.Tensor] = {}
     owned_before = None
