@@ -119,9 +119,8 @@ class LiveWorkspace:
         ctx = None if self._ctx is None else self._ctx()
         if (ctx is not None and not ctx.used) or threading.get_ident() != self._thread:
             return None
-        if self.mask is None or self.mask.shape != like.shape or self.mask.dtype != like.dtype:
-            self.mask, self.out = torch.empty_like(like), torch.empty_like(like)
-        elif self.mask.device != like.device:
+        mask, wanted = self.mask, (like.shape, like.dtype, like.device)
+        if mask is None or (mask.shape, mask.dtype, mask.device) != wanted:
             self.mask, self.out = torch.empty_like(like), torch.empty_like(like)
         return self.mask, self.out
 
