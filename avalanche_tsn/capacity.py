@@ -53,12 +53,19 @@ class TaskCapacity:
     mask_bits: int
     head_bits: int
     norm_bits: int
+    #: calibrated activation ranges (two float32 per masked layer), 0 if not calibrated
+    activation_bits: int = 0
 
     @property
     def total_bits(self) -> int:
         """Everything this task adds."""
         return (
-            self.weight_bits + self.codebook_bits + self.mask_bits + self.head_bits + self.norm_bits
+            self.weight_bits
+            + self.codebook_bits
+            + self.mask_bits
+            + self.head_bits
+            + self.norm_bits
+            + self.activation_bits
         )
 
 
@@ -102,13 +109,14 @@ class CapacityReport:
     def table(self) -> str:
         """A plain-text table (per task, then totals)."""
         head = f"{'task':>5} {'bank':>4} {'own':>8} {'shared':>8} {'bits':>4} {'weights':>10} "
-        head += f"{'codebooks':>10} {'masks':>9} {'heads':>9} {'norm/bias':>9} {'total':>10}"
+        head += f"{'codebooks':>10} {'masks':>9} {'heads':>9} {'norm/bias':>9} {'act':>5} "
+        head += f"{'total':>10}"
         lines = [head]
         for t in self.tasks:
             lines.append(
                 f"{t.task:>5} {t.bank:>4} {t.own_weights:>8} {t.shared_weights:>8} {t.bits:>4} "
                 f"{t.weight_bits:>10} {t.codebook_bits:>10} {t.mask_bits:>9} {t.head_bits:>9} "
-                f"{t.norm_bits:>9} {t.total_bits:>10}"
+                f"{t.norm_bits:>9} {t.activation_bits:>5} {t.total_bits:>10}"
             )
         split = self.backbone_split()
         lines += [
@@ -179,6 +187,14 @@ def _head_bits(model: TSNModel, label: int, slot: int) -> int:
     return total
 
 
+def _activation_bits(model: TSNModel, slot: int) -> int:
+    if slot >= len(model.act_range):
+        return 0
+    ranges = model.act_range[slot]
+    calibrated = int((ranges[:, 0] <= ranges[:, 1]).sum())
+    return 2 * FLOAT_BITS * calibrated
+
+
 @torch.no_grad()
 def capacity_report(model: TSNModel) -> CapacityReport:
     """Measure the capacity of ``model`` as it is now (trained tasks only).
@@ -233,6 +249,7 @@ def capacity_report(model: TSNModel) -> CapacityReport:
                 mask_bits=mask_bits,
                 head_bits=head_bits,
                 norm_bits=FLOAT_BITS * (bias_per_task + norm_per_task),
+                activation_bits=_activation_bits(model, slot),
             )
         )
     n_banks = max((model.bank_of(t) for t in trained), default=-1) + 1

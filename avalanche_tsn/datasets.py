@@ -161,16 +161,30 @@ def load_fashion_mnist(
     return out[0], out[1], out[2], out[3]
 
 
+#: the TSN reference code's p-MNIST input transform: ``Normalize((0.1307,), (0.3081,))``
+REFERENCE_NORMALIZATION = (0.1307, 0.3081)
+
+
 def permuted_fashion_mnist(
-    n_tasks: int = 10, *, seed: int = 0, dataset_root: str | Path | None = None
+    n_tasks: int = 10,
+    *,
+    seed: int = 0,
+    dataset_root: str | Path | None = None,
+    standardize: bool = False,
 ) -> NCScenario:
     """Permuted Fashion-MNIST: one pixel permutation and task label per experience.
 
     :param n_tasks: number of tasks.
     :param seed: seed of the permutations.
     :param dataset_root: folder with the idx files (see :func:`load_fashion_mnist`).
+    :param standardize: inputs ``(x - 0.1307) / 0.3081`` as the TSN reference code's loader
+        makes them (:data:`REFERENCE_NORMALIZATION`), instead of [0, 1].
     """
-    return _permuted_stream(*load_fashion_mnist(dataset_root), n_tasks, seed)
+    x_train, y_train, x_test, y_test = load_fashion_mnist(dataset_root)
+    if standardize:
+        mean, std = REFERENCE_NORMALIZATION
+        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    return _permuted_stream(x_train, y_train, x_test, y_test, n_tasks, seed)
 
 
 def split_fashion_mnist(

@@ -44,7 +44,7 @@ from avalanche_tsn.huffman import (
     unpair_symbols,
 )
 from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm
-from avalanche_tsn.model import TSNModel
+from avalanche_tsn.model import TSNModel, uncalibrated
 from avalanche_tsn.quantization import codes_of
 
 __all__ = ["export_model", "load_compressed", "pack_codes", "unpack_codes", "MAGIC"]
@@ -261,6 +261,12 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
                 if t is not None:
                     w.tensor(t[slot])
     header["head_bits"] = [int(model.head_bits[s]) for s in slots]
+    # Optional (files without it load with no calibration): each task's activation ranges.
+    ranges = model.act_range
+    header["act_range"] = [
+        ranges[s].tolist() if bool((ranges[s, :, 0] <= ranges[s, :, 1]).all()) else None
+        for s in slots
+    ]
     for hname, heads in _named_heads(model):
         entry = {}
         for label, slot in zip(tasks, slots, strict=True):
@@ -335,7 +341,9 @@ def _check_architecture(saved: dict[str, Any], module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def load_compressed(path: str | PathLike | BinaryIO, model: nn.Module) -> TSNModel:
+def load_compressed(
+    path: str | PathLike | BinaryIO, model: nn.Module, *, dequantize: bool = True
+) -> TSNModel:
     """Rebuild the inference model from an :func:`export_model` file.
 
     Everything is read, decoded and checked against ``model`` before ``model`` changes: a
@@ -345,9 +353,14 @@ def load_compressed(path: str | PathLike | BinaryIO, model: nn.Module) -> TSNMod
     :param path: the file (path or readable binary file).
     :param model: a freshly constructed instance of the architecture that was trained (or a
         ``TSNModel`` around one); it is wrapped in place.
+    :param dequantize: True: a full ``TSNModel`` (float32 weights, trainable further);
+        False: its compressed runnable form (:func:`avalanche_tsn.tiny.to_tiny`), which keeps
+        codes and codebooks and dequantizes layer by layer at each forward.
     :return: a ``TSNModel`` in eval mode, called as ``model(x, task_labels)``; every task in
         the file gives the same predictions as the model that was exported.
     """
+    if not isinstance(dequantize, bool):
+        raise TypeError(f"dequantize must be a bool, got {type(dequantize).__name__}")
     data = Path(path).read_bytes() if isinstance(path, (str, PathLike)) else path.read()
     header, r = _parse(data)
     net = model.net if isinstance(model, TSNModel) else model
@@ -361,7 +374,12 @@ def load_compressed(path: str | PathLike | BinaryIO, model: nn.Module) -> TSNMod
     except (KeyError, IndexError, TypeError, AttributeError, struct.error, RuntimeError) as err:
         # The checksum matched, so the file was written this way: a structural defect.
         raise ValueError(f"corrupt export file: inconsistent content ({err!r})") from err
-    return _apply(decoded, TSNModel.of(model, header["sparsity"][0]))
+    tsn = _apply(decoded, TSNModel.of(model, header["sparsity"][0]))
+    if dequantize:
+        return tsn
+    from avalanche_tsn.tiny import to_tiny  # the tiny form is built on this module's codes
+
+    return to_tiny(tsn)
 
 
 def _decode(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[str, Any]:
@@ -417,7 +435,16 @@ def _decode(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[str, Any
             heads[(hname, key)] = (int(spec["out"]), state, active, book, slot)
     if r.pos != len(r.data):
         raise ValueError("corrupt export file: unexpected trailing data")
+    act_range = uncalibrated(len(tasks), len(shapes))
+    saved_ranges = header.get("act_range")
+    if saved_ranges is not None:
+        if len(saved_ranges) != len(tasks):
+            raise ValueError("corrupt export file: activation ranges do not match the tasks")
+        for slot, ranges in enumerate(saved_ranges):
+            if ranges is not None:
+                act_range[slot] = torch.tensor(ranges, dtype=torch.float32).view(len(shapes), 2)
     return {
+        "act_range": act_range,
         "tasks": tasks,
         "banks": banks,
         "sparsity": [float(x) for x in header["sparsity"]],
@@ -535,6 +562,7 @@ def _apply(decoded: dict[str, Any], tsn: TSNModel) -> TSNModel:
     tsn.slot_sparsity = torch.tensor(decoded["sparsity"], device=dev)
     tsn.head_bits = torch.tensor(decoded["head_bits"], dtype=torch.int16, device=dev)
     tsn.head_centroids = torch.zeros(n, 0, device=dev)
+    tsn.act_range = decoded["act_range"].to(dev)
     tsn._slot_cache = None
     last = banks[-1]
     for (_, layer), (weights, owners, masks, biases, centroids, bits) in zip(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Iterator
 
 import torch
@@ -126,6 +127,17 @@ def _takes_task_labels(module: nn.Module) -> bool:
     return "task_labels" in inspect.signature(module.forward).parameters
 
 
+def uncalibrated(slots: int, layers: int) -> Tensor:
+    """Activation ranges of tasks not calibrated yet: the empty range ``(inf, -inf)``.
+
+    :param slots: rows.
+    :param layers: masked layers.
+    """
+    empty = torch.empty(slots, layers, 2)
+    empty[..., 0], empty[..., 1] = math.inf, -math.inf
+    return empty
+
+
 class TSNModel(MultiTaskModule):
     """A user's module turned into a TinySubNets multi-task model.
 
@@ -173,7 +185,12 @@ class TSNModel(MultiTaskModule):
         # Task memory (task similarity): up to M input samples per slot, zero-padded.
         self.register_buffer("memory_x", torch.zeros(0))
         self.register_buffer("memory_len", torch.zeros(0, dtype=torch.long))
+        # Calibrated input range (min, max) of every masked layer per slot; the empty range
+        # (inf, -inf) until a task is calibrated (see avalanche_tsn.activations).
+        self.register_buffer("act_range", torch.zeros(0, len(self._layers), 2))
         self._slot_cache: tuple[dict[int, int], frozenset[int]] | None = None
+        #: shape of one input sample, as last seen by forward (None before any)
+        self.sample_shape: tuple[int, ...] | None = None
         self.live_sparsity = sparsity
         self.eval_cache_bytes = EVAL_CACHE_BYTES
         for target in {id(module): module, id(self.net): self.net}.values():
@@ -255,6 +272,7 @@ class TSNModel(MultiTaskModule):
         "head_centroids",
         "memory_x",
         "memory_len",
+        "act_range",
     )
 
     @torch.no_grad()
@@ -328,6 +346,10 @@ class TSNModel(MultiTaskModule):
         return {name: layer.free_fraction(bank) for name, layer in self.masked_layers()}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        labels = state_dict.get(prefix + "task_labels_by_slot")
+        if labels is not None and prefix + "act_range" not in state_dict:
+            # saved before activation ranges existed (0.2 and older): none calibrated
+            state_dict[prefix + "act_range"] = uncalibrated(len(labels), len(self._layers))
         for name in self._SLOT_BUFFERS:
             if prefix + name in state_dict:
                 setattr(self, name, getattr(self, name).new_zeros(state_dict[prefix + name].shape))
@@ -394,6 +416,7 @@ class TSNModel(MultiTaskModule):
                     self.head_centroids.new_zeros((1, self.head_centroids.shape[1])),
                 ]
             )
+            self.act_range = torch.cat([self.act_range, uncalibrated(1, len(self._layers))])
             self._slot_cache = None
         self.slot_sparsity[slot] = float(sparsity)
         self.live_sparsity = sparsity
@@ -586,6 +609,8 @@ class TSNModel(MultiTaskModule):
         :param x: the inputs.
         :param task_labels: one task label per sample, an int for all, or None.
         """
+        # a plain attribute (no Module bookkeeping): the compute report's default shape
+        self.__dict__["sample_shape"] = tuple(x.shape[1:])
         if task_labels is None:
             # Avalanche's contract (LwF relies on it): every known task's output, as a dict.
             return self.forward_all_tasks(x)

@@ -22,16 +22,21 @@ from torch import nn
 from torch.nn import CrossEntropyLoss
 from torch.optim import Optimizer
 
+from avalanche_tsn.activations import check_act_bits, task_accuracy
 from avalanche_tsn.capacity import CapacityReport, capacity_report
+from avalanche_tsn.compute import ComputeReport, compute_report
 from avalanche_tsn.export import export_model
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.plugins import (
+    ActivationCalibrationPlugin,
     MaskLearningPlugin,
     PruningPlugin,
     QuantizationPlugin,
     TaskSimilarityPlugin,
+    TensorBatchesPlugin,
     ValidationSplitPlugin,
 )
+from avalanche_tsn.plugins._common import strategy_batches
 from avalanche_tsn.similarity import DEFAULT_KL_THRESHOLD, check_threshold
 from avalanche_tsn.streams import check_stream, task_aware
 
@@ -101,6 +106,11 @@ class TSNStrategy(SupervisedTemplate):
     :param memory_size: samples kept per task for task matching, at least 1.
     :param new_bank_below: open a fresh backbone copy (a bank) for a task whose bank has less
         than this fraction of free weights in some layer, in (0, 1); None never does.
+    :param calibrate_activations: after each task, record every masked layer's input range
+        for :meth:`quantized_accuracy` (one pass over the validation split).
+    :param tensor_batches: read minibatches of tensor-backed datasets by indexing whole
+        tensors (same samples, same order as Avalanche's loader; see
+        :mod:`avalanche_tsn.batches`); other data always use Avalanche's loader.
     :param base_kwargs: passed on to :class:`SupervisedTemplate`.
     """
 
@@ -133,6 +143,8 @@ class TSNStrategy(SupervisedTemplate):
         kl_threshold: float = DEFAULT_KL_THRESHOLD,
         memory_size: int = 100,
         new_bank_below: float | None = None,
+        calibrate_activations: bool = True,
+        tensor_batches: bool = True,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -150,8 +162,13 @@ class TSNStrategy(SupervisedTemplate):
                 raise TypeError(
                     f"plugins must hold Avalanche plugins only, got a {type(p).__name__}"
                 )
-        if not isinstance(task_matching, bool):
-            raise TypeError(f"task_matching must be a bool, got {type(task_matching).__name__}")
+        for flag, value in (
+            ("task_matching", task_matching),
+            ("calibrate_activations", calibrate_activations),
+            ("tensor_batches", tensor_batches),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
         check_threshold(kl_threshold)
         stages: list[tuple[type, bool, Callable[[], BasePlugin]]] = [
             (
@@ -186,6 +203,7 @@ class TSNStrategy(SupervisedTemplate):
                     quant_min_bits, quant_max_bits, quant_max_drop, quant_heads
                 ),
             ),
+            (ActivationCalibrationPlugin, calibrate_activations, ActivationCalibrationPlugin),
         ]
         others = [p for p in user_plugins if not isinstance(p, tuple(c for c, _, _ in stages))]
         tsn_plugins: list[BasePlugin] = []
@@ -210,8 +228,11 @@ class TSNStrategy(SupervisedTemplate):
             built = build()
             if enabled:
                 tsn_plugins.append(given[0] if given else built)
-        # TSN stages run in algorithm order, after the user's plugins.
+        # TSN stages run in algorithm order, after the user's plugins; the batch fetch runs
+        # last so that it sees a loader another plugin put in place.
         user_plugins = others + tsn_plugins
+        if tensor_batches and not any(isinstance(p, TensorBatchesPlugin) for p in others):
+            user_plugins.append(TensorBatchesPlugin())
         self.mask_plugin: MaskLearningPlugin = next(
             p for p in tsn_plugins if isinstance(p, MaskLearningPlugin)
         )
@@ -249,6 +270,50 @@ class TSNStrategy(SupervisedTemplate):
         :return: bytes written.
         """
         return export_model(self.tsn_model, path)
+
+    def compute_report(
+        self, input_shape: Sequence[int] | None = None, act_bits: int | None = None
+    ) -> ComputeReport:
+        """MACs and bit-operations per sample of every trained task against the dense model.
+
+        :param input_shape: one sample's shape (default: that of the last minibatch seen).
+        :param act_bits: activation word length for the bit-operations (None: float).
+        """
+        shape = input_shape if input_shape is not None else self.tsn_model.sample_shape
+        if shape is None:
+            raise ValueError("input_shape is needed: the model has not seen an input yet")
+        return compute_report(self.tsn_model, tuple(shape), act_bits)
+
+    def quantized_accuracy(
+        self, experiences: CLExperience | Iterable[CLExperience], act_bits: int | None
+    ) -> dict[int, float]:
+        """Test accuracy of each experience's task with activations at ``act_bits`` bits.
+
+        Weights stay at their own bit-widths; ``act_bits=None`` gives float activations.
+        Tasks must be calibrated (``calibrate_activations``, on by default).
+
+        :param experiences: an experience or a stream of them (task-aware).
+        :param act_bits: activation word length in 2..16, or None.
+        :return: accuracy per task label.
+        """
+        check_act_bits(act_bits)
+        exps = _aware([experiences] if isinstance(experiences, CLExperience) else experiences)
+        labels = check_stream(exps)
+        untrained = [t for t in labels if not self.tsn_model.is_trained(t)]
+        if untrained:
+            raise ValueError(f"experiences hold tasks not trained yet: {untrained}")
+        saved = self.mbatch
+        out = {}
+        try:
+            for exp, label in zip(exps, labels, strict=True):
+                batches = (
+                    (x.to(self.device), y.to(self.device))
+                    for x, y in strategy_batches(self, exp.dataset.eval(), self.eval_mb_size)
+                )
+                out[label] = task_accuracy(self.tsn_model, label, batches, act_bits)
+        finally:
+            self.mbatch = saved
+        return out
 
     def abandon_task(self) -> int | None:
         """Forget the task whose training was interrupted (an exception, a non-finite loss).

@@ -49,7 +49,12 @@ from avalanche_tsn.models import (
     TinyNet,
     single_head,
 )
-from avalanche_tsn.plugins import PruningPlugin, QuantizationPlugin, TaskSimilarityPlugin
+from avalanche_tsn.plugins import (
+    PruningPlugin,
+    QuantizationPlugin,
+    TaskSimilarityPlugin,
+    TensorBatchesPlugin,
+)
 
 STRATEGIES = ("tsn", "wsn", "adaqpacknet", "naive", "ewc", "lwf", "si", "packnet", "joint")
 ADAQ_NOTE = (
@@ -78,7 +83,7 @@ class Scenario:
     epochs: int
     mb: int
     lr: float
-    optimizer: str  # "sgd" (momentum 0.9) or "adam"
+    optimizer: str  # "sgd" (momentum from --momentum, default 0.9) or "adam"
 
 
 def _mlp(size: int) -> tuple[Callable, Callable]:
@@ -99,7 +104,7 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "permuted_fashion": Scenario(
         lambda a: datasets.permuted_fashion_mnist(
-            a.tasks or 10, seed=a.seed, dataset_root=a.dataset_root
+            a.tasks or 10, seed=a.seed, dataset_root=a.dataset_root, standardize=a.standardize
         ),
         *_mlp(784),
         epochs=2,
@@ -203,10 +208,10 @@ def _evaluator(name: str, interactive: bool) -> EvaluationPlugin:
     return EvaluationPlugin(*metrics, loggers=[InteractiveLogger()] if interactive else [])
 
 
-def _optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
+def _optimizer(kind: str, params, lr: float, momentum: float) -> torch.optim.Optimizer:
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum)
 
 
 def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
@@ -215,7 +220,9 @@ def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
     if name == "packnet":
         model = PackNetModel(model)
     common = dict(
-        optimizer=_optimizer(args.optimizer or sc.optimizer, model.parameters(), args.lr or sc.lr),
+        optimizer=_optimizer(
+            args.optimizer or sc.optimizer, model.parameters(), args.lr or sc.lr, args.momentum
+        ),
         criterion=torch.nn.CrossEntropyLoss(),
         train_mb_size=args.mb or sc.mb,
         train_epochs=args.epochs or sc.epochs,
@@ -223,14 +230,21 @@ def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
         device=args.device,
         evaluator=_evaluator(name, not args.quiet),
     )
+    fast = not args.avalanche_loader
+    # TSN's strategies add the tensor fetch themselves (tensor_batches); the others get it
+    # as a plugin, so that every row reads its data the same way.
+    plugins = [TensorBatchesPlugin()] if fast else []
     if name == "wsn":
-        return WSNStrategy(model=model, sparsity=args.sparsity, eval_every=0, **common)
+        return WSNStrategy(
+            model=model, sparsity=args.sparsity, eval_every=0, tensor_batches=fast, **common
+        )
     if name == "adaqpacknet":
-        return AdaQPacknetStrategy(model=model, eval_every=0, **common)
+        return AdaQPacknetStrategy(model=model, eval_every=0, tensor_batches=fast, **common)
     if name == "tsn":
         return TSNStrategy(
             model=model,
             plugins=[FreeAtStart()],
+            tensor_batches=fast,
             new_bank_below=args.new_bank_below,
             sparsity=args.sparsity,
             prune=not args.no_prune,
@@ -242,7 +256,7 @@ def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
             **common,
         )
     if name == "joint":
-        return JointTraining(model=model, **common)
+        return JointTraining(model=model, plugins=plugins, **common)
     extra: dict[str, Any] = {
         "naive": {},
         "ewc": {"ewc_lambda": args.ewc_lambda},
@@ -251,7 +265,7 @@ def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
         "packnet": {"post_prune_epochs": 1, "prune_proportion": args.packnet_prune},
     }[name]
     cls = {"naive": Naive, "ewc": EWC, "lwf": LwF, "si": SynapticIntelligence, "packnet": PackNet}
-    return cls[name](model=model, eval_every=0, **extra, **common)
+    return cls[name](model=model, eval_every=0, plugins=plugins, **extra, **common)
 
 
 class FreeAtStart(SupervisedPlugin):
@@ -266,26 +280,31 @@ class FreeAtStart(SupervisedPlugin):
             self.free.append(min(strategy.model.free_fractions().values()))
 
 
-def accuracy_matrix(evaluator: EvaluationPlugin, n: int, joint: bool) -> list[list[float]]:
-    """Row i: test accuracy on every task after training task i (one row for joint)."""
+def accuracy_matrix(
+    evaluator: EvaluationPlugin, n: int, after: list[int] | None
+) -> list[list[float | None]]:
+    """Row i: test accuracy on every task after training task i (one row for joint).
+
+    :param after: the training iteration count at the end of each task (None for joint); a
+        task not evaluated then is None.
+    """
     history = evaluator.get_all_metrics()
-    rows = []
+    columns = []
     for j in range(n):
         key = next(
             k for k in history if k.startswith("Top1_Acc_Exp/") and k.endswith(f"Exp{j:03d}")
         )
         xs, values = history[key]
-        if joint:
-            rows.append(values[-1:])
+        if after is None:
+            columns.append(values[-1:])
             continue
-        # Each train() call evaluates before training (for forward transfer) and after the
-        # experience, at the same iteration count; the first value at each new count is the
-        # one measured right after a task.
-        firsts = [
-            v for i, (x, v) in enumerate(zip(xs, values, strict=True)) if x and x != xs[i - 1]
-        ]
-        rows.append(firsts[:n])
-    return [[rows[j][i] for j in range(n)] for i in range(len(rows[0]))]
+        # An evaluation before the next task runs at the same count: the first one is the
+        # one right after the task.
+        first = {}
+        for x, v in zip(xs, values, strict=True):
+            first.setdefault(x, v)
+        columns.append([first.get(x) for x in after])
+    return [[columns[j][i] for j in range(n)] for i in range(len(columns[0]))]
 
 
 def _model_bits(model: torch.nn.Module, packnet_tasks: int = 0) -> int:
@@ -300,32 +319,52 @@ def _model_bits(model: torch.nn.Module, packnet_tasks: int = 0) -> int:
     return bits
 
 
-def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Train and evaluate one strategy; returns its row of the results."""
+def run_one(name: str, args: argparse.Namespace, benchmark: Any = None) -> dict[str, Any]:
+    """Train and evaluate one strategy; returns its row of the results.
+
+    :param benchmark: the scenario's stream, built here if None.
+    """
     logging.basicConfig(level=logging.WARNING)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     sc = SCENARIOS[args.scenario]
-    benchmark = _subset(sc.build(args), args.subset)
+    if benchmark is None:
+        benchmark = _subset(sc.build(args), args.subset)
     n = len(benchmark.train_stream)
     strategy = _strategy(name, sc, args, n)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
+    test = benchmark.test_stream
+    after: list[int] | None = None
     if name == "joint":
         strategy.train(benchmark.train_stream)
-    else:
+        res = strategy.eval(test)
+    elif args.eval == "full":
+        # Avalanche's periodic evaluation: the whole test stream before and after each task
+        after = []
         for exp in benchmark.train_stream:
-            strategy.train(exp, eval_streams=[benchmark.test_stream])
+            strategy.train(exp, eval_streams=[test])
+            after.append(strategy.clock.train_iterations)
+        res = strategy.eval(test)
+    else:
+        # What the metrics read: forward transfer needs every task at initialisation and
+        # task i+1 after task i; the accuracy matrix's lower triangle (and backward transfer)
+        # needs tasks 0..i after task i; the last evaluation covers the whole stream.
+        after = []
+        strategy.eval(test)
+        for i, exp in enumerate(benchmark.train_stream):
+            strategy.train(exp, eval_streams=[])
+            after.append(strategy.clock.train_iterations)
+            res = strategy.eval(test[: i + 2])
     seconds = time.perf_counter() - t0
-    res = strategy.eval(benchmark.test_stream)
     row: dict[str, Any] = {
         "strategy": name,
         "ACC": next(v for k, v in res.items() if k.startswith("Top1_Acc_Stream/")),
         "BWT": None if name == "joint" else res.get("StreamBWT/eval_phase/test_stream"),
         "FWT": None if name == "joint" else res.get("StreamForwardTransfer/eval_phase/test_stream"),
         "train_seconds": round(seconds, 2),
-        "accuracy_matrix": accuracy_matrix(strategy.evaluator, n, name == "joint"),
+        "accuracy_matrix": accuracy_matrix(strategy.evaluator, n, after),
         "note": PACKNET_NOTE if name == "packnet" else "",
     }
     if name == "wsn":
@@ -409,7 +448,12 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.4), squeeze=False)
     for ax, r in zip(axes[0], rows, strict=True):
-        m = torch.tensor(r["accuracy_matrix"]) * 100
+        m = (
+            torch.tensor(
+                [[math.nan if v is None else v for v in row] for row in r["accuracy_matrix"]]
+            )
+            * 100
+        )
         im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
         ax.set_title(f"{r['strategy']} (ACC {100 * r['ACC']:.1f})", fontsize=9)
         ax.set_xticks(range(m.shape[1]))
@@ -422,7 +466,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
                 m.flatten(),
                 strict=True,
             ):
-                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6, color="w")
+                if not math.isnan(v):
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6, color="w")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy %")
     fig.savefig(out / "accuracy_matrices.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -431,6 +476,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
         return
     tasks = tsn["capacity_tasks"]
     parts = ["weight_bits", "codebook_bits", "mask_bits", "head_bits", "norm_bits"]
+    parts += ["activation_bits"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bottom = [0.0] * len(tasks)
     for part in parts:
@@ -455,6 +501,23 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mb", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default=None)
+    p.add_argument(
+        "--standardize",
+        action="store_true",
+        help="permuted_fashion: inputs (x - 0.1307) / 0.3081 as the TSN reference code makes them",
+    )
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0: plain SGD)")
+    p.add_argument(
+        "--eval",
+        choices=("needed", "full"),
+        default="needed",
+        help="needed: what ACC/BWT/FWT read; full: every test set before and after each task",
+    )
+    p.add_argument(
+        "--avalanche-loader",
+        action="store_true",
+        help="read minibatches with Avalanche's per-sample loader (default: tensor gather)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subset", type=int, default=None, help="samples per experience (smoke)")
     p.add_argument("--sparsity", type=float, default=0.5)
@@ -483,15 +546,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _optimizer_name(args: argparse.Namespace, sc: Scenario) -> str:
+    kind = args.optimizer or sc.optimizer
+    return f"sgd (momentum {args.momentum})" if kind == "sgd" else kind
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run every chosen strategy, print the table, write the files."""
     args = parse(argv)
-    SCENARIOS[args.scenario].build(args)  # fail now on missing data, before any training
     rows = []
     pool = None if args.in_process else ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+    # In one process the data are built once for every strategy; a process per strategy
+    # builds its own (and a missing dataset stops the first one before it trains).
+    benchmark = _subset(SCENARIOS[args.scenario].build(args), args.subset) if pool is None else None
     for name in tqdm(args.strategy_list, desc=f"{args.scenario}: strategies", unit="strategy"):
         if pool is None:
-            rows.append(run_one(name, args))
+            rows.append(run_one(name, args, benchmark))
         else:  # a fresh process per strategy: its peak memory is its own
             rows.append(pool.submit(run_one, name, args).result())
             pool.shutdown()
@@ -502,8 +572,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     header = (
         f"### {args.scenario} ({datetime.now(timezone.utc):%Y-%m-%d}; epochs "
         f"{args.epochs or sc.epochs}, minibatch {args.mb or sc.mb}, "
-        f"{args.optimizer or sc.optimizer} lr {args.lr or sc.lr}, seed {args.seed}, "
-        f"device {args.device}, threads {args.threads or torch.get_num_threads()})"
+        f"{_optimizer_name(args, sc)} lr {args.lr or sc.lr}, seed {args.seed}, "
+        f"device {args.device}, threads {args.threads or torch.get_num_threads()}, "
+        f"{args.eval} evaluation, "
+        f"{'Avalanche loader' if args.avalanche_loader else 'tensor minibatches'})"
     )
     table = markdown(rows, header)
     print(table)

@@ -24,6 +24,7 @@ from avalanche_tsn import TSNStrategy, load_compressed
 from avalanche_tsn.datasets import permuted_digits
 from avalanche_tsn.metrics import capacity_metrics
 from avalanche_tsn.models import MultiHeadMLP
+from avalanche_tsn.tiny import resident_bytes
 
 
 def main() -> None:
@@ -73,19 +74,34 @@ def main() -> None:
     print("\nCapacity (bits):")
     report = strategy.capacity_report()
     print(report.table())
+    print("\nCompute per sample (weights at their own bits, 8-bit activations):")
+    print(strategy.compute_report(act_bits=8).table())
+    print("\nMean test accuracy with quantized activations:")
+    for bits in (4, 8, 16, None):
+        acc_bits = strategy.quantized_accuracy(benchmark.test_stream, bits)
+        mean = 100 * sum(acc_bits.values()) / len(acc_bits)
+        print(f"  {'float' if bits is None else f'{bits:>2} bits'}: {mean:6.2f}%")
 
     # The compact export holds what the report counts; loading it gives the same predictions.
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tsn_digits.tsn"
         size = strategy.export(path)
         tiny = load_compressed(path, MultiHeadMLP(input_size=64, hidden_sizes=(100, 100)))
+        coded = load_compressed(
+            path, MultiHeadMLP(input_size=64, hidden_sizes=(100, 100)), dequantize=False
+        )
+    tiny, coded = tiny.to(args.device), coded.to(args.device)
     x, _, t = next(iter(DataLoader(benchmark.test_stream[0].dataset, batch_size=512)))
+    x, t = x.to(args.device), t.to(args.device)
     live = strategy.model.eval()
     with torch.no_grad():
-        same = torch.equal(tiny(x.to(args.device), t), live(x.to(args.device), t))
+        same = torch.equal(tiny(x, t), live(x, t))
+        same_coded = torch.equal(coded(x, t), tiny(x, t))
     print(
         f"\nExport: {size} bytes on disk (report: {report.total_bits // 8} bytes); "
-        f"loaded model predicts identically: {same}"
+        f"loaded model predicts identically: {same}; integer-code model "
+        f"({resident_bytes(coded):,} bytes in memory against {resident_bytes(tiny):,}) "
+        f"predicts identically: {same_coded}"
     )
 
 

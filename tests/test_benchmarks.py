@@ -40,6 +40,30 @@ def test_harness_smoke_runs_every_strategy(tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_harness_evaluates_what_the_metrics_read_and_both_loaders_agree():
+    base = [
+        "--scenario", "permuted_digits", "--tasks", "3", "--epochs", "1", "--subset", "40",
+        "--in-process", "--quiet", "--device", "cpu", "--strategies", "naive",
+        "--momentum", "0",
+    ]  # fmt: skip
+    needed = harness.main(base)[0]
+    full = harness.main([*base, "--eval", "full"])[0]
+    slow = harness.main([*base, "--eval", "full", "--avalanche-loader"])[0]
+    m = needed["accuracy_matrix"]
+    # after task i: tasks 0..i and i+1 (forward transfer), nothing further
+    assert [[v is not None for v in row] for row in m] == [
+        [True, True, False],
+        [True, True, True],
+        [True, True, True],
+    ]
+    assert all(v is not None for row in full["accuracy_matrix"] for v in row)
+    for row in (needed, full):
+        assert row["FWT"] is not None and row["BWT"] is not None
+    # the tensor fetch changes nothing: same samples, same order, same random stream
+    assert slow["accuracy_matrix"] == full["accuracy_matrix"]
+    assert (slow["ACC"], slow["BWT"], slow["FWT"]) == (full["ACC"], full["BWT"], full["FWT"])
+
+
 def test_unknown_strategy_is_rejected():
     with pytest.raises(SystemExit):
         harness.parse(["--strategies", "tsn,gem"])

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from avalanche_tsn.batches import tensor_batches
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.streams import experience_task_labels
 
@@ -49,7 +50,9 @@ def strategy_batches(strategy, data, batch_size: int) -> Iterator[tuple[Tensor, 
     :param data: an Avalanche dataset.
     :param batch_size: samples per minibatch.
     """
-    loader = DataLoader(data, batch_size=batch_size, collate_fn=getattr(data, "collate_fn", None))
+    loader = tensor_batches(data, batch_size) or DataLoader(
+        data, batch_size=batch_size, collate_fn=getattr(data, "collate_fn", None)
+    )
     saved = strategy.mbatch
     try:
         for batch in loader:

@@ -1,0 +1,217 @@
+"""A runnable compressed model: integer codes and codebooks, dequantized layer by layer.
+
+TinySubNets (Zurek et al., arXiv:2412.10869, 2024) counts a model's memory as its tasks' codes,
+codebooks and masks (see :mod:`avalanche_tsn.capacity`); a :class:`~avalanche_tsn.model.TSNModel`
+keeps float32 copies for training. :func:`to_tiny` turns a trained model into one that keeps
+only what inference reads, so its resident memory follows the capacity figure:
+
+- per bank, the ownership map packed at ``ceil(log2(tasks + 1))`` bits per weight;
+- per task, the codes of the weights it owns packed at its bit-width (float32 values for a
+  task that was not quantized), its codebook, its bias, and which earlier tasks' weights it
+  shares (one bit per weight an earlier task owns, bit-packed: the export's Huffman-coded
+  bitmap is smaller but must be decoded whole); its own weights are those the ownership map
+  gives it;
+- per quantized head, its codes packed at its bit-width and its codebook
+  (:class:`CodedLinear`); normalisation statistics, biases and heads that were not quantized
+  as they are.
+
+A forward rebuilds the task's weight of each layer from these (one unpack of the ownership map
+and of the codes it reads), runs the layer and drops the weight again; the values are exactly
+the trained model's, so predictions are the same. Only trained tasks run (there is no live
+subnetwork to train).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from avalanche_tsn.export import pack_codes, unpack_codes
+from avalanche_tsn.layers import FREE, MaskedLayer, TSNConv2d
+from avalanche_tsn.model import TSNModel
+from avalanche_tsn.quantization import codes_of
+
+__all__ = ["CodedLayer", "CodedLinear", "to_tiny", "resident_bytes"]
+
+
+def _packed(values: np.ndarray, bits: int) -> Tensor:
+    return torch.from_numpy(np.frombuffer(pack_codes(values, bits), dtype=np.uint8).copy())
+
+
+def _unpacked(packed: Tensor, count: int, bits: int) -> np.ndarray:
+    return unpack_codes(packed.cpu().numpy().tobytes(), count, bits)
+
+
+class CodedLayer(nn.Module):
+    """A trained masked layer held as packed codes; computes with its dequantized weights.
+
+    :param layer: a masked layer of a TSN model whose tasks are all trained.
+    """
+
+    def __init__(self, layer: MaskedLayer) -> None:
+        super().__init__()
+        n_slots = len(layer.task_bits)
+        self.shape = tuple(layer.weight.shape)
+        self.numel = layer.weight.numel()
+        self.conv = isinstance(layer, TSNConv2d)
+        if self.conv:
+            self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+            if layer.padding_mode != "zeros":
+                raise ValueError("coded convolutions support zero padding only")
+        self.owner_bits = max(1, math.ceil(math.log2(n_slots + 1)))
+        self.n_banks = layer.n_banks
+        self.n_slots = n_slots
+        self.register_buffer("slot_bank", layer.slot_bank.clone())
+        self.register_buffer("task_bits", layer.task_bits.clone())
+        bias = None if layer.task_bias is None else layer.task_bias.detach().clone()
+        self.register_buffer("task_bias", bias)
+        self.active_slot = FREE
+        self.task_groups: list[tuple[int, int]] | None = None
+        for bank in range(layer.n_banks):
+            owner = layer.bank_owner(bank).flatten().cpu().numpy().astype(np.int64)
+            self.register_buffer(f"owner_{bank}", _packed(owner - FREE, self.owner_bits))
+        for slot in range(n_slots):
+            bank = int(self.slot_bank[slot])
+            owner = layer.bank_owner(bank).flatten()
+            # The mask is the weights it owns plus the earlier tasks' weights it shares: one
+            # bit per weight an earlier task owns (the capacity report's shared bitmap).
+            earlier = (owner != FREE) & (owner < slot)
+            shared = layer.task_mask(slot).flatten()[earlier].cpu().numpy()
+            self.register_buffer(f"shared_{slot}", torch.from_numpy(np.packbits(shared)))
+            own = owner == slot
+            values = layer.bank_weights[bank].flatten()[own].detach().cpu()
+            b = int(self.task_bits[slot])
+            if b:
+                # the codes, packed at the task's bit-width, and its codebook
+                book = layer.task_centroids[slot, : 2**b].detach().cpu().float()
+                self.register_buffer(f"values_{slot}", _packed(codes_of(values, book).numpy(), b))
+                self.register_buffer(f"centroids_{slot}", book.clone())
+            else:  # a task that was not quantized keeps float32 values
+                self.register_buffer(f"values_{slot}", values.float().clone())
+                self.register_buffer(f"centroids_{slot}", torch.zeros(0))
+
+    def weight_of(self, slot: int) -> Tensor:
+        """The dequantized weight the task in ``slot`` computes with.
+
+        :param slot: a trained task's slot.
+        """
+        if not 0 <= slot < self.n_slots:
+            raise ValueError("a compressed model runs trained tasks only")
+        device = self.slot_bank.device
+        bank = int(self.slot_bank[slot])
+        packed_owner = getattr(self, f"owner_{bank}")
+        owner = torch.from_numpy(_unpacked(packed_owner, self.numel, self.owner_bits)) + FREE
+        owner = owner.to(device)
+        mask = owner == slot
+        earlier = (owner != FREE) & (owner < slot)
+        shared = np.unpackbits(getattr(self, f"shared_{slot}").cpu().numpy())
+        mask[earlier] = torch.from_numpy(shared[: int(earlier.sum())].astype(bool)).to(device)
+        weight = torch.zeros(self.numel, device=device)
+        for s in torch.unique(owner[mask]).tolist():
+            at = owner == s
+            b = int(self.task_bits[s])
+            values = getattr(self, f"values_{s}")
+            if b:
+                codes = torch.from_numpy(_unpacked(values, int(at.sum()), b)).to(device)
+                weight[at] = getattr(self, f"centroids_{s}")[codes]
+            else:
+                weight[at] = values
+        weight = torch.where(mask, weight, weight.new_zeros(()))
+        return weight.view(self.shape)
+
+    def _run(self, x: Tensor, slot: int) -> Tensor:
+        weight = self.weight_of(slot).to(x.dtype)
+        bias = None if self.task_bias is None else self.task_bias[slot].to(x)
+        if self.conv:
+            return F.conv2d(x, weight, bias, *self.conv_args)
+        return F.linear(x, weight, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.task_groups is None:
+            return self._run(x, self.active_slot)
+        outs, start = [], 0
+        for slot, count in self.task_groups:
+            outs.append(self._run(x[start : start + count], slot))
+            start += count
+        return torch.cat(outs)
+
+
+class CodedLinear(nn.Module):
+    """A quantized head's linear layer held as packed codes and its task's codebook.
+
+    :param layer: the head's ``nn.Linear`` (weights, possibly held as buffers).
+    :param centroids: the head's codebook; every weight is one of its values.
+    :param bits: the codebook's bit-width.
+    """
+
+    def __init__(self, layer: nn.Linear, centroids: Tensor, bits: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, bits
+        book = centroids.detach().cpu().float().clone()
+        self.register_buffer("codes", _packed(codes_of(layer.weight.cpu(), book).numpy(), bits))
+        self.register_buffer("centroids", book)
+        bias = None if layer.bias is None else layer.bias.detach().clone()
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = self.in_features * self.out_features
+        codes = torch.from_numpy(_unpacked(self.codes, n, self.bits)).to(self.centroids.device)
+        weight = self.centroids[codes].view(self.out_features, self.in_features)
+        return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x))
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+@torch.no_grad()
+def to_tiny(model: TSNModel) -> TSNModel:
+    """Turn ``model`` into its compressed runnable form, in place, and return it.
+
+    Every masked layer becomes a :class:`CodedLayer`; the float copies used for training
+    (weights, scores, bank copies, optimizer-facing parameters) are released. The model
+    then only evaluates its trained tasks, with the same predictions as before.
+
+    :param model: a TSN model with no task in training.
+    """
+    if model.open_task() is not None:
+        raise ValueError("a task is still in training: finish or abandon it first")
+    if not model.trained_tasks():
+        raise ValueError("nothing to compress: no task is trained yet")
+    coded = []
+    for name, layer in list(model.masked_layers()):
+        c = CodedLayer(layer)
+        _replace(model.net, name, c)
+        coded.append(c)
+    model._layers = coded  # type: ignore[assignment]
+    model._modules_per_task = [*coded, *model._norms]
+    for label in model.trained_tasks():
+        slot = model.slot_of(label)
+        b = int(model.head_bits[slot])
+        if not b:
+            continue  # heads that were not quantized stay float32
+        book = model.head_centroids[slot, : 2**b]
+        for head in model.head_modules(label):
+            for name, m in list(head.named_modules()):
+                if isinstance(m, nn.Linear):
+                    _replace(head, name, CodedLinear(m, book, b))
+    for head in model._heads:
+        head.requires_grad_(False)
+    return model.eval()
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor a model holds (parameters and buffers, shared storage once).
+
+    :param model: a model (a plain ``nn.Module`` or a compressed TSN model).
+    """
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
