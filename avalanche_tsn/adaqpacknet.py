@@ -318,8 +318,15 @@ class AdaQPacknetStrategy(TSNStrategy):
             validation_fraction=validation_fraction,
             **kwargs,
         )
-        # After TSN's mask-learning stage: it opens the task the search gives a mask to.
-        self.plugins.extend(stages)
+        # After TSN's mask-learning stage (it opens the task the search gives a mask to) and
+        # before activation calibration, which must see the final weights.
+        from avalanche_tsn.plugins import ActivationCalibrationPlugin
+
+        at = next(
+            (i for i, p in enumerate(self.plugins) if isinstance(p, ActivationCalibrationPlugin)),
+            len(self.plugins),
+        )
+        self.plugins[at:at] = stages
         self.search_plugin, self.quantization_plugin = stages[1], stages[2]
 
     def adaq_capacity(self) -> AdaQCapacity:
