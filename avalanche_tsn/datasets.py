@@ -22,6 +22,7 @@ __all__ = [
     "TensorTaskDataset",
     "task_stream",
     "permuted_digits",
+    "split_digits",
     "load_fashion_mnist",
     "permuted_fashion_mnist",
     "split_fashion_mnist",
@@ -102,15 +103,8 @@ def _permuted_stream(
     return task_stream(train, test)
 
 
-def permuted_digits(n_tasks: int = 5, *, seed: int = 0, test_fraction: float = 0.25) -> NCScenario:
-    """Permuted digits: scikit-learn's bundled 8x8 digits under one pixel permutation per task.
-
-    Needs no download. Inputs are flat 64-dim vectors in [0, 1].
-
-    :param n_tasks: number of tasks (experiences), each with its own task label.
-    :param seed: seed of the train/test split and of the permutations.
-    :param test_fraction: fraction of the 1,797 images held out for the test stream.
-    """
+def _digits(seed: int, test_fraction: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's bundled digits in [0, 1], split stratified: x/y train, x/y test."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -122,7 +116,19 @@ def permuted_digits(n_tasks: int = 5, *, seed: int = 0, test_fraction: float = 0
     idx_train, idx_test = train_test_split(
         np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=digits.target
     )
-    return _permuted_stream(x[idx_train], y[idx_train], x[idx_test], y[idx_test], n_tasks, seed)
+    return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
+
+
+def permuted_digits(n_tasks: int = 5, *, seed: int = 0, test_fraction: float = 0.25) -> NCScenario:
+    """Permuted digits: scikit-learn's bundled 8x8 digits under one pixel permutation per task.
+
+    Needs no download. Inputs are flat 64-dim vectors in [0, 1].
+
+    :param n_tasks: number of tasks (experiences), each with its own task label.
+    :param seed: seed of the train/test split and of the permutations.
+    :param test_fraction: fraction of the 1,797 images held out for the test stream.
+    """
+    return _permuted_stream(*_digits(seed, test_fraction), n_tasks, seed)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -187,27 +193,55 @@ def permuted_fashion_mnist(
     return _permuted_stream(x_train, y_train, x_test, y_test, n_tasks, seed)
 
 
-def split_fashion_mnist(
-    n_tasks: int = 5, *, seed: int = 0, dataset_root: str | Path | None = None
-) -> NCScenario:
-    """Split Fashion-MNIST: the 10 classes in ``n_tasks`` disjoint groups, one task label each.
-
-    :param n_tasks: number of tasks (a divisor of 10).
-    :param seed: seed of the class order.
-    :param dataset_root: folder with the idx files (see :func:`load_fashion_mnist`).
-    """
+def _split(
+    x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, n_tasks: int, seed: int,
+    task_labels: bool,
+) -> NCScenario:  # fmt: skip
     if n_tasks < 1 or 10 % n_tasks:
         raise ValueError(f"n_tasks must divide the 10 classes, got {n_tasks}")
-    x_train, y_train, x_test, y_test = load_fashion_mnist(dataset_root)
     return nc_benchmark(
         TensorTaskDataset(x_train, y_train),
         TensorTaskDataset(x_test, y_test),
         n_experiences=n_tasks,
-        task_labels=True,
+        task_labels=task_labels,
         shuffle=True,
         seed=seed,
-        class_ids_from_zero_in_each_exp=True,
+        class_ids_from_zero_in_each_exp=task_labels,
     )
+
+
+def split_fashion_mnist(
+    n_tasks: int = 5,
+    *,
+    seed: int = 0,
+    dataset_root: str | Path | None = None,
+    task_labels: bool = True,
+) -> NCScenario:
+    """Split Fashion-MNIST: the 10 classes in ``n_tasks`` disjoint groups.
+
+    :param n_tasks: number of tasks (a divisor of 10).
+    :param seed: seed of the class order.
+    :param dataset_root: folder with the idx files (see :func:`load_fashion_mnist`).
+    :param task_labels: one task label per experience and class ids from zero in each
+        (task-incremental); False: every experience task label 0 and the original class ids
+        (class-incremental).
+    """
+    return _split(*load_fashion_mnist(dataset_root), n_tasks, seed, task_labels)
+
+
+def split_digits(
+    n_tasks: int = 5, *, seed: int = 0, test_fraction: float = 0.25, task_labels: bool = True
+) -> NCScenario:
+    """Split digits: scikit-learn's bundled 8x8 digits, the 10 classes in disjoint groups.
+
+    Needs no download. Inputs are flat 64-dim vectors in [0, 1].
+
+    :param n_tasks: number of tasks (a divisor of 10).
+    :param seed: seed of the train/test split and of the class order.
+    :param test_fraction: fraction of the 1,797 images held out for the test stream.
+    :param task_labels: as in :func:`split_fashion_mnist`.
+    """
+    return _split(*_digits(seed, test_fraction), n_tasks, seed, task_labels)
 
 
 # -- the paper's scenarios: need the data on disk (or internet through torchvision) -----------

@@ -191,6 +191,10 @@ class TSNModel(MultiTaskModule):
         self._slot_cache: tuple[dict[int, int], frozenset[int]] | None = None
         #: shape of one input sample, as last seen by forward (None before any)
         self.sample_shape: tuple[int, ...] | None = None
+        #: how ``forward(x)`` without task labels runs: None returns every task's output (a
+        #: dict, Avalanche's contract), "entropy" or "memory" infers each sample's task
+        #: (see avalanche_tsn.inference)
+        self.task_inference: str | None = None
         self.live_sparsity = sparsity
         self.eval_cache_bytes = EVAL_CACHE_BYTES
         for target in {id(module): module, id(self.net): self.net}.values():
@@ -604,13 +608,18 @@ class TSNModel(MultiTaskModule):
         """Outputs of ``x``: each sample run as its task (``task_labels``: a tensor or an int).
 
         With ``task_labels=None`` it returns every known task's output (see
-        :meth:`forward_all_tasks`), as Avalanche's multi-task models do.
+        :meth:`forward_all_tasks`), as Avalanche's multi-task models do, or, when
+        ``task_inference`` is set, the output of each sample's inferred task.
 
         :param x: the inputs.
         :param task_labels: one task label per sample, an int for all, or None.
         """
         # a plain attribute (no Module bookkeeping): the compute report's default shape
         self.__dict__["sample_shape"] = tuple(x.shape[1:])
+        if task_labels is None and self.task_inference is not None:
+            from avalanche_tsn.inference import infer_tasks  # it builds on this module
+
+            return infer_tasks(self, x, self.task_inference)[0]
         if task_labels is None:
             # Avalanche's contract (LwF relies on it): every known task's output, as a dict.
             return self.forward_all_tasks(x)

@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_KL_THRESHOLD",
     "gaussian_kl",
     "task_features",
+    "feature_module",
     "task_divergence",
     "choose_bank",
     "check_threshold",
@@ -71,7 +72,11 @@ def gaussian_kl(p: Tensor, q: Tensor, floor: float = 1e-3) -> float:
     return float(kl.mean())
 
 
-def _feature_module(model: TSNModel) -> nn.Module:
+def feature_module(model: TSNModel) -> nn.Module:
+    """The module whose input is a task's features: the first head, else the last masked layer.
+
+    :param model: the TSN model.
+    """
     heads = model._heads
     if heads:
         return heads[0]
@@ -88,7 +93,7 @@ def task_features(model: TSNModel, task_label: int, x: Tensor, batch_size: int =
     :param batch_size: samples per forward.
     """
     captured: list[Tensor] = []
-    hook = _feature_module(model).register_forward_pre_hook(
+    hook = feature_module(model).register_forward_pre_hook(
         lambda _m, args: captured.append(args[0].flatten(1).detach())
     )
     was_training = model.training

@@ -8,6 +8,7 @@ user's plugin list.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
 from typing import Any, BinaryIO
@@ -26,6 +27,7 @@ from avalanche_tsn.activations import check_act_bits, task_accuracy
 from avalanche_tsn.capacity import CapacityReport, capacity_report
 from avalanche_tsn.compute import ComputeReport, compute_report
 from avalanche_tsn.export import export_model
+from avalanche_tsn.inference import check_method, infer_tasks, memory_statistics
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.plugins import (
     ActivationCalibrationPlugin,
@@ -38,7 +40,13 @@ from avalanche_tsn.plugins import (
 )
 from avalanche_tsn.plugins._common import strategy_batches
 from avalanche_tsn.similarity import DEFAULT_KL_THRESHOLD, check_threshold
-from avalanche_tsn.streams import check_stream, task_aware
+from avalanche_tsn.streams import (
+    check_stream,
+    experience_classes,
+    experience_task_labels,
+    relabelled,
+    task_aware,
+)
 
 __all__ = ["TSNStrategy", "reject_arguments"]
 
@@ -108,6 +116,12 @@ class TSNStrategy(SupervisedTemplate):
         than this fraction of free weights in some layer, in (0, 1); None never does.
     :param calibrate_activations: after each task, record every masked layer's input range
         for :meth:`quantized_accuracy` (one pass over the validation split).
+    :param task_inference: train a class-incremental stream (experiences without distinct
+        task labels) one task per experience, and infer each test sample's task:
+        ``"entropy"`` (the trained task whose output is most confident) or ``"memory"`` (the
+        task whose memory samples' features the sample's are closest to; keeps
+        ``memory_size`` samples per task); None (default) needs task labels, as TSN does.
+        See :mod:`avalanche_tsn.inference`.
     :param tensor_batches: read minibatches of tensor-backed datasets by indexing whole
         tensors (same samples, same order as Avalanche's loader; see
         :mod:`avalanche_tsn.batches`); other data always use Avalanche's loader.
@@ -144,6 +158,7 @@ class TSNStrategy(SupervisedTemplate):
         memory_size: int = 100,
         new_bank_below: float | None = None,
         calibrate_activations: bool = True,
+        task_inference: str | None = None,
         tensor_batches: bool = True,
         **base_kwargs: Any,
     ) -> None:
@@ -170,13 +185,18 @@ class TSNStrategy(SupervisedTemplate):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
         check_threshold(kl_threshold)
+        inference = None if task_inference is None else check_method(task_inference)
+        # The memory method reads the task memory that task matching keeps; without task
+        # matching it never opens a bank (an infinite threshold).
+        keep_memory = task_matching or inference == "memory"
+        threshold = kl_threshold if task_matching else math.inf
         stages: list[tuple[type, bool, Callable[[], BasePlugin]]] = [
             (
                 TaskSimilarityPlugin,
-                task_matching,
-                # memory_size=0 is a valid way to say "no memory" while matching is off.
+                keep_memory,
+                # memory_size=0 is a valid way to say "no memory" while no memory is kept.
                 lambda: TaskSimilarityPlugin(
-                    1 if memory_size == 0 and not task_matching else memory_size, kl_threshold
+                    1 if memory_size == 0 and not keep_memory else memory_size, threshold
                 ),
             ),
             (
@@ -233,6 +253,11 @@ class TSNStrategy(SupervisedTemplate):
         user_plugins = others + tsn_plugins
         if tensor_batches and not any(isinstance(p, TensorBatchesPlugin) for p in others):
             user_plugins.append(TensorBatchesPlugin())
+        self.task_inference = inference
+        #: classes of each task trained with task inference (read by the inference metric)
+        self.task_classes: dict[int, list[int]] = {}
+        self.tsn_inferred_tasks: torch.Tensor | None = None
+        self._inference_stats: tuple[tuple[int, ...], dict] | None = None
         self.mask_plugin: MaskLearningPlugin = next(
             p for p in tsn_plugins if isinstance(p, MaskLearningPlugin)
         )
@@ -253,6 +278,7 @@ class TSNStrategy(SupervisedTemplate):
             eval_every=eval_every,
             **base_kwargs,
         )
+        tsn.task_inference = inference
 
     @property
     def tsn_model(self) -> TSNModel:
@@ -340,7 +366,9 @@ class TSNStrategy(SupervisedTemplate):
         """
         experiences = list(experiences)
         streams = {}
-        for exp in experiences:
+        # With task inference the experiences are relabelled one task each; their origin
+        # stream (labels all 0) is not what trains.
+        for exp in [] if self.task_inference else experiences:
             stream = getattr(exp, "origin_stream", None)
             if stream is not None and hasattr(stream, "__len__"):
                 streams[id(stream)] = stream
@@ -376,10 +404,27 @@ class TSNStrategy(SupervisedTemplate):
         """
         single = isinstance(experiences, CLExperience)
         exps = _aware([experiences] if single else list(experiences))
+        if self.task_inference is not None:
+            exps = [relabelled(e, self._slot_label(e, i)) for i, e in enumerate(exps)]
         self.check_experiences(exps)
+        if self.task_inference is not None:
+            for e in exps:
+                self.task_classes[experience_task_labels(e)[0]] = experience_classes(e)
         if eval_streams is not None:
             eval_streams = _aware(eval_streams)
         return super().train(exps, eval_streams, **kwargs)
+
+    def _slot_label(self, experience: CLExperience, position: int) -> int:
+        # The experience's index in its stream names its task (the same experience trained
+        # again restarts the same task); else the next free label.
+        index = getattr(experience, "current_experience", None)
+        if isinstance(index, int):
+            return index
+        taken = set(self.tsn_model.trained_tasks()) | set(self.task_classes)
+        label = position
+        while label in taken:
+            label += 1
+        return label
 
     def eval(self, exp_list, **kwargs):
         """Evaluate on one experience or a sequence of them (see Avalanche's ``eval``).
@@ -394,9 +439,29 @@ class TSNStrategy(SupervisedTemplate):
         """The model's output for the current minibatch, each sample run as its own task.
 
         The minibatch's task labels are used whether the experience has task labels or not
-        (Avalanche would call the model without them then).
+        (Avalanche would call the model without them then). With ``task_inference``,
+        evaluation infers each sample's task instead (``tsn_inferred_tasks`` keeps them).
         """
-        return self.model(self.mb_x, self.mb_task_id)
+        if self.task_inference is None or self.is_training or not self.tsn_model.trained_tasks():
+            # (before any task is trained there is nothing to infer: the untrained network)
+            return self.model(self.mb_x, self.mb_task_id)
+        outputs, tasks = self.infer(self.mb_x)
+        self.tsn_inferred_tasks = tasks
+        return outputs
+
+    def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs and inferred task labels of ``x`` without task labels.
+
+        :param x: a minibatch.
+        """
+        method = self.task_inference or "entropy"
+        stats = None
+        if method == "memory":
+            key = tuple(self.tsn_model.trained_tasks())
+            if self._inference_stats is None or self._inference_stats[0] != key:
+                self._inference_stats = (key, memory_statistics(self.tsn_model))
+            stats = self._inference_stats[1]
+        return infer_tasks(self.tsn_model, x, method, stats)
 
 
 # Avalanche re-wraps every strategy's __init__ to accept legacy positional arguments with a

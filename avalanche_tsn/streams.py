@@ -13,8 +13,15 @@ from collections.abc import Iterable
 from typing import Any
 
 from avalanche.benchmarks import CLExperience
+from avalanche.benchmarks.utils.flat_data import ConstantSequence
 
-__all__ = ["experience_task_labels", "experience_classes", "task_aware", "check_stream"]
+__all__ = [
+    "experience_task_labels",
+    "experience_classes",
+    "task_aware",
+    "relabelled",
+    "check_stream",
+]
 
 
 def _uniques(attribute: Any) -> list[int]:
@@ -67,6 +74,39 @@ def task_aware(experience: CLExperience) -> CLExperience:
     if not has_classes:
         aware.classes_in_this_experience = experience_classes(experience)
     return aware
+
+
+def relabelled(experience: CLExperience, label: int) -> CLExperience:
+    """A shallow copy of ``experience`` whose samples all carry task label ``label``.
+
+    Used to train a class-incremental stream (every experience labelled 0) one task per
+    experience; the experience's classes are kept, the caller's experience is not modified.
+
+    :param experience: an Avalanche experience.
+    :param label: its new task label.
+    """
+    data = experience.dataset
+    copied = copy.copy(task_aware(experience))
+    copied.dataset = data.update_data_attribute(
+        "targets_task_labels", ConstantSequence(int(label), len(data))
+    )
+    if experience_task_labels(copied) != [int(label)]:
+        # An experience whose labels come from its benchmark (a read-only property on
+        # Avalanche's classic experiences): the copy gets a subclass that answers its own.
+        object.__setattr__(copied, "_tsn_task_labels", [int(label)])
+        copied.__class__ = _relabelled_class(type(copied))
+    return copied
+
+
+_RELABELLED: dict[type, type] = {}
+
+
+def _relabelled_class(cls: type) -> type:
+    if cls not in _RELABELLED:
+        _RELABELLED[cls] = type(
+            cls.__name__, (cls,), {"task_labels": property(lambda self: self._tsn_task_labels)}
+        )
+    return _RELABELLED[cls]
 
 
 def _name(experience: CLExperience) -> str:

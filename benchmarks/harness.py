@@ -36,12 +36,12 @@ from avalanche.evaluation.metrics import (
 from avalanche.logging import InteractiveLogger
 from avalanche.models.packnet import PackNetModel
 from avalanche.training import EWC, LwF, Naive, PackNet, SynapticIntelligence
-from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin, SupervisedPlugin
 from avalanche.training.supervised import JointTraining
 from tqdm import tqdm
 
 from avalanche_tsn import AdaQPacknetStrategy, TSNStrategy, WSNStrategy, datasets
-from avalanche_tsn.metrics import capacity_metrics
+from avalanche_tsn.metrics import capacity_metrics, task_inference_metrics
 from avalanche_tsn.models import (
     MultiHeadMLP,
     ReducedAlexNet,
@@ -56,7 +56,11 @@ from avalanche_tsn.plugins import (
     TensorBatchesPlugin,
 )
 
-STRATEGIES = ("tsn", "wsn", "adaqpacknet", "naive", "ewc", "lwf", "si", "packnet", "joint")
+STRATEGIES = (
+    "tsn", "wsn", "adaqpacknet", "naive", "ewc", "lwf", "si", "replay", "packnet", "joint",
+)  # fmt: skip
+#: strategies that run on class-incremental streams (no task labels at test time)
+CLASS_INCREMENTAL = ("tsn", "naive", "ewc", "lwf", "si", "replay", "joint")
 ADAQ_NOTE = (
     "AdaQPacknetStrategy: searched per-layer magnitude pruning (2 candidates, 1 search epoch "
     "each), one bit-width per task by codebook halving; capacity as this package counts it; "
@@ -84,6 +88,8 @@ class Scenario:
     mb: int
     lr: float
     optimizer: str  # "sgd" (momentum from --momentum, default 0.9) or "adam"
+    #: no task labels at test time: TSN infers tasks, the baselines run a single head
+    class_incremental: bool = False
 
 
 def _mlp(size: int) -> tuple[Callable, Callable]:
@@ -121,6 +127,26 @@ SCENARIOS: dict[str, Scenario] = {
         mb=128,
         lr=0.05,
         optimizer="sgd",
+    ),
+    "split_digits_ci": Scenario(
+        lambda a: datasets.split_digits(a.tasks or 5, seed=a.seed, task_labels=False),
+        *_mlp(64),
+        epochs=10,
+        mb=32,
+        lr=0.1,
+        optimizer="sgd",
+        class_incremental=True,
+    ),
+    "split_fashion_ci": Scenario(
+        lambda a: datasets.split_fashion_mnist(
+            a.tasks or 5, seed=a.seed, dataset_root=a.dataset_root, task_labels=False
+        ),
+        *_mlp(784),
+        epochs=2,
+        mb=128,
+        lr=0.05,
+        optimizer="sgd",
+        class_incremental=True,
     ),
     "permuted_mnist": Scenario(
         lambda a: datasets.permuted_mnist(a.tasks or 10, seed=a.seed, dataset_root=_root(a)),
@@ -166,7 +192,7 @@ def _root(args: argparse.Namespace) -> str:
     return args.dataset_root
 
 
-def _subset(benchmark, n: int | None):
+def _subset(benchmark, n: int | None, class_incremental: bool = False):
     """At most ``n`` training and test samples per experience (smoke runs)."""
     if n is None:
         return benchmark
@@ -191,10 +217,10 @@ def _subset(benchmark, n: int | None):
         train,
         test,
         n_experiences=len(benchmark.train_stream),
-        task_labels=True,
+        task_labels=not class_incremental,
         shuffle=False,
         one_dataset_per_exp=True,
-        class_ids_from_zero_in_each_exp=True,
+        class_ids_from_zero_in_each_exp=not class_incremental,
     )
 
 
@@ -205,6 +231,7 @@ def _evaluator(name: str, interactive: bool) -> EvaluationPlugin:
         metrics.append(forward_transfer_metrics(experience=True, stream=True))
     if name in ("tsn", "wsn", "adaqpacknet"):
         metrics.append(capacity_metrics())
+        metrics += task_inference_metrics()
     return EvaluationPlugin(*metrics, loggers=[InteractiveLogger()] if interactive else [])
 
 
@@ -216,7 +243,10 @@ def _optimizer(kind: str, params, lr: float, momentum: float) -> torch.optim.Opt
 
 def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
     torch.manual_seed(args.seed)
-    model = sc.packnet_model() if name == "packnet" else sc.model()
+    # Class-incremental baselines share one 10-way head (the multi-head model would need
+    # task labels); TSN keeps a head per task and infers which one.
+    single = name == "packnet" or (sc.class_incremental and name != "tsn")
+    model = sc.packnet_model() if single else sc.model()
     if name == "packnet":
         model = PackNetModel(model)
     common = dict(
@@ -252,6 +282,7 @@ def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
             quant_heads=not args.no_quant_heads,
             task_matching=args.task_matching,
             kl_threshold=args.kl_threshold,
+            task_inference=args.task_inference if sc.class_incremental else None,
             eval_every=0,
             **common,
         )
@@ -263,8 +294,18 @@ def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
         "lwf": {"alpha": args.lwf_alpha, "temperature": 2.0},
         "si": {"si_lambda": args.si_lambda},
         "packnet": {"post_prune_epochs": 1, "prune_proportion": args.packnet_prune},
+        "replay": {},
     }[name]
-    cls = {"naive": Naive, "ewc": EWC, "lwf": LwF, "si": SynapticIntelligence, "packnet": PackNet}
+    if name == "replay":  # Naive with Avalanche's reservoir replay buffer
+        plugins = [ReplayPlugin(mem_size=args.replay_size), *plugins]
+    cls = {
+        "naive": Naive,
+        "ewc": EWC,
+        "lwf": LwF,
+        "si": SynapticIntelligence,
+        "packnet": PackNet,
+        "replay": Naive,
+    }
     return cls[name](model=model, eval_every=0, plugins=plugins, **extra, **common)
 
 
@@ -329,7 +370,7 @@ def run_one(name: str, args: argparse.Namespace, benchmark: Any = None) -> dict[
         torch.set_num_threads(args.threads)
     sc = SCENARIOS[args.scenario]
     if benchmark is None:
-        benchmark = _subset(sc.build(args), args.subset)
+        benchmark = _subset(sc.build(args), args.subset, sc.class_incremental)
     n = len(benchmark.train_stream)
     strategy = _strategy(name, sc, args, n)
     if args.device.startswith("cuda"):
@@ -367,6 +408,16 @@ def run_one(name: str, args: argparse.Namespace, benchmark: Any = None) -> dict[
         "accuracy_matrix": accuracy_matrix(strategy.evaluator, n, after),
         "note": PACKNET_NOTE if name == "packnet" else "",
     }
+    if name == "replay":
+        row["note"] = f"Naive with Avalanche's ReplayPlugin, buffer of {args.replay_size} samples"
+    inference = res.get("TaskInference_Acc_Stream/eval_phase/test_stream")
+    if inference is not None:
+        row["task_inference_acc"] = inference
+        row["note"] = (
+            f"task inference ({args.task_inference}) right for {100 * inference:.2f}% of the "
+            "test samples; each task's subnetwork stays bit-identical, the stream's accuracy "
+            "can still change as tasks are added (inference sees more candidates)"
+        )
     if name == "wsn":
         row["capacity_percent"] = strategy.capacity_report().percent
         row["capacity_wsn_percent"] = strategy.wsn_capacity().percent
@@ -495,7 +546,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments (defaults per scenario: the paper code's settings)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenario", choices=sorted(SCENARIOS), default="permuted_digits")
-    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument(
+        "--strategies",
+        default=None,
+        help="comma-separated (default: every one the scenario can run)",
+    )
     p.add_argument("--tasks", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--mb", type=int, default=None)
@@ -531,6 +586,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lwf-alpha", type=float, default=1.0)
     p.add_argument("--si-lambda", type=float, default=1.0)
     p.add_argument("--packnet-prune", type=float, default=0.5)
+    p.add_argument("--replay-size", type=int, default=200, help="replay buffer (samples)")
+    p.add_argument(
+        "--task-inference",
+        choices=("memory", "entropy"),
+        default="memory",
+        help="class-incremental scenarios: how TSN infers a test sample's task",
+    )
     p.add_argument("--dataset-root", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--in-process", action="store_true")
@@ -538,10 +600,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
     p.add_argument("--out", default=None, help="folder for results.json/.md and PNGs")
     args = p.parse_args(argv)
-    names = args.strategies.split(",")
-    bad = [s for s in names if s not in STRATEGIES]
+    allowed = CLASS_INCREMENTAL if SCENARIOS[args.scenario].class_incremental else STRATEGIES
+    names = args.strategies.split(",") if args.strategies else list(allowed)
+    bad = [s for s in names if s not in allowed]
     if bad:
-        p.error(f"--strategies: unknown {', '.join(bad)}; choose from {', '.join(STRATEGIES)}")
+        p.error(
+            f"--strategies: {', '.join(bad)} cannot run {args.scenario}; choose from "
+            f"{', '.join(allowed)}"
+        )
     args.strategy_list = names
     return args
 
@@ -558,7 +624,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     pool = None if args.in_process else ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
     # In one process the data are built once for every strategy; a process per strategy
     # builds its own (and a missing dataset stops the first one before it trains).
-    benchmark = _subset(SCENARIOS[args.scenario].build(args), args.subset) if pool is None else None
+    benchmark = (
+        _subset(
+            SCENARIOS[args.scenario].build(args),
+            args.subset,
+            SCENARIOS[args.scenario].class_incremental,
+        )
+        if pool is None
+        else None
+    )
     for name in tqdm(args.strategy_list, desc=f"{args.scenario}: strategies", unit="strategy"):
         if pool is None:
             rows.append(run_one(name, args, benchmark))

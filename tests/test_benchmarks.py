@@ -30,7 +30,7 @@ def test_harness_smoke_runs_every_strategy(tmp_path):
     assert tsn["capacity_percent"] < 100.0
     table = (tmp_path / "results.md").read_text()
     assert "| wsn [1] |" in table and "| adaqpacknet [2] |" in table
-    assert "| packnet [3] |" in table
+    assert "| replay [3] |" in table and "| packnet [4] |" in table
     adaq = rows[2]
     assert adaq["BWT"] == 0.0 and adaq["capacity_percent"] < 100.0
     wsn = rows[1]
@@ -67,6 +67,25 @@ def test_harness_evaluates_what_the_metrics_read_and_both_loaders_agree():
 def test_unknown_strategy_is_rejected():
     with pytest.raises(SystemExit):
         harness.parse(["--strategies", "tsn,gem"])
+    with pytest.raises(SystemExit):  # PackNet needs task labels at test time
+        harness.parse(["--scenario", "split_digits_ci", "--strategies", "tsn,packnet"])
+
+
+def test_class_incremental_scenario_runs_tsn_with_task_inference(tmp_path):
+    rows = harness.main(
+        [
+            "--scenario", "split_digits_ci", "--tasks", "2", "--epochs", "2", "--subset", "60",
+            "--in-process", "--quiet", "--device", "cpu", "--strategies", "tsn,replay",
+        ]
+    )  # fmt: skip
+    tsn, replay = rows
+    assert 0.0 <= tsn["task_inference_acc"] <= 1.0
+    assert "task inference (memory)" in tsn["note"]
+    assert "buffer of 200 samples" in replay["note"]
+    m = tsn["accuracy_matrix"]
+    assert len(m) == 2 and None not in (m[0][0], m[0][1], m[1][0], m[1][1])
+    # wrong task inference is the only way to miss a class: accuracy <= inference accuracy
+    assert tsn["ACC"] <= tsn["task_inference_acc"] + 1e-9
 
 
 @pytest.mark.parametrize(
