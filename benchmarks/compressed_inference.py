@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import statistics
-import time
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,13 +33,16 @@ from avalanche_tsn import TSNStrategy, datasets, load_compressed
 from avalanche_tsn.models import MultiHeadMLP
 from avalanche_tsn.tiny import resident_bytes
 
+sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
+from _report import timed, write_section  # noqa: E402
+
 SCENARIOS = {
     # name: (stream, input size, epochs, minibatch, lr) as the harness runs them
     "permuted digits": (lambda: datasets.permuted_digits(5), 64, 10, 32, 0.1),
     "permuted Fashion-MNIST": (lambda: datasets.permuted_fashion_mnist(10), 784, 2, 128, 0.05),
 }
 ACT_BITS = (4, 8, 16, None)
-BEGIN, END = "<!-- compressed_inference:begin -->", "<!-- compressed_inference:end -->"
+SECTION = "compressed_inference"
 
 
 def _dense(tsn, size: int, n_tasks: int) -> tuple[nn.Module, nn.Module]:
@@ -56,16 +59,6 @@ def _dense(tsn, size: int, n_tasks: int) -> tuple[nn.Module, nn.Module]:
         nn.Linear(layers[-1].weight.shape[0], 10) for _ in range(n_tasks)
     )  # float heads of every task, as the dense multi-task model holds them
     return nn.Sequential(*body), heads
-
-
-def _timed(fn, repeats: int) -> list[float]:
-    fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 @torch.no_grad()
@@ -123,8 +116,8 @@ def run(name: str, repeats: int) -> list[str]:
     test0 = bm.test_stream[0].dataset.eval()
     x = torch.stack([test0[i][0] for i in range(min(256, len(test0)))])
     assert torch.equal(tiny(x, 0).argmax(1), strategy.tsn_model.eval()(x, 0).argmax(1))
-    t_tiny = _timed(lambda: tiny(x, 0), repeats)
-    t_dense = _timed(lambda: heads[0](body(x)), repeats)
+    t_tiny = timed(lambda: tiny(x, 0), repeats, warmup=1)
+    t_dense = timed(lambda: heads[0](body(x)), repeats, warmup=1)
     dense_bytes = resident_bytes(body) + resident_bytes(heads)
     tiny_bytes = resident_bytes(tiny)
     head_bytes = sum(resident_bytes(h) for h in tiny._heads)
@@ -173,10 +166,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        doc = Path(args.write)
-        body = doc.read_text()
-        start, stop = body.index(BEGIN) + len(BEGIN), body.index(END)
-        doc.write_text(body[:start] + "\n" + text + "\n" + body[stop:])
+        write_section(args.write, SECTION, text)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
+from _report import write_section  # noqa: E402
+
 HARNESS = Path(__file__).with_name("harness.py")
 SETTINGS = [
     "--scenario", "permuted_fashion", "--epochs", "2", "--mb", "256", "--lr", "0.3",
@@ -35,7 +38,7 @@ PATHS = {
     "this package's": [],
     "Avalanche's": ["--avalanche-loader", "--eval", "full"],
 }
-BEGIN, END = "<!-- end_to_end:begin -->", "<!-- end_to_end:end -->"
+SECTION = "end_to_end"
 
 
 def run(strategy: str, path: list[str], threads: int) -> tuple[float, float, float]:
@@ -90,10 +93,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        doc = Path(args.write)
-        body = doc.read_text()
-        start, stop = body.index(BEGIN) + len(BEGIN), body.index(END)
-        doc.write_text(body[:start] + "\n" + text + "\n" + body[stop:])
+        write_section(args.write, SECTION, text)
 
 
 if __name__ == "__main__":

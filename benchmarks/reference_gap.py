@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
+from _report import write_section  # noqa: E402
+
 HARNESS = Path(__file__).with_name("harness.py")
 SETTINGS = [
     "--scenario", "permuted_fashion", "--strategies", "tsn", "--epochs", "2", "--mb", "256",
@@ -46,7 +49,7 @@ CONFIGS = {
     ],  # fmt: skip
     "mask learning only, momentum 0.9": ["--momentum", "0.9", "--no-prune", "--no-quantize"],
 }
-BEGIN, END = "<!-- reference_gap:begin -->", "<!-- reference_gap:end -->"
+SECTION = "reference_gap"
 
 
 def run(config: str, seed: int) -> dict:
@@ -91,10 +94,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        doc = Path(args.write)
-        body = doc.read_text()
-        start, stop = body.index(BEGIN) + len(BEGIN), body.index(END)
-        doc.write_text(body[:start] + "\n" + text + "\n" + body[stop:])
+        write_section(args.write, SECTION, text)
 
 
 if __name__ == "__main__":

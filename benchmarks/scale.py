@@ -32,6 +32,7 @@ import argparse
 import io
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import date
@@ -46,16 +47,8 @@ from avalanche_tsn.export import export_model
 from avalanche_tsn.models import ReducedAlexNet, ReducedResNet18, single_head
 from avalanche_tsn.quantization import quantize_task
 
-BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
-
-
-def _timed(fn: Callable[[], object], repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
+from _report import timed, write_section  # noqa: E402
 
 
 def _fmt(times: list[float], scale: float = 1000.0) -> str:
@@ -158,10 +151,10 @@ def row_io(args) -> list[str]:
     def load():
         load_compressed(io.BytesIO(blob["file"]), fresh.pop())
 
-    base = _timed(save, args.repeats)
-    rows = [("capacity_report()", _timed(lambda: capacity_report(model), args.repeats))]
-    rows += [("export()", _timed(export, args.repeats)), ("load_compressed()", _timed(load, 1))]
-    rows[-1] = ("load_compressed()", rows[-1][1] + _timed(load, len(fresh)))
+    base = timed(save, args.repeats)
+    rows = [("capacity_report()", timed(lambda: capacity_report(model), args.repeats))]
+    rows += [("export()", timed(export, args.repeats)), ("load_compressed()", timed(load, 1))]
+    rows[-1] = ("load_compressed()", rows[-1][1] + timed(load, len(fresh)))
     lines = [
         f"ResNet-18 (64 filters, {n:,} maskable weights), 10 tasks; export file "
         f"{len(blob['file']):,} bytes.",
@@ -213,7 +206,7 @@ def row_mixed(args) -> list[str]:
         for k in (1, 9, 16, 30):
             labels = torch.arange(256) % k
             model(x, labels)  # warm the caches
-            times = _timed(lambda labels=labels: model(x, labels), args.repeats * 20)
+            times = timed(lambda labels=labels: model(x, labels), args.repeats * 20)
             base = base or statistics.median(times)
             lines.append(f"| {k} | {_fmt(times)} | {statistics.median(times) / base:.2f} |")
     return lines
@@ -237,8 +230,8 @@ def row_eval(args) -> list[str]:
             n = args.repeats * (20 if len(shape) == 1 else 3)
             a, b = [], []
             for _ in range(n):  # interleaved
-                a += _timed(lambda p=plain, x=x: p(x), 1)
-                b += _timed(lambda m=model, x=x: m(x, 1), 1)
+                a += timed(lambda p=plain, x=x: p(x), 1)
+                b += timed(lambda m=model, x=x: m(x, 1), 1)
         ratio = statistics.median(b) / statistics.median(a)
         lines.append(f"| {name} | {_fmt(a)} | {_fmt(b)} | {ratio:.2f} |")
     return lines
@@ -393,14 +386,7 @@ def main() -> None:
         out += section
     text = "\n".join(out)
     if args.write:
-        path = Path(args.write)
-        doc = path.read_text()
-        if BEGIN in doc and END in doc:
-            head, rest = doc.split(BEGIN, 1)
-            doc = head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1]
-        else:
-            doc += f"\n## Costs at scale (issue 11)\n\n{BEGIN}\n{text}\n{END}\n"
-        path.write_text(doc)
+        write_section(args.write, "scale", text, title="Costs at scale (issue 11)")
 
 
 if __name__ == "__main__":

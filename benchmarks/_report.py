@@ -1,0 +1,46 @@
+"""What the benchmark scripts share: timing repeats and writing their section of a Markdown file."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 0) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn``, after ``warmup`` untimed ones.
+
+    :param fn: the work to time.
+    :param repeats: timed calls.
+    :param warmup: calls made first and not timed.
+    """
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def write_section(path: str | Path, name: str, text: str, title: str | None = None) -> None:
+    """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in a file.
+
+    :param path: the Markdown file.
+    :param name: the section's marker name.
+    :param text: the new content.
+    :param title: a heading to append the section under when the file has no markers yet
+        (None: the markers must exist).
+    """
+    doc = Path(path)
+    body = doc.read_text()
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin in body and end in body:
+        head, rest = body.split(begin, 1)
+        body = head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1]
+    elif title is not None:
+        body += f"\n## {title}\n\n{begin}\n{text}\n{end}\n"
+    else:
+        raise ValueError(f"{path} has no {begin} ... {end} section")
+    doc.write_text(body)
