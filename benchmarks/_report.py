@@ -44,3 +44,15 @@ def write_section(path: str | Path, name: str, text: str, title: str | None = No
     else:
         raise ValueError(f"{path} has no {begin} ... {end} section")
     doc.write_text(body)
+
+
+def publish(text: str, path: str | Path | None, name: str) -> None:
+    """Print a script's result and, if ``path`` is given, write it into its section there.
+
+    :param text: the result (Markdown).
+    :param path: the Markdown file (``--write``), or None.
+    :param name: the section's marker name.
+    """
+    print(text)
+    if path:
+        write_section(path, name, text)

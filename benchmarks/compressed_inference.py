@@ -34,7 +34,7 @@ from avalanche_tsn.models import MultiHeadMLP
 from avalanche_tsn.tiny import resident_bytes
 
 sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
-from _report import timed, write_section  # noqa: E402
+from _report import publish, timed  # noqa: E402
 
 SCENARIOS = {
     # name: (stream, input size, epochs, minibatch, lr) as the harness runs them
@@ -163,10 +163,7 @@ def main() -> None:
     ]
     for name in SCENARIOS:
         lines += run(name, args.repeats)
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section(args.write, SECTION, text)
+    publish("\n".join(lines), args.write, SECTION)
 
 
 if __name__ == "__main__":

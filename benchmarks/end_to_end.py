@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
-from _report import write_section  # noqa: E402
+from _report import publish  # noqa: E402
 
 HARNESS = Path(__file__).with_name("harness.py")
 SETTINGS = [
@@ -90,10 +90,7 @@ def main() -> None:
         theirs = statistics.median(r[0] for r in results[(strategy, "Avalanche's")])
         lines.append("")
         lines.append(f"{strategy}: loop {theirs / ours:.2f}x faster with this package's data path.")
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section(args.write, SECTION, text)
+    publish("\n".join(lines), args.write, SECTION)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
-from _report import write_section  # noqa: E402
+from _report import publish  # noqa: E402
 
 HARNESS = Path(__file__).with_name("harness.py")
 SETTINGS = [
@@ -91,10 +91,7 @@ def main() -> None:
             f"{' / '.join(f'{a:.2f}' for a in acc)} | {'0' if bwt == 0 else f'{bwt:.4f}'} | "
             f"{statistics.mean(cap):.2f} |"
         )
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section(args.write, SECTION, text)
+    publish("\n".join(lines), args.write, SECTION)
 
 
 if __name__ == "__main__":
