@@ -216,24 +216,35 @@ def capacity_report(model: TSNModel) -> CapacityReport:
         [layer.bank_owner(b).cpu().numpy().ravel() for b in range(layer.n_banks)]
         for layer in layers
     ]
+    # Per layer and bank, once: weights owned per slot, and an ownership key on which "owned
+    # by an earlier slot than s" is one comparison (free weights sort last).
+    n_slots = len(model.task_labels_by_slot)
+    owned = [
+        [np.bincount(o.astype(np.int64) - FREE, minlength=n_slots - FREE)[-FREE:] for o in bank]
+        for bank in owners
+    ]
+    keys = [
+        [np.where(o == FREE, np.iinfo(o.dtype).max, o).astype(o.dtype) for o in bank]
+        for bank in owners
+    ]
     for label in trained:
         slot = model.slot_of(label)
         own = shared = weight_bits = codebook_bits = mask_bits = 0
         bits = 0
-        for layer, bank_owners in zip(layers, owners, strict=True):
-            owner = bank_owners[layer.bank_of_slot(slot)]
-            mask = np.unpackbits(layer.task_masks[slot].cpu().numpy(), bitorder="little")
-            mask = mask[: owner.size].astype(bool)
-            is_own = owner == slot
-            n_own = int(is_own.sum())
+        for i, layer in enumerate(layers):
+            bank = layer.bank_of_slot(slot)
+            n_own = int(owned[i][bank][slot])
             b = int(layer.task_bits[slot]) if len(layer.task_bits) > slot else 0
             bits = max(bits, b)
             own += n_own
-            shared += int(np.count_nonzero(mask & ~is_own))
             weight_bits += n_own * (b if b else FLOAT_BITS)
             codebook_bits += (2**b) * FLOAT_BITS if b else 0
+            # A task's mask is its own weights plus the earlier tasks' weights it shares (the
+            # export checks it): the shared bitmap is the mask over earlier-owned weights.
             # Sizes from symbol counts: exactly what the export writes, without encoding.
-            bitmap = mask[(owner != FREE) & (owner < slot)]
+            mask = np.unpackbits(layer.task_masks[slot].cpu().numpy(), bitorder="little")
+            bitmap = mask[: keys[i][bank].size][keys[i][bank] < slot].view(bool)
+            shared += int(np.count_nonzero(bitmap))
             if bitmap.size:
                 mask_bits += encoded_bits(np.bincount(np.packbits(bitmap), minlength=256))
         head_bits = _head_bits(model, label, slot)
