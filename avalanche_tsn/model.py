@@ -616,10 +616,12 @@ class TSNModel(MultiTaskModule):
         """
         # a plain attribute (no Module bookkeeping): the compute report's default shape
         self.__dict__["sample_shape"] = tuple(x.shape[1:])
-        if task_labels is None and self.task_inference is not None:
+        # (getattr: a model pickled whole before 0.3 has no such attribute)
+        method = getattr(self, "task_inference", None)
+        if task_labels is None and method is not None:
             from avalanche_tsn.inference import infer_tasks  # it builds on this module
 
-            return infer_tasks(self, x, self.task_inference)[0]
+            return infer_tasks(self, x, method)[0]
         if task_labels is None:
             # Avalanche's contract (LwF relies on it): every known task's output, as a dict.
             return self.forward_all_tasks(x)

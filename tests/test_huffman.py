@@ -120,6 +120,10 @@ def test_files_and_state_dicts_of_avalanche_tsn_0_1_still_load():
         for t in (0, 1):
             assert torch.equal(loaded(x, t), expected["outputs"][t])
             assert torch.equal(model(x, t), expected["outputs"][t])
+    # files and state dicts from before activation ranges existed load with none calibrated
+    for m in (loaded, model):
+        assert m.act_range.shape == (2, 2, 2)  # 2 tasks, 2 masked layers
+        assert bool((m.act_range[..., 0] > m.act_range[..., 1]).all())
     # and the reloaded state is today's: it exports in the current format, identically
     buf = io.BytesIO()
     from avalanche_tsn.export import FORMAT_VERSION, export_model
