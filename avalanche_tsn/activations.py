@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from avalanche_tsn.layers import FREE, MaskedLayer
-from avalanche_tsn.model import TSNModel
+from avalanche_tsn.model import TSNModel, calibrated
 
 __all__ = [
     "check_act_bits",
@@ -122,13 +122,13 @@ def _layer_quantizer(layer: MaskedLayer, index: int, model: TSNModel, bits: int)
     def quantize(x: Tensor, slot: int) -> Tensor:
         if slot == FREE or slot >= len(model.act_range):
             raise ValueError("activation quantization runs trained tasks only")
-        low, high = (float(v) for v in model.act_range[slot, index])
-        if low > high:
+        ranges = model.act_range[slot, index]
+        if not bool(calibrated(ranges)):
             raise ValueError(
                 f"the task in slot {slot} has no activation ranges: calibrate it first "
                 "(TSNStrategy does after each task)"
             )
-        frac, signed = fixed_point(low, high, bits)
+        frac, signed = fixed_point(float(ranges[0]), float(ranges[1]), bits)
         return quantize_fixed(x, bits, frac, signed)
 
     def hook(_module, args):

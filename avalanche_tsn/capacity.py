@@ -18,7 +18,7 @@ from avalanche.models import MultiHeadClassifier
 
 from avalanche_tsn.huffman import MAX_SYMBOL, encoded_bits, pair_symbols
 from avalanche_tsn.layers import FREE, TaskBatchNorm
-from avalanche_tsn.model import TSNModel
+from avalanche_tsn.model import TSNModel, calibrated
 
 __all__ = [
     "TaskCapacity",
@@ -190,9 +190,7 @@ def _head_bits(model: TSNModel, label: int, slot: int) -> int:
 def _activation_bits(model: TSNModel, slot: int) -> int:
     if slot >= len(model.act_range):
         return 0
-    ranges = model.act_range[slot]
-    calibrated = int((ranges[:, 0] <= ranges[:, 1]).sum())
-    return 2 * FLOAT_BITS * calibrated
+    return 2 * FLOAT_BITS * int(calibrated(model.act_range[slot]).sum())
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from avalanche_tsn.huffman import (
     unpair_symbols,
 )
 from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm
-from avalanche_tsn.model import TSNModel, uncalibrated
+from avalanche_tsn.model import TSNModel, calibrated, uncalibrated
 from avalanche_tsn.quantization import codes_of
 
 __all__ = ["export_model", "load_compressed", "pack_codes", "unpack_codes", "MAGIC"]
@@ -264,8 +264,7 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
     # Optional (files without it load with no calibration): each task's activation ranges.
     ranges = model.act_range
     header["act_range"] = [
-        ranges[s].tolist() if bool((ranges[s, :, 0] <= ranges[s, :, 1]).all()) else None
-        for s in slots
+        ranges[s].tolist() if bool(calibrated(ranges[s]).all()) else None for s in slots
     ]
     for hname, heads in _named_heads(model):
         entry = {}

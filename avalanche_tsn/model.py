@@ -21,7 +21,7 @@ from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm, TSNConv2d, TS
 from avalanche_tsn.masks import check_sparsity
 from avalanche_tsn.quantization import store_centroids
 
-__all__ = ["TSNModel", "wrap_model", "LOW_FREE_FRACTION"]
+__all__ = ["TSNModel", "wrap_model", "LOW_FREE_FRACTION", "uncalibrated", "calibrated"]
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,14 @@ def uncalibrated(slots: int, layers: int) -> Tensor:
     empty = torch.empty(slots, layers, 2)
     empty[..., 0], empty[..., 1] = math.inf, -math.inf
     return empty
+
+
+def calibrated(ranges: Tensor) -> Tensor:
+    """Which of the activation ranges ``[..., 2]`` (min, max) were calibrated (not empty).
+
+    :param ranges: ranges as ``TSNModel.act_range`` holds them.
+    """
+    return ranges[..., 0] <= ranges[..., 1]
 
 
 class TSNModel(MultiTaskModule):

@@ -253,11 +253,10 @@ class TSNStrategy(SupervisedTemplate):
         user_plugins = others + tsn_plugins
         if tensor_batches and not any(isinstance(p, TensorBatchesPlugin) for p in others):
             user_plugins.append(TensorBatchesPlugin())
-        self.task_inference = inference
         #: classes of each task trained with task inference (read by the inference metric)
         self.task_classes: dict[int, list[int]] = {}
         self.tsn_inferred_tasks: torch.Tensor | None = None
-        self._inference_stats: tuple[tuple[int, ...], dict] | None = None
+        self._inference_stats: tuple[tuple, dict] | None = None
         self.mask_plugin: MaskLearningPlugin = next(
             p for p in tsn_plugins if isinstance(p, MaskLearningPlugin)
         )
@@ -284,6 +283,11 @@ class TSNStrategy(SupervisedTemplate):
     def tsn_model(self) -> TSNModel:
         """The wrapped multi-task model."""
         return self.model  # type: ignore[return-value]
+
+    @property
+    def task_inference(self) -> str | None:
+        """How evaluation infers tasks (the model's ``task_inference``), or None."""
+        return self.tsn_model.task_inference
 
     def capacity_report(self) -> CapacityReport:
         """Memory the trained tasks need for inference, against the dense model."""
@@ -457,7 +461,9 @@ class TSNStrategy(SupervisedTemplate):
         method = self.task_inference or "entropy"
         stats = None
         if method == "memory":
-            key = tuple(self.tsn_model.trained_tasks())
+            # trained tasks' memories never change; a loaded state dict replaces the buffer
+            memory = self.tsn_model.memory_x
+            key = (tuple(self.tsn_model.trained_tasks()), id(memory), memory._version)
             if self._inference_stats is None or self._inference_stats[0] != key:
                 self._inference_stats = (key, memory_statistics(self.tsn_model))
             stats = self._inference_stats[1]
