@@ -67,6 +67,10 @@ def main() -> None:
     rows["nearest memory / (nn scale + 1% spread) (the package's)"] = share(
         [-nearest[t] / (scales[t][0] + SPREAD_FLOOR * scales[t][1]) for t in tasks]
     )
+    for floor in (0.0, 0.05, 0.1):  # the spread floor, against the package's SPREAD_FLOOR
+        rows[f"nearest memory / (nn scale + {100 * floor:g}% spread)"] = share(
+            [-nearest[t] / (scales[t][0] + floor * scales[t][1] + 1e-12) for t in tasks]
+        )
     rows["nearest memory / median pairwise distance"] = share(
         [-nearest[t] / scales[t][1] for t in tasks]
     )
