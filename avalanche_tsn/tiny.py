@@ -63,7 +63,6 @@ class CodedLayer(nn.Module):
             if layer.padding_mode != "zeros":
                 raise ValueError("coded convolutions support zero padding only")
         self.owner_bits = max(1, math.ceil(math.log2(n_slots + 1)))
-        self.n_banks = layer.n_banks
         self.n_slots = n_slots
         self.register_buffer("slot_bank", layer.slot_bank.clone())
         self.register_buffer("task_bits", layer.task_bits.clone())
