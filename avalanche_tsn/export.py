@@ -45,7 +45,7 @@ from avalanche_tsn.huffman import (
 )
 from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm
 from avalanche_tsn.model import TSNModel, calibrated, uncalibrated
-from avalanche_tsn.quantization import codes_of
+from avalanche_tsn.quantization import small_codes_of
 
 __all__ = ["export_model", "load_compressed", "pack_codes", "unpack_codes", "MAGIC"]
 
@@ -63,7 +63,20 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
     :param codes: non-negative integers below ``2^bits``.
     :param bits: bits per code, 1..16.
     """
-    codes = np.asarray(codes, dtype=np.int64).ravel()
+    codes = np.asarray(codes).ravel()
+    if bits in (8, 16):
+        return codes.astype("<u1" if bits == 8 else "<u2").tobytes()
+    if 8 % bits == 0:
+        # 2, 4 or 8 codes a byte: each byte is the sum of its codes' shifted values.
+        per = 8 // bits
+        padded = np.zeros(-(-codes.size // per) * per, dtype=np.uint8)
+        padded[: codes.size] = codes
+        lanes = padded.reshape(-1, per)
+        out = lanes[:, 0].copy()
+        for j in range(1, per):
+            out |= lanes[:, j] << np.uint8(j * bits)
+        return out.tobytes()
+    codes = codes.astype(np.int64)
     start = np.arange(codes.size, dtype=np.int64) * bits
     word, shift = start >> 5, start & 31
     n_words = (codes.size * bits + 31) // 32 + 1
@@ -82,6 +95,20 @@ def unpack_codes(buf: bytes, count: int, bits: int) -> np.ndarray:
     :param count: number of codes.
     :param bits: bits per code.
     """
+    if bits in (8, 16) or 8 % bits == 0:
+        size = (count * bits + 7) // 8
+        raw = np.zeros(size, dtype=np.uint8)
+        data = np.frombuffer(buf, dtype=np.uint8)[:size]
+        raw[: data.size] = data
+        if bits == 16:
+            return raw.view("<u2").astype(np.int64)
+        per = 8 // bits
+        lanes = np.empty((size, per), dtype=np.uint8)
+        for j in range(per):
+            np.right_shift(raw, np.uint8(j * bits), out=lanes[:, j])
+        if bits < 8:
+            lanes &= np.uint8((1 << bits) - 1)
+        return lanes.ravel()[:count].astype(np.int64)
     n_words = (count * bits + 31) // 32 + 2
     raw = np.zeros(4 * n_words, dtype=np.uint8)
     data = np.frombuffer(buf, dtype=np.uint8)[: 4 * n_words]
@@ -119,7 +146,7 @@ class _Writer:
         self.raw(code.to_bytes())
 
     def quantized(self, values: Tensor, centroids: Tensor, bits: int) -> None:
-        self.raw(pack_codes(codes_of(values, centroids).cpu().numpy(), bits))
+        self.raw(pack_codes(small_codes_of(values, centroids), bits))
         self.tensor(centroids.float())
 
 

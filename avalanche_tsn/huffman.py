@@ -48,8 +48,10 @@ MAX_LENGTH = 16
 BLOCK = 4096
 #: Largest symbol value (symbols are stored as uint16; 65535 marks "no symbol" in decoding).
 MAX_SYMBOL = 2**16 - 2
-#: Symbols encoded per step (bounded temporaries).
+#: Items encoded per step (bounded temporaries).
 _CHUNK = 1 << 20
+#: Largest alphabet whose symbols are written two at a time (a table of its size squared).
+_PAIR_ALPHABET = 512
 
 _NONE = 2**16 - 1  # decoded where no code matches
 _GAP = 4 + (31 * BLOCK + 7) // 8
@@ -193,23 +195,23 @@ def encode_symbols(symbols: np.ndarray) -> HuffmanCode:
     total = int(np.dot(counts, lengths)) if values.size else 0
     if total >= 2**32:
         raise ValueError("a single Huffman code is limited to 2**32 bits")
-    # Every code (at most 16 bits) lands in at most two 32-bit words; its bits are disjoint
-    # from every other code's, so a word is the sum of the shifted codes in it. Done in
-    # chunks: weight-sized temporaries cost page faults (on some machines more than the
-    # arithmetic).
+    items, item_codes, item_lengths, block = _pairs(values, codes, lengths)
+    # Every item's code (at most 32 bits) lands in at most two 32-bit words; its bits are
+    # disjoint from every other code's, so a word is the sum of the shifted codes in it.
+    # Done in chunks: weight-sized temporaries cost page faults (on some machines more than
+    # the arithmetic).
     words = np.zeros((total + 31) // 32 + 1, dtype=np.float64)
-    sym_codes, sym_lengths = codes.astype(np.uint32), lengths.astype(np.int64)
     starts_out: list[np.ndarray] = []
     carry = 0
-    for lo in range(0, values.size, _CHUNK):
-        chunk = values[lo : lo + _CHUNK]
-        length = sym_lengths[chunk]
+    for lo in range(0, items.size, _CHUNK):
+        chunk = items[lo : lo + _CHUNK]
+        length = item_lengths[chunk]
         starts = np.cumsum(length)
         starts -= length
         starts += carry
         carry = int(starts[-1] + length[-1])
-        starts_out.append(starts[(BLOCK - lo % BLOCK) % BLOCK :: BLOCK])
-        left = sym_codes[chunk].astype(np.int64) << (32 - length)  # left-aligned in 32 bits
+        starts_out.append(starts[(block - lo % block) % block :: block])
+        left = item_codes[chunk] << (32 - length)  # left-aligned in 32 bits
         first = int(starts[0]) >> 5
         word = (starts >> 5) - first
         shift = starts & 31
@@ -226,6 +228,29 @@ def encode_symbols(symbols: np.ndarray) -> HuffmanCode:
     block_starts = np.concatenate(starts_out) if starts_out else np.zeros(0, dtype=np.int64)
     offsets = block_starts[1:].astype("<u4").tobytes()
     return HuffmanCode(table.tobytes(), data, int(values.size), offsets)
+
+
+def _pairs(
+    values: np.ndarray, codes: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """What to write: items, their codes and lengths, and the items per block.
+
+    With a small alphabet, two consecutive symbols are written as one item whose code is
+    their two codes joined (at most 32 bits): half the items, for the same bit stream.
+    """
+    alphabet = len(codes)
+    if values.size < 2 or alphabet > _PAIR_ALPHABET:
+        return values, codes.astype(np.int64), lengths.astype(np.int64), BLOCK
+    # Column ``alphabet`` is "no second symbol" (an odd count's last item).
+    second_codes = np.append(codes, 0).astype(np.int64)
+    second_lengths = np.append(lengths, 0).astype(np.int64)
+    pair_codes = (codes.astype(np.int64)[:, None] << second_lengths) | second_codes
+    pair_lengths = lengths.astype(np.int64)[:, None] + second_lengths
+    items = values[0::2] * (alphabet + 1)
+    items[: values.size // 2] += values[1::2]
+    if values.size % 2:
+        items[-1] += alphabet
+    return items, pair_codes.ravel(), pair_lengths.ravel(), BLOCK // 2
 
 
 def _table_lut(code: HuffmanCode) -> tuple[np.ndarray, int]:
@@ -288,8 +313,12 @@ def decode_many(codes: list[HuffmanCode]) -> list[np.ndarray]:
         bit_base += 8 * (len(code.data) + _GAP)
         lut_base += len(lut)
     stream = np.concatenate(data)
-    # 4 bytes from every byte offset, read as one big-endian word per lane and step
-    quads = np.lib.stride_tricks.as_strided(stream, shape=(len(stream) - 3, 4), strides=(1, 1))
+    # The big-endian 32-bit word at every byte offset, made once: each step then reads one
+    # word per lane with a single gather.
+    words = stream[:-3].astype(np.uint32) << np.uint32(24)
+    words |= stream[1:-2].astype(np.uint32) << np.uint32(16)
+    words |= stream[2:-1].astype(np.uint32) << np.uint32(8)
+    words |= stream[3:]
     lut = np.concatenate(luts)
     pos = np.concatenate([lane[0] for lane in lanes])
     count = np.concatenate([lane[1] for lane in lanes])
@@ -305,7 +334,7 @@ def decode_many(codes: list[HuffmanCode]) -> list[np.ndarray]:
         while count[active - 1] <= j:
             active -= 1
         p = pos[:active]
-        word = quads[p >> 3].view(">u4").ravel().astype(np.int64)
+        word = words[p >> 3].astype(np.int64)
         entry = lut[base[:active] + ((word >> (shift[:active] - (p & 7))) & wmask[:active])]
         out[j, :active] = entry >> 5
         p += entry & 31

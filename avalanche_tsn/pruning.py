@@ -36,13 +36,13 @@ class PruneRecord:
     evaluations: int = 0
 
 
-SEARCHES = ("joint", "layerwise")
+SEARCHES = ("joint", "layerwise", "bisect")
 
 
 def check_search(value: object) -> str:
     """Validate a pruning search name.
 
-    :param value: ``"joint"`` or ``"layerwise"``.
+    :param value: ``"joint"``, ``"layerwise"`` or ``"bisect"``.
     """
     if value not in SEARCHES:
         raise ValueError(f"prune_search must be one of {', '.join(SEARCHES)}, got {value!r}")
@@ -88,10 +88,17 @@ def greedy_prune(
     Each pass proposes to drop the smallest-magnitude ``step`` of every layer's own weights
     and keeps a drop if the validation accuracy stays within ``max_drop`` of the unpruned
     accuracy. ``search="layerwise"`` (the paper's loop) tries the layers one at a time: one
-    validation pass per layer and pass. ``search="joint"`` tries all of them at once and,
-    when the drop is too large, splits them in halves and tries each (group testing): one
-    pass when every layer can be pruned, about ``2 r log(layers / r)`` when ``r`` cannot;
-    a layer whose drop is rejected on its own is not tried again in later passes.
+    validation pass per layer and pass. ``search="joint"`` first tries what every pass would
+    drop if all were accepted, all layers at once (one pass; accepted, it ends the search
+    with the most any search can drop), then, if that is too much, runs the passes: each
+    tries all layers at once and, when the drop is too large, splits them in halves and tries
+    each (group testing): one pass when every layer can be pruned, about
+    ``2 r log(layers / r)`` when ``r`` cannot; a layer whose drop is rejected on its own is
+    not tried again in later passes.
+    ``search="bisect"`` drops the same fraction of every layer's own weights and bisects
+    that fraction: ``iterations + 1`` passes, between none and the most the other searches
+    can drop (``1 - (1 - step) ** iterations``), to a resolution of that most over
+    ``2 ** iterations``; it cannot prune one layer more than another.
 
     Only the task's own weights that no later task reads are candidates (selected by index,
     so no value of another task can be picked); non-finite own weights raise ``ValueError``
@@ -106,7 +113,7 @@ def greedy_prune(
     :param iterations: passes over the layers.
     :param step: fraction of a layer's own weights dropped per attempt, in (0, 1).
     :param max_drop: largest accepted drop below the unpruned accuracy.
-    :param search: ``"joint"`` or ``"layerwise"``.
+    :param search: ``"joint"``, ``"layerwise"`` or ``"bisect"``.
     """
     slot = model.slot_of(task_label)
     if slot is None or not model.is_trained(task_label):
@@ -137,6 +144,8 @@ def _candidates(model: TSNModel, layer, slot: int, later: list[int]) -> torch.Te
 
 
 def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search) -> PruneRecord:
+    if search == "bisect":
+        return _bisect(model, task_label, slot, evaluate, iterations, step, max_drop)
     sparsity_before, own_before = task_sparsity(model, slot), _own_count(model, slot)
     later = list(range(slot + 1, len(model.task_labels_by_slot)))
     layers = [layer for _, layer in model.masked_layers()]
@@ -144,17 +153,17 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search
     evaluations = 1
     accuracy = baseline
 
-    def proposal(layer) -> torch.Tensor | None:
+    def proposal(layer, at_once: bool = False) -> torch.Tensor | None:
         own_idx = _candidates(model, layer, slot, later)
-        n_drop = int(len(own_idx) * step)
+        n_drop = _most(len(own_idx), step, iterations) if at_once else int(len(own_idx) * step)
         if n_drop == 0:
             return None
         values = layer.bank_weights[layer.bank_of_slot(slot)].flatten()
         return own_idx[torch.topk(values[own_idx].abs(), n_drop, largest=False).indices]
 
-    def attempt(group: list) -> bool:
+    def attempt(group: list, at_once: bool = False) -> bool:
         nonlocal evaluations, accuracy
-        drops = [(layer, proposal(layer)) for layer in group]
+        drops = [(layer, proposal(layer, at_once)) for layer in group]
         drops = [(layer, idx) for layer, idx in drops if idx is not None]
         if not drops:
             return False
@@ -170,7 +179,10 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search
         return True
 
     open_layers = list(layers)
-    for _ in range(iterations):
+    # What every pass would drop if all were accepted, tried first: often it is (one pass
+    # instead of one per pass and more), and it is the most any search can drop.
+    at_once = search == "joint" and iterations > 1 and attempt(layers, at_once=True)
+    for _ in range(0 if at_once else iterations):
         kept_any = False
         if search == "layerwise":
             for layer in layers:
@@ -190,6 +202,20 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search
                     open_layers = [layer for layer in open_layers if layer is not group[0]]
         if not kept_any:
             break
+    return _record(
+        model, task_label, slot, sparsity_before, own_before, baseline, accuracy, evaluations
+    )
+
+
+def _most(n: int, step: float, iterations: int) -> int:
+    """Weights out of ``n`` that ``iterations`` accepted drops of ``step`` remove in all."""
+    left = n
+    for _ in range(iterations):
+        left -= int(left * step)
+    return n - left
+
+
+def _record(model, task_label, slot, sparsity_before, own_before, baseline, accuracy, passes):
     return PruneRecord(
         task=int(task_label),
         sparsity_before=sparsity_before,
@@ -198,5 +224,40 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search
         own_after=_own_count(model, slot),
         accuracy_before=baseline,
         accuracy_after=accuracy,
-        evaluations=evaluations,
+        evaluations=passes,
     )
+
+
+def _bisect(model, task_label, slot, evaluate, iterations, step, max_drop) -> PruneRecord:
+    sparsity_before, own_before = task_sparsity(model, slot), _own_count(model, slot)
+    later = list(range(slot + 1, len(model.task_labels_by_slot)))
+    layers = [layer for _, layer in model.masked_layers()]
+    # Each layer's candidates, smallest magnitude first: a fraction f drops a prefix.
+    order = []
+    for layer in layers:
+        idx = _candidates(model, layer, slot, later)
+        values = layer.bank_weights[layer.bank_of_slot(slot)].flatten()[idx].abs()
+        order.append(idx[torch.sort(values, stable=True).indices])
+    baseline = evaluate()
+    accuracy, passes = baseline, 1
+    kept, low, high = 0.0, 0.0, 1.0 - (1.0 - step) ** iterations
+    trial = high
+    for _ in range(iterations + 1):
+        drops = [o[int(len(o) * kept) : int(len(o) * trial)] for o in order]
+        if any(len(d) for d in drops):
+            for layer, idx in zip(layers, drops, strict=True):
+                _set_slot(layer, slot, idx, owned=False)
+            acc = accuracy_at_least(evaluate, baseline - max_drop)
+            passes += 1
+            if baseline - acc > max_drop:
+                for layer, idx in zip(layers, drops, strict=True):
+                    _set_slot(layer, slot, idx, owned=True)
+                high = trial
+            else:
+                accuracy, kept, low = acc, trial, trial
+        else:
+            low = trial
+        if trial == high and kept == high:
+            break
+        trial = (low + high) / 2
+    return _record(model, task_label, slot, sparsity_before, own_before, baseline, accuracy, passes)

@@ -16,6 +16,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,6 +29,7 @@ __all__ = [
     "quantize_head",
     "store_centroids",
     "codes_of",
+    "small_codes_of",
     "accuracy_at_least",
 ]
 
@@ -82,12 +84,72 @@ def codes_of(values: Tensor, centroids: Tensor) -> Tensor:
     :param centroids: the codebook's centroids.
     :return: int64 codes, flat, in the order of ``values.flatten()``.
     """
-    ordered, order = torch.sort(centroids.float())
     flat = values.detach().flatten().float()
+    if flat.device.type == "cpu":
+        return torch.from_numpy(small_codes_of(flat, centroids).astype(np.int64))
+    ordered, order = torch.sort(centroids.float())
     pos = torch.searchsorted(ordered, flat).clamp_max(len(ordered) - 1)
     if not torch.equal(ordered[pos], flat):
         raise ValueError("values are not all centroid values: the layer is not quantized")
     return order[pos]
+
+
+def small_codes_of(values: Tensor, centroids: Tensor) -> np.ndarray:
+    """:func:`codes_of` on the CPU as a numpy array of the smallest unsigned type that fits.
+
+    :param values: quantized values (any shape).
+    :param centroids: the codebook's centroids.
+    """
+    flat = values.detach().flatten().float().cpu()
+    ordered, order = torch.sort(centroids.float().cpu())
+    dtype = np.uint8 if len(ordered) <= 256 else np.uint16 if len(ordered) <= 65536 else np.int64
+    if 0 < len(ordered) <= 256:
+        # Equal centroids (k-means can leave two) get the code the binary search gives.
+        mine = order[torch.searchsorted(ordered, centroids.float().cpu()).clamp_max(len(order) - 1)]
+        found = _hashed_codes(flat.numpy(), centroids.float().cpu().numpy(), mine.numpy())
+        if found is not None:
+            return found
+    pos = torch.searchsorted(ordered, flat).clamp_max(len(ordered) - 1)
+    if not torch.equal(ordered[pos], flat):
+        raise ValueError("values are not all centroid values: the layer is not quantized")
+    return order[pos].numpy().astype(dtype)
+
+
+def _hashed_codes(
+    values: np.ndarray, centroids: np.ndarray, codes: np.ndarray
+) -> np.ndarray | None:
+    """``codes[i]`` wherever ``values`` has the bits of ``centroids[i]``, or None.
+
+    A binary search costs about 20 ns a value; a multiplicative hash of the float's bits
+    into a table with no collision between the centroids costs a few. None when some value
+    is not bit-equal to a centroid (``-0.0`` against ``0.0``: the caller's search decides)
+    or no collision-free multiplier is found.
+    """
+    keys, first = np.unique(centroids.view(np.uint32), return_index=True)
+    width = max(4, int(2 * len(keys) ** 2 - 1).bit_length())
+    shift = np.uint32(32 - width)
+    rng = np.random.default_rng(0)  # fixed: the same codebook gets the same table
+    for multiplier in rng.integers(1, 2**32, size=64, dtype=np.uint64) | 1:
+        m = np.uint32(multiplier)
+        slots = (keys * m) >> shift
+        if len(np.unique(slots)) == len(keys):
+            break
+    else:
+        return None
+    table_keys = np.zeros(1 << width, dtype=np.uint32)
+    table_keys[slots] = keys
+    # An empty slot holds a centroid's key, which hashes elsewhere: a value landing there
+    # never matches it.
+    empty = np.ones(1 << width, dtype=bool)
+    empty[slots] = False
+    table_keys[empty] = keys[0]
+    table_codes = np.zeros(1 << width, dtype=np.uint8)
+    table_codes[slots] = codes[first]
+    bits = values.view(np.uint32)
+    at = (bits * m) >> shift
+    if not np.array_equal(table_keys[at], bits):
+        return None
+    return table_codes[at]
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from avalanche_tsn.export import pack_codes, unpack_codes
 from avalanche_tsn.layers import FREE, MaskedLayer, TSNConv2d
 from avalanche_tsn.model import TSNModel
-from avalanche_tsn.quantization import codes_of
+from avalanche_tsn.quantization import small_codes_of
 
 __all__ = ["CodedLayer", "CodedLinear", "to_tiny", "resident_bytes"]
 
@@ -87,7 +87,7 @@ class CodedLayer(nn.Module):
             if b:
                 # the codes, packed at the task's bit-width, and its codebook
                 book = layer.task_centroids[slot, : 2**b].detach().cpu().float()
-                self.register_buffer(f"values_{slot}", _packed(codes_of(values, book).numpy(), b))
+                self.register_buffer(f"values_{slot}", _packed(small_codes_of(values, book), b))
                 self.register_buffer(f"centroids_{slot}", book.clone())
             else:  # a task that was not quantized keeps float32 values
                 self.register_buffer(f"values_{slot}", values.float().clone())
@@ -151,7 +151,7 @@ class CodedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, bits
         book = centroids.detach().cpu().float().clone()
-        self.register_buffer("codes", _packed(codes_of(layer.weight.cpu(), book).numpy(), bits))
+        self.register_buffer("codes", _packed(small_codes_of(layer.weight, book), bits))
         self.register_buffer("centroids", book)
         bias = None if layer.bias is None else layer.bias.detach().clone()
         self.register_buffer("bias", bias)

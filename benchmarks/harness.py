@@ -55,6 +55,7 @@ from avalanche_tsn.plugins import (
     TaskSimilarityPlugin,
     TensorBatchesPlugin,
 )
+from avalanche_tsn.pruning import SEARCHES
 
 STRATEGIES = (
     "tsn", "wsn", "adaqpacknet", "naive", "ewc", "lwf", "si", "replay", "packnet", "joint",
@@ -278,6 +279,7 @@ def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
             new_bank_below=args.new_bank_below,
             sparsity=args.sparsity,
             prune=not args.no_prune,
+            prune_search=args.prune_search,
             quantize=not args.no_quantize,
             quant_heads=not args.no_quant_heads,
             task_matching=args.task_matching,
@@ -577,6 +579,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subset", type=int, default=None, help="samples per experience (smoke)")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--no-prune", action="store_true")
+    p.add_argument("--prune-search", choices=SEARCHES, default="joint")
     p.add_argument("--no-quantize", action="store_true")
     p.add_argument("--no-quant-heads", action="store_true")
     p.add_argument("--task-matching", action="store_true")

@@ -64,6 +64,23 @@ def test_harness_evaluates_what_the_metrics_read_and_both_loaders_agree():
     assert (slow["ACC"], slow["BWT"], slow["FWT"]) == (full["ACC"], full["BWT"], full["FWT"])
 
 
+def test_harness_passes_the_pruning_search_to_tsn():
+    base = [
+        "--scenario", "permuted_digits", "--tasks", "2", "--epochs", "1", "--subset", "48",
+        "--in-process", "--quiet", "--device", "cpu", "--strategies", "tsn",
+    ]  # fmt: skip
+    for search in ("layerwise", "bisect"):
+        (row,) = harness.main([*base, "--prune-search", search])
+        passes = [r["evaluations"] for r in row["pruning"]]
+        assert len(passes) == 2 and row["BWT"] == 0.0
+        if search == "bisect":
+            assert max(passes) <= 5 + 2  # prune_iterations + 2, whatever the backbone
+        else:
+            assert min(passes) >= 3  # at least one pass over the three layers
+    with pytest.raises(SystemExit):
+        harness.main([*base, "--prune-search", "greedy"])
+
+
 def test_unknown_strategy_is_rejected():
     with pytest.raises(SystemExit):
         harness.parse(["--strategies", "tsn,gem"])

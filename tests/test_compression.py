@@ -13,6 +13,7 @@ from avalanche_tsn.capacity import FLOAT_BITS, capacity_report, owner_symbols, s
 from avalanche_tsn.huffman import decode_mask, decode_symbols, encode_mask, encode_symbols
 from avalanche_tsn.layers import FREE
 from avalanche_tsn.models import MultiHeadMLP
+from avalanche_tsn.pruning import greedy_prune
 from avalanche_tsn.quantization import kmeans_1d
 
 
@@ -75,6 +76,80 @@ def test_pruning_frees_weights_for_later_tasks():
     # task 0's mask never contains a weight owned by task 1
     for _, layer in model.masked_layers():
         assert not (layer.task_mask(0) & (layer.owner == 1)).any()
+
+
+def _own_counts(model, slot):
+    return [int(layer.own_mask(slot).sum()) for _, layer in model.masked_layers()]
+
+
+@pytest.mark.parametrize("search", ["joint", "layerwise", "bisect"])
+def test_pruning_searches_drop_what_the_validation_allows(search):
+    """Layer 0 tolerates losing at most 30% of its own weights; the others anything."""
+    strategy, _ = train(tasks=1, prune=False, quantize=False)
+    model = strategy.tsn_model
+    first = next(layer for _, layer in model.masked_layers())
+    start = _own_counts(model, 0)
+    owned = [layer.own_mask(0).clone() for _, layer in model.masked_layers()]
+    calls = []
+
+    def evaluate():
+        calls.append(1)
+        return 1.0 if int(first.own_mask(0).sum()) >= 0.7 * start[0] else 0.0
+
+    record = greedy_prune(model, 0, evaluate, iterations=4, step=0.25, max_drop=0.01, search=search)
+    after = _own_counts(model, 0)
+    assert record.evaluations == len(calls) and record.own_after == sum(after)
+    assert record.own_before == sum(start) and record.sparsity_after > record.sparsity_before
+    assert 0.7 * start[0] <= after[0] < start[0]
+    most = 1 - 0.75**4  # four accepted steps of 25%
+    if search == "bisect":
+        # one fraction for every layer, bisected to most / 2**4 below the 30% limit
+        assert calls and len(calls) <= 4 + 2
+        fraction = 1 - after[0] / start[0]
+        assert 0.3 - most / 2**4 <= fraction <= 0.3 + 1 / start[0]
+        for n0, n1 in zip(start[1:], after[1:], strict=True):
+            assert abs((n0 - n1) - int(n0 * fraction)) <= max(1, 0.02 * n0)
+    else:
+        # the other layers lose their 25% four times over
+        for n0, n1 in zip(start[1:], after[1:], strict=True):
+            assert n1 <= n0 * (1 - most) + 4
+    # what is dropped is each layer's smallest magnitudes, and the mask follows ownership
+    for (_, layer), before in zip(model.masked_layers(), owned, strict=True):
+        values = layer.bank_weights[0].abs()
+        own = layer.own_mask(0)
+        dropped = before & ~own
+        assert (layer.owner[dropped] == FREE).all() and not (own & ~before).any()
+        assert torch.equal(layer.task_mask(0), own)
+        if dropped.any() and own.any() and search != "layerwise":
+            assert values[dropped].max() <= values[own].min()
+
+
+def test_joint_search_drops_everything_allowed_in_one_pass_when_it_can():
+    masks = {}
+    for search in ("layerwise", "joint"):
+        torch.manual_seed(0)
+        strategy, _ = train(tasks=1, prune=False, quantize=False)
+        model = strategy.tsn_model
+        record = greedy_prune(
+            model, 0, lambda: 1.0, iterations=5, step=0.2, max_drop=0.0, search=search
+        )
+        masks[search] = [layer.task_mask(0) for _, layer in model.masked_layers()]
+        passes = record.evaluations
+    assert passes == 2  # the baseline and every pass's drop at once
+    # the same weights as five accepted passes of every layer
+    assert all(torch.equal(a, b) for a, b in zip(*masks.values(), strict=True))
+
+
+def test_bisect_search_stops_after_two_passes_when_everything_can_go():
+    strategy, _ = train(tasks=1, prune=False, quantize=False)
+    model = strategy.tsn_model
+    start = _own_counts(model, 0)
+    record = greedy_prune(
+        model, 0, lambda: 1.0, iterations=5, step=0.2, max_drop=0.0, search="bisect"
+    )
+    assert record.evaluations == 2  # the baseline and the largest drop
+    for n0, n1 in zip(start, _own_counts(model, 0), strict=True):
+        assert n0 - n1 == int(n0 * (1 - 0.8**5))
 
 
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.5, 1.0])

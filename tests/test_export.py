@@ -12,6 +12,7 @@ from conftest import SmallConvNet, train_tsn
 from avalanche_tsn import TSNStrategy, load_compressed
 from avalanche_tsn.export import pack_codes, unpack_codes
 from avalanche_tsn.models import MultiHeadMLP
+from avalanche_tsn.quantization import _hashed_codes, codes_of, kmeans_1d
 
 
 def trained(model, dim=12, tasks=3, **kw):
@@ -56,12 +57,34 @@ def test_export_then_load_gives_identical_predictions_and_matches_report(tmp_pat
     assert loaded.trained_tasks() == live.trained_tasks()
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 5, 8, 13, 16])
-def test_code_packing_round_trips(bits):
-    codes = np.random.default_rng(bits).integers(0, 2**bits, size=1001)
+@pytest.mark.parametrize("bits", list(range(1, 17)))
+@pytest.mark.parametrize("n", [0, 1, 7, 1001])
+def test_code_packing_round_trips(bits, n):
+    codes = np.random.default_rng(bits).integers(0, 2**bits, size=n)
     packed = pack_codes(codes, bits)
-    assert len(packed) == (1001 * bits + 7) // 8
-    assert np.array_equal(unpack_codes(packed, 1001, bits), codes)
+    # code i takes bits i*bits.. of the stream, least significant bit first
+    stream = ((codes[:, None] >> np.arange(bits)) & 1).astype(np.uint8).ravel()
+    assert packed == np.packbits(stream, bitorder="little").tobytes()
+    assert np.array_equal(unpack_codes(packed, n, bits), codes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_codes_of_inverts_the_codebook(bits):
+    torch.manual_seed(bits)
+    book = kmeans_1d(torch.randn(5000), bits)
+    centroids = book.centroids.clone()
+    centroids[-1] = centroids[0]  # two equal centroids: either code decodes to the value
+    values = centroids[book.codes]
+    codes = codes_of(values, centroids)
+    assert codes.dtype == torch.int64 and torch.equal(centroids[codes], values)
+    # the fast path (a hash of the values' bits) answered, not the binary search
+    fast = _hashed_codes(values.numpy(), centroids.numpy(), np.arange(len(centroids)))
+    assert fast is not None and torch.equal(centroids[torch.from_numpy(fast).long()], values)
+    # -0.0 has other bits than 0.0 but is the same value
+    codes = codes_of(torch.tensor([-0.0, 0.0, 1.5]), torch.tensor([0.0, 1.5]))
+    assert codes.tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match="not all centroid values"):
+        codes_of(torch.cat([values, values[:1] + 1e-3]), centroids)
 
 
 @pytest.fixture(scope="module")

@@ -176,7 +176,8 @@ def test_pruning_and_quantization_refuse_non_finite_weights_and_touch_no_other_t
         kmeans_1d(torch.tensor([0.0, float("nan"), 1.0]), 2)
 
 
-def test_failed_pruning_step_puts_the_task_back():
+@pytest.mark.parametrize("search", ["joint", "bisect"])
+def test_failed_pruning_step_puts_the_task_back(search):
     strategy = make()
     bm = blob_stream(n_tasks=2, dim=DIM)
     data = inputs(bm)
@@ -192,20 +193,23 @@ def test_failed_pruning_step_puts_the_task_back():
 
     owners = [layer.owner.clone() for _, layer in model.masked_layers()]
     with pytest.raises(RuntimeError, match="midway"):
-        greedy_prune(model, 1, evaluate, iterations=3, step=0.5, max_drop=1.0)
+        greedy_prune(model, 1, evaluate, iterations=3, step=0.5, max_drop=1.0, search=search)
     after = [layer.owner for _, layer in model.masked_layers()]
     assert all(torch.equal(a, b) for a, b in zip(owners, after, strict=True))
     assert_unchanged(model, data, before, "after a pruning run that failed midway")
 
 
-def test_pruning_an_earlier_task_keeps_what_later_tasks_read():
+@pytest.mark.parametrize("search", ["joint", "layerwise", "bisect"])
+def test_pruning_an_earlier_task_keeps_what_later_tasks_read(search):
     strategy = make()
     bm = blob_stream(n_tasks=2, dim=DIM)
     data = inputs(bm)
     strategy.train(bm.train_stream, eval_streams=[])
     model = strategy.tsn_model
     before = snapshot(model, data, [1])
-    record = greedy_prune(model, 0, lambda: 1.0, iterations=3, step=0.5, max_drop=1.0)
+    record = greedy_prune(
+        model, 0, lambda: 1.0, iterations=3, step=0.5, max_drop=1.0, search=search
+    )
     assert record.own_after < record.own_before
     for _, layer in model.masked_layers():
         # every weight task 1 reads is still owned by a trained task (frozen)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from avalanche_tsn import TSNModel, load_compressed
+from avalanche_tsn import TSNModel, huffman, load_compressed
 from avalanche_tsn.huffman import (
     BLOCK,
     MAX_LENGTH,
@@ -36,10 +36,12 @@ def _symbols(kind: str, n: int, rng) -> np.ndarray:
         return rng.geometric(0.3, n) - 1
     if kind == "one_symbol":
         return np.full(n, 7)
+    if kind == "wide":  # too many symbols to write two at a time
+        return rng.integers(0, 2000, n)
     return rng.choice(len(FIB), n, p=FIB / FIB.sum())  # Fibonacci counts: deepest tree
 
 
-@pytest.mark.parametrize("kind", ["uniform", "skewed", "one_symbol", "fibonacci"])
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "one_symbol", "fibonacci", "wide"])
 @pytest.mark.parametrize("n", [0, 1, 5, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 7, (1 << 20) + 3])
 def test_round_trip_and_size_from_counts(kind, n):
     symbols = _symbols(kind, n, np.random.default_rng(n))
@@ -49,6 +51,14 @@ def test_round_trip_and_size_from_counts(kind, n):
     assert code.nbits == encoded_bits(counts) == 8 * len(code.to_bytes())
     restored, end = HuffmanCode.from_bytes(code.to_bytes() + b"tail")
     assert restored == code and end == len(code.to_bytes())
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, BLOCK + 1, 2 * BLOCK, (1 << 21) + 5])
+def test_symbols_written_in_pairs_give_the_same_bytes(n, monkeypatch):
+    symbols = _symbols("fibonacci", n, np.random.default_rng(n))
+    paired = encode_symbols(symbols).to_bytes()
+    monkeypatch.setattr(huffman, "_PAIR_ALPHABET", 0)
+    assert encode_symbols(symbols).to_bytes() == paired
 
 
 def test_code_lengths_are_limited_and_form_a_prefix_code():

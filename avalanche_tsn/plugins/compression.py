@@ -133,9 +133,10 @@ class PruningPlugin(SupervisedPlugin):
     :param iterations: passes over the layers.
     :param step: fraction of a layer's own weights dropped per attempt, in (0, 1).
     :param max_drop: largest accepted validation-accuracy drop, in [0, 1).
-    :param search: ``"joint"`` tries every layer at once and splits the layers only where
-        the drop is too large; ``"layerwise"`` tries each layer on its own (the paper's
-        loop, one validation pass per layer and pass). See :func:`greedy_prune`.
+    :param search: ``"joint"`` tries every pass's drop at once, then every layer at once,
+        splitting the layers only where the drop is too large; ``"layerwise"`` tries each
+        layer on its own (the paper's loop, one validation pass per layer and pass);
+        ``"bisect"`` bisects one fraction for every layer. See :func:`greedy_prune`.
     """
 
     def __init__(
