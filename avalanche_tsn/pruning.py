@@ -96,9 +96,10 @@ def greedy_prune(
     ``2 r log(layers / r)`` when ``r`` cannot; a layer whose drop is rejected on its own is
     not tried again in later passes.
     ``search="bisect"`` drops the same fraction of every layer's own weights and bisects
-    that fraction: ``iterations + 1`` passes, between none and the most the other searches
-    can drop (``1 - (1 - step) ** iterations``), to a resolution of that most over
-    ``2 ** iterations``; it cannot prune one layer more than another.
+    that fraction between none and the most the other searches can drop
+    (``1 - (1 - step) ** iterations``, tried first) to a resolution of that most over
+    ``2 ** iterations``: at most ``iterations + 2`` validation passes (the unpruned one
+    included) whatever the backbone, but it cannot prune one layer more than another.
 
     Only the task's own weights that no later task reads are candidates (selected by index,
     so no value of another task can be picked); non-finite own weights raise ``ValueError``

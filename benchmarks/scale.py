@@ -12,7 +12,8 @@ Rows (issue 11):
   second task (the first one frozen) against the same step of the plain model, SGD with
   momentum, minibatch 64: MLP 784-100-100, ReducedAlexNet, ReducedResNet18 (20 filters).
 - ``compress``: pruning + quantization time as a % of training time, ReducedResNet18 on
-  split Fashion-MNIST (3x32x32), 2 epochs a task; with the ACC and capacity they reach.
+  split Fashion-MNIST (3x32x32), 2 epochs a task; with the ACC and capacity they reach, for
+  each pruning search (``--searches``) over ``--compress-seeds``.
 - ``io``: ``capacity_report()``, ``export()`` and ``load_compressed()`` against
   ``torch.save(state_dict)`` on ResNet-18 (64 filters, 11M weights) with 10 tasks.
 - ``state``: ``state_dict`` bytes against the capacity report's, and mask bits per weight
@@ -384,9 +385,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("avalanche_tsn").setLevel(logging.ERROR)  # synthetic tasks fill up
+    command = f"python benchmarks/scale.py --rows {args.rows} --repeats {args.repeats}"
+    if "compress" in args.rows.split(","):
+        command += f" --searches {args.searches} --compress-seeds {args.compress_seeds}"
     out = [
-        f"Measured {date.today()} with `python benchmarks/scale.py --rows {args.rows} "
-        f"--repeats {args.repeats}`, torch {torch.__version__}, "
+        f"Measured {date.today()} with `{command}`, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), CPU.",
     ]
     print(out[0], flush=True)
