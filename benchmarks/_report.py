@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+HARNESS = Path(__file__).with_name("harness.py")
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 0) -> list[float]:
@@ -56,3 +62,14 @@ def publish(text: str, path: str | Path | None, name: str) -> None:
     print(text)
     if path:
         write_section(path, name, text)
+
+
+def harness_row(args: list[str]) -> dict:
+    """Run ``benchmarks/harness.py`` with ``args`` in its own process; its first result row.
+
+    :param args: the harness's command-line arguments (``--out`` is added).
+    """
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, str(HARNESS), *args, "--out", out]
+        subprocess.run(cmd, check=True, capture_output=True)
+        return json.loads((Path(out) / "results.json").read_text())["rows"][0]

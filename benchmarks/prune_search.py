@@ -13,11 +13,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,20 +22,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
-from _report import publish  # noqa: E402
+from _report import harness_row, publish  # noqa: E402
 
-HARNESS = Path(__file__).with_name("harness.py")
 SECTION = "prune_search"
 
 
 def run(scenario: str, search: str, seed: int) -> dict:
     """One harness run; its TSN row."""
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, str(HARNESS), "--scenario", scenario, "--strategies", "tsn"]
-        cmd += ["--prune-search", search, "--seed", str(seed), "--out", out]
-        cmd += ["--in-process", "--quiet", "--threads", "1"]
-        subprocess.run(cmd, check=True, capture_output=True)
-        return json.loads((Path(out) / "results.json").read_text())["rows"][0]
+    args = ["--scenario", scenario, "--strategies", "tsn", "--prune-search", search]
+    args += ["--seed", str(seed), "--in-process", "--quiet", "--threads", "1"]
+    return harness_row(args)
 
 
 def main() -> None:

@@ -14,11 +14,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,9 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
-from _report import publish  # noqa: E402
+from _report import harness_row, publish  # noqa: E402
 
-HARNESS = Path(__file__).with_name("harness.py")
 SETTINGS = [
     "--scenario", "permuted_fashion", "--strategies", "tsn", "--epochs", "2", "--mb", "256",
     "--lr", "0.3", "--optimizer", "sgd", "--sparsity", "0.5", "--in-process", "--quiet",
@@ -54,11 +50,7 @@ SECTION = "reference_gap"
 
 def run(config: str, seed: int) -> dict:
     """One harness run; its TSN row."""
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, str(HARNESS), *SETTINGS, *CONFIGS[config]]
-        cmd += ["--seed", str(seed), "--out", out]
-        subprocess.run(cmd, check=True, capture_output=True)
-        return json.loads((Path(out) / "results.json").read_text())["rows"][0]
+    return harness_row([*SETTINGS, *CONFIGS[config], "--seed", str(seed)])
 
 
 def main() -> None:
