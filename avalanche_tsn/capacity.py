@@ -217,10 +217,11 @@ def capacity_report(model: TSNModel) -> CapacityReport:
     # Per layer and bank, once: weights owned per slot, and an ownership key on which "owned
     # by an earlier slot than s" is one comparison (free weights sort last).
     n_slots = len(model.task_labels_by_slot)
-    owned = [
-        [np.bincount(o.astype(np.int64) - FREE, minlength=n_slots - FREE)[-FREE:] for o in bank]
+    counts = [
+        [np.bincount(o.astype(np.int64) - FREE, minlength=n_slots - FREE) for o in bank]
         for bank in owners
     ]
+    owned = [[c[-FREE:] for c in bank] for bank in counts]
     keys = [
         [np.where(o == FREE, np.iinfo(o.dtype).max, o).astype(o.dtype) for o in bank]
         for bank in owners
@@ -276,9 +277,10 @@ def capacity_report(model: TSNModel) -> CapacityReport:
         FLOAT_BITS * backbone,
         banks=model.n_banks,
         memory_bits=model.memory_bits(),
+        # the same as each layer's free_fraction(bank), from the counts made above
         free_fractions={
-            name: tuple(layer.free_fraction(b) for b in range(layer.n_banks))
-            for name, layer in model.masked_layers()
+            name: tuple(float(c[0]) / max(int(c.sum()), 1) for c in bank)
+            for (name, _), bank in zip(model.masked_layers(), counts, strict=True)
         },
     )
 

@@ -17,7 +17,6 @@ still read by :func:`decode_symbols_v1`.
 
 from __future__ import annotations
 
-import heapq
 import struct
 from dataclasses import dataclass
 
@@ -66,16 +65,28 @@ def _huffman_lengths(counts: np.ndarray) -> np.ndarray:
     if len(present) == 1:
         lengths[present] = 1
         return lengths
-    parent = list(range(2 * len(present) - 1))
-    heap = [(int(counts[s]), i) for i, s in enumerate(present)]
-    heapq.heapify(heap)
-    node = len(present)
-    while len(heap) > 1:
-        c1, a = heapq.heappop(heap)
-        c2, b = heapq.heappop(heap)
-        parent[a] = parent[b] = node
-        heapq.heappush(heap, (c1 + c2, node))
-        node += 1
+    # Two queues instead of a heap: the leaves sorted by (count, symbol) and the merged
+    # nodes in the order they are made (their counts never decrease). Taking the smaller
+    # front, a leaf on ties, merges exactly as a heap of (count, node id) would.
+    m = len(present)
+    leaf_counts = counts[present].astype(np.int64)
+    order = np.argsort(leaf_counts, kind="stable").tolist()
+    leaf_sorted = leaf_counts[order].tolist()
+    merged: list[int] = []
+    parent = [0] * (2 * m - 1)
+    li = mi = 0
+    for node in range(m, 2 * m - 1):
+        total = 0
+        for _ in range(2):
+            if li < m and (mi >= len(merged) or leaf_sorted[li] <= merged[mi]):
+                parent[order[li]] = node
+                total += leaf_sorted[li]
+                li += 1
+            else:
+                parent[m + mi] = node
+                total += merged[mi]
+                mi += 1
+        merged.append(total)
     depth = [0] * (2 * len(present) - 1)
     for n in range(2 * len(present) - 3, -1, -1):  # parents come after their children
         depth[n] = depth[parent[n]] + 1

@@ -346,7 +346,8 @@ class MaskedLayer(_PerTaskBuffers):
         :param bank: a bank index.
         """
         bank = self._bank_table()[1] if bank is None else bank
-        return float((self.bank_owners[bank] == FREE).float().mean())
+        owners = self.bank_owners[bank]
+        return int((owners == FREE).sum()) / max(owners.numel(), 1)
 
     @torch.no_grad()
     def _load_bank(self, bank: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import io
 from pathlib import Path
 
@@ -59,6 +60,37 @@ def test_symbols_written_in_pairs_give_the_same_bytes(n, monkeypatch):
     paired = encode_symbols(symbols).to_bytes()
     monkeypatch.setattr(huffman, "_PAIR_ALPHABET", 0)
     assert encode_symbols(symbols).to_bytes() == paired
+
+
+def _heap_lengths(counts):
+    """Textbook Huffman with a heap of (count, node id): the lengths files have always used."""
+    present = [s for s, c in enumerate(counts) if c]
+    if len(present) == 1:
+        return {present[0]: 1}
+    heap = [(int(counts[s]), i) for i, s in enumerate(present)]
+    heapq.heapify(heap)
+    parent, node = {}, len(present)
+    while len(heap) > 1:
+        (c1, a), (c2, b) = heapq.heappop(heap), heapq.heappop(heap)
+        parent[a] = parent[b] = node
+        heapq.heappush(heap, (c1 + c2, node))
+        node += 1
+    depth = {node - 1: 0}
+    for n in range(node - 2, -1, -1):
+        depth[n] = depth[parent[n]] + 1
+    return {s: depth[i] for i, s in enumerate(present)}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_code_lengths_are_the_heap_algorithm_s_ties_included(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    counts = rng.integers(0, [3, 50, 10_000][seed % 3], n)  # small ranges: many ties
+    counts[0] = max(counts[0], 1)
+    lengths = code_lengths(counts)
+    expected = _heap_lengths(counts)
+    if max(expected.values()) <= MAX_LENGTH:
+        assert {s: int(lengths[s]) for s in np.flatnonzero(counts)} == expected
 
 
 def test_code_lengths_are_limited_and_form_a_prefix_code():
