@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
 from _report import timed, write_section  # noqa: E402
 
 
-def _fmt(times: list[float], scale: float = 1000.0) -> str:
-    return f"{scale * min(times):.1f} / {scale * statistics.median(times):.1f}"
+def _fmt(times: list[float], scale: float = 1000.0, digits: int = 1) -> str:
+    return f"{scale * min(times):.{digits}f} / {scale * statistics.median(times):.{digits}f}"
 
 
 def synthetic(make: Callable[[], nn.Module], tasks: int, bits: int = 4, seed: int = 0) -> TSNModel:
@@ -162,11 +162,11 @@ def row_io(args) -> list[str]:
         "",
         "| operation | s (min / median) | / torch.save(state_dict) |",
         "|---|---|---|",
-        f"| torch.save(state_dict) | {_fmt(base, 1)} | 1.00 |",
+        f"| torch.save(state_dict) | {_fmt(base, 1, 3)} | 1.00 |",
     ]
     for name, times in rows:
         ratio = statistics.median(times) / statistics.median(base)
-        lines.append(f"| {name} | {_fmt(times, 1)} | {ratio:.2f} |")
+        lines.append(f"| {name} | {_fmt(times, 1, 3)} | {ratio:.2f} |")
     return lines
 
 
