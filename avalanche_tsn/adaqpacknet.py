@@ -49,6 +49,8 @@ __all__ = [
     "adaq_capacity",
     "optimizer_like",
     "AdaQPacknetStrategy",
+    "check_fraction",
+    "check_positive",
 ]
 
 
@@ -239,13 +241,23 @@ def optimizer_like(optimizer: Optimizer, params: Iterable[nn.Parameter]) -> Opti
     return type(optimizer)([p for p in params if p.requires_grad], **settings)
 
 
-def _fraction(value: object, name: str) -> float:
+def check_fraction(value: object, name: str) -> float:
+    """Validate a fraction in [0, 1).
+
+    :param value: the fraction.
+    :param name: the argument name used in the error message.
+    """
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
     return float(value)
 
 
-def _positive(value: object, name: str) -> int:
+def check_positive(value: object, name: str) -> int:
+    """Validate an int >= 1.
+
+    :param value: the number.
+    :param name: the argument name used in the error message.
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return value
@@ -298,15 +310,12 @@ class AdaQPacknetStrategy(TSNStrategy):
         reject_arguments(
             kwargs, _ABSENT, "AdaQPacknetStrategy has its own pruning and quantization"
         )
-        population_size = _positive(population_size, "population_size")
-        search_epochs = _positive(search_epochs, "search_epochs")
-        low, high = _fraction(prune_low, "prune_low"), _fraction(prune_high, "prune_high")
-        if high < low:
-            raise ValueError(f"prune_high ({high}) must be at least prune_low ({low})")
-        accuracy_weight = _fraction(accuracy_weight, "accuracy_weight")
+        # Each stage checks its own arguments (before any work: nothing is built yet).
         stages = [
             ValidationSplitPlugin(validation_fraction),
-            MaskSearchPlugin(population_size, search_epochs, low, high, accuracy_weight),
+            MaskSearchPlugin(
+                population_size, search_epochs, prune_low, prune_high, accuracy_weight
+            ),
             HalvingQuantizationPlugin(start_bits, quant_max_drop),
         ]
         super().__init__(

@@ -84,14 +84,9 @@ def codes_of(values: Tensor, centroids: Tensor) -> Tensor:
     :param centroids: the codebook's centroids.
     :return: int64 codes, flat, in the order of ``values.flatten()``.
     """
-    flat = values.detach().flatten().float()
-    if flat.device.type == "cpu":
-        return torch.from_numpy(small_codes_of(flat, centroids).astype(np.int64))
-    ordered, order = torch.sort(centroids.float())
-    pos = torch.searchsorted(ordered, flat).clamp_max(len(ordered) - 1)
-    if not torch.equal(ordered[pos], flat):
-        raise ValueError("values are not all centroid values: the layer is not quantized")
-    return order[pos]
+    if values.device.type == "cpu":
+        return torch.from_numpy(small_codes_of(values, centroids).astype(np.int64))
+    return _searched_codes(values.detach().flatten().float(), centroids.float())
 
 
 def small_codes_of(values: Tensor, centroids: Tensor) -> np.ndarray:
@@ -101,18 +96,24 @@ def small_codes_of(values: Tensor, centroids: Tensor) -> np.ndarray:
     :param centroids: the codebook's centroids.
     """
     flat = values.detach().flatten().float().cpu()
-    ordered, order = torch.sort(centroids.float().cpu())
-    dtype = np.uint8 if len(ordered) <= 256 else np.uint16 if len(ordered) <= 65536 else np.int64
-    if 0 < len(ordered) <= 256:
+    book = centroids.float().cpu()
+    dtype = np.uint8 if len(book) <= 256 else np.uint16
+    if 0 < len(book) <= 256:
         # Equal centroids (k-means can leave two) get the code the binary search gives.
-        mine = order[torch.searchsorted(ordered, centroids.float().cpu()).clamp_max(len(order) - 1)]
-        found = _hashed_codes(flat.numpy(), centroids.float().cpu().numpy(), mine.numpy())
+        mine = _searched_codes(book, book).numpy()
+        found = _hashed_codes(flat.numpy(), book.numpy(), mine)
         if found is not None:
             return found
+    return _searched_codes(flat, book).numpy().astype(dtype)
+
+
+def _searched_codes(flat: Tensor, centroids: Tensor) -> Tensor:
+    """Codes of ``flat`` by binary search over the sorted centroids; raises if one is not."""
+    ordered, order = torch.sort(centroids)
     pos = torch.searchsorted(ordered, flat).clamp_max(len(ordered) - 1)
     if not torch.equal(ordered[pos], flat):
         raise ValueError("values are not all centroid values: the layer is not quantized")
-    return order[pos].numpy().astype(dtype)
+    return order[pos]
 
 
 def _hashed_codes(

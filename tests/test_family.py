@@ -106,6 +106,10 @@ from avalanche_tsn.adaqpacknet import (  # noqa: E402
     search_fractions,
 )
 from avalanche_tsn.layers import FREE  # noqa: E402
+from avalanche_tsn.plugins.adaqpacknet import (  # noqa: E402
+    HalvingQuantizationPlugin,
+    MaskSearchPlugin,
+)
 
 
 def test_adaqpacknet_forgets_nothing_and_packs_tasks():
@@ -204,3 +208,9 @@ def test_adaqpacknet_arguments_are_checked_before_any_work():
         with pytest.raises(error):
             AdaQPacknetStrategy(model=model, optimizer=opt, **bad)
     assert type(model.features[0]) is nn.Linear
+    # the plugins check their own arguments too, when used without the strategy
+    for bad in [{"population": 0}, {"epochs": 1.5}, {"low": 0.8, "high": 0.5}, {"low": 1.0}]:
+        with pytest.raises(ValueError):
+            MaskSearchPlugin(**bad)
+    with pytest.raises(ValueError, match="quant_max_drop"):
+        HalvingQuantizationPlugin(max_drop=1.5)

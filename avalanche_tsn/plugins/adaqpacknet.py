@@ -13,6 +13,8 @@ from avalanche.training.plugins import SupervisedPlugin
 
 from avalanche_tsn.adaqpacknet import (
     Candidate,
+    check_fraction,
+    check_positive,
     halving_bits,
     optimizer_like,
     prune_free_weights,
@@ -48,8 +50,13 @@ class MaskSearchPlugin(SupervisedPlugin):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.population, self.epochs = population, epochs
-        self.low, self.high, self.accuracy_weight, self.seed = low, high, accuracy_weight, seed
+        self.population = check_positive(population, "population_size")
+        self.epochs = check_positive(epochs, "search_epochs")
+        self.low, self.high = check_fraction(low, "prune_low"), check_fraction(high, "prune_high")
+        if self.high < self.low:
+            raise ValueError(f"prune_high ({high}) must be at least prune_low ({low})")
+        self.accuracy_weight = check_fraction(accuracy_weight, "accuracy_weight")
+        self.seed = seed
         #: per task label: the candidates tried and the one used
         self.searches: dict[int, tuple[Candidate, list[Candidate]]] = {}
 
@@ -101,11 +108,7 @@ class HalvingQuantizationPlugin(SupervisedPlugin):
     def __init__(self, start_bits: int = 6, max_drop: float = 0.02) -> None:
         super().__init__()
         self.start_bits = check_bits(start_bits, "start_bits")
-        if isinstance(max_drop, bool) or not isinstance(max_drop, int | float):
-            raise TypeError(f"quant_max_drop must be a float, got {type(max_drop).__name__}")
-        if not 0.0 <= max_drop < 1.0:
-            raise ValueError(f"quant_max_drop must be in [0, 1), got {max_drop}")
-        self.max_drop = float(max_drop)
+        self.max_drop = check_fraction(max_drop, "quant_max_drop")
         #: bit-width of each task (0: kept in float32)
         self.bits: dict[int, int] = {}
 
