@@ -148,19 +148,23 @@ class MaskedLayer(_PerTaskBuffers):
         nn.init.kaiming_uniform_(scores, a=math.sqrt(5))
         self.scores = nn.Parameter(scores)
         self.register_buffer("bank_weights", weight.detach().clone().unsqueeze(0))
-        self.register_buffer("bank_owners", torch.full((1, *weight.shape), FREE, dtype=torch.int16))
-        self.register_buffer("loaded_bank", torch.zeros((), dtype=torch.long))
+        dev = weight.device
         self.register_buffer(
-            "task_masks", torch.zeros((0, packed_size(weight.numel())), dtype=torch.uint8)
+            "bank_owners", torch.full((1, *weight.shape), FREE, dtype=torch.int16, device=dev)
+        )
+        self.register_buffer("loaded_bank", torch.zeros((), dtype=torch.long, device=dev))
+        self.register_buffer(
+            "task_masks",
+            torch.zeros((0, packed_size(weight.numel())), dtype=torch.uint8, device=dev),
         )
         self.register_buffer(
             "task_bias", None if bias is None else bias.detach().new_zeros((0, bias.numel()))
         )
         # Codebook of each task's own weights: bit-width (0: float32, not quantized) and
         # centroids; the codes are implied by the frozen values, which are centroid values.
-        self.register_buffer("task_bits", torch.zeros(0, dtype=torch.int16))
-        self.register_buffer("task_centroids", torch.zeros(0, 0))
-        self.register_buffer("slot_bank", torch.zeros(0, dtype=torch.int16))
+        self.register_buffer("task_bits", torch.zeros(0, dtype=torch.int16, device=dev))
+        self.register_buffer("task_centroids", torch.zeros(0, 0, device=dev))
+        self.register_buffer("slot_bank", torch.zeros(0, dtype=torch.int16, device=dev))
         self.active_slot = FREE
         self.task_groups = None
         self.live_keep = keep_count(weight.numel(), 0.5)
@@ -592,14 +596,16 @@ class TaskBatchNorm(_PerTaskBuffers):
         self.momentum = layer.momentum
         self.weight = layer.weight
         self.bias = layer.bias
-        self.register_buffer("running_mean", torch.zeros(c))
-        self.register_buffer("running_var", torch.ones(c))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        self.register_buffer("task_mean", torch.zeros(0, c))
-        self.register_buffer("task_var", torch.zeros(0, c))
+        # the wrapped layer's device: a model wrapped on a GPU stays there
+        dev = (layer.running_mean if layer.running_mean is not None else layer.weight).device
+        self.register_buffer("running_mean", torch.zeros(c, device=dev))
+        self.register_buffer("running_var", torch.ones(c, device=dev))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=dev))
+        self.register_buffer("task_mean", torch.zeros(0, c, device=dev))
+        self.register_buffer("task_var", torch.zeros(0, c, device=dev))
         affine = layer.weight is not None
-        self.register_buffer("task_weight", torch.zeros(0, c) if affine else None)
-        self.register_buffer("task_bias", torch.zeros(0, c) if affine else None)
+        self.register_buffer("task_weight", torch.zeros(0, c, device=dev) if affine else None)
+        self.register_buffer("task_bias", torch.zeros(0, c, device=dev) if affine else None)
         self.active_slot = FREE
         self.task_groups = None
 

@@ -8,6 +8,7 @@ own biases, normalisation statistics and head, so later tasks never change its o
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
 from collections.abc import Iterator
@@ -127,13 +128,14 @@ def _takes_task_labels(module: nn.Module) -> bool:
     return "task_labels" in inspect.signature(module.forward).parameters
 
 
-def uncalibrated(slots: int, layers: int) -> Tensor:
+def uncalibrated(slots: int, layers: int, device: torch.device | str | None = None) -> Tensor:
     """Activation ranges of tasks not calibrated yet: the empty range ``(inf, -inf)``.
 
     :param slots: rows.
     :param layers: masked layers.
+    :param device: where to make them (the model's device); None is the default device.
     """
-    empty = torch.empty(slots, layers, 2)
+    empty = torch.empty(slots, layers, 2, device=device)
     empty[..., 0], empty[..., 1] = math.inf, -math.inf
     return empty
 
@@ -184,18 +186,22 @@ class TSNModel(MultiTaskModule):
         self._heads = [m for m in self.net.modules() if isinstance(m, MultiHeadClassifier)]
         self._modules_per_task: list[nn.Module] = [*self._layers, *self._norms]
         self._pass_labels = _takes_task_labels(self.net)
-        self.register_buffer("task_labels_by_slot", torch.zeros(0, dtype=torch.long))
-        self.register_buffer("slot_frozen", torch.zeros(0, dtype=torch.bool))
-        self.register_buffer("slot_sparsity", torch.zeros(0))
+        # on the wrapped model's device, so a model wrapped on a GPU works there at once
+        dev = next(
+            itertools.chain(self.net.parameters(), self.net.buffers()), torch.zeros(0)
+        ).device
+        self.register_buffer("task_labels_by_slot", torch.zeros(0, dtype=torch.long, device=dev))
+        self.register_buffer("slot_frozen", torch.zeros(0, dtype=torch.bool, device=dev))
+        self.register_buffer("slot_sparsity", torch.zeros(0, device=dev))
         # Codebook of each task's head weights (bits 0: float32, not quantized).
-        self.register_buffer("head_bits", torch.zeros(0, dtype=torch.int16))
-        self.register_buffer("head_centroids", torch.zeros(0, 0))
+        self.register_buffer("head_bits", torch.zeros(0, dtype=torch.int16, device=dev))
+        self.register_buffer("head_centroids", torch.zeros(0, 0, device=dev))
         # Task memory (task similarity): up to M input samples per slot, zero-padded.
-        self.register_buffer("memory_x", torch.zeros(0))
-        self.register_buffer("memory_len", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("memory_x", torch.zeros(0, device=dev))
+        self.register_buffer("memory_len", torch.zeros(0, dtype=torch.long, device=dev))
         # Calibrated input range (min, max) of every masked layer per slot; the empty range
         # (inf, -inf) until a task is calibrated (see avalanche_tsn.activations).
-        self.register_buffer("act_range", torch.zeros(0, len(self._layers), 2))
+        self.register_buffer("act_range", torch.zeros(0, len(self._layers), 2, device=dev))
         self._slot_cache: tuple[dict[int, int], frozenset[int]] | None = None
         #: shape of one input sample, as last seen by forward (None before any)
         self.sample_shape: tuple[int, ...] | None = None
@@ -428,7 +434,7 @@ class TSNModel(MultiTaskModule):
                     self.head_centroids.new_zeros((1, self.head_centroids.shape[1])),
                 ]
             )
-            self.act_range = torch.cat([self.act_range, uncalibrated(1, len(self._layers))])
+            self.act_range = torch.cat([self.act_range, uncalibrated(1, len(self._layers), dev)])
             self._slot_cache = None
         self.slot_sparsity[slot] = float(sparsity)
         self.live_sparsity = sparsity

@@ -92,6 +92,7 @@ class CodedLayer(nn.Module):
             else:  # a task that was not quantized keeps float32 values
                 self.register_buffer(f"values_{slot}", values.float().clone())
                 self.register_buffer(f"centroids_{slot}", torch.zeros(0))
+        self.to(layer.weight.device)  # packed on the host, computed with on the layer's device
 
     def weight_of(self, slot: int) -> Tensor:
         """The dequantized weight the task in ``slot`` computes with.
@@ -155,6 +156,7 @@ class CodedLinear(nn.Module):
         self.register_buffer("centroids", book)
         bias = None if layer.bias is None else layer.bias.detach().clone()
         self.register_buffer("bias", bias)
+        self.to(layer.weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
         n = self.in_features * self.out_features

@@ -2,16 +2,20 @@
 
 Usage: ``python benchmarks/gpu_check.py [--tasks 3] [--epochs 2] [--json out.json]``.
 
-On a machine without CUDA it prints that it skipped and exits 0. With CUDA it trains a few
-tasks of a conv backbone (ReducedAlexNet, synthetic 3x32x32 data with a class signal), once
-in float32 and once with mixed precision (``torch.autocast`` to float16 with a gradient
-scaler, through the small strategy subclass below: Avalanche 0.6 has no mixed-precision
-switch), and checks:
+On a machine without CUDA it prints that it skipped and exits 0. With CUDA it:
 
-- every earlier task's outputs are bit-identical after each later task (deterministic
-  algorithms are switched on for this);
-- the compact export, loaded back on the device, predicts every task identically;
-- TSN / Naive epoch time and the peak CUDA memory of each.
+- trains a few tasks of a conv backbone (ReducedAlexNet, synthetic 3x32x32 data with a class
+  signal), once in float32 and once with mixed precision (``torch.autocast`` to float16 with
+  a gradient scaler, through the small strategy subclass below: Avalanche 0.6 has no
+  mixed-precision switch), and checks that every earlier task's outputs are bit-identical
+  after each later task (deterministic algorithms are switched on for this) and that the
+  compact export, loaded back on the device, predicts every task identically; it reports
+  TSN / Naive epoch time and the peak CUDA memory of each;
+- trains a last task on data holding a NaN and checks that it stops with
+  ``FloatingPointError``, that no earlier task moved, and that the task then retrains;
+- times single training steps (minibatch 64, deterministic algorithms off) of the plain
+  model and of TSN's second task, with and without TSN's per-step finite-loss check, which
+  makes the host wait for the device every step.
 
 It prints one JSON object (and writes it with ``--json``): put its figures in BENCHMARKS.md
 with the date and the device.
@@ -23,14 +27,17 @@ import argparse
 import io
 import json
 import os
+import statistics
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
 
-def _stream(tasks: int, n: int, seed: int = 0):
+def _stream(tasks: int, n: int, seed: int = 0, poison_last: bool = False):
+    """Synthetic 3x32x32 tasks; ``poison_last`` puts a NaN in the last task's first sample."""
     from avalanche_tsn.datasets import TensorTaskDataset, task_stream
 
     g = torch.Generator().manual_seed(seed)
@@ -41,7 +48,19 @@ def _stream(tasks: int, n: int, seed: int = 0):
             y = torch.arange(size) % 10
             x = centres[y] + torch.randn(size, 3, 32, 32, generator=g)
             part.append(TensorTaskDataset(x, y))
+    if poison_last:
+        train[-1].x[0, 0, 0, 0] = float("nan")
     return task_stream(train, test)
+
+
+def _probes(bm, device: str) -> list[tuple[torch.Tensor, int]]:
+    return [
+        (
+            torch.stack([e.dataset[i][0] for i in range(min(64, len(e.dataset)))]).to(device),
+            e.task_label,
+        )
+        for e in bm.test_stream
+    ]
 
 
 def _amp_strategy(base):
@@ -71,85 +90,159 @@ def _amp_strategy(base):
 
 
 class _EpochClock:
-    def __init__(self) -> None:
+    def __init__(self, device: str) -> None:
         from avalanche.training.plugins import SupervisedPlugin
 
         clock = self
+        cuda = torch.device(device).type == "cuda"
 
         class Plugin(SupervisedPlugin):
             def before_training_epoch(self, strategy, **kwargs):
-                torch.cuda.synchronize()
+                if cuda:
+                    torch.cuda.synchronize()
                 clock.t0 = time.perf_counter()
 
             def after_training_epoch(self, strategy, **kwargs):
-                torch.cuda.synchronize()
+                if cuda:
+                    torch.cuda.synchronize()
                 clock.times.append(time.perf_counter() - clock.t0)
 
         self.times: list[float] = []
         self.plugin = Plugin()
 
 
-def _run(kind: str, amp: bool, args) -> dict:
-    from avalanche.training import Naive
+def _strategy(base, args, device: str, plugins=(), epochs: int | None = None):
     from avalanche.training.plugins import EvaluationPlugin
+
+    from avalanche_tsn.models import ReducedAlexNet
+
+    # Avalanche's MultiTaskModule breaks under autocast, hence one shared head.
+    model = ReducedAlexNet(n_classes=10, multihead=False)
+    return base(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        train_mb_size=args.mb,
+        train_epochs=args.epochs if epochs is None else epochs,
+        eval_mb_size=256,
+        device=device,
+        plugins=list(plugins),
+        evaluator=EvaluationPlugin(loggers=[]),
+    )
+
+
+def _outputs(model, probes, autocast=None) -> list[torch.Tensor]:
+    model.eval()
+    with torch.no_grad(), autocast or nullcontext():
+        return [model(x, t) for x, t in probes]
+
+
+def _run(kind: str, amp: bool, args, device: str = "cuda") -> dict:
+    """Train the stream with Naive or TSN; TSN's earlier tasks are checked after each task."""
+    from avalanche.training import Naive
 
     from avalanche_tsn import TSNStrategy, load_compressed
     from avalanche_tsn.models import ReducedAlexNet
 
     torch.manual_seed(0)
     bm = _stream(args.tasks, args.samples)
-    model = ReducedAlexNet(
-        n_classes=10, multihead=False
-    )  # Avalanche's MultiTaskModule breaks under autocast
-    clock = _EpochClock()
+    clock = _EpochClock(device)
     base = TSNStrategy if kind == "tsn" else Naive
-    cls = _amp_strategy(base) if amp else base
-    kwargs = dict(
-        model=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-        train_mb_size=args.mb,
-        train_epochs=args.epochs,
-        eval_mb_size=256,
-        device="cuda",
-        plugins=[clock.plugin],
-        evaluator=EvaluationPlugin(loggers=[]),
-    )
-    strategy = cls(**kwargs)
-    torch.cuda.reset_peak_memory_stats()
-    probes = [
-        (torch.stack([e.dataset[i][0] for i in range(64)]).cuda(), e.task_label)
-        for e in bm.test_stream
-    ]
-    recorded: dict[int, torch.Tensor] = {}
+    strategy = _strategy(_amp_strategy(base) if amp else base, args, device, [clock.plugin])
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    probes = _probes(bm, device)
+    recorded: list[torch.Tensor] = []
     identical = True
-    autocast = torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.float16) if amp else None
     for exp in bm.train_stream:
         strategy.train(exp, eval_streams=[])
         if kind != "tsn":
             continue
-        strategy.model.eval()
-        with torch.no_grad(), autocast:
-            for x, t in probes[: exp.current_experience + 1]:
-                out = strategy.model(x, t)
-                if t in recorded:
-                    identical &= torch.equal(out, recorded[t])
-                recorded[t] = out
+        now = _outputs(strategy.model, probes[: exp.current_experience + 1], autocast)
+        identical &= all(
+            torch.equal(a, b) for a, b in zip(recorded, now[: len(recorded)], strict=True)
+        )
+        recorded = now
     result = {
         "strategy": kind,
         "amp": amp,
-        "epoch_s_median": sorted(clock.times)[len(clock.times) // 2],
-        "peak_cuda_MiB": torch.cuda.max_memory_allocated() / 2**20,
+        "epoch_s_median": statistics.median(clock.times),
+        "peak_cuda_MiB": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
     }
     if kind == "tsn":
         buf = io.BytesIO()
         strategy.export(buf)
         buf.seek(0)
-        loaded = load_compressed(buf, ReducedAlexNet(n_classes=10, multihead=False).cuda())
-        with torch.no_grad(), autocast:
-            same = all(torch.equal(loaded(x, t), strategy.model(x, t)) for x, t in probes)
+        loaded = load_compressed(buf, ReducedAlexNet(n_classes=10, multihead=False).to(device))
+        same = all(
+            torch.equal(a, b)
+            for a, b in zip(_outputs(loaded, probes, autocast), recorded, strict=True)
+        )
         result.update(earlier_tasks_bit_identical=identical, export_load_identical=same)
         result["capacity_percent"] = strategy.capacity_report().percent
     return result
+
+
+def _diverge(args, device: str = "cuda") -> dict:
+    """A last task whose data holds a NaN must stop, move no earlier task, then retrain."""
+    from avalanche_tsn import TSNStrategy
+
+    torch.manual_seed(0)
+    n = max(args.samples // 4, 2 * args.mb, 40)  # every class in every test set
+    bm = _stream(args.tasks, n)
+    poisoned = _stream(args.tasks, n, poison_last=True)
+    strategy = _strategy(TSNStrategy, args, device, epochs=1)
+    probes = _probes(bm, device)[:-1]
+    *earlier, last = bm.train_stream
+    for exp in earlier:
+        strategy.train(exp, eval_streams=[])
+    before = _outputs(strategy.model, probes)
+    try:
+        strategy.train(poisoned.train_stream[last.current_experience], eval_streams=[])
+        stopped = False
+    except FloatingPointError:
+        stopped = True
+    after_fault = _outputs(strategy.model, probes)
+    strategy.train(last, eval_streams=[])
+    after_retrain = _outputs(strategy.model, probes)
+    return {
+        "stopped_with_floating_point_error": stopped,
+        "earlier_tasks_bit_identical_after_fault": all(map(torch.equal, before, after_fault)),
+        "earlier_tasks_bit_identical_after_retrain": all(map(torch.equal, before, after_retrain)),
+        "last_task_trained": last.task_label in strategy.tsn_model.trained_tasks(),
+    }
+
+
+def _steps(args, device: str = "cuda") -> list[dict]:
+    """Training-step times of the plain model and of TSN's second task (see ``scale.py``)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from scale import _step_times
+
+    from avalanche_tsn.models import ReducedAlexNet, ReducedResNet18, single_head
+
+    backbones = [
+        ("MLP 784-100-100", lambda: single_head(784, (100, 100), 10), (784,)),
+        ("ReducedAlexNet", lambda: ReducedAlexNet(multihead=False), (3, 32, 32)),
+        ("ReducedResNet18", lambda: ReducedResNet18(multihead=False), (3, 32, 32)),
+    ]
+    rows = []
+    for name, make, shape in backbones:
+        times: dict[str, list[float]] = {"plain": [], "tsn": [], "tsn_no_check": []}
+        for _ in range(args.repeats):  # interleaved, so all three see the same machine
+            for key, tsn, check in (("plain", 0, 1), ("tsn", 1, 1), ("tsn_no_check", 1, 0)):
+                times[key] += _step_times(
+                    make, shape, bool(tsn), args.steps, args.mb, device, bool(check)
+                )
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {"backbone": name, "minibatch": args.mb}
+        for key, values in times.items():
+            row[f"{key}_ms_min"] = 1000 * min(values)
+            row[f"{key}_ms_median"] = 1000 * med[key]
+        row["tsn_over_plain"] = med["tsn"] / med["plain"]
+        row["tsn_no_check_over_plain"] = med["tsn_no_check"] / med["plain"]
+        rows.append(row)
+    return rows
 
 
 def main() -> int:
@@ -158,14 +251,19 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--samples", type=int, default=2048, help="training samples a task")
     parser.add_argument("--mb", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=50, help="timed training steps a repeat")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the result here too")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; skipped")
         return 0
+    # cuBLAS reads this when it starts; the deterministic runs below need it.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    steps = _steps(args)
     torch.use_deterministic_algorithms(True)
     runs = [_run(kind, amp, args) for amp in (False, True) for kind in ("naive", "tsn")]
+    diverge = _diverge(args)
     by = {(r["strategy"], r["amp"]): r for r in runs}
     summary = {
         "date": time.strftime("%Y-%m-%d"),
@@ -178,13 +276,15 @@ def main() -> int:
             / by[("naive", False)]["epoch_s_median"],
             "amp": by[("tsn", True)]["epoch_s_median"] / by[("naive", True)]["epoch_s_median"],
         },
+        "diverging_task": diverge,
+        "steps": steps,
     }
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
     ok = all(r.get("earlier_tasks_bit_identical", True) and r.get("export_load_identical", True)
-             for r in runs)  # fmt: skip
+             for r in runs) and all(diverge.values())  # fmt: skip
     return 0 if ok else 1
 
 

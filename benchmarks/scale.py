@@ -75,7 +75,24 @@ def synthetic(make: Callable[[], nn.Module], tasks: int, bits: int = 4, seed: in
 # -- train -------------------------------------------------------------------------------
 
 
-def _step_times(make, shape, tsn: bool, steps: int, mb: int = 64) -> list[float]:
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step_times(
+    make,
+    shape,
+    tsn: bool,
+    steps: int,
+    mb: int = 64,
+    device: str = "cpu",
+    finite_check: bool = True,
+) -> list[float]:
+    """Seconds of each training step, the device synchronized around each one.
+
+    ``finite_check=False`` leaves out TSN's per-step loss check, which waits for the device.
+    """
     torch.manual_seed(0)
     net = make()
     model: nn.Module = net
@@ -86,19 +103,23 @@ def _step_times(make, shape, tsn: bool, steps: int, mb: int = 64) -> list[float]
         model(torch.randn(mb, *shape), 0).sum().backward()
         model.end_task(0)
         model.begin_task(1, 0.5)
+    model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x, y = torch.randn(mb, *shape), torch.randint(0, 10, (mb,))
+    x = torch.randn(mb, *shape, device=device)
+    y = torch.randint(0, 10, (mb,), device=device)
     model.train()
     times = []
     for i in range(steps + 3):
+        _sync(device)
         t0 = time.perf_counter()
         opt.zero_grad()
         out = model(x, 1) if tsn else model(x)
         loss = nn.functional.cross_entropy(out, y)
-        if tsn and not bool(torch.isfinite(loss)):  # TSN's per-step check
+        if tsn and finite_check and not bool(torch.isfinite(loss)):  # TSN's per-step check
             raise FloatingPointError
         loss.backward()
         opt.step()
+        _sync(device)
         if i >= 3:
             times.append(time.perf_counter() - t0)
     return times

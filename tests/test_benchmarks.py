@@ -185,6 +185,23 @@ def test_gpu_check_skips_cleanly_without_cuda(capsys, monkeypatch):
     assert "skipped" in capsys.readouterr().out
 
 
+def test_gpu_check_sections_run_on_any_device():
+    """What gpu_check measures on CUDA, run small on the CPU: its checks can fail."""
+    import argparse
+
+    from benchmarks import gpu_check
+
+    args = argparse.Namespace(tasks=2, epochs=1, samples=64, mb=32, steps=1, repeats=1)
+    tsn = gpu_check._run("tsn", False, args, "cpu")
+    assert tsn["earlier_tasks_bit_identical"] and tsn["export_load_identical"]
+    assert 0 < tsn["capacity_percent"] < 100 and tsn["epoch_s_median"] > 0
+    diverge = gpu_check._diverge(args, "cpu")
+    assert diverge == dict.fromkeys(diverge, True) and len(diverge) == 4
+    rows = gpu_check._steps(args, "cpu")
+    assert [r["backbone"] for r in rows] == ["MLP 784-100-100", "ReducedAlexNet", "ReducedResNet18"]
+    assert all(r["tsn_over_plain"] > 0 and r["tsn_no_check_ms_min"] > 0 for r in rows)
+
+
 def test_task_stream_labels_each_pair_and_rejects_mismatched_lists():
     import torch
 

@@ -1,0 +1,188 @@
+"""The whole TSN pipeline on a CUDA device: the guarantees hold there too.
+
+Skipped where CUDA is missing (as in CI); ``benchmarks/gpu_check.py`` and a lent GPU run them.
+``TSN_TEST_DEVICE=cpu`` runs the same tests on the CPU, which checks the tests themselves.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+import torch
+from conftest import SmallConvNet, blob_stream, mlp, quiet_evaluator
+
+from avalanche_tsn import (
+    AdaQPacknetStrategy,
+    TSNModel,
+    TSNStrategy,
+    WSNStrategy,
+    load_compressed,
+    to_tiny,
+)
+from avalanche_tsn.models import MultiHeadMLP
+
+DEVICE = os.environ.get("TSN_TEST_DEVICE", "cuda")
+
+pytestmark = pytest.mark.skipif(
+    DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs a CUDA device"
+)
+
+MODELS = {
+    "mlp": (lambda: mlp(16), 16),
+    "conv_bn": (lambda: SmallConvNet(), 16),
+    "multihead": (lambda: MultiHeadMLP(16, (16, 16), n_classes=3), 16),
+}
+
+
+def _strategy(cls, model, **kwargs):
+    return cls(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+        train_mb_size=16,
+        train_epochs=2,
+        evaluator=quiet_evaluator(),
+        device=DEVICE,
+        **kwargs,
+    )
+
+
+def _probes(bm) -> list[tuple[torch.Tensor, int]]:
+    return [
+        (torch.stack([e.dataset[i][0] for i in range(20)]).to(DEVICE), e.task_label)
+        for e in bm.test_stream
+    ]
+
+
+def _outputs(model, probes) -> list[torch.Tensor]:
+    model.eval()
+    with torch.no_grad():
+        return [model(x, t) for x, t in probes]
+
+
+def _train_checking(strategy, bm) -> list[torch.Tensor]:
+    """Train every experience; after each, every earlier task's outputs must be unchanged."""
+    probes = _probes(bm)
+    recorded: list[torch.Tensor] = []
+    for i, exp in enumerate(bm.train_stream):
+        strategy.train(exp, eval_streams=[])
+        now = _outputs(strategy.model, probes[: i + 1])
+        for t, (a, b) in enumerate(zip(recorded, now[: len(recorded)], strict=True)):
+            assert torch.equal(a, b), f"task {t} moved while task {i} trained"
+        recorded = now
+    return recorded
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_full_pipeline_is_forget_free_and_round_trips(kind):
+    make, dim = MODELS[kind]
+    bm = blob_stream(n_tasks=3, dim=dim)
+    strategy = _strategy(TSNStrategy, make(), task_matching=True, new_bank_below=0.3)
+    out = _train_checking(strategy, bm)
+    probes = _probes(bm)
+    model = strategy.tsn_model
+    assert all(p.device.type == torch.device(DEVICE).type for p in model.parameters())
+    assert 0 < strategy.capacity_report().percent < 100
+    acc = strategy.eval(bm.test_stream)
+    assert acc["Top1_Acc_Stream/eval_phase/test_stream/Task002"] > 0.5
+
+    # a mixed-task minibatch gives each sample its own task's outputs
+    x = torch.cat([x for x, _ in probes])
+    labels = torch.cat([torch.full((len(x),), t, device=DEVICE) for x, t in probes])
+    with torch.no_grad():
+        mixed = model(x, labels)
+        for xt, t in probes:
+            assert torch.equal(mixed[labels == t], model(xt, t))
+
+    # state_dict and the compact export restore the same predictions on the device
+    restored = TSNModel(make())
+    restored.load_state_dict(model.state_dict())
+    restored.to(DEVICE)
+    assert all(map(torch.equal, _outputs(restored, probes), out))
+    buf = io.BytesIO()
+    strategy.export(buf)
+    buf.seek(0)
+    loaded = load_compressed(buf, make().to(DEVICE))
+    assert all(map(torch.equal, _outputs(loaded, probes), out))
+    buf.seek(0)
+    coded = load_compressed(buf, make().to(DEVICE), dequantize=False)
+    assert all(map(torch.equal, _outputs(coded, probes), out))
+    # on the CPU the same file predicts the same classes, up to the devices' rounding
+    buf.seek(0)
+    on_cpu = load_compressed(buf, make())
+    for got, want in zip(_outputs(on_cpu, [(x.cpu(), t) for x, t in probes]), out, strict=True):
+        torch.testing.assert_close(got, want.cpu(), rtol=1e-4, atol=1e-4)
+    tiny = to_tiny(model)
+    assert all(map(torch.equal, _outputs(tiny, probes), out))
+
+
+def test_diverging_task_stops_and_moves_nothing():
+    bm = blob_stream(n_tasks=2, dim=12)
+    strategy = _strategy(TSNStrategy, mlp(12))
+    exps = list(bm.train_stream)
+    strategy.train(exps[0], eval_streams=[])
+    probes = _probes(bm)[:1]
+    before = _outputs(strategy.model, probes)
+    faulty = list(blob_stream(n_tasks=2, dim=12, poison={1: float("nan")}).train_stream)[1]
+    with pytest.raises(FloatingPointError, match="task 1"):
+        strategy.train(faulty, eval_streams=[])
+    assert all(map(torch.equal, _outputs(strategy.model, probes), before))
+    strategy.train(exps[1], eval_streams=[])
+    assert all(map(torch.equal, _outputs(strategy.model, probes), before))
+    assert strategy.tsn_model.trained_tasks() == [0, 1]
+
+
+@pytest.mark.parametrize("cls", [WSNStrategy, AdaQPacknetStrategy])
+def test_family_strategies_are_forget_free(cls):
+    kwargs = {"population_size": 2, "search_epochs": 1} if cls is AdaQPacknetStrategy else {}
+    bm = blob_stream(n_tasks=2, dim=12)
+    _train_checking(_strategy(cls, mlp(12), **kwargs), bm)
+
+
+@pytest.mark.parametrize("method", ["entropy", "memory"])
+def test_task_inference_runs_on_the_device(method):
+    from avalanche.benchmarks import nc_benchmark
+
+    from avalanche_tsn.datasets import TensorTaskDataset
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 12, generator=g) * 3
+
+    def data(n: int) -> TensorTaskDataset:
+        y = torch.arange(n) % 6
+        return TensorTaskDataset(centres[y] + 0.3 * torch.randn(n, 12, generator=g), y)
+
+    bm = nc_benchmark(data(300), data(120), n_experiences=3, task_labels=False, shuffle=False)
+    net = MultiHeadMLP(12, (16, 16))
+    strategy = _strategy(TSNStrategy, net, task_inference=method)
+    for exp in bm.train_stream:
+        strategy.train(exp, eval_streams=[])
+    acc = strategy.eval(bm.test_stream)
+    assert acc["Top1_Acc_Stream/eval_phase/test_stream/Task000"] > 1 / 6
+
+
+def test_model_moved_to_the_device_mid_stream_keeps_its_tasks():
+    bm = blob_stream(n_tasks=2, dim=12)
+    net = mlp(12)
+    cpu = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
+        train_mb_size=16,
+        train_epochs=2,
+        evaluator=quiet_evaluator(),
+    )
+    exps = list(bm.train_stream)
+    cpu.train(exps[0], eval_streams=[])
+    probes = _probes(bm)[:1]
+    strategy = TSNStrategy(
+        model=cpu.model,
+        optimizer=torch.optim.Adam(cpu.model.parameters(), lr=1e-2),
+        train_mb_size=16,
+        train_epochs=2,
+        evaluator=quiet_evaluator(),
+        device=DEVICE,
+    )
+    before = _outputs(cpu.model.to(DEVICE), probes)
+    strategy.train(exps[1], eval_streams=[])
+    assert all(map(torch.equal, _outputs(strategy.model, probes), before))
