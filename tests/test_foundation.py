@@ -346,3 +346,11 @@ def test_bad_plugins_and_optimizer():
         TSNStrategy(model=model, optimizer="sgd")
     with pytest.raises(TypeError):
         TSNStrategy(mlp(), opt)  # keyword-only
+
+
+@pytest.mark.parametrize("make_model", [lambda: mlp(12), SmallConvNet], ids=["mlp", "conv_bn"])
+def test_wrapping_keeps_every_buffer_on_the_model_device(make_model):
+    # A model wrapped where it lives (a GPU, here the meta device) gets its task buffers there
+    # too: buffers made on the default device broke training and loading on CUDA.
+    model = TSNModel(make_model().to("meta"))
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
