@@ -214,6 +214,23 @@ def _diverge(args, device: str = "cuda") -> dict:
     }
 
 
+def _kernels(make, shape, tsn: bool, mb: int, device: str) -> int | None:
+    """Device kernels one training step launches (None off CUDA)."""
+    from scale import training_step
+
+    if torch.device(device).type != "cuda":
+        return None
+    step = training_step(make, shape, tsn, mb, device)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+
+
 def _steps(args, device: str = "cuda") -> list[dict]:
     """Training-step times of the plain model and of TSN's second task (see ``scale.py``)."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -227,21 +244,24 @@ def _steps(args, device: str = "cuda") -> list[dict]:
         ("ReducedResNet18", lambda: ReducedResNet18(multihead=False), (3, 32, 32)),
     ]
     rows = []
-    for name, make, shape in backbones:
-        times: dict[str, list[float]] = {"plain": [], "tsn": [], "tsn_no_check": []}
-        for _ in range(args.repeats):  # interleaved, so all three see the same machine
-            for key, tsn, check in (("plain", 0, 1), ("tsn", 1, 1), ("tsn_no_check", 1, 0)):
-                times[key] += _step_times(
-                    make, shape, bool(tsn), args.steps, args.mb, device, bool(check)
-                )
-        med = {k: statistics.median(v) for k, v in times.items()}
-        row = {"backbone": name, "minibatch": args.mb}
-        for key, values in times.items():
-            row[f"{key}_ms_min"] = 1000 * min(values)
-            row[f"{key}_ms_median"] = 1000 * med[key]
-        row["tsn_over_plain"] = med["tsn"] / med["plain"]
-        row["tsn_no_check_over_plain"] = med["tsn_no_check"] / med["plain"]
-        rows.append(row)
+    for mb in args.step_mbs:
+        for name, make, shape in backbones:
+            times: dict[str, list[float]] = {"plain": [], "tsn": [], "tsn_no_check": []}
+            for _ in range(args.repeats):  # interleaved, so all three see the same machine
+                for key, tsn, check in (("plain", 0, 1), ("tsn", 1, 1), ("tsn_no_check", 1, 0)):
+                    times[key] += _step_times(
+                        make, shape, bool(tsn), args.steps, mb, device, bool(check)
+                    )
+            med = {k: statistics.median(v) for k, v in times.items()}
+            row = {"backbone": name, "minibatch": mb}
+            for key, values in times.items():
+                row[f"{key}_ms_min"] = 1000 * min(values)
+                row[f"{key}_ms_median"] = 1000 * med[key]
+            row["tsn_over_plain"] = med["tsn"] / med["plain"]
+            row["tsn_no_check_over_plain"] = med["tsn_no_check"] / med["plain"]
+            row["plain_kernels"] = _kernels(make, shape, False, mb, device)
+            row["tsn_kernels"] = _kernels(make, shape, True, mb, device)
+            rows.append(row)
     return rows
 
 
@@ -253,6 +273,12 @@ def main() -> int:
     parser.add_argument("--mb", type=int, default=64)
     parser.add_argument("--steps", type=int, default=50, help="timed training steps a repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--step-mbs",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[64, 512],
+        help="minibatch sizes of the step timings",
+    )
     parser.add_argument("--json", help="write the result here too")
     args = parser.parse_args()
     if not torch.cuda.is_available():

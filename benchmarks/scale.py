@@ -80,18 +80,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step_times(
-    make,
-    shape,
-    tsn: bool,
-    steps: int,
-    mb: int = 64,
-    device: str = "cpu",
-    finite_check: bool = True,
-) -> list[float]:
-    """Seconds of each training step, the device synchronized around each one.
+def training_step(make, shape, tsn: bool, mb: int = 64, device: str = "cpu"):
+    """A function running one training step of the plain model or of TSN's second task.
 
-    ``finite_check=False`` leaves out TSN's per-step loss check, which waits for the device.
+    It takes ``finite_check``: whether TSN's per-step loss check (which waits for the device)
+    runs. SGD with momentum and weight decay, a fixed random minibatch of ``mb``.
     """
     torch.manual_seed(0)
     net = make()
@@ -108,10 +101,8 @@ def _step_times(
     x = torch.randn(mb, *shape, device=device)
     y = torch.randint(0, 10, (mb,), device=device)
     model.train()
-    times = []
-    for i in range(steps + 3):
-        _sync(device)
-        t0 = time.perf_counter()
+
+    def step(finite_check: bool = True) -> None:
         opt.zero_grad()
         out = model(x, 1) if tsn else model(x)
         loss = nn.functional.cross_entropy(out, y)
@@ -119,6 +110,26 @@ def _step_times(
             raise FloatingPointError
         loss.backward()
         opt.step()
+
+    return step
+
+
+def _step_times(
+    make,
+    shape,
+    tsn: bool,
+    steps: int,
+    mb: int = 64,
+    device: str = "cpu",
+    finite_check: bool = True,
+) -> list[float]:
+    """Seconds of each training step, the device synchronized around each one."""
+    step = training_step(make, shape, tsn, mb, device)
+    times = []
+    for i in range(steps + 3):
+        _sync(device)
+        t0 = time.perf_counter()
+        step(finite_check)
         _sync(device)
         if i >= 3:
             times.append(time.perf_counter() - t0)

@@ -191,7 +191,9 @@ def test_gpu_check_sections_run_on_any_device():
 
     from benchmarks import gpu_check
 
-    args = argparse.Namespace(tasks=2, epochs=1, samples=64, mb=32, steps=1, repeats=1)
+    args = argparse.Namespace(
+        tasks=2, epochs=1, samples=64, mb=32, steps=1, repeats=1, step_mbs=[16]
+    )
     tsn = gpu_check._run("tsn", False, args, "cpu")
     assert tsn["earlier_tasks_bit_identical"] and tsn["export_load_identical"]
     assert 0 < tsn["capacity_percent"] < 100 and tsn["epoch_s_median"] > 0
