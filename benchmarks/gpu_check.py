@@ -24,6 +24,7 @@ with the date and the device.
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -153,7 +154,10 @@ def _run(kind: str, amp: bool, args, device: str = "cuda", multihead: bool = Fal
     strategy = _strategy(cls, args, device, [clock.plugin], multihead=multihead)
     cuda = torch.device(device).type == "cuda"
     if cuda:
+        gc.collect()  # earlier runs' strategies (reference cycles) must not count here
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
     probes = _probes(bm, device)
     recorded: list[torch.Tensor] = []
     identical = True
@@ -171,7 +175,8 @@ def _run(kind: str, amp: bool, args, device: str = "cuda", multihead: bool = Fal
         "strategy": kind,
         "amp": amp,
         "epoch_s_median": statistics.median(clock.times),
-        "peak_cuda_MiB": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        # what this run added at its peak, above what was allocated when it started
+        "peak_cuda_MiB": (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None,
     }
     if kind == "tsn":
         buf = io.BytesIO()
