@@ -289,3 +289,63 @@ def test_capacity_metrics_reach_avalanche_loggers(tmp_path):
     assert len(history["Capacity/percent"][1]) == 2  # one value per experience
     assert history["Capacity/Task001/bits"][1][-1] == report.tasks[1].total_bits
     assert "Capacity/backbone_masks_percent" in log_file.read_text()
+
+
+def _head_search_run(monkeypatch, fast: bool):
+    from avalanche_tsn.plugins import compression
+
+    calls = {"full": 0}
+    full = compression.validation_accuracy
+
+    def counted(*args, **kwargs):
+        calls["full"] += 1
+        return full(*args, **kwargs)
+
+    monkeypatch.setattr(compression, "validation_accuracy", counted)
+    if not fast:
+        monkeypatch.setattr(compression, "head_validation", lambda *a: None)
+    torch.manual_seed(0)
+    net = MultiHeadMLP(12, (16, 16), 3)
+    strategy, bm = train(net, prune=False, quant_max_drop=0.02, quant_max_bits=6)
+    monkeypatch.undo()
+    quant = next(p for p in strategy.plugins if type(p).__name__ == "QuantizationPlugin")
+    data = [bm.test_stream[t].dataset for t in range(3)]
+    x = torch.stack([d[i][0] for d in data for i in range(len(d))])
+    outputs = [strategy.model(x, t) for t in range(3)]
+    return quant.head_bits, outputs, calls["full"]
+
+
+def test_head_search_from_cached_features_chooses_and_computes_the_same(monkeypatch):
+    fast_bits, fast_out, fast_calls = _head_search_run(monkeypatch, fast=True)
+    slow_bits, slow_out, slow_calls = _head_search_run(monkeypatch, fast=False)
+    assert fast_bits == slow_bits and len(fast_bits) == 3
+    assert all(map(torch.equal, fast_out, slow_out))
+    # each head bit-width tried is one full pass fewer
+    assert slow_calls - fast_calls == sum(b - 1 for b in fast_bits.values()) > 0
+
+
+def test_head_validation_matches_a_full_pass_and_expires_when_the_model_changes():
+    from avalanche_tsn.plugins.compression import head_validation, validation_accuracy
+    from avalanche_tsn.quantization import quantize_head
+
+    strategy, bm = train(MultiHeadMLP(12, (16, 16), 3), tasks=1, prune=False, quantize=False)
+    strategy.experience = bm.train_stream[0]
+    strategy.tsn_validation = bm.test_stream[0].dataset.eval()
+    strategy.tsn_validation_batches = None
+    assert head_validation(strategy, 0) is None  # no complete pass yet
+    validation_accuracy(strategy, 0)
+    evaluate = head_validation(strategy, 0)
+    model = strategy.tsn_model
+    for bits in (1, 2, 4):
+        quantize_head(model, 0, bits)
+        full = validation_accuracy(strategy, 0)
+        assert evaluate() == full
+        assert (evaluate(full) >= full) and (evaluate(min(1.0, full + 0.01)) < full + 0.01)
+    assert head_validation(strategy, 0) is not None  # the last full pass is of this state
+    with torch.no_grad():
+        next(model.masked_layers())[1].bank_weights.add_(0.1)  # the backbone moved
+    assert head_validation(strategy, 0) is None
+    plain, _ = train(mlp(), tasks=1, prune=False, quantize=False)
+    plain.tsn_validation, plain.tsn_validation_batches = strategy.tsn_validation, None
+    validation_accuracy(plain, 0)
+    assert head_validation(plain, 0) is None  # no multi-head classifier: no shortcut

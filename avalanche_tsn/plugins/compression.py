@@ -10,12 +10,19 @@ import logging
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
+from torch import Tensor
 
 from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_model
 from avalanche_tsn.pruning import PruneRecord, check_search, greedy_prune
 from avalanche_tsn.quantization import adaptive_bits, check_bits, quantize_head, quantize_task
 
-__all__ = ["ValidationSplitPlugin", "PruningPlugin", "QuantizationPlugin", "validation_accuracy"]
+__all__ = [
+    "ValidationSplitPlugin",
+    "PruningPlugin",
+    "QuantizationPlugin",
+    "validation_accuracy",
+    "head_validation",
+]
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +114,82 @@ def validation_accuracy(
     memo = getattr(strategy, "tsn_validation_memo", None)
     if memo is not None and memo[0] == state:
         return memo[1]
+    head = _sole_head(model)
+    captured: list[tuple[tuple, Tensor]] = []
+    hook = None
+    if head is not None:
+        hook = head.register_forward_hook(lambda _m, args, out: captured.append((args, out)))
     was_training = model.training
     model.eval()
     correct = seen = 0
+    outputs = []
     try:
         for x, y in batches:
-            correct += int((model(x, task_label).argmax(1) == y).sum())
+            out = model(x, task_label)
+            outputs.append(out)
+            correct += int((out.argmax(1) == y).sum())
             seen += len(y)
             if floor is not None and correct + (total - seen) < floor * total:
                 return (correct + total - seen) / total  # an upper bound, below the floor
     finally:
         model.train(was_training)
-    strategy.tsn_validation_memo = (state, correct / total)
+        if hook is not None:
+            hook.remove()
+    # The heads' inputs, kept when the model's output is its head's output, batch for batch.
+    features = None
+    if head is not None and len(captured) == len(outputs):
+        pairs = zip(outputs, captured, strict=True)
+        if all(isinstance(c, Tensor) and torch.equal(o, c) for o, (_, c) in pairs):
+            features = [args for args, _ in captured]
+    strategy.tsn_validation_memo = (state, correct / total, features)
     return correct / total
+
+
+def _sole_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    heads = getattr(model, "_heads", None)
+    return heads[0] if isinstance(heads, list) and len(heads) == 1 else None
+
+
+def head_validation(strategy, task_label: int):
+    """Validation accuracy as a function of the task's head alone, or None.
+
+    Available right after a complete :func:`validation_accuracy` pass of the model as it is
+    now, when the model has one ``MultiHeadClassifier`` whose output was the model's output
+    for every batch: the heads' inputs of that pass are reused, so changing only the head
+    (quantizing it) is evaluated without running the backbone again, with the very logits
+    a full pass would give.
+
+    :param strategy: the strategy, as for :func:`validation_accuracy`.
+    :param task_label: the task whose head is evaluated.
+    :return: ``evaluate(floor=None)`` like :func:`validation_accuracy`'s, or None.
+    """
+    memo = getattr(strategy, "tsn_validation_memo", None)
+    batches = getattr(strategy, "tsn_validation_batches", None)
+    model = strategy.model
+    head = _sole_head(model)
+    if memo is None or memo[2] is None or batches is None or head is None:
+        return None
+    if memo[0] != (task_label, id(batches), _state_key(model)):
+        return None
+    features = memo[2]
+    total = sum(len(y) for _, y in batches)
+
+    @torch.no_grad()
+    def evaluate(floor: float | None = None) -> float:
+        was_training = head.training
+        head.eval()
+        correct = seen = 0
+        try:
+            for args, (_, y) in zip(features, batches, strict=True):
+                correct += int((head(*args).argmax(1) == y).sum())
+                seen += len(y)
+                if floor is not None and correct + (total - seen) < floor * total:
+                    return (correct + total - seen) / total
+        finally:
+            head.train(was_training)
+        return correct / total
+
+    return evaluate
 
 
 def _state_key(model: torch.nn.Module) -> tuple:
@@ -229,7 +299,11 @@ class QuantizationPlugin(SupervisedPlugin):
                 model.set_head_codebook(slot, saved[0].new_zeros(0), 0)
 
             self.head_bits[label] = self._search(
-                strategy, label, restore_heads, lambda b: quantize_head(model, label, b)
+                strategy,
+                label,
+                restore_heads,
+                lambda b: quantize_head(model, label, b),
+                heads_only=True,
             )
         log.info(
             "task %d quantized: backbone %d bits, heads %s bits",
@@ -238,12 +312,15 @@ class QuantizationPlugin(SupervisedPlugin):
             self.head_bits.get(label, "float32"),
         )
 
-    def _search(self, strategy, label: int, restore, quantize) -> int:
+    def _search(self, strategy, label: int, restore, quantize, heads_only: bool = False) -> int:
+        baseline = validation_accuracy(strategy, label)
+        # Only the head changes in a head search: its inputs from the baseline pass serve.
+        fast = head_validation(strategy, label) if heads_only else None
         return adaptive_bits(
             quantize,
             restore,
-            lambda floor=None: validation_accuracy(strategy, label, floor),
-            validation_accuracy(strategy, label),
+            fast or (lambda floor=None: validation_accuracy(strategy, label, floor)),
+            baseline,
             min_bits=self.min_bits,
             max_bits=self.max_bits,
             max_drop=self.max_drop,
