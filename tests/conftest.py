@@ -82,13 +82,11 @@ def quiet_evaluator():
     return EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
 
 
-def train_tsn(model=None, tasks: int = 3, dim: int = 12, **kw):
-    """Train a TSNStrategy (Adam, 2 epochs) on a blob stream; returns it and the stream."""
+def adam_strategy(model: nn.Module, cls=None, **kw):
+    """A TSN-family strategy (TSNStrategy by default) with Adam 1e-2, minibatch 16, 2 epochs."""
     from avalanche_tsn import TSNStrategy
 
-    bm = blob_stream(n_tasks=tasks, dim=dim)
-    model = model if model is not None else mlp(dim)
-    strategy = TSNStrategy(
+    return (cls or TSNStrategy)(
         model=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
         train_mb_size=16,
@@ -96,6 +94,12 @@ def train_tsn(model=None, tasks: int = 3, dim: int = 12, **kw):
         evaluator=quiet_evaluator(),
         **kw,
     )
+
+
+def train_tsn(model=None, tasks: int = 3, dim: int = 12, **kw):
+    """Train a TSNStrategy (Adam, 2 epochs) on a blob stream; returns it and the stream."""
+    bm = blob_stream(n_tasks=tasks, dim=dim)
+    strategy = adam_strategy(model if model is not None else mlp(dim), **kw)
     strategy.train(bm.train_stream, eval_streams=[])
     return strategy, bm
 

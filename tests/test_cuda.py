@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import SmallConvNet, blob_stream, mlp, quiet_evaluator
+from conftest import SmallConvNet, adam_strategy, blob_stream, mlp
 
 from avalanche_tsn import (
     AdaQPacknetStrategy,
@@ -37,15 +37,7 @@ MODELS = {
 
 
 def _strategy(cls, model, **kwargs):
-    return cls(
-        model=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
-        train_mb_size=16,
-        train_epochs=2,
-        evaluator=quiet_evaluator(),
-        device=DEVICE,
-        **kwargs,
-    )
+    return adam_strategy(model, cls, device=DEVICE, **kwargs)
 
 
 def _probes(bm) -> list[tuple[torch.Tensor, int]]:
@@ -165,24 +157,11 @@ def test_task_inference_runs_on_the_device(method):
 def test_model_moved_to_the_device_mid_stream_keeps_its_tasks():
     bm = blob_stream(n_tasks=2, dim=12)
     net = mlp(12)
-    cpu = TSNStrategy(
-        model=net,
-        optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
-        train_mb_size=16,
-        train_epochs=2,
-        evaluator=quiet_evaluator(),
-    )
+    cpu = adam_strategy(net)
     exps = list(bm.train_stream)
     cpu.train(exps[0], eval_streams=[])
     probes = _probes(bm)[:1]
-    strategy = TSNStrategy(
-        model=cpu.model,
-        optimizer=torch.optim.Adam(cpu.model.parameters(), lr=1e-2),
-        train_mb_size=16,
-        train_epochs=2,
-        evaluator=quiet_evaluator(),
-        device=DEVICE,
-    )
+    strategy = _strategy(TSNStrategy, cpu.model)
     before = _outputs(cpu.model.to(DEVICE), probes)
     strategy.train(exps[1], eval_streams=[])
     assert all(map(torch.equal, _outputs(strategy.model, probes), before))

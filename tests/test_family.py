@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import blob_stream, quiet_evaluator
+from conftest import adam_strategy, blob_stream
 from torch import nn
 
 from avalanche_tsn import TSNModel, WSNStrategy, load_compressed
@@ -19,15 +19,7 @@ DIM = 12
 
 
 def build(cls, model=None, **kw):
-    model = model if model is not None else MultiHeadMLP(DIM, (16, 16), 3)
-    return cls(
-        model=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
-        train_mb_size=16,
-        train_epochs=2,
-        evaluator=quiet_evaluator(),
-        **kw,
-    )
+    return adam_strategy(model if model is not None else MultiHeadMLP(DIM, (16, 16), 3), cls, **kw)
 
 
 def test_wsn_forgets_nothing_and_keeps_float32_weights():
