@@ -115,10 +115,12 @@ def validation_accuracy(
     if memo is not None and memo[0] == state:
         return memo[1]
     head = _sole_head(model)
-    captured: list[tuple[tuple, Tensor]] = []
+    captured: list[tuple[tuple, dict, Tensor]] = []
     hook = None
     if head is not None:
-        hook = head.register_forward_hook(lambda _m, args, out: captured.append((args, out)))
+        hook = head.register_forward_hook(
+            lambda _m, args, kwargs, out: captured.append((args, kwargs, out)), with_kwargs=True
+        )
     was_training = model.training
     model.eval()
     correct = seen = 0
@@ -139,8 +141,8 @@ def validation_accuracy(
     features = None
     if head is not None and len(captured) == len(outputs):
         pairs = zip(outputs, captured, strict=True)
-        if all(isinstance(c, Tensor) and torch.equal(o, c) for o, (_, c) in pairs):
-            features = [args for args, _ in captured]
+        if all(isinstance(c, Tensor) and torch.equal(o, c) for o, (_, _, c) in pairs):
+            features = [(args, kwargs) for args, kwargs, _ in captured]
     strategy.tsn_validation_memo = (state, correct / total, features)
     return correct / total
 
@@ -180,8 +182,8 @@ def head_validation(strategy, task_label: int):
         head.eval()
         correct = seen = 0
         try:
-            for args, (_, y) in zip(features, batches, strict=True):
-                correct += int((head(*args).argmax(1) == y).sum())
+            for (args, kwargs), (_, y) in zip(features, batches, strict=True):
+                correct += int((head(*args, **kwargs).argmax(1) == y).sum())
                 seen += len(y)
                 if floor is not None and correct + (total - seen) < floor * total:
                     return (correct + total - seen) / total
