@@ -1,13 +1,12 @@
-"""The whole TSN pipeline on a CUDA device: the guarantees hold there too.
+"""The whole TSN pipeline on every device at hand: the guarantees hold on a GPU too.
 
-Skipped where CUDA is missing (as in CI); ``benchmarks/gpu_check.py`` and a lent GPU run them.
-``TSN_TEST_DEVICE=cpu`` runs the same tests on the CPU, which checks the tests themselves.
+Each test runs on the CPU and, where CUDA is available, on the GPU (skipped otherwise, as in
+CI); ``benchmarks/gpu_check.py`` adds timings and mixed precision on a GPU.
 """
 
 from __future__ import annotations
 
 import io
-import os
 
 import pytest
 import torch
@@ -23,11 +22,13 @@ from avalanche_tsn import (
 )
 from avalanche_tsn.models import MultiHeadMLP
 
-DEVICE = os.environ.get("TSN_TEST_DEVICE", "cuda")
+_NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-pytestmark = pytest.mark.skipif(
-    DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs a CUDA device"
-)
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=_NO_CUDA)])
+def device(request) -> str:
+    return request.param
+
 
 MODELS = {
     "mlp": (lambda: mlp(16), 16),
@@ -36,13 +37,13 @@ MODELS = {
 }
 
 
-def _strategy(cls, model, **kwargs):
-    return adam_strategy(model, cls, device=DEVICE, **kwargs)
+def _strategy(cls, model, device: str, **kwargs):
+    return adam_strategy(model, cls, device=device, **kwargs)
 
 
-def _probes(bm) -> list[tuple[torch.Tensor, int]]:
+def _probes(bm, device: str) -> list[tuple[torch.Tensor, int]]:
     return [
-        (torch.stack([e.dataset[i][0] for i in range(20)]).to(DEVICE), e.task_label)
+        (torch.stack([e.dataset[i][0] for i in range(20)]).to(device), e.task_label)
         for e in bm.test_stream
     ]
 
@@ -55,7 +56,7 @@ def _outputs(model, probes) -> list[torch.Tensor]:
 
 def _train_checking(strategy, bm) -> list[torch.Tensor]:
     """Train every experience; after each, every earlier task's outputs must be unchanged."""
-    probes = _probes(bm)
+    probes = _probes(bm, str(strategy.device))
     recorded: list[torch.Tensor] = []
     for i, exp in enumerate(bm.train_stream):
         strategy.train(exp, eval_streams=[])
@@ -67,21 +68,21 @@ def _train_checking(strategy, bm) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_full_pipeline_is_forget_free_and_round_trips(kind):
+def test_full_pipeline_is_forget_free_and_round_trips(kind, device):
     make, dim = MODELS[kind]
     bm = blob_stream(n_tasks=3, dim=dim)
-    strategy = _strategy(TSNStrategy, make(), task_matching=True, new_bank_below=0.3)
+    strategy = _strategy(TSNStrategy, make(), device, task_matching=True, new_bank_below=0.3)
     out = _train_checking(strategy, bm)
-    probes = _probes(bm)
+    probes = _probes(bm, device)
     model = strategy.tsn_model
-    assert all(p.device.type == torch.device(DEVICE).type for p in model.parameters())
+    assert all(p.device.type == torch.device(device).type for p in model.parameters())
     assert 0 < strategy.capacity_report().percent < 100
     acc = strategy.eval(bm.test_stream)
     assert acc["Top1_Acc_Stream/eval_phase/test_stream/Task002"] > 0.5
 
     # a mixed-task minibatch gives each sample its own task's outputs
     x = torch.cat([x for x, _ in probes])
-    labels = torch.cat([torch.full((len(x),), t, device=DEVICE) for x, t in probes])
+    labels = torch.cat([torch.full((len(x),), t, device=device) for x, t in probes])
     with torch.no_grad():
         mixed = model(x, labels)
         for xt, t in probes:
@@ -90,15 +91,15 @@ def test_full_pipeline_is_forget_free_and_round_trips(kind):
     # state_dict and the compact export restore the same predictions on the device
     restored = TSNModel(make())
     restored.load_state_dict(model.state_dict())
-    restored.to(DEVICE)
+    restored.to(device)
     assert all(map(torch.equal, _outputs(restored, probes), out))
     buf = io.BytesIO()
     strategy.export(buf)
     buf.seek(0)
-    loaded = load_compressed(buf, make().to(DEVICE))
+    loaded = load_compressed(buf, make().to(device))
     assert all(map(torch.equal, _outputs(loaded, probes), out))
     buf.seek(0)
-    coded = load_compressed(buf, make().to(DEVICE), dequantize=False)
+    coded = load_compressed(buf, make().to(device), dequantize=False)
     assert all(map(torch.equal, _outputs(coded, probes), out))
     # on the CPU the same file predicts the same classes, up to the devices' rounding
     buf.seek(0)
@@ -109,12 +110,12 @@ def test_full_pipeline_is_forget_free_and_round_trips(kind):
     assert all(map(torch.equal, _outputs(tiny, probes), out))
 
 
-def test_diverging_task_stops_and_moves_nothing():
+def test_diverging_task_stops_and_moves_nothing(device):
     bm = blob_stream(n_tasks=2, dim=12)
-    strategy = _strategy(TSNStrategy, mlp(12))
+    strategy = _strategy(TSNStrategy, mlp(12), device)
     exps = list(bm.train_stream)
     strategy.train(exps[0], eval_streams=[])
-    probes = _probes(bm)[:1]
+    probes = _probes(bm, device)[:1]
     before = _outputs(strategy.model, probes)
     faulty = list(blob_stream(n_tasks=2, dim=12, poison={1: float("nan")}).train_stream)[1]
     with pytest.raises(FloatingPointError, match="task 1"):
@@ -126,14 +127,14 @@ def test_diverging_task_stops_and_moves_nothing():
 
 
 @pytest.mark.parametrize("cls", [WSNStrategy, AdaQPacknetStrategy])
-def test_family_strategies_are_forget_free(cls):
+def test_family_strategies_are_forget_free(cls, device):
     kwargs = {"population_size": 2, "search_epochs": 1} if cls is AdaQPacknetStrategy else {}
     bm = blob_stream(n_tasks=2, dim=12)
-    _train_checking(_strategy(cls, mlp(12), **kwargs), bm)
+    _train_checking(_strategy(cls, mlp(12), device, **kwargs), bm)
 
 
 @pytest.mark.parametrize("method", ["entropy", "memory"])
-def test_task_inference_runs_on_the_device(method):
+def test_task_inference_runs_on_the_device(method, device):
     from avalanche.benchmarks import nc_benchmark
 
     from avalanche_tsn.datasets import TensorTaskDataset
@@ -147,21 +148,21 @@ def test_task_inference_runs_on_the_device(method):
 
     bm = nc_benchmark(data(300), data(120), n_experiences=3, task_labels=False, shuffle=False)
     net = MultiHeadMLP(12, (16, 16))
-    strategy = _strategy(TSNStrategy, net, task_inference=method)
+    strategy = _strategy(TSNStrategy, net, device, task_inference=method)
     for exp in bm.train_stream:
         strategy.train(exp, eval_streams=[])
     acc = strategy.eval(bm.test_stream)
     assert acc["Top1_Acc_Stream/eval_phase/test_stream/Task000"] > 1 / 6
 
 
-def test_model_moved_to_the_device_mid_stream_keeps_its_tasks():
+def test_model_moved_to_the_device_mid_stream_keeps_its_tasks(device):
     bm = blob_stream(n_tasks=2, dim=12)
     net = mlp(12)
     cpu = adam_strategy(net)
     exps = list(bm.train_stream)
     cpu.train(exps[0], eval_streams=[])
-    probes = _probes(bm)[:1]
-    strategy = _strategy(TSNStrategy, cpu.model)
-    before = _outputs(cpu.model.to(DEVICE), probes)
+    probes = _probes(bm, device)[:1]
+    strategy = _strategy(TSNStrategy, cpu.model, device)
+    before = _outputs(cpu.model.to(device), probes)
     strategy.train(exps[1], eval_streams=[])
     assert all(map(torch.equal, _outputs(strategy.model, probes), before))
