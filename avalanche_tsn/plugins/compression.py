@@ -7,6 +7,7 @@ Each plugin only wires callbacks to :mod:`avalanche_tsn.pruning` and
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
@@ -152,7 +153,7 @@ def _sole_head(model: torch.nn.Module) -> torch.nn.Module | None:
     return heads[0] if isinstance(heads, list) and len(heads) == 1 else None
 
 
-def head_validation(strategy, task_label: int):
+def head_validation(strategy, task_label: int) -> Callable[..., float] | None:
     """Validation accuracy as a function of the task's head alone, or None.
 
     Available right after a complete :func:`validation_accuracy` pass of the model as it is
