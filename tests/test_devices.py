@@ -20,6 +20,8 @@ from avalanche_tsn import (
     load_compressed,
     to_tiny,
 )
+from avalanche_tsn.activations import quantized_activations
+from avalanche_tsn.compute import compute_report
 from avalanche_tsn.models import MultiHeadMLP
 
 _NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -106,6 +108,13 @@ def test_full_pipeline_is_forget_free_and_round_trips(kind, device):
     on_cpu = load_compressed(buf, make())
     for got, want in zip(_outputs(on_cpu, [(x.cpu(), t) for x, t in probes]), out, strict=True):
         torch.testing.assert_close(got, want.cpu(), rtol=1e-4, atol=1e-4)
+    # the compute report and quantized activations run where the model is
+    report = compute_report(model, tuple(probes[0][0].shape[1:]), act_bits=8)
+    assert len(report.tasks) == 3
+    with quantized_activations(model, 8):
+        coarse = _outputs(model, probes)
+    assert all(c.device.type == torch.device(device).type for c in coarse)
+    assert all(map(torch.equal, _outputs(model, probes), out))
     tiny = to_tiny(model)
     assert all(map(torch.equal, _outputs(tiny, probes), out))
 
