@@ -95,6 +95,9 @@ def test_full_pipeline_is_forget_free_and_round_trips(kind, device):
     restored.load_state_dict(model.state_dict())
     restored.to(device)
     assert all(map(torch.equal, _outputs(restored, probes), out))
+    already_there = TSNModel(make().to(device))  # loaded into a model wrapped on the device
+    already_there.load_state_dict(model.state_dict())
+    assert all(map(torch.equal, _outputs(already_there, probes), out))
     buf = io.BytesIO()
     strategy.export(buf)
     buf.seek(0)
