@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from avalanche_tsn.capacity import FLOAT_BITS
-from avalanche_tsn.layers import MaskedLayer
+from avalanche_tsn.layers import MaskedLayer, module_device
 from avalanche_tsn.model import TSNModel
 
 __all__ = ["LayerCompute", "TaskCompute", "ComputeReport", "compute_report"]
@@ -126,7 +126,7 @@ def compute_report(
     if act_bits is not None and (isinstance(act_bits, bool) or not 1 <= int(act_bits) <= 32):
         raise ValueError(f"act_bits must be None (float) or in 1..32, got {act_bits!r}")
     a_bits = FLOAT_BITS if act_bits is None else int(act_bits)
-    device = next((t.device for t in model.buffers()), torch.device("cpu"))
+    device = module_device(model)
     names = {m: n for n, m in model.net.named_modules()}
     was_training = model.training
     model.eval()

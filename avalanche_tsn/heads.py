@@ -18,6 +18,8 @@ from avalanche.models import IncrementalClassifier, MultiHeadClassifier
 from avalanche.models.dynamic_modules import DynamicModule
 from torch import Tensor, nn
 
+from avalanche_tsn.layers import module_device
+
 __all__ = [
     "FrozenClassifier",
     "params_to_buffers",
@@ -140,7 +142,7 @@ def rebuild_heads(
     saved = {m.group(1): k for k in state_dict if (m := pattern.match(k))}
     if not saved:
         return
-    device = next(iter(heads.buffers()), torch.zeros(0)).device
+    device = module_device(heads)
     for key in list(heads.classifiers.keys()):
         if key not in saved:
             del heads.classifiers[key]

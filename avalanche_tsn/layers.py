@@ -34,10 +34,23 @@ from avalanche_tsn.masks import (
 )
 from avalanche_tsn.quantization import store_centroids
 
-__all__ = ["MaskedLayer", "TSNLinear", "TSNConv2d", "TaskBatchNorm", "FREE"]
+__all__ = ["MaskedLayer", "TSNLinear", "TSNConv2d", "TaskBatchNorm", "FREE", "module_device"]
 
 #: ``owner`` value of a weight that no trained task uses.
 FREE = -1
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` lives: its first parameter's or buffer's device (the CPU if none).
+
+    Buffers TSN adds to a module are made there, so a model wrapped on a GPU stays there.
+
+    :param module: any module.
+    """
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
 
 #: Training steps between two exact recomputations of a live mask's threshold.
 THRESHOLD_REFRESH = 8
@@ -596,8 +609,7 @@ class TaskBatchNorm(_PerTaskBuffers):
         self.momentum = layer.momentum
         self.weight = layer.weight
         self.bias = layer.bias
-        # the wrapped layer's device: a model wrapped on a GPU stays there
-        dev = (layer.running_mean if layer.running_mean is not None else layer.weight).device
+        dev = module_device(layer)
         self.register_buffer("running_mean", torch.zeros(c, device=dev))
         self.register_buffer("running_var", torch.ones(c, device=dev))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=dev))

@@ -8,7 +8,6 @@ own biases, normalisation statistics and head, so later tasks never change its o
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 import math
 from collections.abc import Iterator
@@ -18,7 +17,14 @@ from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTa
 from torch import Tensor, nn
 
 from avalanche_tsn.heads import freeze_head, rebuild_heads
-from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm, TSNConv2d, TSNLinear
+from avalanche_tsn.layers import (
+    FREE,
+    MaskedLayer,
+    TaskBatchNorm,
+    TSNConv2d,
+    TSNLinear,
+    module_device,
+)
 from avalanche_tsn.masks import check_sparsity
 from avalanche_tsn.quantization import store_centroids
 
@@ -117,8 +123,11 @@ def wrap_model(module: nn.Module) -> nn.Module:
     plan = _check_model(module)
     if _is_maskable(module):
         return _convert(module)
+    # A layer with nothing of its own to go by (BatchNorm without affine terms or running
+    # statistics) is put where the rest of the model is.
+    device = module_device(module)
     for parent, name, child in plan:
-        setattr(parent, name, _convert(child))
+        setattr(parent, name, _convert(child).to(device))
     return module
 
 
@@ -187,9 +196,7 @@ class TSNModel(MultiTaskModule):
         self._modules_per_task: list[nn.Module] = [*self._layers, *self._norms]
         self._pass_labels = _takes_task_labels(self.net)
         # on the wrapped model's device, so a model wrapped on a GPU works there at once
-        dev = next(
-            itertools.chain(self.net.parameters(), self.net.buffers()), torch.zeros(0)
-        ).device
+        dev = module_device(self.net)
         self.register_buffer("task_labels_by_slot", torch.zeros(0, dtype=torch.long, device=dev))
         self.register_buffer("slot_frozen", torch.zeros(0, dtype=torch.bool, device=dev))
         self.register_buffer("slot_sparsity", torch.zeros(0, device=dev))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,14 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 0) -> list[float
         fn()
         out.append(time.perf_counter() - t0)
     return out
+
+
+def spread(values: list[float]) -> str:
+    """``mean (min-max)`` of ``values``, two decimals: how the tables give results over seeds.
+
+    :param values: one figure per run.
+    """
+    return f"{statistics.mean(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def write_section(path: str | Path, name: str, text: str, title: str | None = None) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
-from _report import harness_row, publish  # noqa: E402
+from _report import harness_row, publish, spread  # noqa: E402
 
 SECTION = "prune_search"
 
@@ -69,8 +69,8 @@ def main() -> None:
         passes = [rec["evaluations"] for r in runs for rec in r["pruning"]]
         seconds = [r["train_seconds"] for r in runs]
         lines.append(
-            f"| {scenario} | {search} | {statistics.mean(acc):.2f} ({min(acc):.2f}-{max(acc):.2f})"
-            f" | {statistics.mean(cap):.2f} ({min(cap):.2f}-{max(cap):.2f}) | "
+            f"| {scenario} | {search} | {spread(acc)}"
+            f" | {spread(cap)} | "
             f"{statistics.mean(passes):.1f} | {statistics.mean(seconds):.1f} |"
         )
     publish("\n".join(lines), args.write, SECTION)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
-from _report import harness_row, publish  # noqa: E402
+from _report import harness_row, publish, spread  # noqa: E402
 
 SETTINGS = [
     "--scenario", "permuted_fashion", "--strategies", "tsn", "--epochs", "2", "--mb", "256",
@@ -79,7 +79,7 @@ def main() -> None:
         cap = [r["capacity_percent"] for r in runs]
         bwt = max(abs(r["BWT"] or 0.0) for r in runs)
         lines.append(
-            f"| {config} | {statistics.mean(acc):.2f} ({min(acc):.2f}-{max(acc):.2f}) | "
+            f"| {config} | {spread(acc)} | "
             f"{' / '.join(f'{a:.2f}' for a in acc)} | {'0' if bwt == 0 else f'{bwt:.4f}'} | "
             f"{statistics.mean(cap):.2f} |"
         )

@@ -49,7 +49,7 @@ from avalanche_tsn.models import ReducedAlexNet, ReducedResNet18, single_head
 from avalanche_tsn.quantization import quantize_task
 
 sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
-from _report import timed, write_section  # noqa: E402
+from _report import spread, timed, write_section  # noqa: E402
 
 
 def _fmt(times: list[float], scale: float = 1000.0, digits: int = 1) -> str:
@@ -387,8 +387,8 @@ def row_compress(args) -> list[str]:
         lines.append(
             f"| {name} | {statistics.mean(r['passes'] for r in runs):.1f} | "
             f"{total['train_s']:.1f} | {total['prune_s']:.1f} | {total['quantize_s']:.1f} | "
-            f"{share:.0f}% | {statistics.mean(acc):.2f} ({min(acc):.2f}-{max(acc):.2f}) | "
-            f"{statistics.mean(cap):.2f} ({min(cap):.2f}-{max(cap):.2f}) |"
+            f"{share:.0f}% | {spread(acc)} | "
+            f"{spread(cap)} |"
         )
     return lines
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from avalanche.models import MTSimpleMLP
 from conftest import SmallConvNet, blob_stream, mlp, quiet_evaluator
+from torch import nn
 
 from avalanche_tsn import MaskLearningPlugin, TSNModel, TSNStrategy
 from avalanche_tsn.layers import FREE, MaskedLayer
@@ -354,3 +355,17 @@ def test_wrapping_keeps_every_buffer_on_the_model_device(make_model):
     # too: buffers made on the default device broke training and loading on CUDA.
     model = TSNModel(make_model().to("meta"))
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+
+
+def test_batchnorm_without_parameters_or_statistics_is_wrapped_where_the_model_is():
+    def net():
+        return nn.Sequential(
+            nn.Linear(4, 8), nn.BatchNorm1d(8, affine=False, track_running_stats=False)
+        )
+
+    model = TSNModel(net().to("meta"))
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+    trained = TSNModel(net())
+    trained.begin_task(0, 0.5)
+    trained.train()
+    assert trained(torch.randn(5, 4), 0).shape == (5, 8)

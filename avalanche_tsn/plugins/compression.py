@@ -125,11 +125,12 @@ def validation_accuracy(
     was_training = model.training
     model.eval()
     correct = seen = 0
-    outputs = []
+    outputs: list[Tensor] = []
     try:
         for x, y in batches:
             out = model(x, task_label)
-            outputs.append(out)
+            if head is not None:
+                outputs.append(out)
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
             if floor is not None and correct + (total - seen) < floor * total:
