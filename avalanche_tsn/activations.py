@@ -22,6 +22,7 @@ from torch import Tensor
 
 from avalanche_tsn.layers import FREE, MaskedLayer
 from avalanche_tsn.model import TSNModel, calibrated
+from avalanche_tsn.validation import check_int
 
 __all__ = [
     "check_act_bits",
@@ -41,11 +42,7 @@ def check_act_bits(value: object, name: str = "act_bits") -> int | None:
     """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 16:
-        raise ValueError(
-            f"{name} must be None (float activations) or an int in 2..16, got {value!r}"
-        )
-    return value
+    return check_int(value, f"{name} (None for float activations)", 2, 16)
 
 
 def fixed_point(low: float, high: float, bits: int) -> tuple[int, bool]:

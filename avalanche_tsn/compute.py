@@ -27,6 +27,7 @@ from torch import nn
 from avalanche_tsn.capacity import FLOAT_BITS
 from avalanche_tsn.layers import MaskedLayer, module_device
 from avalanche_tsn.model import TSNModel
+from avalanche_tsn.validation import check_int, check_shape
 
 __all__ = ["LayerCompute", "TaskCompute", "ComputeReport", "compute_report"]
 
@@ -120,12 +121,8 @@ def compute_report(
     :param input_shape: the shape of one input sample (without the batch dimension).
     :param act_bits: activation word length for BOPs (None: float, 32 bits).
     """
-    shape = tuple(int(s) for s in input_shape)
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"input_shape must be positive sizes of one sample, got {input_shape!r}")
-    if act_bits is not None and (isinstance(act_bits, bool) or not 1 <= int(act_bits) <= 32):
-        raise ValueError(f"act_bits must be None (float) or in 1..32, got {act_bits!r}")
-    a_bits = FLOAT_BITS if act_bits is None else int(act_bits)
+    shape = check_shape(input_shape, "input_shape")
+    a_bits = FLOAT_BITS if act_bits is None else check_int(act_bits, "act_bits", 1, 32)
     device = module_device(model)
     names = {m: n for n, m in model.net.named_modules()}
     was_training = model.training

@@ -112,7 +112,8 @@ class TSNStrategy(SupervisedTemplate):
         task memory and give a task unlike all of them a fresh backbone copy (a bank).
     :param kl_threshold: largest divergence at which a task shares its closest task's bank, a
         float >= 0 (see :mod:`avalanche_tsn.similarity`).
-    :param memory_size: samples kept per task for task matching, at least 1.
+    :param memory_size: samples kept per task for task matching or ``"memory"`` task
+        inference, at least 2.
     :param new_bank_below: open a fresh backbone copy (a bank) for a task whose bank has less
         than this fraction of free weights in some layer, in (0, 1); None never does.
     :param calibrate_activations: after each task, record every masked layer's input range
@@ -197,7 +198,7 @@ class TSNStrategy(SupervisedTemplate):
                 keep_memory,
                 # memory_size=0 is a valid way to say "no memory" while no memory is kept.
                 lambda: TaskSimilarityPlugin(
-                    1 if memory_size == 0 and not keep_memory else memory_size, threshold
+                    2 if memory_size == 0 and not keep_memory else memory_size, threshold
                 ),
             ),
             (
@@ -313,7 +314,7 @@ class TSNStrategy(SupervisedTemplate):
         shape = input_shape if input_shape is not None else self.tsn_model.sample_shape
         if shape is None:
             raise ValueError("input_shape is needed: the model has not seen an input yet")
-        return compute_report(self.tsn_model, tuple(shape), act_bits)
+        return compute_report(self.tsn_model, shape, act_bits)
 
     def quantized_accuracy(
         self, experiences: CLExperience | Iterable[CLExperience], act_bits: int | None

@@ -18,6 +18,7 @@ from avalanche_tsn.similarity import (
     choose_bank,
     task_divergence,
 )
+from avalanche_tsn.validation import check_int
 
 __all__ = ["TaskSimilarityPlugin"]
 
@@ -31,7 +32,7 @@ class TaskSimilarityPlugin(SupervisedPlugin):
     ``strategy.tsn_bank``, read by the mask-learning stage. After it trains, its memory
     samples are stored in the model (so checkpoints keep them).
 
-    :param memory_size: samples kept per task, at least 1.
+    :param memory_size: samples kept per task, at least 2.
     :param kl_threshold: largest divergence at which a task shares its closest task's bank,
         a float >= 0 (``float("inf")``: never open a bank, only measure).
     :param seed: seed of the memory sampling.
@@ -41,11 +42,12 @@ class TaskSimilarityPlugin(SupervisedPlugin):
         self, memory_size: int = 100, kl_threshold: float = DEFAULT_KL_THRESHOLD, seed: int = 0
     ) -> None:
         super().__init__()
-        if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1:
-            raise ValueError(
-                f"memory_size must be an int >= 1 when task matching is on, got {memory_size!r}"
-            )
-        self.memory_size = memory_size
+        # Divergences and the "memory" task inference fit statistics to a task's memory:
+        # one sample has no spread, so a single-sample memory would fail only at the first
+        # evaluation, after all training.
+        self.memory_size = check_int(
+            memory_size, "memory_size (task matching or memory task inference)", 2
+        )
         self.kl_threshold = check_threshold(kl_threshold)
         self.seed = seed
         #: divergence of each task from each earlier task, by task label
