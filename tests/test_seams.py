@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import mlp, train_tsn
+from conftest import mlp, quiet_evaluator, train_tsn
 
 from avalanche_tsn import TSNStrategy
 from avalanche_tsn.validation import check_bool, check_float, check_int, check_shape
@@ -99,3 +99,82 @@ def test_a_single_sample_memory_is_refused_up_front(kwargs) -> None:
             **kwargs,
         )
     assert _same(_state(net), before)
+
+
+def _ci_dataset(n: int = 240, classes: int = 4, dim: int = 6):
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+
+    g = torch.Generator().manual_seed(0)
+    centres = 3.0 * torch.randn(classes, dim, generator=g)
+    y = torch.arange(n) % classes
+    x = centres[y] + 0.5 * torch.randn(n, dim, generator=g)
+    return _make_taskaware_tensor_classification_dataset(x, y)
+
+
+def _builders():
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+    from avalanche.benchmarks.scenarios.validation_scenario import (
+        benchmark_with_validation_stream,
+    )
+
+    def ci():
+        return class_incremental_benchmark(
+            {"train": _ci_dataset(), "test": _ci_dataset(120)}, num_experiences=2
+        )
+
+    def with_validation():
+        from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+
+        bm = class_incremental_benchmark(
+            {"train": _ci_dataset(), "test": _ci_dataset(120)}, num_experiences=2
+        )
+        return benchmark_with_validation_stream(bm, validation_size=0.2)
+
+    def from_datasets():
+        from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+
+        base = class_incremental_benchmark(
+            {"train": _ci_dataset(), "test": _ci_dataset(120)}, num_experiences=2
+        )
+        return benchmark_from_datasets(
+            train=[e.dataset for e in base.train_stream],
+            test=[e.dataset for e in base.test_stream],
+        )
+
+    return {
+        "class_incremental": ci,
+        "with_validation": with_validation,
+        "from_datasets": from_datasets,
+    }
+
+
+# 11: task inference failed on Avalanche 0.6's own class-incremental builders
+@pytest.mark.parametrize("builder", ["class_incremental", "with_validation", "from_datasets"])
+def test_task_inference_trains_on_every_avalanche_06_builder(builder) -> None:
+    from avalanche_tsn.streams import relabelled
+
+    bm = _builders()[builder]()
+    first = bm.train_stream[0]
+    copy = relabelled(first, 7)
+    assert copy.task_labels == [7] and set(copy.dataset.targets_task_labels) == {7}
+    assert set(first.dataset.targets_task_labels) == {0}  # the caller's is untouched
+    assert len(copy.dataset) == len(first.dataset)
+    net = mlp(6, 16, 4)
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
+        train_mb_size=16,
+        train_epochs=2,
+        task_inference="memory",
+        memory_size=20,
+        evaluator=quiet_evaluator(),
+    )
+    for exp in bm.train_stream:
+        strategy.train(exp, eval_streams=[])
+    assert strategy.tsn_model.trained_tasks() == [0, 1]
+    probe = bm.test_stream[0].dataset.eval()[0][0][None]
+    before = strategy.tsn_model(probe, 0)
+    results = strategy.eval(bm.test_stream)
+    assert any("Top1_Acc_Stream" in k for k in results)
+    assert torch.equal(strategy.tsn_model(probe, 0), before)
