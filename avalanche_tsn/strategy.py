@@ -324,13 +324,18 @@ class TSNStrategy(SupervisedTemplate):
         Weights stay at their own bit-widths; ``act_bits=None`` gives float activations.
         Tasks must be calibrated (``calibrate_activations``, on by default).
 
-        :param experiences: an experience or a stream of them (task-aware).
+        :param experiences: an experience or a stream of them (task-aware; with
+            ``task_inference``, each experience is routed to the task trained on its classes).
         :param act_bits: activation word length in 2..16, or None.
-        :return: accuracy per task label.
+        :return: accuracy per task label (the slot's label with ``task_inference``).
         """
         check_act_bits(act_bits)
         exps = _aware([experiences] if isinstance(experiences, CLExperience) else experiences)
-        labels = check_stream(exps)
+        if self.task_inference is not None:
+            # class-incremental: each experience is its classes' task, not its own label 0
+            labels = [self._trained_label_of(e) for e in exps]
+        else:
+            labels = check_stream(exps)
         untrained = [t for t in labels if not self.tsn_model.is_trained(t)]
         if untrained:
             raise ValueError(f"experiences hold tasks not trained yet: {untrained}")
@@ -346,6 +351,19 @@ class TSNStrategy(SupervisedTemplate):
         finally:
             self.mbatch = saved
         return out
+
+    def _trained_label_of(self, experience: CLExperience) -> int:
+        """The task trained on ``experience``'s classes (class-incremental streams)."""
+        classes = sorted(experience_classes(experience))
+        for label, trained in self.task_classes.items():
+            if sorted(trained) == classes and self.tsn_model.is_trained(label):
+                return label
+        known = {t: sorted(c) for t, c in self.task_classes.items()}
+        raise ValueError(
+            f"experience {getattr(experience, 'current_experience', '?')} holds classes "
+            f"{classes}, which no trained task was trained on as a whole (tasks and their "
+            f"classes: {known}); evaluate it with strategy.eval, which infers each sample's task"
+        )
 
     def abandon_task(self) -> int | None:
         """Forget the task whose training was interrupted (an exception, a non-finite loss).

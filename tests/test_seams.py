@@ -178,3 +178,30 @@ def test_task_inference_trains_on_every_avalanche_06_builder(builder) -> None:
     results = strategy.eval(bm.test_stream)
     assert any("Top1_Acc_Stream" in k for k in results)
     assert torch.equal(strategy.tsn_model(probe, 0), before)
+
+
+# 8: quantized_accuracy routed a class-incremental experience by its own label 0
+def test_quantized_accuracy_routes_class_incremental_experiences_by_their_slot() -> None:
+    from conftest import fast_benchmark
+
+    bm = fast_benchmark(task_labels=False)
+    net = mlp(6, 32, 10)
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
+        train_mb_size=16,
+        train_epochs=3,
+        task_inference="memory",
+        memory_size=10,
+        evaluator=quiet_evaluator(),
+    )
+    for exp in list(bm.train_stream)[:2]:
+        strategy.train(exp, eval_streams=[])
+    before = _state(strategy.tsn_model)
+    acc = strategy.quantized_accuracy(bm.test_stream[1], None)
+    assert list(acc) == [1] and acc[1] > 0.5  # the slot trained on its classes, not slot 0
+    both = strategy.quantized_accuracy(list(bm.test_stream)[:2], 8)
+    assert list(both) == [0, 1] and min(both.values()) > 0.5
+    with pytest.raises(ValueError, match="experience 2 holds classes"):
+        strategy.quantized_accuracy(bm.test_stream[2], None)
+    assert _same(_state(strategy.tsn_model), before)
