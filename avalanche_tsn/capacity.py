@@ -18,7 +18,7 @@ from avalanche.models import MultiHeadClassifier
 
 from avalanche_tsn.huffman import MAX_SYMBOL, encoded_bits, pair_symbols
 from avalanche_tsn.layers import FREE, TaskBatchNorm
-from avalanche_tsn.model import TSNModel, calibrated
+from avalanche_tsn.model import TSNModel, calibrated, require_full
 
 __all__ = [
     "TaskCapacity",
@@ -199,6 +199,7 @@ def capacity_report(model: TSNModel) -> CapacityReport:
 
     :param model: the TSN model.
     """
+    require_full(model, "capacity_report")
     layers = [layer for _, layer in model.masked_layers()]
     norms = [m for m in model.net.modules() if isinstance(m, TaskBatchNorm)]
     heads = [m for m in model.net.modules() if isinstance(m, MultiHeadClassifier)]

@@ -18,6 +18,7 @@ output size of every layer that runs), so whatever the network does between laye
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ from torch import nn
 from avalanche_tsn.capacity import FLOAT_BITS
 from avalanche_tsn.layers import MaskedLayer, module_device
 from avalanche_tsn.model import TSNModel
+from avalanche_tsn.tiny import CodedLayer, CodedLinear
 from avalanche_tsn.validation import check_int, check_shape
 
 __all__ = ["LayerCompute", "TaskCompute", "ComputeReport", "compute_report"]
@@ -98,7 +100,16 @@ class ComputeReport:
         return "\n".join(lines)
 
 
-def _bits_per_weight(layer: MaskedLayer, slot: int) -> np.ndarray:
+def _weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The weight shape of a float, masked or coded linear or convolution layer."""
+    if isinstance(module, CodedLayer):
+        return module.shape
+    if isinstance(module, CodedLinear):
+        return (module.out_features, module.in_features)
+    return tuple(module.weight.shape)
+
+
+def _bits_per_weight(layer: MaskedLayer | CodedLayer, slot: int) -> np.ndarray:
     """Bit-width each weight the task in ``slot`` reads is stored at (0 where it reads none)."""
     owner = layer.slot_owner(slot).flatten().cpu().numpy()
     mask = layer.task_mask(slot).flatten().cpu().numpy()
@@ -117,7 +128,7 @@ def compute_report(
 ) -> ComputeReport:
     """MACs and BOPs per sample of every trained task of ``model``.
 
-    :param model: the TSN model.
+    :param model: the TSN model (full, or its compressed form from ``to_tiny``).
     :param input_shape: the shape of one input sample (without the batch dimension).
     :param act_bits: activation word length for BOPs (None: float, 32 bits).
     """
@@ -136,16 +147,17 @@ def compute_report(
             def hook(module, _inputs, output, seen=seen) -> None:
                 # output positions of one sample: H x W for a convolution, the leading
                 # dimensions for a linear layer (1 on a vector)
-                if isinstance(module, nn.Conv2d):
+                shape = _weight_shape(module)
+                if len(shape) == 4:
                     positions = output.shape[-2] * output.shape[-1]
                 else:
-                    positions = output[0].numel() // module.weight.shape[0]
+                    positions = output[0].numel() // shape[0]
                 seen.append((module, positions))
 
             handles = [
                 m.register_forward_hook(hook)
                 for m in model.net.modules()
-                if isinstance(m, (nn.Linear, nn.Conv2d))
+                if isinstance(m, (nn.Linear, nn.Conv2d, CodedLayer, CodedLinear))
             ]
             try:
                 model(torch.zeros((1, *shape), device=device), label)
@@ -154,8 +166,8 @@ def compute_report(
                     h.remove()
             rows = []
             for module, positions in seen:
-                numel = module.weight.numel()
-                if isinstance(module, MaskedLayer):
+                numel = math.prod(_weight_shape(module))
+                if isinstance(module, MaskedLayer | CodedLayer):
                     bits = _bits_per_weight(module, slot)
                     kept, bit_sum = int(np.count_nonzero(bits)), int(bits.sum())
                 else:  # a head: all its weights, at the head's codebook width

@@ -44,7 +44,7 @@ from avalanche_tsn.huffman import (
     unpair_symbols,
 )
 from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm
-from avalanche_tsn.model import TSNModel, calibrated, uncalibrated
+from avalanche_tsn.model import TSNModel, calibrated, require_full, uncalibrated
 from avalanche_tsn.quantization import small_codes_of
 
 __all__ = ["export_model", "load_compressed", "pack_codes", "unpack_codes", "MAGIC"]
@@ -233,6 +233,7 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
     :param path: a file path or a writable binary file.
     :return: bytes written.
     """
+    require_full(model, "export")
     tasks = model.trained_tasks()
     if not tasks:
         raise ValueError("nothing to export: no task is trained yet")

@@ -28,7 +28,14 @@ from avalanche_tsn.layers import (
 from avalanche_tsn.masks import check_sparsity
 from avalanche_tsn.quantization import store_centroids
 
-__all__ = ["TSNModel", "wrap_model", "LOW_FREE_FRACTION", "uncalibrated", "calibrated"]
+__all__ = [
+    "TSNModel",
+    "wrap_model",
+    "LOW_FREE_FRACTION",
+    "uncalibrated",
+    "calibrated",
+    "require_full",
+]
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +164,23 @@ def calibrated(ranges: Tensor) -> Tensor:
     return ranges[..., 0] <= ranges[..., 1]
 
 
+def require_full(model: nn.Module, what: str) -> None:
+    """Raise a TypeError unless ``model`` is a full (trainable) :class:`TSNModel`.
+
+    :param model: the model given.
+    :param what: the feature asked for, for the message.
+    """
+    if isinstance(model, TSNModel) and not model.compressed:
+        return
+    if isinstance(model, TSNModel):
+        raise TypeError(
+            f"{what} needs a full TSNModel; {type(model).__name__} (made by to_tiny or "
+            "load_compressed(..., dequantize=False)) holds codes for inference only. Use the "
+            "model it was made from, or load_compressed(..., dequantize=True)."
+        )
+    raise TypeError(f"{what} needs a TSNModel, got {type(model).__name__}")
+
+
 class TSNModel(MultiTaskModule):
     """A user's module turned into a TinySubNets multi-task model.
 
@@ -173,6 +197,9 @@ class TSNModel(MultiTaskModule):
     :param module: the user's model (converted in place) or one already converted.
     :param sparsity: sparsity of the live subnetwork until a task sets its own.
     """
+
+    #: True for the inference-only compressed form (:class:`avalanche_tsn.tiny.TinyTSN`)
+    compressed: bool = False
 
     def __init__(self, module: nn.Module, sparsity: float = 0.5) -> None:
         super().__init__()
@@ -252,6 +279,29 @@ class TSNModel(MultiTaskModule):
         for name, module in self.net.named_modules():
             if isinstance(module, MaskedLayer):
                 yield name, module
+
+    def routed_layers(self) -> list[nn.Module]:
+        """The layers that run each task with its own weights (masked or coded), in order."""
+        return list(self._layers)
+
+    def classifier_heads(self) -> list[MultiHeadClassifier]:
+        """The model's multi-head classifiers (one head per task each), in module order."""
+        return list(self._heads)
+
+    @torch.no_grad()
+    def replace_routed_layers(self, new: dict[str, nn.Module]) -> None:
+        """Swap each masked layer named in ``new`` for its replacement (a conversion).
+
+        :param new: replacement module by the layer's name in ``net``; every masked layer.
+        """
+        names = [name for name, _ in self.masked_layers()]
+        if sorted(new) != sorted(names):
+            raise ValueError(f"replacements must name every masked layer: {names}")
+        for name, module in new.items():
+            parent, _, child = name.rpartition(".")
+            setattr(self.net.get_submodule(parent) if parent else self.net, child, module)
+        self._layers = [new[name] for name in names]  # type: ignore[misc]
+        self._modules_per_task = [*self._layers, *self._norms]
 
     def _slot_table(self) -> tuple[dict[int, int], frozenset[int]]:
         # Read on every forward: a Python copy avoids a device sync per minibatch.

@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from avalanche_tsn.layers import MaskedLayer
 from avalanche_tsn.model import TSNModel
 
 #: Default ``kl_threshold``: above the closest-task divergence of every task measured on permuted
@@ -77,10 +76,10 @@ def feature_module(model: TSNModel) -> nn.Module:
 
     :param model: the TSN model.
     """
-    heads = model._heads
+    heads = model.classifier_heads()
     if heads:
         return heads[0]
-    return [m for m in model.net.modules() if isinstance(m, MaskedLayer)][-1]
+    return model.routed_layers()[-1]
 
 
 @torch.no_grad()

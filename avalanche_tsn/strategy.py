@@ -28,7 +28,7 @@ from avalanche_tsn.capacity import CapacityReport, capacity_report
 from avalanche_tsn.compute import ComputeReport, compute_report
 from avalanche_tsn.export import export_model
 from avalanche_tsn.inference import check_method, infer_tasks, memory_statistics
-from avalanche_tsn.model import TSNModel
+from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.plugins import (
     ActivationCalibrationPlugin,
     MaskLearningPlugin,
@@ -266,6 +266,7 @@ class TSNStrategy(SupervisedTemplate):
 
         # A model TSN already wraps (a strategy rebuilt around it) continues where it is.
         tsn = TSNModel.of(model, mask_plugin.sparsity_for(0))
+        require_full(tsn, "TSNStrategy")
         super().__init__(
             model=tsn,
             optimizer=optimizer,

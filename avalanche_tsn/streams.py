@@ -87,26 +87,35 @@ def relabelled(experience: CLExperience, label: int) -> CLExperience:
     """
     data = experience.dataset
     copied = copy.copy(task_aware(experience))
-    copied.dataset = data.update_data_attribute(
+    relabelled_data = data.update_data_attribute(
         "targets_task_labels", ConstantSequence(int(label), len(data))
     )
-    if experience_task_labels(copied) != [int(label)]:
+    overrides: dict[str, Any] = {}
+    try:
+        copied.dataset = relabelled_data
+    except AttributeError:
+        # a read-only property (Avalanche 0.6's DatasetExperience and the experiences of
+        # class_incremental_benchmark and benchmark_with_validation_stream)
+        overrides["dataset"] = relabelled_data
+    if "dataset" in overrides or experience_task_labels(copied) != [int(label)]:
         # An experience whose labels come from its benchmark (a read-only property on
         # Avalanche's classic experiences): the copy gets a subclass that answers its own.
-        object.__setattr__(copied, "_tsn_task_labels", [int(label)])
-        copied.__class__ = _relabelled_class(type(copied))
+        overrides["task_labels"] = [int(label)]
+    if overrides:
+        copied.__class__ = _relabelled_class(type(copied), tuple(sorted(overrides)))
+        object.__setattr__(copied, "_tsn_overrides", overrides)
     return copied
 
 
-_RELABELLED: dict[type, type] = {}
+_RELABELLED: dict[tuple[type, tuple[str, ...]], type] = {}
 
 
-def _relabelled_class(cls: type) -> type:
-    if cls not in _RELABELLED:
-        _RELABELLED[cls] = type(
-            cls.__name__, (cls,), {"task_labels": property(lambda self: self._tsn_task_labels)}
-        )
-    return _RELABELLED[cls]
+def _relabelled_class(cls: type, names: tuple[str, ...]) -> type:
+    """A subclass of ``cls`` whose read-only ``names`` answer the copy's own values."""
+    if (cls, names) not in _RELABELLED:
+        props = {n: property(lambda self, n=n: self._tsn_overrides[n]) for n in names}
+        _RELABELLED[cls, names] = type(cls.__name__, (cls,), props)
+    return _RELABELLED[cls, names]
 
 
 def _name(experience: CLExperience) -> str:

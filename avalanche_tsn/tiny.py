@@ -24,6 +24,7 @@ subnetwork to train).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -32,10 +33,10 @@ from torch import Tensor, nn
 
 from avalanche_tsn.export import pack_codes, unpack_codes
 from avalanche_tsn.layers import FREE, MaskedLayer, TSNConv2d
-from avalanche_tsn.model import TSNModel
+from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.quantization import small_codes_of
 
-__all__ = ["CodedLayer", "CodedLinear", "to_tiny", "resident_bytes"]
+__all__ = ["CodedLayer", "CodedLinear", "TinyTSN", "to_tiny", "resident_bytes"]
 
 
 def _packed(values: np.ndarray, bits: int) -> Tensor:
@@ -94,29 +95,47 @@ class CodedLayer(nn.Module):
                 self.register_buffer(f"centroids_{slot}", torch.zeros(0))
         self.to(layer.weight.device)  # packed on the host, computed with on the layer's device
 
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.n_slots:
+            raise ValueError("a compressed model runs trained tasks only")
+
+    def slot_owner(self, slot: int) -> Tensor:
+        """Which slot owns each weight of ``slot``'s bank (``FREE``: nobody), weight-shaped.
+
+        :param slot: a trained task's slot.
+        """
+        self._check_slot(slot)
+        bank = int(self.slot_bank[slot])
+        packed_owner = getattr(self, f"owner_{bank}")
+        owner = torch.from_numpy(_unpacked(packed_owner, self.numel, self.owner_bits)) + FREE
+        return owner.to(self.slot_bank.device).view(self.shape)
+
+    def task_mask(self, slot: int) -> Tensor:
+        """The weights the task in ``slot`` reads (its own and those it shares), weight-shaped.
+
+        :param slot: a trained task's slot.
+        """
+        owner = self.slot_owner(slot).flatten()
+        mask = owner == slot
+        earlier = (owner != FREE) & (owner < slot)
+        shared = np.unpackbits(getattr(self, f"shared_{slot}").cpu().numpy())
+        mask[earlier] = torch.from_numpy(shared[: int(earlier.sum())].astype(bool)).to(mask.device)
+        return mask.view(self.shape)
+
     def weight_of(self, slot: int) -> Tensor:
         """The dequantized weight the task in ``slot`` computes with.
 
         :param slot: a trained task's slot.
         """
-        if not 0 <= slot < self.n_slots:
-            raise ValueError("a compressed model runs trained tasks only")
-        device = self.slot_bank.device
-        bank = int(self.slot_bank[slot])
-        packed_owner = getattr(self, f"owner_{bank}")
-        owner = torch.from_numpy(_unpacked(packed_owner, self.numel, self.owner_bits)) + FREE
-        owner = owner.to(device)
-        mask = owner == slot
-        earlier = (owner != FREE) & (owner < slot)
-        shared = np.unpackbits(getattr(self, f"shared_{slot}").cpu().numpy())
-        mask[earlier] = torch.from_numpy(shared[: int(earlier.sum())].astype(bool)).to(device)
-        weight = torch.zeros(self.numel, device=device)
+        owner = self.slot_owner(slot).flatten()
+        mask = self.task_mask(slot).flatten()
+        weight = torch.zeros(self.numel, device=owner.device)
         for s in torch.unique(owner[mask]).tolist():
             at = owner == s
             b = int(self.task_bits[s])
             values = getattr(self, f"values_{s}")
             if b:
-                codes = torch.from_numpy(_unpacked(values, int(at.sum()), b)).to(device)
+                codes = torch.from_numpy(_unpacked(values, int(at.sum()), b)).to(owner.device)
                 weight[at] = getattr(self, f"centroids_{s}")[codes]
             else:
                 weight[at] = values
@@ -170,27 +189,61 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
+class TinyTSN(TSNModel):
+    """The compressed, inference-only form of a :class:`TSNModel` (made by :func:`to_tiny`).
+
+    It runs every trained task as the model it was made from did, bit for bit: one task,
+    minibatches that mix tasks, task inference (``task_inference``), quantized activations
+    and the compute report. What needs the float weights refuses with a ``TypeError``:
+    training (``train()``, a strategy, the task life cycle), the capacity report, export and
+    a second conversion.
+    """
+
+    compressed = True
+
+    def masked_layers(self) -> Iterator[tuple[str, CodedLayer]]:  # type: ignore[override]
+        """The coded layers with their names, in module order."""
+        for name, module in self.net.named_modules():
+            if isinstance(module, CodedLayer):
+                yield name, module
+
+    def train(self, mode: bool = True) -> TinyTSN:
+        """Evaluation mode only (``train(False)``); ``train()`` raises a TypeError.
+
+        :param mode: False.
+        """
+        if mode:
+            raise TypeError(
+                "a TinyTSN cannot train: it holds integer codes, not trainable weights; train "
+                "the TSNModel it was made from, or load_compressed(..., dequantize=True)"
+            )
+        return super().train(False)
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        require_full(self, "the task life cycle (training)")
+
+    begin_task = end_task = reset_live = abandon_task = _refuse  # type: ignore[assignment]
+    store_memory = set_head_codebook = _refuse  # type: ignore[assignment]
+
+
 @torch.no_grad()
-def to_tiny(model: TSNModel) -> TSNModel:
+def to_tiny(model: TSNModel) -> TinyTSN:
     """Turn ``model`` into its compressed runnable form, in place, and return it.
 
-    Every masked layer becomes a :class:`CodedLayer`; the float copies used for training
-    (weights, scores, bank copies, optimizer-facing parameters) are released. The model
-    then only evaluates its trained tasks, with the same predictions as before.
+    Every masked layer becomes a :class:`CodedLayer` and every quantized head a
+    :class:`CodedLinear`; the float copies used for training (weights, scores, bank copies,
+    optimizer-facing parameters) are released, and the model becomes a :class:`TinyTSN`,
+    which only evaluates its trained tasks, with the same predictions as before.
 
-    :param model: a TSN model with no task in training.
+    :param model: a full TSN model with no task in training.
+    :raises TypeError: for anything but a full ``TSNModel`` (a TinyTSN included).
     """
+    require_full(model, "to_tiny")
     if model.open_task() is not None:
         raise ValueError("a task is still in training: finish or abandon it first")
     if not model.trained_tasks():
         raise ValueError("nothing to compress: no task is trained yet")
-    coded = []
-    for name, layer in list(model.masked_layers()):
-        c = CodedLayer(layer)
-        _replace(model.net, name, c)
-        coded.append(c)
-    model._layers = coded  # type: ignore[assignment]
-    model._modules_per_task = [*coded, *model._norms]
+    model.replace_routed_layers({name: CodedLayer(layer) for name, layer in model.masked_layers()})
     for label in model.trained_tasks():
         slot = model.slot_of(label)
         b = int(model.head_bits[slot])
@@ -201,9 +254,11 @@ def to_tiny(model: TSNModel) -> TSNModel:
             for name, m in list(head.named_modules()):
                 if isinstance(m, nn.Linear):
                     _replace(head, name, CodedLinear(m, book, b))
-    for head in model._heads:
+    for head in model.classifier_heads():
         head.requires_grad_(False)
-    return model.eval()
+    model.eval()
+    model.__class__ = TinyTSN  # the converted type: what needs float weights refuses
+    return model  # type: ignore[return-value]
 
 
 def resident_bytes(model: nn.Module) -> int:

@@ -205,3 +205,166 @@ def test_quantized_accuracy_routes_class_incremental_experiences_by_their_slot()
     with pytest.raises(ValueError, match="experience 2 holds classes"):
         strategy.quantized_accuracy(bm.test_stream[2], None)
     assert _same(_state(strategy.tsn_model), before)
+
+
+def _stream_with_bad_validation_row(value: float):
+    from avalanche_tsn.datasets import TensorTaskDataset, task_stream
+
+    g = torch.Generator().manual_seed(0)
+    train, test = [], []
+    for task in range(2):
+        centres = 2.0 * torch.randn(3, 12, generator=g)
+        y = torch.arange(96) // 32  # sorted by class, as the stream orders its samples
+        x = centres[y] + 0.5 * torch.randn(96, 12, generator=g)
+        if task == 1:
+            # the first row ValidationSplitPlugin holds out of the second experience
+            held_out = torch.randperm(96, generator=torch.Generator().manual_seed(1))[0]
+            x[held_out, 0] = value
+        train.append(TensorTaskDataset(x, y))
+        test.append(TensorTaskDataset(x[::3].clone(), y[::3]))
+    return task_stream(train, test, task_labels=True)
+
+
+# 6: one inf in a held-out validation row failed calibration after the task was frozen
+def test_a_non_finite_calibration_row_is_refused_before_the_task_trains() -> None:
+    from conftest import adam_strategy
+
+    bm = _stream_with_bad_validation_row(float("inf"))
+    strategy = adam_strategy(mlp())
+    strategy.train(bm.train_stream[0], eval_streams=[])
+    x = torch.randn(8, 12)
+    out0 = strategy.tsn_model(x, 0)
+    with pytest.raises(ValueError, match="task 1: the calibration data .* non-finite"):
+        strategy.train(bm.train_stream[1], eval_streams=[])
+    model = strategy.tsn_model
+    assert model.trained_tasks() == [0] and not model.is_trained(1)
+    assert torch.equal(model(x, 0), out0)
+    # the task can be abandoned, then trained from clean data
+    assert strategy.abandon_task() == 1
+    clean = _stream_with_bad_validation_row(0.0)
+    strategy.train(clean.train_stream[1], eval_streams=[])
+    assert model.trained_tasks() == [0, 1] and torch.equal(model(x, 0), out0)
+    assert strategy.quantized_accuracy(clean.test_stream[1], 8)[1] > 0.5
+
+
+def _tiny_pair(make, dim: int = 12, **kwargs):
+    """A trained strategy, its export, and its tiny form loaded from the export."""
+    import io
+
+    from avalanche_tsn import load_compressed
+
+    strategy, bm = train_tsn(make(), dim=dim, **kwargs)
+    buf = io.BytesIO()
+    strategy.export(buf)
+    buf.seek(0)
+    tiny = load_compressed(buf, make(), dequantize=False)
+    return strategy, bm, tiny
+
+
+# 1: to_tiny on a tiny model gave silently wrong outputs
+def test_converting_a_tiny_model_again_is_refused_and_changes_nothing() -> None:
+    from avalanche_tsn import to_tiny
+    from avalanche_tsn.tiny import TinyTSN
+
+    strategy, _, tiny = _tiny_pair(mlp)
+    assert isinstance(tiny, TinyTSN)
+    x = torch.randn(9, 12)
+    labels = torch.arange(9) % 3
+    before = [tiny(x, t) for t in range(3)], tiny(x, labels), _state(tiny)
+    with pytest.raises(TypeError, match="to_tiny needs a full TSNModel"):
+        to_tiny(tiny)
+    assert all(torch.equal(tiny(x, t), before[0][t]) for t in range(3))
+    assert torch.equal(tiny(x, labels), before[1]) and _same(_state(tiny), before[2])
+    # and the tiny form predicts what the full model does
+    model = strategy.tsn_model.eval()
+    assert all(torch.equal(tiny(x, t), model(x, t)) for t in range(3))
+
+
+# 2: compute_report on a tiny model counted 0 MACs
+def test_compute_report_of_a_tiny_model_equals_the_full_models() -> None:
+    from conftest import SmallConvNet
+
+    from avalanche_tsn.compute import compute_report
+
+    for make, dim in ((mlp, 12), (SmallConvNet, 16)):
+        strategy, _, tiny = _tiny_pair(make, dim=dim)
+        for bits in (None, 8):
+            full = compute_report(strategy.tsn_model, (dim,), bits)
+            small = compute_report(tiny, (dim,), bits)
+            assert small == full and all(t.macs > 0 for t in small.tasks)
+
+
+# 3: quantized activations on a tiny model ran in float, silently
+def test_quantized_activations_on_a_tiny_model_match_the_full_model() -> None:
+    from avalanche_tsn.activations import quantized_activations, task_accuracy
+
+    strategy, bm, tiny = _tiny_pair(mlp)
+    model = strategy.tsn_model.eval()
+    x = torch.randn(9, 12)
+    labels = torch.arange(9) % 3
+    with quantized_activations(model, 4):
+        want = [model(x, t) for t in range(3)], model(x, labels)
+    with quantized_activations(tiny, 4):
+        got = [tiny(x, t) for t in range(3)], tiny(x, labels)
+    assert all(torch.equal(g, w) for g, w in zip(got[0], want[0], strict=True))
+    assert torch.equal(got[1], want[1])
+    assert not torch.equal(got[0][0], tiny(x, 0))  # 4 bits do change the outputs
+    data = bm.test_stream[1].dataset.eval()
+    batches = [(torch.stack([data[i][0] for i in range(len(data))]), torch.tensor(data.targets))]
+    assert task_accuracy(tiny, 1, batches, 6) == task_accuracy(model, 1, batches, 6)
+
+
+# 4: training after to_tiny failed with AttributeError inside a plugin
+def test_a_tiny_model_refuses_training_with_a_type_error() -> None:
+    from avalanche_tsn.capacity import capacity_report
+
+    strategy, bm, tiny = _tiny_pair(mlp)
+    before = _state(tiny)
+    with pytest.raises(TypeError, match="TSNStrategy needs a full TSNModel"):
+        TSNStrategy(model=tiny, optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))]))
+    with pytest.raises(TypeError, match="cannot train"):
+        tiny.train()
+    with pytest.raises(TypeError, match="task life cycle"):
+        tiny.begin_task(5, 0.5)
+    with pytest.raises(TypeError, match="capacity_report needs a full TSNModel"):
+        capacity_report(tiny)
+    strategy.model = tiny  # a user who swaps it into a strategy
+    with pytest.raises(TypeError, match="a TinyTSN cannot train"):
+        strategy.train(blob_for_more_tasks(), eval_streams=[])
+    assert _same(_state(tiny), before) and not tiny.training
+
+
+def blob_for_more_tasks():
+    from conftest import blob_stream
+
+    return blob_stream(n_tasks=4, seed=3).train_stream[3]
+
+
+# 5: task inference on a tiny single-head model raised IndexError
+@pytest.mark.parametrize("method", ["memory", "entropy"])
+def test_task_inference_on_a_tiny_model_matches_the_full_model(method) -> None:
+    from conftest import fast_benchmark
+
+    from avalanche_tsn import to_tiny
+
+    bm = fast_benchmark(task_labels=False)
+    net = mlp(6, 32, 10)
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
+        train_mb_size=16,
+        train_epochs=2,
+        task_inference=method,
+        memory_size=10,
+        evaluator=quiet_evaluator(),
+    )
+    for exp in list(bm.train_stream)[:2]:
+        strategy.train(exp, eval_streams=[])
+    x = torch.randn(16, 6)
+    want = strategy.infer(x)
+    model = strategy.tsn_model
+    tiny = to_tiny(model)
+    assert tiny is model and tiny.task_inference == method
+    got = strategy.infer(x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(tiny(x), want[0])

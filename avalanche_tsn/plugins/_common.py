@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from avalanche_tsn.batches import tensor_batches
-from avalanche_tsn.model import TSNModel
+from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.streams import experience_task_labels
 
 __all__ = ["tsn_model", "current_task", "strategy_batches"]
@@ -25,6 +25,7 @@ def tsn_model(strategy) -> TSNModel:
             f"TSN plugins need strategy.model to be a TSNModel, got {type(model).__name__}; "
             "use TSNStrategy or wrap the model with TSNModel"
         )
+    require_full(model, "training with the TSN plugins")
     return model
 
 
