@@ -66,6 +66,11 @@ def _input_untouched(transforms: Any) -> bool:
     )
 
 
+def _target_untouched(transforms: Any) -> bool:
+    """True if a transform group leaves the target (element 1 on) as it is."""
+    return transforms is None or all(t is None for t in transforms.transforms[1:])
+
+
 def _leaf_tensor(leaf: Any) -> Tensor | None:
     if type(leaf) is TensorTaskDataset:
         return leaf.x
@@ -76,12 +81,16 @@ def _leaf_tensor(leaf: Any) -> Tensor | None:
 
 def _resolve(node: Any, idx: np.ndarray, pos: np.ndarray, group: str, out: list) -> bool:
     """Map ``node``'s samples ``idx`` (at ``pos`` in the dataset) to (leaf tensor, leaf rows,
-    positions) pieces in ``out``; False if some level is not a tensor read."""
+    positions) pieces in ``out``; False if some level is not a tensor read. A level that
+    transforms targets adds ``None`` to ``out``."""
     if not isinstance(node, _FlatDataWithTransform):
         return False
     for groups in (node._frozen_transform_groups, node._transform_groups):
-        if groups is not None and not _input_untouched(groups.transform_groups.get(group)):
+        transforms = None if groups is None else groups.transform_groups.get(group)
+        if not _input_untouched(transforms):
             return False
+        if not _target_untouched(transforms):
+            out.append(None)
     if node._indices is not None:
         idx = np.asarray(node._indices, dtype=np.int64)[idx]
     children = node._datasets
@@ -130,10 +139,10 @@ def tensor_view(dataset: Any) -> TensorView | None:
     """The :class:`TensorView` of an Avalanche dataset, or None if it has none.
 
     A view exists when every leaf dataset is a :class:`TensorTaskDataset` or a two-tensor
-    ``TensorDataset`` and no level transforms inputs in the dataset's current group (target
-    transforms are fine: targets come from the dataset's ``targets``). It is trusted only
-    after some samples spread over the dataset equal Avalanche's collated ``__getitem__``
-    (dtypes included).
+    ``TensorDataset`` and no level transforms inputs in the dataset's current group. It is
+    checked against Avalanche's collated ``__getitem__`` (dtypes included): on every sample
+    when some level transforms targets (the stored ``targets`` the view serves need not
+    follow a target transform), else on some samples spread over the dataset.
 
     :param dataset: an Avalanche dataset.
     """
@@ -150,6 +159,10 @@ def tensor_view(dataset: Any) -> TensorView | None:
         ok = _resolve(flat, everything, everything, flat._transform_groups.current_group, pieces)
     except (AttributeError, IndexError, TypeError, ValueError):
         ok = False  # another Avalanche layout: the slow path stays
+    # A target transform (a class remapping, or the user's) may or may not be reflected in
+    # the stored ``targets`` the view serves: every sample is compared then, not a sample.
+    targets_transformed = any(p is None for p in pieces)
+    pieces = [p for p in pieces if p is not None]
     if not ok or not pieces:
         return None
     tensors = list({id(x): x for x, _, _ in pieces}.values())
@@ -165,7 +178,11 @@ def tensor_view(dataset: Any) -> TensorView | None:
     for leaf, leaf_rows, at in pieces:
         rows[at] = leaf_rows + base[id(leaf)]
     view = TensorView(x, torch.from_numpy(rows), *fields)
-    probe = np.unique(np.linspace(0, n - 1, _CHECKED).astype(np.int64))
+    probe = (
+        np.arange(n)
+        if targets_transformed
+        else np.unique(np.linspace(0, n - 1, _CHECKED).astype(np.int64))
+    )
     collate = getattr(dataset, "collate_fn", None) or default_collate
     slow = collate([dataset[int(i)] for i in probe])
     if not _same(slow, view.gather(torch.from_numpy(probe))):

@@ -160,8 +160,10 @@ def test_files_and_state_dicts_of_avalanche_tsn_0_1_still_load():
     model.eval()
     with torch.no_grad():
         for t in (0, 1):
-            assert torch.equal(loaded(x, t), expected["outputs"][t])
-            assert torch.equal(model(x, t), expected["outputs"][t])
+            # both loading paths give the same bits on this machine; the stored outputs were
+            # computed on another CPU, whose GEMM kernels (AVX2 vs AVX-512) round differently
+            assert torch.equal(loaded(x, t), model(x, t))
+            assert torch.allclose(loaded(x, t), expected["outputs"][t], rtol=0, atol=1e-6)
     # files and state dicts from before activation ranges existed load with none calibrated
     for m in (loaded, model):
         assert m.act_range.shape == (2, 2, 2)  # 2 tasks, 2 masked layers
@@ -175,4 +177,4 @@ def test_files_and_state_dicts_of_avalanche_tsn_0_1_still_load():
     buf.seek(0)
     again = load_compressed(buf, MultiHeadMLP(12, (16, 16), 3, bias=True))
     with torch.no_grad():
-        assert all(torch.equal(again(x, t), expected["outputs"][t]) for t in (0, 1))
+        assert all(torch.equal(again(x, t), model(x, t)) for t in (0, 1))

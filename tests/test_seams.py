@@ -368,3 +368,66 @@ def test_task_inference_on_a_tiny_model_matches_the_full_model(method) -> None:
     got = strategy.infer(x)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(tiny(x), want[0])
+
+
+def _rare_class_stream():
+    """504 rows, class 2 only 4 of them; a target transform relabels class 2 as class 0."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.zeros(504, dtype=torch.long)
+    y[250:] = 1
+    y[[3, 130, 300, 480]] = 2
+    x = torch.randn(504, 6, generator=g) + 3.0 * y[:, None].float()
+
+    def merge(t):
+        return 0 if int(t) == 2 else int(t)
+
+    data = _make_taskaware_tensor_classification_dataset(x, y, target_transform=merge)
+    return benchmark_from_datasets(train=[data], test=[data]), data
+
+
+# 10: the tensor fast path trained with the untransformed labels of a target transform
+def test_a_target_transform_keeps_avalanches_loader() -> None:
+    from avalanche_tsn.batches import tensor_batches, tensor_view
+
+    bm, data = _rare_class_stream()
+    assert tensor_view(data) is None and tensor_batches(data, 64) is None
+    seen = set()
+
+    class Targets(__import__("avalanche").core.SupervisedPlugin):
+        def before_forward(self, strategy, **kwargs):
+            seen.update(strategy.mb_y.tolist())
+
+    for fast in (True, False):
+        seen.clear()
+        net = mlp(6, 16, 3)
+        strategy = TSNStrategy(
+            model=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+            train_mb_size=64,
+            train_epochs=1,
+            tensor_batches=fast,
+            plugins=[Targets()],
+            evaluator=quiet_evaluator(),
+        )
+        strategy.train(bm.train_stream[0], eval_streams=[])
+        assert 2 not in seen and seen == {0, 1}  # the transformed labels, every batch
+
+
+def test_tensor_batches_false_keeps_avalanches_loader_for_the_stages_reads() -> None:
+    from avalanche_tsn.plugins._common import strategy_batches
+
+    bm, _ = _rare_class_stream()
+    data = bm.train_stream[0].dataset.eval()
+    for fast in (True, False):
+        net = mlp(6, 16, 3)
+        strategy = TSNStrategy(
+            model=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+            tensor_batches=fast,
+            evaluator=quiet_evaluator(),
+        )
+        ys = torch.cat([y for _, y in strategy_batches(strategy, data, 100)])
+        assert int((ys == 2).sum()) == 0 and len(ys) == 504

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from avalanche_tsn.batches import tensor_batches
 from avalanche_tsn.model import TSNModel, require_full
+from avalanche_tsn.plugins.batches import TensorBatchesPlugin
 from avalanche_tsn.streams import experience_task_labels
 
 __all__ = ["tsn_model", "current_task", "strategy_batches"]
@@ -51,8 +53,15 @@ def strategy_batches(strategy, data, batch_size: int) -> Iterator[tuple[Tensor, 
     :param data: an Avalanche dataset.
     :param batch_size: samples per minibatch.
     """
-    loader = tensor_batches(data, batch_size) or DataLoader(
-        data, batch_size=batch_size, collate_fn=getattr(data, "collate_fn", None)
+    # the tensor fast path only where the strategy uses it for its own loaders too
+    fast = any(isinstance(p, TensorBatchesPlugin) for p in strategy.plugins)
+    # A private generator: a loader draws its seed from it, so these reads leave the global
+    # random stream (and so training) the same whichever path serves them.
+    loader = (tensor_batches(data, batch_size) if fast else None) or DataLoader(
+        data,
+        batch_size=batch_size,
+        collate_fn=getattr(data, "collate_fn", None),
+        generator=torch.Generator(),
     )
     saved = strategy.mbatch
     try:
