@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import SmallConvNet, train_tsn
 
-from avalanche_tsn import TSNStrategy, load_compressed
-from avalanche_tsn.export import pack_codes, unpack_codes
+from avalanche_tsn import TSNModel, TSNStrategy, load_compressed
+from avalanche_tsn.capacity import capacity_report
+from avalanche_tsn.export import export_model, pack_codes, unpack_codes
 from avalanche_tsn.models import MultiHeadMLP
 from avalanche_tsn.quantization import _hashed_codes, codes_of, kmeans_1d
 
@@ -128,3 +131,28 @@ def test_export_needs_a_trained_task(tmp_path):
     strategy = TSNStrategy(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="no task is trained"):
         strategy.export(tmp_path / "x.tsn")
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv"])
+def test_states_of_0_4_export_to_the_same_bytes_and_load_bit_identically(name):
+    """Fixtures by ``tests/data/make_v0_4_fixtures.py`` (avalanche-tsn 0.4.1, format 2)."""
+    data = Path(__file__).parent / "data"
+    make = {"mlp": lambda: MultiHeadMLP(12, (16, 16), 3, bias=True), "conv": SmallConvNet}[name]
+    dim = {"mlp": 12, "conv": 16}[name]
+    model = TSNModel(make())
+    model.load_state_dict(torch.load(data / f"v0_4_{name}_state_dict.pt", weights_only=True))
+    saved = (data / f"v0_4_{name}_export.tsn").read_bytes()
+    buf = io.BytesIO()
+    export_model(model, buf)
+    assert buf.getvalue() == saved
+    bits = json.loads((data / "v0_4_capacity_bits.json").read_text())[name]
+    assert capacity_report(model).total_bits == bits
+    loaded = load_compressed(io.BytesIO(saved), make())
+    x = torch.randn(64, dim, generator=torch.Generator().manual_seed(3))
+    t = torch.arange(64) % 4
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t), model(x, t))
+        for label in range(4):
+            assert torch.equal(loaded(x, label), model(x, label))
+    assert loaded.trained_tasks() == model.trained_tasks() == [0, 1, 2, 3]
