@@ -2,13 +2,12 @@
 
 from avalanche_tsn._compat import expose_optimizer_modules
 from avalanche_tsn._version import __version__
-from avalanche_tsn.adaqpacknet import AdaQPacknetStrategy
 from avalanche_tsn.export import load_compressed
 from avalanche_tsn.model import TSNModel, wrap_model
 from avalanche_tsn.plugins import MaskLearningPlugin, TensorBatchesPlugin
+from avalanche_tsn.recipes import AdaQPacknetStrategy, WSNStrategy
 from avalanche_tsn.strategy import TSNStrategy
 from avalanche_tsn.tiny import to_tiny
-from avalanche_tsn.wsn import WSNStrategy
 
 expose_optimizer_modules()
 

@@ -112,7 +112,7 @@ def calibrate(model: TSNModel, task_label: int, inputs: Iterable[Tensor]) -> Non
         raise ValueError("calibration needs at least one input sample")
     if not bool(torch.isfinite(low).all() & torch.isfinite(high).all()):
         raise FloatingPointError(f"task {task_label}: non-finite activations in calibration")
-    model.act_range[slot] = torch.stack([low, high], 1).to(model.act_range)
+    model.task_table.set_act_range(slot, torch.stack([low, high], 1))
 
 
 def _layer_quantizer(layer: MaskedLayer, index: int, model: TSNModel, bits: int):
@@ -129,15 +129,7 @@ def _layer_quantizer(layer: MaskedLayer, index: int, model: TSNModel, bits: int)
         return quantize_fixed(x, bits, frac, signed)
 
     def hook(_module, args):
-        x = args[0]
-        groups = getattr(layer, "task_groups", None)
-        if groups is None:
-            return (quantize(x, layer.active_slot), *args[1:])
-        parts, start = [], 0
-        for slot, count in groups:  # a minibatch sorted by task (TSNModel's mixed forward)
-            parts.append(quantize(x[start : start + count], slot))
-            start += count
-        return (torch.cat(parts), *args[1:])
+        return (layer.run_routed(args[0], quantize), *args[1:])
 
     return hook
 

@@ -36,7 +36,6 @@ from avalanche_tsn.capacity import FLOAT_BITS
 from avalanche_tsn.layers import FREE
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.quantization import accuracy_at_least
-from avalanche_tsn.strategy import TSNStrategy, reject_arguments
 
 __all__ = [
     "Candidate",
@@ -48,9 +47,6 @@ __all__ = [
     "AdaQCapacity",
     "adaq_capacity",
     "optimizer_like",
-    "AdaQPacknetStrategy",
-    "check_fraction",
-    "check_positive",
 ]
 
 
@@ -101,10 +97,7 @@ def prune_free_weights(model: TSNModel, fractions: Iterable[float]) -> float:
         if n_keep > 0:
             magnitude = layer.weight.detach().flatten()[free_idx].abs()
             mask[free_idx[torch.topk(magnitude, n_keep).indices]] = True
-        layer.scores.requires_grad_(False)
-        layer.scores.copy_(mask.view_as(layer.scores).to(layer.scores.dtype))
-        layer.live_keep = max(1, int(mask.sum()))
-        layer._threshold = None
+        layer.fix_live_mask(mask.view_as(layer.weight))
         kept += max(n_keep, 0)
         free_total += len(free_idx)
     return kept / free_total if free_total else 0.0
@@ -239,110 +232,3 @@ def optimizer_like(optimizer: Optimizer, params: Iterable[nn.Parameter]) -> Opti
     """
     settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
     return type(optimizer)([p for p in params if p.requires_grad], **settings)
-
-
-def check_fraction(value: object, name: str) -> float:
-    """Validate a fraction in [0, 1).
-
-    :param value: the fraction.
-    :param name: the argument name used in the error message.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-    return float(value)
-
-
-def check_positive(value: object, name: str) -> int:
-    """Validate an int >= 1.
-
-    :param value: the number.
-    :param name: the argument name used in the error message.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-_ABSENT = ("sparsity", "prune", "quantize", "quant_heads", "task_matching", "new_bank_below")
-
-
-class AdaQPacknetStrategy(TSNStrategy):
-    """Ada-QPacknet: searched per-layer magnitude pruning, then one bit-width per task.
-
-    Takes TSNStrategy's and Avalanche's arguments except those of TSN's own stages.
-
-    :param model: the user's module (see :class:`TSNStrategy`).
-    :param optimizer: an optimizer over the model's parameters (candidates use a fresh one
-        of the same class and settings).
-    :param population_size: search candidates per task (the code's 2), at least 1.
-    :param search_epochs: epochs each candidate trains (the code's 30; 1 by default here).
-    :param prune_low: smallest per-layer prune fraction drawn (the code's 0.4), in [0, 1).
-    :param prune_high: largest one (the code's 0.7), in [``prune_low``, 1).
-    :param accuracy_weight: weight of the accuracy in the fitness (the code's 0.8); the
-        pruned fraction, weighted by layer size, has the rest.
-    :param start_bits: first bit-width tried (the code's 64 clusters: 6), in 1..16.
-    :param quant_max_drop: largest validation-accuracy drop of a bit-width (the code's 2
-        percentage points: 0.02), in [0, 1).
-    :param validation_fraction: fraction of each experience held out for the search and the
-        bit-width, in (0, 1).
-    :param kwargs: the rest of :class:`TSNStrategy`'s and Avalanche's arguments.
-    """
-
-    def __init__(
-        self,
-        *,
-        model: nn.Module,
-        optimizer: Optimizer,
-        population_size: int = 2,
-        search_epochs: int = 1,
-        prune_low: float = 0.4,
-        prune_high: float = 0.7,
-        accuracy_weight: float = 0.8,
-        start_bits: int = 6,
-        quant_max_drop: float = 0.02,
-        validation_fraction: float = 0.1,
-        **kwargs,
-    ) -> None:
-        # Plugins are imported here: they import this module's functions.
-        from avalanche_tsn.plugins.adaqpacknet import HalvingQuantizationPlugin, MaskSearchPlugin
-        from avalanche_tsn.plugins.compression import ValidationSplitPlugin
-
-        reject_arguments(
-            kwargs, _ABSENT, "AdaQPacknetStrategy has its own pruning and quantization"
-        )
-        # Each stage checks its own arguments (before any work: nothing is built yet).
-        stages = [
-            ValidationSplitPlugin(validation_fraction),
-            MaskSearchPlugin(
-                population_size, search_epochs, prune_low, prune_high, accuracy_weight
-            ),
-            HalvingQuantizationPlugin(start_bits, quant_max_drop),
-        ]
-        super().__init__(
-            model=model,
-            optimizer=optimizer,
-            prune=False,
-            quantize=False,
-            quant_heads=False,
-            validation_fraction=validation_fraction,
-            **kwargs,
-        )
-        # After TSN's mask-learning stage (it opens the task the search gives a mask to) and
-        # before activation calibration, which must see the final weights.
-        from avalanche_tsn.plugins import ActivationCalibrationPlugin
-
-        at = next(
-            (i for i, p in enumerate(self.plugins) if isinstance(p, ActivationCalibrationPlugin)),
-            len(self.plugins),
-        )
-        self.plugins[at:at] = stages
-        self.search_plugin, self.quantization_plugin = stages[1], stages[2]
-
-    def adaq_capacity(self) -> AdaQCapacity:
-        """Capacity as Ada-QPacknet counts it (bits used per 32-bit weight slot)."""
-        return adaq_capacity(self.tsn_model)
-
-
-# Avalanche re-wraps every strategy's __init__ to accept positional arguments; this one is
-# keyword-only like TSNStrategy.
-AdaQPacknetStrategy.__init__ = AdaQPacknetStrategy.__init__.__wrapped__  # type: ignore[method-assign]

@@ -217,7 +217,7 @@ def capacity_report(model: TSNModel) -> CapacityReport:
     ]
     # Per layer and bank, once: weights owned per slot, and an ownership key on which "owned
     # by an earlier slot than s" is one comparison (free weights sort last).
-    n_slots = len(model.task_labels_by_slot)
+    n_slots = len(model.task_table)
     counts = [
         [np.bincount(o.astype(np.int64) - FREE, minlength=n_slots - FREE) for o in bank]
         for bank in owners

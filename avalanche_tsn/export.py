@@ -33,6 +33,7 @@ import torch
 from avalanche.models import MultiHeadClassifier
 from torch import Tensor, nn
 
+from avalanche_tsn.bitpack import pack_codes, unpack_codes
 from avalanche_tsn.capacity import owner_pairs, owner_symbols
 from avalanche_tsn.heads import freeze_head, new_head
 from avalanche_tsn.huffman import (
@@ -43,9 +44,11 @@ from avalanche_tsn.huffman import (
     read_code_v1,
     unpair_symbols,
 )
-from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm
-from avalanche_tsn.model import TSNModel, calibrated, require_full, uncalibrated
+from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm, module_device
+from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.quantization import small_codes_of
+from avalanche_tsn.tasks import calibrated, uncalibrated
+from avalanche_tsn.tiny import to_tiny
 
 __all__ = ["export_model", "load_compressed", "pack_codes", "unpack_codes", "MAGIC"]
 
@@ -55,69 +58,6 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 _PREFIX = struct.Struct("<4sHI")
 _CRC = struct.Struct("<I")
-
-
-def pack_codes(codes: np.ndarray, bits: int) -> bytes:
-    """Pack integer codes into ``bits`` bits each (little-endian bit order).
-
-    :param codes: non-negative integers below ``2^bits``.
-    :param bits: bits per code, 1..16.
-    """
-    codes = np.asarray(codes).ravel()
-    if bits in (8, 16):
-        return codes.astype("<u1" if bits == 8 else "<u2").tobytes()
-    if 8 % bits == 0:
-        # 2, 4 or 8 codes a byte: each byte is the sum of its codes' shifted values.
-        per = 8 // bits
-        padded = np.zeros(-(-codes.size // per) * per, dtype=np.uint8)
-        padded[: codes.size] = codes
-        lanes = padded.reshape(-1, per)
-        out = lanes[:, 0].copy()
-        for j in range(1, per):
-            out |= lanes[:, j] << np.uint8(j * bits)
-        return out.tobytes()
-    codes = codes.astype(np.int64)
-    start = np.arange(codes.size, dtype=np.int64) * bits
-    word, shift = start >> 5, start & 31
-    n_words = (codes.size * bits + 31) // 32 + 1
-    # Codes never overlap, so each 32-bit word is the sum of the code pieces that land in it.
-    low = ((codes << shift) & 0xFFFFFFFF).astype(np.float64)
-    high = (codes >> (32 - shift)).astype(np.float64)
-    words = np.bincount(word, weights=low, minlength=n_words)
-    words += np.bincount(word + 1, weights=high, minlength=n_words)
-    return words.astype(np.uint64).astype("<u4").tobytes()[: (codes.size * bits + 7) // 8]
-
-
-def unpack_codes(buf: bytes, count: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`pack_codes`.
-
-    :param buf: the packed bytes.
-    :param count: number of codes.
-    :param bits: bits per code.
-    """
-    if bits in (8, 16) or 8 % bits == 0:
-        size = (count * bits + 7) // 8
-        raw = np.zeros(size, dtype=np.uint8)
-        data = np.frombuffer(buf, dtype=np.uint8)[:size]
-        raw[: data.size] = data
-        if bits == 16:
-            return raw.view("<u2").astype(np.int64)
-        per = 8 // bits
-        lanes = np.empty((size, per), dtype=np.uint8)
-        for j in range(per):
-            np.right_shift(raw, np.uint8(j * bits), out=lanes[:, j])
-        if bits < 8:
-            lanes &= np.uint8((1 << bits) - 1)
-        return lanes.ravel()[:count].astype(np.int64)
-    n_words = (count * bits + 31) // 32 + 2
-    raw = np.zeros(4 * n_words, dtype=np.uint8)
-    data = np.frombuffer(buf, dtype=np.uint8)[: 4 * n_words]
-    raw[: data.size] = data
-    words = raw.view("<u4").astype(np.uint64)
-    start = np.arange(count, dtype=np.int64) * bits
-    word, shift = start >> 5, (start & 31).astype(np.uint64)
-    pair = words[word] | (words[word + 1] << np.uint64(32))
-    return ((pair >> shift) & np.uint64((1 << bits) - 1)).astype(np.int64)
 
 
 def _mask_bits(mask: np.ndarray) -> np.ndarray:
@@ -242,7 +182,7 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
     w = _Writer()
     header: dict[str, Any] = {
         "tasks": tasks,
-        "sparsity": model.slot_sparsity[: len(tasks)].tolist(),
+        "sparsity": [model.task_table.sparsity_of(s) for s in range(len(tasks))],
         "architecture": _architecture(model.net),
         "layers": [],
         "heads": {},
@@ -283,7 +223,7 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
         header["layers"].append(
             {"name": name, "bias": layer.task_bias is not None, "bits": bits, "own": own_counts}
         )
-    for norm in model._norms:
+    for norm in model.norm_layers():
         for slot in slots:
             for t in (norm.task_mean, norm.task_var, norm.task_weight, norm.task_bias):
                 if t is not None:
@@ -306,7 +246,7 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
             b = int(model.head_bits[slot])
             if b:
                 values = torch.cat([state[k].flatten() for k in weights]).cpu()
-                w.quantized(values, model.head_centroids[slot, : 2**b].cpu(), b)
+                w.quantized(values, model.task_table.head_codebook(slot)[0].cpu(), b)
             raw = rest if b else weights + rest
             au = f"active_units_T{key}"
             extra = heads._buffers.get(au)
@@ -404,8 +344,6 @@ def load_compressed(
     tsn = _apply(decoded, TSNModel.of(model, header["sparsity"][0]))
     if dequantize:
         return tsn
-    from avalanche_tsn.tiny import to_tiny  # the tiny form is built on this module's codes
-
     return to_tiny(tsn)
 
 
@@ -582,40 +520,15 @@ def _check_owner(owner: np.ndarray, numel: int, n_tasks: int, name: str) -> np.n
 def _apply(decoded: dict[str, Any], tsn: TSNModel) -> TSNModel:
     """Write decoded tensors into ``tsn`` (every check has passed)."""
     tasks, banks = decoded["tasks"], decoded["banks"]
-    n = len(tasks)
-    dev = tsn.task_labels_by_slot.device
-    tsn.task_labels_by_slot = torch.tensor(tasks, dtype=torch.long, device=dev)
-    tsn.slot_frozen = torch.ones(n, dtype=torch.bool, device=dev)
-    tsn.slot_sparsity = torch.tensor(decoded["sparsity"], device=dev)
-    tsn.head_bits = torch.tensor(decoded["head_bits"], dtype=torch.int16, device=dev)
-    tsn.head_centroids = torch.zeros(n, 0, device=dev)
-    tsn.act_range = decoded["act_range"].to(dev)
-    tsn._slot_cache = None
-    last = banks[-1]
+    tsn.restore_tasks(tasks, decoded["sparsity"], decoded["head_bits"], decoded["act_range"])
     for (_, layer), (weights, owners, masks, biases, centroids, bits) in zip(
         tsn.masked_layers(), decoded["layers"], strict=True
     ):
-        device = layer.weight.device
-        layer.bank_weights = weights.to(layer.weight)
-        layer.bank_owners = torch.stack(owners).to(device)
-        layer.loaded_bank.fill_(last)
-        layer.weight.copy_(weights[last])
-        layer.slot_bank = torch.tensor(banks, dtype=torch.int16, device=device)
-        layer.task_masks = torch.stack(masks).to(device)
-        if layer.task_bias is not None:
-            layer.task_bias = torch.stack(biases).to(layer.weight)
-        layer.task_bits = torch.tensor(bits, dtype=torch.int16, device=device)
-        layer.task_centroids = layer.task_centroids.new_zeros((n, 0))
-        for slot, (b, book) in enumerate(zip(bits, centroids, strict=True)):
-            if b:
-                layer.set_codebook(slot, book, b)
-        layer._loaded()
-    for norm, per_task in zip(tsn._norms, decoded["norms"], strict=True):
-        norm.task_mean = torch.stack([t[0] for t in per_task]).to(norm.running_mean)
-        norm.task_var = torch.stack([t[1] for t in per_task]).to(norm.running_mean)
-        if norm.task_weight is not None:
-            norm.task_weight = torch.stack([t[2] for t in per_task]).to(norm.running_mean)
-            norm.task_bias = torch.stack([t[3] for t in per_task]).to(norm.running_mean)
+        codebooks = list(zip(centroids, bits, strict=True))
+        layer.restore_tasks(weights, owners, masks, biases, codebooks, banks)
+    for norm, per_task in zip(tsn.norm_layers(), decoded["norms"], strict=True):
+        norm.restore_tasks(per_task)
+    dev = module_device(tsn)
     modules = dict(tsn.net.named_modules())
     for (hname, key), (out, state, active, book, slot) in decoded["heads"].items():
         mh: MultiHeadClassifier = modules[hname]  # type: ignore[assignment]
@@ -629,7 +542,6 @@ def _apply(decoded: dict[str, Any], tsn: TSNModel) -> TSNModel:
         if len(book):
             tsn.set_head_codebook(slot, book, decoded["head_bits"][slot])
         mh.max_class_label = max(mh.max_class_label, out)
-    tsn.known_train_tasks_labels = set(tasks)
     return tsn.eval()
 
 

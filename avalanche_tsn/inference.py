@@ -24,13 +24,16 @@ subnetwork is unchanged: inference only chooses among their outputs.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from avalanche_tsn.model import TSNModel
 from avalanche_tsn.similarity import feature_module, task_features
+
+if TYPE_CHECKING:  # annotations only: the model runs task inference through this module
+    from avalanche_tsn.model import TSNModel
 
 __all__ = ["INFERENCE_METHODS", "check_method", "infer_tasks", "memory_statistics"]
 
@@ -70,7 +73,7 @@ def memory_statistics(model: TSNModel) -> dict[int, tuple[Tensor, Tensor]]:
                 f"task {label} has fewer than 2 memory samples: the 'memory' method needs a "
                 "task memory (memory_size >= 2)"
             )
-        feats = task_features(model, label, memory.to(model.memory_x.device)).double()
+        feats = task_features(model, label, memory.to(model.task_table.memory_x.device)).double()
         gaps = torch.cdist(feats, feats)
         off = ~torch.eye(len(feats), dtype=torch.bool, device=feats.device)
         spread = gaps[off].median()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +32,9 @@ from avalanche_tsn.masks import (
     unpack_mask,
 )
 from avalanche_tsn.quantization import store_centroids
+from avalanche_tsn.routing import FREE, TaskRouted
 
 __all__ = ["MaskedLayer", "TSNLinear", "TSNConv2d", "TaskBatchNorm", "FREE", "module_device"]
-
-#: ``owner`` value of a weight that no trained task uses.
-FREE = -1
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -72,23 +69,8 @@ def _matches(fingerprint: tuple, tensors: tuple[Tensor | None, ...]) -> bool:
     )
 
 
-class _PerTaskBuffers(nn.Module):
+class _PerTaskBuffers(TaskRouted):
     """Buffers whose first dimension is the task slot; resized when a state dict is loaded."""
-
-    #: The slot whose parameters a one-task forward uses (FREE: the live subnetwork).
-    active_slot: int
-    #: A minibatch sorted by task: (slot or FREE, rows) per task, in order; None: one task.
-    task_groups: list[tuple[int, int]] | None
-
-    def _per_group(self, x: Tensor, run: Callable[[Tensor, int], Tensor]) -> Tensor:
-        """``run(rows, slot)`` on each task's rows of a task-sorted minibatch, concatenated."""
-        if self.task_groups is None:
-            return run(x, self.active_slot)
-        outs, start = [], 0
-        for slot, count in self.task_groups:
-            outs.append(run(x[start : start + count], slot))
-            start += count
-        return torch.cat(outs)
 
     _slot_buffers: tuple[str, ...] = ()
     #: Further buffers whose shape a state dict decides (bank copies).
@@ -178,8 +160,7 @@ class MaskedLayer(_PerTaskBuffers):
         self.register_buffer("task_bits", torch.zeros(0, dtype=torch.int16, device=dev))
         self.register_buffer("task_centroids", torch.zeros(0, 0, device=dev))
         self.register_buffer("slot_bank", torch.zeros(0, dtype=torch.int16, device=dev))
-        self.active_slot = FREE
-        self.task_groups = None
+        self.route(FREE)
         self.live_keep = keep_count(weight.numel(), 0.5)
         self.eval_cache_size = EVAL_CACHE_SIZE
         self._clear_caches()
@@ -222,6 +203,19 @@ class MaskedLayer(_PerTaskBuffers):
         :param sparsity: fraction of the layer the live mask leaves out.
         """
         self.live_keep = keep_count(self.weight.numel(), sparsity)
+        self._threshold = None
+
+    @torch.no_grad()
+    def fix_live_mask(self, mask: Tensor) -> None:
+        """Make ``mask`` the live mask and stop training the scores (Ada-QPacknet's pruning).
+
+        :param mask: a boolean mask of the weight's shape with at least one weight kept.
+        """
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(self.weight.shape):
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(self.weight.shape)}")
+        self.scores.requires_grad_(False)
+        self.scores.copy_(mask.to(self.scores.dtype))
+        self.live_keep = max(1, int(mask.sum()))
         self._threshold = None
 
     def live_mask(self) -> Tensor:
@@ -482,6 +476,43 @@ class MaskedLayer(_PerTaskBuffers):
         self._clear_caches()
 
     @torch.no_grad()
+    def restore_tasks(
+        self,
+        weights: Tensor,
+        owners: list[Tensor],
+        masks: list[Tensor],
+        biases: list[Tensor],
+        codebooks: list[tuple[Tensor, int]],
+        banks: list[int],
+    ) -> None:
+        """Fill a layer that holds no task with trained tasks read back from an export.
+
+        :param weights: the bank copies, ``[banks, *weight.shape]``.
+        :param owners: each bank's ownership map (slot or FREE per weight).
+        :param masks: each slot's packed mask.
+        :param biases: each slot's bias (empty if the layer has none).
+        :param codebooks: each slot's (centroids, bits); bits 0: float32, not quantized.
+        :param banks: each slot's bank.
+        """
+        if len(self.task_bits):
+            raise RuntimeError("only a layer without tasks can be restored")
+        n, device = len(banks), self.weight.device
+        self.bank_weights = weights.to(self.weight)
+        self.bank_owners = torch.stack(owners).to(device)
+        self.loaded_bank.fill_(banks[-1])
+        self.weight.copy_(weights[banks[-1]])
+        self.slot_bank = torch.tensor(banks, dtype=torch.int16, device=device)
+        self.task_masks = torch.stack(masks).to(device)
+        if self.task_bias is not None:
+            self.task_bias = torch.stack(biases).to(self.weight)
+        self.task_bits = torch.tensor([b for _, b in codebooks], dtype=torch.int16, device=device)
+        self.task_centroids = self.task_centroids.new_zeros((n, 0))
+        for slot, (book, b) in enumerate(codebooks):
+            if b:
+                self.set_codebook(slot, book, b)
+        self._loaded()
+
+    @torch.no_grad()
     def set_codebook(self, slot: int, centroids: Tensor, bits: int) -> None:
         """Record the codebook of the task in ``slot`` (``bits == 0``: not quantized).
 
@@ -561,7 +592,7 @@ class TSNLinear(MaskedLayer, nn.Linear):
         self._init_masking(layer.weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._per_group(x, lambda rows, slot: F.linear(rows, *self.effective_params(slot)))
+        return self.run_routed(x, lambda rows, slot: F.linear(rows, *self.effective_params(slot)))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -582,7 +613,7 @@ class TSNConv2d(MaskedLayer, nn.Conv2d):
         self._init_masking(layer.weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._per_group(
+        return self.run_routed(
             x, lambda rows, slot: self._conv_forward(rows, *self.effective_params(slot))
         )
 
@@ -618,8 +649,6 @@ class TaskBatchNorm(_PerTaskBuffers):
         affine = layer.weight is not None
         self.register_buffer("task_weight", torch.zeros(0, c, device=dev) if affine else None)
         self.register_buffer("task_bias", torch.zeros(0, c, device=dev) if affine else None)
-        self.active_slot = FREE
-        self.task_groups = None
 
     def begin_task(self, slot: int) -> None:
         """Start a task with fresh statistics.
@@ -659,6 +688,21 @@ class TaskBatchNorm(_PerTaskBuffers):
         self._shrink(slot)
 
     @torch.no_grad()
+    def restore_tasks(self, per_task: list[tuple[Tensor, ...]]) -> None:
+        """Fill a normalisation that holds no task with trained tasks read from an export.
+
+        :param per_task: each slot's (mean, var) or (mean, var, weight, bias).
+        """
+        if len(self.task_mean):
+            raise RuntimeError("only a normalisation without tasks can be restored")
+        like = self.running_mean
+        self.task_mean = torch.stack([t[0] for t in per_task]).to(like)
+        self.task_var = torch.stack([t[1] for t in per_task]).to(like)
+        if self.task_weight is not None:
+            self.task_weight = torch.stack([t[2] for t in per_task]).to(like)
+            self.task_bias = torch.stack([t[3] for t in per_task]).to(like)
+
+    @torch.no_grad()
     def end_task(self, slot: int) -> None:
         """Freeze the live statistics and affine terms into ``slot``.
 
@@ -672,7 +716,7 @@ class TaskBatchNorm(_PerTaskBuffers):
             self.task_bias[slot] = self.bias.detach()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._per_group(x, self._forward_slot)
+        return self.run_routed(x, self._forward_slot)
 
     def _forward_slot(self, x: Tensor, slot: int) -> Tensor:
         if slot != FREE:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 from collections.abc import Iterator
 
 import torch
@@ -17,8 +16,8 @@ from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTa
 from torch import Tensor, nn
 
 from avalanche_tsn.heads import freeze_head, rebuild_heads
+from avalanche_tsn.inference import infer_tasks
 from avalanche_tsn.layers import (
-    FREE,
     MaskedLayer,
     TaskBatchNorm,
     TSNConv2d,
@@ -26,7 +25,8 @@ from avalanche_tsn.layers import (
     module_device,
 )
 from avalanche_tsn.masks import check_sparsity
-from avalanche_tsn.quantization import store_centroids
+from avalanche_tsn.routing import FREE, TaskRouted
+from avalanche_tsn.tasks import TaskTable, calibrated, uncalibrated
 
 __all__ = [
     "TSNModel",
@@ -144,26 +144,6 @@ def _takes_task_labels(module: nn.Module) -> bool:
     return "task_labels" in inspect.signature(module.forward).parameters
 
 
-def uncalibrated(slots: int, layers: int, device: torch.device | str | None = None) -> Tensor:
-    """Activation ranges of tasks not calibrated yet: the empty range ``(inf, -inf)``.
-
-    :param slots: rows.
-    :param layers: masked layers.
-    :param device: where to make them (the model's device); None is the default device.
-    """
-    empty = torch.empty(slots, layers, 2, device=device)
-    empty[..., 0], empty[..., 1] = math.inf, -math.inf
-    return empty
-
-
-def calibrated(ranges: Tensor) -> Tensor:
-    """Which of the activation ranges ``[..., 2]`` (min, max) were calibrated (not empty).
-
-    :param ranges: ranges as ``TSNModel.act_range`` holds them.
-    """
-    return ranges[..., 0] <= ranges[..., 1]
-
-
 def require_full(model: nn.Module, what: str) -> None:
     """Raise a TypeError unless ``model`` is a full (trainable) :class:`TSNModel`.
 
@@ -179,6 +159,10 @@ def require_full(model: nn.Module, what: str) -> None:
             "model it was made from, or load_compressed(..., dequantize=True)."
         )
     raise TypeError(f"{what} needs a TSNModel, got {type(model).__name__}")
+
+
+def _known_tasks_after_load(model: TSNModel, _incompatible: object) -> None:
+    model.known_train_tasks_labels = set(model.trained_tasks())
 
 
 class TSNModel(MultiTaskModule):
@@ -220,23 +204,12 @@ class TSNModel(MultiTaskModule):
             m for m in self.net.modules() if isinstance(m, TaskBatchNorm)
         ]
         self._heads = [m for m in self.net.modules() if isinstance(m, MultiHeadClassifier)]
-        self._modules_per_task: list[nn.Module] = [*self._layers, *self._norms]
         self._pass_labels = _takes_task_labels(self.net)
-        # on the wrapped model's device, so a model wrapped on a GPU works there at once
-        dev = module_device(self.net)
-        self.register_buffer("task_labels_by_slot", torch.zeros(0, dtype=torch.long, device=dev))
-        self.register_buffer("slot_frozen", torch.zeros(0, dtype=torch.bool, device=dev))
-        self.register_buffer("slot_sparsity", torch.zeros(0, device=dev))
-        # Codebook of each task's head weights (bits 0: float32, not quantized).
-        self.register_buffer("head_bits", torch.zeros(0, dtype=torch.int16, device=dev))
-        self.register_buffer("head_centroids", torch.zeros(0, 0, device=dev))
-        # Task memory (task similarity): up to M input samples per slot, zero-padded.
-        self.register_buffer("memory_x", torch.zeros(0, device=dev))
-        self.register_buffer("memory_len", torch.zeros(0, dtype=torch.long, device=dev))
-        # Calibrated input range (min, max) of every masked layer per slot; the empty range
-        # (inf, -inf) until a task is calibrated (see avalanche_tsn.activations).
-        self.register_buffer("act_range", torch.zeros(0, len(self._layers), 2, device=dev))
-        self._slot_cache: tuple[dict[int, int], frozenset[int]] | None = None
+        #: the per-task records (labels, frozen, sparsity, head codebooks, activation ranges,
+        #: memory), on the wrapped model's device so a model wrapped on a GPU works there
+        self.task_table = TaskTable(len(self._layers), module_device(self.net))
+        # after the table (a child) has loaded too
+        self.register_load_state_dict_post_hook(_known_tasks_after_load)
         #: shape of one input sample, as last seen by forward (None before any)
         self.sample_shape: tuple[int, ...] | None = None
         #: how ``forward(x)`` without task labels runs: None returns every task's output (a
@@ -284,6 +257,31 @@ class TSNModel(MultiTaskModule):
         """The layers that run each task with its own weights (masked or coded), in order."""
         return list(self._layers)
 
+    def norm_layers(self) -> list[TaskBatchNorm]:
+        """The per-task normalisation layers, in module order."""
+        return list(self._norms)
+
+    @torch.no_grad()
+    def restore_tasks(
+        self,
+        labels: list[int],
+        sparsity: list[float],
+        head_bits: list[int],
+        act_range: Tensor,
+    ) -> None:
+        """Record trained tasks read back from an export in an untrained model's table.
+
+        The layers restore their own parts (``restore_tasks`` of each masked layer and
+        normalisation); :func:`avalanche_tsn.export.load_compressed` drives both.
+
+        :param labels: the task labels in slot order.
+        :param sparsity: their sparsities.
+        :param head_bits: their head codebooks' bit-widths.
+        :param act_range: their activation ranges, ``[slots, masked layers, 2]``.
+        """
+        self.task_table.restore(labels, sparsity, head_bits, act_range)
+        self.known_train_tasks_labels = set(self.trained_tasks())
+
     def classifier_heads(self) -> list[MultiHeadClassifier]:
         """The model's multi-head classifiers (one head per task each), in module order."""
         return list(self._heads)
@@ -303,100 +301,59 @@ class TSNModel(MultiTaskModule):
         self._layers = [new[name] for name in names]  # type: ignore[misc]
         self._modules_per_task = [*self._layers, *self._norms]
 
-    def _slot_table(self) -> tuple[dict[int, int], frozenset[int]]:
-        # Read on every forward: a Python copy avoids a device sync per minibatch.
-        if self._slot_cache is None:
-            labels = self.task_labels_by_slot.tolist()
-            frozen = self.slot_frozen.tolist()
-            self._slot_cache = (
-                {t: s for s, t in enumerate(labels)},
-                frozenset(s for s, f in enumerate(frozen) if f),
-            )
-        return self._slot_cache
+    def _routed(self) -> list[TaskRouted]:
+        return [*self._layers, *self._norms]  # type: ignore[list-item]
 
     def slot_of(self, task_label: int) -> int | None:
         """Slot of ``task_label``, or None if it never started training.
 
         :param task_label: a task label.
         """
-        return self._slot_table()[0].get(int(task_label))
+        return self.task_table.slot_of(task_label)
 
     def trained_tasks(self) -> list[int]:
         """Task labels whose subnetworks are frozen, in training order."""
-        slots, frozen = self._slot_table()
-        return [t for t, s in sorted(slots.items(), key=lambda kv: kv[1]) if s in frozen]
+        return self.task_table.trained_tasks()
 
     def open_task(self) -> int | None:
         """Label of the task being trained (or whose training was interrupted), or None."""
-        slots, frozen = self._slot_table()
-        return next((t for t, s in slots.items() if s not in frozen), None)
+        return self.task_table.open_task()
 
     def is_trained(self, task_label: int) -> bool:
         """Whether ``task_label`` has a frozen subnetwork.
 
         :param task_label: a task label.
         """
-        slot = self.slot_of(task_label)
-        return slot is not None and slot in self._slot_table()[1]
+        return self.task_table.is_trained(task_label)
 
-    _SLOT_BUFFERS = (
-        "task_labels_by_slot",
-        "slot_frozen",
-        "slot_sparsity",
-        "head_bits",
-        "head_centroids",
-        "memory_x",
-        "memory_len",
-        "act_range",
-    )
+    @property
+    def act_range(self) -> Tensor:
+        """Calibrated activation ranges, ``[slots, masked layers, 2]`` (see the task table)."""
+        return self.task_table.act_range
 
-    @torch.no_grad()
+    @property
+    def head_bits(self) -> Tensor:
+        """Bit-width of each slot's head codebook (0: float32; see the task table)."""
+        return self.task_table.head_bits
+
     def store_memory(self, task_label: int, x: Tensor) -> None:
         """Keep ``x`` (a few input samples) as the memory of ``task_label``.
 
         :param task_label: a task that started training.
         :param x: the samples, ``[m, *input_shape]``.
         """
-        slot = self.slot_of(task_label)
-        if slot is None:
-            raise ValueError(f"task {task_label} never started training")
-        x = x.detach().to(self.memory_len.device, torch.float32)
-        n_slots = len(self.task_labels_by_slot)
-        if self.memory_x.dim() == 1:  # first memory: fix the sample shape
-            self.memory_x = x.new_zeros((n_slots, len(x), *x.shape[1:]))
-        if tuple(self.memory_x.shape[2:]) != tuple(x.shape[1:]):
-            raise ValueError(
-                f"memory samples of task {task_label} have shape {tuple(x.shape[1:])}, earlier "
-                f"ones {tuple(self.memory_x.shape[2:])}"
-            )
-        rows, width = self.memory_x.shape[:2]
-        if rows < n_slots or width < len(x):
-            grown = x.new_zeros((max(rows, n_slots), max(width, len(x)), *x.shape[1:]))
-            grown[:rows, :width] = self.memory_x
-            self.memory_x = grown
-        if len(self.memory_len) < n_slots:
-            extra = self.memory_len.new_zeros(n_slots - len(self.memory_len))
-            self.memory_len = torch.cat([self.memory_len, extra])
-        self.memory_x[slot].zero_()
-        self.memory_x[slot, : len(x)] = x
-        self.memory_len[slot] = len(x)
+        self.task_table.store_memory(task_label, x)
 
     def memory(self, task_label: int) -> Tensor:
         """The memory samples of ``task_label`` (empty if none were kept).
 
         :param task_label: a task label.
         """
-        slot = self.slot_of(task_label)
-        if slot is None or slot >= len(self.memory_len):
-            return self.memory_x.new_zeros((0, *self.memory_x.shape[2:]))
-        return self.memory_x[slot, : int(self.memory_len[slot])]
+        return self.task_table.memory(task_label)
 
     def memory_bits(self) -> int:
         """Bits the task memory takes (float32 samples)."""
-        if self.memory_x.dim() < 2:
-            return 0
-        per_sample = int(torch.tensor(self.memory_x.shape[2:]).prod())
-        return 32 * per_sample * int(self.memory_len.sum())
+        return self.task_table.memory_bits()
 
     @property
     def n_banks(self) -> int:
@@ -421,15 +378,12 @@ class TSNModel(MultiTaskModule):
         return {name: layer.free_fraction(bank) for name, layer in self.masked_layers()}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        labels = state_dict.get(prefix + "task_labels_by_slot")
-        if labels is not None and prefix + "act_range" not in state_dict:
-            # saved before activation ranges existed (0.2 and older): none calibrated
-            state_dict[prefix + "act_range"] = uncalibrated(len(labels), len(self._layers))
-        for name in self._SLOT_BUFFERS:
+        # 0.4 and older kept the task table's buffers on the model itself
+        for name in TaskTable.BUFFERS:
             if prefix + name in state_dict:
-                setattr(self, name, getattr(self, name).new_zeros(state_dict[prefix + name].shape))
-        labels = state_dict.get(prefix + "task_labels_by_slot")
-        frozen = state_dict.get(prefix + "slot_frozen")
+                state_dict[f"{prefix}task_table.{name}"] = state_dict.pop(prefix + name)
+        labels = state_dict.get(f"{prefix}task_table.task_labels_by_slot")
+        frozen = state_dict.get(f"{prefix}task_table.slot_frozen")
         if labels is not None and frozen is not None and len(labels) == len(frozen):
             trained = {str(int(t)) for t, f in zip(labels, frozen, strict=True) if bool(f)}
             for name, heads in self.net.named_modules():
@@ -437,8 +391,6 @@ class TSNModel(MultiTaskModule):
                     head_prefix = f"{prefix}net.{name}." if name else f"{prefix}net."
                     rebuild_heads(heads, head_prefix, state_dict, trained)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._slot_cache = None
-        self.known_train_tasks_labels = set(self.trained_tasks())
 
     # -- task life cycle ----------------------------------------------------------------
     @torch.no_grad()
@@ -470,30 +422,7 @@ class TSNModel(MultiTaskModule):
                 task_label,
             )
             self.abandon_task()
-        slot = self.slot_of(task_label)
-        restart = slot is not None
-        if slot is None:
-            slot = len(self.task_labels_by_slot)
-            dev = self.task_labels_by_slot.device
-            self.task_labels_by_slot = torch.cat(
-                [self.task_labels_by_slot, torch.tensor([int(task_label)], device=dev)]
-            )
-            self.slot_frozen = torch.cat(
-                [self.slot_frozen, torch.zeros(1, dtype=torch.bool, device=dev)]
-            )
-            self.slot_sparsity = torch.cat(
-                [self.slot_sparsity, torch.tensor([float(sparsity)], device=dev)]
-            )
-            self.head_bits = torch.cat([self.head_bits, self.head_bits.new_zeros(1)])
-            self.head_centroids = torch.cat(
-                [
-                    self.head_centroids,
-                    self.head_centroids.new_zeros((1, self.head_centroids.shape[1])),
-                ]
-            )
-            self.act_range = torch.cat([self.act_range, uncalibrated(1, len(self._layers), dev)])
-            self._slot_cache = None
-        self.slot_sparsity[slot] = float(sparsity)
+        slot, restart = self.task_table.open(task_label, sparsity)
         self.live_sparsity = sparsity
         for layer in self._layers:
             layer.begin_task(slot, bank)
@@ -548,19 +477,12 @@ class TSNModel(MultiTaskModule):
         label = self.open_task()
         if label is None:
             return None
-        slot = self.slot_of(label)
         self.reset_live(label)
+        _, slot = self.task_table.drop_open()  # type: ignore[misc]
         for layer in self._layers:
             layer.drop_slot(slot)
         for norm in self._norms:
             norm.drop_slot(slot)
-        for name in self._SLOT_BUFFERS:
-            buf = getattr(self, name)
-            if name == "memory_x" and buf.dim() < 2:
-                continue  # no memory kept yet
-            if buf.shape[0] > slot:
-                setattr(self, name, buf[:slot].clone())
-        self._slot_cache = None
         self.known_train_tasks_labels.discard(label)
         log.info("task %d abandoned", label)
         return label
@@ -593,8 +515,7 @@ class TSNModel(MultiTaskModule):
         :param centroids: the ``2^bits`` centroids.
         :param bits: the bit-width.
         """
-        self.head_centroids = store_centroids(self.head_centroids, slot, centroids)
-        self.head_bits[slot] = bits
+        self.task_table.set_head_codebook(slot, centroids, bits)
 
     def check_finite(self, task_label: int) -> str | None:
         """The first non-finite value the task in training would freeze, or None.
@@ -626,7 +547,7 @@ class TSNModel(MultiTaskModule):
         :return: the task's slot.
         """
         slot = self.slot_of(task_label)
-        if slot is None or bool(self.slot_frozen[slot]):
+        if slot is None or self.is_trained(task_label):
             raise RuntimeError(f"task {task_label} is not being trained")
         bad = self.check_finite(task_label)
         if bad is not None:
@@ -643,19 +564,17 @@ class TSNModel(MultiTaskModule):
         for heads in self._heads:
             if key in heads.classifiers:
                 freeze_head(heads, key)
-        self.slot_frozen[slot] = True
-        self._slot_cache = None
+        self.task_table.freeze(task_label)
         self.known_train_tasks_labels.add(int(task_label))
         log.debug("task %s frozen in slot %d", task_label, slot)
         return slot
 
     # -- forward ------------------------------------------------------------------------
     def _activate(self, task_label: int) -> None:
-        slots, frozen = self._slot_table()
-        slot = slots.get(int(task_label))
-        active = slot if slot in frozen else FREE
-        for module in self._modules_per_task:
-            module.__dict__["active_slot"] = active  # a plain attribute: skip Module's checks
+        slot = self.task_table.frozen_slot(task_label)
+        active = FREE if slot is None else slot
+        for module in self._routed():
+            module.route(active)
 
     def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
         self._activate(task_label)
@@ -690,8 +609,6 @@ class TSNModel(MultiTaskModule):
         # (getattr: a model pickled whole before 0.3 has no such attribute)
         method = getattr(self, "task_inference", None)
         if task_labels is None and method is not None:
-            from avalanche_tsn.inference import infer_tasks  # it builds on this module
-
             return infer_tasks(self, x, method)[0]
         if task_labels is None:
             # Avalanche's contract (LwF relies on it): every known task's output, as a dict.
@@ -710,19 +627,20 @@ class TSNModel(MultiTaskModule):
         # network runs once (a pass per task would repeat every module for every task).
         order = torch.argsort(labels, stable=True)
         tasks, counts = torch.unique_consecutive(labels[order], return_counts=True)
-        slots, frozen = self._slot_table()
+        table = self.task_table
         groups = []
         for t, c in zip(tasks.tolist(), counts.tolist(), strict=True):
-            slot = slots.get(t)
-            groups.append((slot if slot in frozen else FREE, c))
-        for module in self._layers + self._norms:
-            module.task_groups = groups
+            slot = table.frozen_slot(t)
+            groups.append((FREE if slot is None else slot, c))
+        routed = self._routed()
+        for module in routed:
+            module.route_groups(groups)
         try:
             sorted_labels = labels[order]
             out = self.net(x[order], sorted_labels) if self._pass_labels else self.net(x[order])
         finally:
-            for module in self._layers + self._norms:
-                module.task_groups = None
+            for module in routed:
+                module.route(FREE)
         result = torch.empty_like(out)
         result[order] = out
         return result

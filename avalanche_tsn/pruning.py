@@ -148,7 +148,7 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search
     if search == "bisect":
         return _bisect(model, task_label, slot, evaluate, iterations, step, max_drop)
     sparsity_before, own_before = task_sparsity(model, slot), _own_count(model, slot)
-    later = list(range(slot + 1, len(model.task_labels_by_slot)))
+    later = list(range(slot + 1, len(model.task_table)))
     layers = [layer for _, layer in model.masked_layers()]
     baseline = evaluate()
     evaluations = 1
@@ -231,7 +231,7 @@ def _record(model, task_label, slot, sparsity_before, own_before, baseline, accu
 
 def _bisect(model, task_label, slot, evaluate, iterations, step, max_drop) -> PruneRecord:
     sparsity_before, own_before = task_sparsity(model, slot), _own_count(model, slot)
-    later = list(range(slot + 1, len(model.task_labels_by_slot)))
+    later = list(range(slot + 1, len(model.task_table)))
     layers = [layer for _, layer in model.masked_layers()]
     # Each layer's candidates, smallest magnitude first: a fraction f drops a prefix.
     order = []

@@ -17,10 +17,14 @@ distribution, grows with the shift between them, and does not depend on the laye
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
-from avalanche_tsn.model import TSNModel
+if TYPE_CHECKING:  # annotations only: the model runs task inference through this module
+    from avalanche_tsn.model import TSNModel
+
 
 #: Default ``kl_threshold``: above the closest-task divergence of every task measured on permuted
 #: digits, split and permuted Fashion-MNIST (at most 1.15), so such streams keep one bank (see

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from os import PathLike
 from typing import Any, BinaryIO
 
@@ -40,6 +41,7 @@ from avalanche_tsn.plugins import (
 )
 from avalanche_tsn.plugins._common import strategy_batches
 from avalanche_tsn.similarity import DEFAULT_KL_THRESHOLD, check_threshold
+from avalanche_tsn.stages import StageSpec, assemble_plugins, check_plugins
 from avalanche_tsn.streams import (
     check_stream,
     experience_classes,
@@ -47,8 +49,9 @@ from avalanche_tsn.streams import (
     relabelled,
     task_aware,
 )
+from avalanche_tsn.validation import check_bool
 
-__all__ = ["TSNStrategy", "reject_arguments"]
+__all__ = ["TSNStrategy", "TSNSettings", "reject_arguments"]
 
 
 def _aware(items: Iterable[Any]) -> list[Any]:
@@ -69,6 +72,30 @@ def reject_arguments(kwargs: dict[str, Any], names: Sequence[str], message: str)
     given += [n for n in kwargs if n.startswith(("prune_", "quant_"))]
     if given:
         raise TypeError(f"{message}; remove {', '.join(sorted(given))} (TSNStrategy's)")
+
+
+@dataclass(frozen=True)
+class TSNSettings:
+    """The stage settings of a TSN-family strategy, as given (each stage checks its own)."""
+
+    sparsity: float | Sequence[float] | None
+    validation_fraction: float
+    prune: bool
+    prune_iterations: int
+    prune_step: float
+    prune_max_drop: float
+    prune_search: str
+    quantize: bool
+    quant_min_bits: int
+    quant_max_bits: int
+    quant_max_drop: float
+    quant_heads: bool
+    task_matching: bool
+    kl_threshold: float
+    memory_size: int
+    new_bank_below: float | None
+    calibrate_activations: bool
+    task_inference: str | None
 
 
 class TSNStrategy(SupervisedTemplate):
@@ -168,88 +195,43 @@ class TSNStrategy(SupervisedTemplate):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
-        if plugins is not None and not isinstance(plugins, list | tuple):
-            raise TypeError(
-                "plugins must be a list (or tuple) of Avalanche plugins, got "
-                f"{type(plugins).__name__}"
-            )
-        user_plugins = list(plugins) if plugins is not None else []
-        for p in user_plugins:
-            if not isinstance(p, BasePlugin):
-                raise TypeError(
-                    f"plugins must hold Avalanche plugins only, got a {type(p).__name__}"
-                )
+        user_plugins = check_plugins(plugins)
         for flag, value in (
             ("task_matching", task_matching),
             ("calibrate_activations", calibrate_activations),
             ("tensor_batches", tensor_batches),
         ):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
+            check_bool(value, flag)
         check_threshold(kl_threshold)
         inference = None if task_inference is None else check_method(task_inference)
-        # The memory method reads the task memory that task matching keeps; without task
-        # matching it never opens a bank (an infinite threshold).
-        keep_memory = task_matching or inference == "memory"
-        threshold = kl_threshold if task_matching else math.inf
-        stages: list[tuple[type, bool, Callable[[], BasePlugin]]] = [
-            (
-                TaskSimilarityPlugin,
-                keep_memory,
-                # memory_size=0 is a valid way to say "no memory" while no memory is kept.
-                lambda: TaskSimilarityPlugin(
-                    2 if memory_size == 0 and not keep_memory else memory_size, threshold
-                ),
-            ),
-            (
-                MaskLearningPlugin,
-                True,
-                lambda: MaskLearningPlugin(
-                    0.5 if sparsity is None else sparsity, new_bank_below=new_bank_below
-                ),
-            ),
-            (
-                ValidationSplitPlugin,
-                prune or quantize,
-                lambda: ValidationSplitPlugin(validation_fraction),
-            ),
-            (
-                PruningPlugin,
-                prune,
-                lambda: PruningPlugin(prune_iterations, prune_step, prune_max_drop, prune_search),
-            ),
-            (
-                QuantizationPlugin,
-                quantize,
-                lambda: QuantizationPlugin(
-                    quant_min_bits, quant_max_bits, quant_max_drop, quant_heads
-                ),
-            ),
-            (ActivationCalibrationPlugin, calibrate_activations, ActivationCalibrationPlugin),
-        ]
-        others = [p for p in user_plugins if not isinstance(p, tuple(c for c, _, _ in stages))]
-        tsn_plugins: list[BasePlugin] = []
-        for cls, enabled, build in stages:
-            given = [p for p in user_plugins if isinstance(p, cls)]
-            if len(given) > 1:
-                raise ValueError(f"plugins holds more than one {cls.__name__}")
-            # Task matching is off by default; a TaskSimilarityPlugin in plugins turns it on.
-            enabled = enabled or (bool(given) and cls is TaskSimilarityPlugin)
-            if given and not enabled:
-                raise ValueError(f"plugins holds a {cls.__name__} but its stage is switched off")
-            if (
-                given
-                and cls is MaskLearningPlugin
-                and (sparsity is not None or new_bank_below is not None)
-            ):
-                raise ValueError(
-                    "sparsity or new_bank_below is set both on TSNStrategy and on the "
-                    "MaskLearningPlugin in plugins; set it in one place"
-                )
-            # Build every stage even when it is off or given, so bad arguments always raise.
-            built = build()
-            if enabled:
-                tsn_plugins.append(given[0] if given else built)
+        if any(isinstance(p, MaskLearningPlugin) for p in user_plugins) and (
+            sparsity is not None or new_bank_below is not None
+        ):
+            raise ValueError(
+                "sparsity or new_bank_below is set both on TSNStrategy and on the "
+                "MaskLearningPlugin in plugins; set it in one place"
+            )
+        settings = TSNSettings(
+            sparsity=sparsity,
+            validation_fraction=validation_fraction,
+            prune=prune,
+            prune_iterations=prune_iterations,
+            prune_step=prune_step,
+            prune_max_drop=prune_max_drop,
+            prune_search=prune_search,
+            quantize=quantize,
+            quant_min_bits=quant_min_bits,
+            quant_max_bits=quant_max_bits,
+            quant_max_drop=quant_max_drop,
+            quant_heads=quant_heads,
+            task_matching=task_matching,
+            kl_threshold=kl_threshold,
+            memory_size=memory_size,
+            new_bank_below=new_bank_below,
+            calibrate_activations=calibrate_activations,
+            task_inference=inference,
+        )
+        others, tsn_plugins = assemble_plugins(self.recipe(settings), user_plugins)
         # TSN stages run in algorithm order, after the user's plugins; the batch fetch runs
         # last so that it sees a loader another plugin put in place.
         user_plugins = others + tsn_plugins
@@ -281,6 +263,58 @@ class TSNStrategy(SupervisedTemplate):
             **base_kwargs,
         )
         tsn.task_inference = inference
+
+    def recipe(self, s: TSNSettings) -> list[StageSpec]:
+        """TSN's stages in algorithm order, each on or off as ``s`` says.
+
+        WSN and Ada-QPacknet are other recipes on the same stages (see
+        :mod:`avalanche_tsn.recipes`).
+
+        :param s: the strategy's settings, checked by each stage's plugin.
+        """
+        # The memory method reads the task memory that task matching keeps; without task
+        # matching it never opens a bank (an infinite threshold).
+        keep_memory = s.task_matching or s.task_inference == "memory"
+        threshold = s.kl_threshold if s.task_matching else math.inf
+        # memory_size=0 is a valid way to say "no memory" while no memory is kept.
+        memory = 2 if s.memory_size == 0 and not keep_memory else s.memory_size
+        return [
+            StageSpec(
+                TaskSimilarityPlugin,
+                keep_memory,
+                lambda: TaskSimilarityPlugin(memory, threshold),
+                user_enables=True,  # task matching is off by default; a plugin turns it on
+            ),
+            StageSpec(
+                MaskLearningPlugin,
+                True,
+                lambda: MaskLearningPlugin(
+                    0.5 if s.sparsity is None else s.sparsity, new_bank_below=s.new_bank_below
+                ),
+            ),
+            StageSpec(
+                ValidationSplitPlugin,
+                s.prune or s.quantize,
+                lambda: ValidationSplitPlugin(s.validation_fraction),
+            ),
+            StageSpec(
+                PruningPlugin,
+                s.prune,
+                lambda: PruningPlugin(
+                    s.prune_iterations, s.prune_step, s.prune_max_drop, s.prune_search
+                ),
+            ),
+            StageSpec(
+                QuantizationPlugin,
+                s.quantize,
+                lambda: QuantizationPlugin(
+                    s.quant_min_bits, s.quant_max_bits, s.quant_max_drop, s.quant_heads
+                ),
+            ),
+            StageSpec(
+                ActivationCalibrationPlugin, s.calibrate_activations, ActivationCalibrationPlugin
+            ),
+        ]
 
     @property
     def tsn_model(self) -> TSNModel:
@@ -483,7 +517,7 @@ class TSNStrategy(SupervisedTemplate):
         stats = None
         if method == "memory":
             # trained tasks' memories never change; a loaded state dict replaces the buffer
-            memory = self.tsn_model.memory_x
+            memory = self.tsn_model.task_table.memory_x
             key = (tuple(self.tsn_model.trained_tasks()), id(memory), memory._version)
             if self._inference_stats is None or self._inference_stats[0] != key:
                 self._inference_stats = (key, memory_statistics(self.tsn_model))

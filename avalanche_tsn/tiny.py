@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avalanche_tsn.export import pack_codes, unpack_codes
-from avalanche_tsn.layers import FREE, MaskedLayer, TSNConv2d
+from avalanche_tsn.bitpack import pack_codes, unpack_codes
+from avalanche_tsn.layers import MaskedLayer, TSNConv2d
 from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.quantization import small_codes_of
+from avalanche_tsn.routing import FREE, TaskRouted
 
 __all__ = ["CodedLayer", "CodedLinear", "TinyTSN", "to_tiny", "resident_bytes"]
 
@@ -47,7 +48,7 @@ def _unpacked(packed: Tensor, count: int, bits: int) -> np.ndarray:
     return unpack_codes(packed.cpu().numpy().tobytes(), count, bits)
 
 
-class CodedLayer(nn.Module):
+class CodedLayer(TaskRouted):
     """A trained masked layer held as packed codes; computes with its dequantized weights.
 
     :param layer: a masked layer of a TSN model whose tasks are all trained.
@@ -69,8 +70,6 @@ class CodedLayer(nn.Module):
         self.register_buffer("task_bits", layer.task_bits.clone())
         bias = None if layer.task_bias is None else layer.task_bias.detach().clone()
         self.register_buffer("task_bias", bias)
-        self.active_slot = FREE
-        self.task_groups: list[tuple[int, int]] | None = None
         for bank in range(layer.n_banks):
             owner = layer.bank_owner(bank).flatten().cpu().numpy().astype(np.int64)
             self.register_buffer(f"owner_{bank}", _packed(owner - FREE, self.owner_bits))
@@ -150,13 +149,7 @@ class CodedLayer(nn.Module):
         return F.linear(x, weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.task_groups is None:
-            return self._run(x, self.active_slot)
-        outs, start = [], 0
-        for slot, count in self.task_groups:
-            outs.append(self._run(x[start : start + count], slot))
-            start += count
-        return torch.cat(outs)
+        return self.run_routed(x, self._run)
 
 
 class CodedLinear(nn.Module):
@@ -246,10 +239,9 @@ def to_tiny(model: TSNModel) -> TinyTSN:
     model.replace_routed_layers({name: CodedLayer(layer) for name, layer in model.masked_layers()})
     for label in model.trained_tasks():
         slot = model.slot_of(label)
-        b = int(model.head_bits[slot])
+        book, b = model.task_table.head_codebook(slot)
         if not b:
             continue  # heads that were not quantized stay float32
-        book = model.head_centroids[slot, : 2**b]
         for head in model.head_modules(label):
             for name, m in list(head.named_modules()):
                 if isinstance(m, nn.Linear):

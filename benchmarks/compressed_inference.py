@@ -120,10 +120,10 @@ def run(name: str, repeats: int) -> list[str]:
     t_dense = timed(lambda: heads[0](body(x)), repeats, warmup=1)
     dense_bytes = resident_bytes(body) + resident_bytes(heads)
     tiny_bytes = resident_bytes(tiny)
-    head_bytes = sum(resident_bytes(h) for h in tiny._heads)
+    head_bytes = sum(resident_bytes(h) for h in tiny.classifier_heads())
     owner_bytes = sum(
         getattr(m, name).numel()
-        for m in tiny._layers
+        for m in tiny.routed_layers()
         for name, _ in m.named_buffers()
         if name.startswith("owner_")
     )

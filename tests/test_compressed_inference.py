@@ -199,7 +199,7 @@ def test_integer_code_model_predicts_like_the_dequantized_one(make) -> None:
     full = load_compressed(buf, make())
     buf.seek(0)
     tiny = load_compressed(buf, make(), dequantize=False)
-    assert all(isinstance(m, CodedLayer) for m in tiny._layers)
+    assert all(isinstance(m, CodedLayer) for m in tiny.routed_layers())
     assert not any(isinstance(m, MaskedLayer) for m in tiny.modules())
     coded_heads = any(isinstance(m, CodedLinear) for m in tiny.modules())
     assert coded_heads == bool(full.head_bits.any())

@@ -201,8 +201,11 @@ def test_adaqpacknet_arguments_are_checked_before_any_work():
             AdaQPacknetStrategy(model=model, optimizer=opt, **bad)
     assert type(model.features[0]) is nn.Linear
     # the plugins check their own arguments too, when used without the strategy
-    for bad in [{"population": 0}, {"epochs": 1.5}, {"low": 0.8, "high": 0.5}, {"low": 1.0}]:
+    for bad in [{"population": 0}, {"low": 0.8, "high": 0.5}, {"low": 1.0}]:
         with pytest.raises(ValueError):
+            MaskSearchPlugin(**bad)
+    for bad in [{"epochs": 1.5}, {"population": True}, {"low": "0.4"}]:  # a type: no coercion
+        with pytest.raises(TypeError, match="epochs|population|low"):
             MaskSearchPlugin(**bad)
     with pytest.raises(ValueError, match="quant_max_drop"):
         HalvingQuantizationPlugin(max_drop=1.5)

@@ -296,7 +296,7 @@ def test_abandoning_an_interrupted_task():
     assert strategy.abandon_task() == 1
     assert strategy.tsn_model.open_task() is None
     assert strategy.abandon_task() is None
-    assert len(strategy.tsn_model.task_labels_by_slot) == 1
+    assert len(strategy.tsn_model.task_table) == 1
     learn(strategy, exps[2], data, recorded)  # the next task takes slot 1
     assert strategy.tsn_model.slot_of(2) == 1
     assert_unchanged(strategy.model, data, recorded, "after abandoning task 1")

@@ -13,8 +13,6 @@ from avalanche.training.plugins import SupervisedPlugin
 
 from avalanche_tsn.adaqpacknet import (
     Candidate,
-    check_fraction,
-    check_positive,
     halving_bits,
     optimizer_like,
     prune_free_weights,
@@ -23,6 +21,7 @@ from avalanche_tsn.adaqpacknet import (
 from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_model
 from avalanche_tsn.plugins.compression import validation_accuracy
 from avalanche_tsn.quantization import check_bits, quantize_task
+from avalanche_tsn.validation import check_float, check_int
 
 __all__ = ["MaskSearchPlugin", "HalvingQuantizationPlugin"]
 
@@ -50,12 +49,13 @@ class MaskSearchPlugin(SupervisedPlugin):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.population = check_positive(population, "population_size")
-        self.epochs = check_positive(epochs, "search_epochs")
-        self.low, self.high = check_fraction(low, "prune_low"), check_fraction(high, "prune_high")
+        self.population = check_int(population, "population_size", 1)
+        self.epochs = check_int(epochs, "search_epochs", 1)
+        self.low = check_float(low, "prune_low", 0, 1, high_open=True)
+        self.high = check_float(high, "prune_high", 0, 1, high_open=True)
         if self.high < self.low:
             raise ValueError(f"prune_high ({high}) must be at least prune_low ({low})")
-        self.accuracy_weight = check_fraction(accuracy_weight, "accuracy_weight")
+        self.accuracy_weight = check_float(accuracy_weight, "accuracy_weight", 0, 1, high_open=True)
         self.seed = seed
         #: per task label: the candidates tried and the one used
         self.searches: dict[int, tuple[Candidate, list[Candidate]]] = {}
@@ -108,7 +108,7 @@ class HalvingQuantizationPlugin(SupervisedPlugin):
     def __init__(self, start_bits: int = 6, max_drop: float = 0.02) -> None:
         super().__init__()
         self.start_bits = check_bits(start_bits, "start_bits")
-        self.max_drop = check_fraction(max_drop, "quant_max_drop")
+        self.max_drop = check_float(max_drop, "quant_max_drop", 0, 1, high_open=True)
         #: bit-width of each task (0: kept in float32)
         self.bits: dict[int, int] = {}
 

@@ -1,0 +1,350 @@
+"""The task table of a TinySubNets model: one row (slot) per task, in training order.
+
+TinySubNets (Zurek et al., arXiv:2412.10869, 2024), steps 1 and 6: every task label gets its
+own subnetwork, frozen once trained. The table is the single owner of what is known per task
+apart from the layers' own parameters: its label, whether it is frozen, its sparsity, its
+head codebook, its activation ranges and its memory samples. Its transitions are guarded
+like Avalanche's ``PackNetModel`` state machine: a slot opens for a task that is not trained,
+only the open slot freezes or is dropped, and a frozen slot never changes again except for
+records written once after freezing (head codebook, activation ranges).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from avalanche_tsn.masks import check_sparsity
+from avalanche_tsn.quantization import store_centroids
+
+__all__ = ["TaskTable", "uncalibrated", "calibrated"]
+
+
+def uncalibrated(slots: int, layers: int, device: torch.device | str | None = None) -> Tensor:
+    """Activation ranges of tasks not calibrated yet: the empty range ``(inf, -inf)``.
+
+    :param slots: rows.
+    :param layers: masked layers.
+    :param device: where to make them (the model's device); None is the default device.
+    """
+    empty = torch.empty(slots, layers, 2, device=device)
+    empty[..., 0], empty[..., 1] = math.inf, -math.inf
+    return empty
+
+
+def calibrated(ranges: Tensor) -> Tensor:
+    """Which of the activation ranges ``[..., 2]`` (min, max) were calibrated (not empty).
+
+    :param ranges: ranges as ``TaskTable.act_range`` holds them.
+    """
+    return ranges[..., 0] <= ranges[..., 1]
+
+
+class TaskTable(nn.Module):
+    """Per-task records of a TSN model, one slot per task; every field is a buffer.
+
+    :param n_layers: the model's masked layers (one activation range each per task).
+    :param device: where the buffers live (the model's device).
+    """
+
+    #: Buffers whose first dimension is the slot.
+    BUFFERS = (
+        "task_labels_by_slot",
+        "slot_frozen",
+        "slot_sparsity",
+        "head_bits",
+        "head_centroids",
+        "memory_x",
+        "memory_len",
+        "act_range",
+    )
+
+    task_labels_by_slot: Tensor
+    slot_frozen: Tensor
+    slot_sparsity: Tensor
+    head_bits: Tensor
+    head_centroids: Tensor
+    memory_x: Tensor
+    memory_len: Tensor
+    act_range: Tensor
+
+    def __init__(self, n_layers: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.n_layers = n_layers
+        self.register_buffer("task_labels_by_slot", torch.zeros(0, dtype=torch.long, device=device))
+        self.register_buffer("slot_frozen", torch.zeros(0, dtype=torch.bool, device=device))
+        self.register_buffer("slot_sparsity", torch.zeros(0, device=device))
+        # Codebook of each task's head weights (bits 0: float32, not quantized).
+        self.register_buffer("head_bits", torch.zeros(0, dtype=torch.int16, device=device))
+        self.register_buffer("head_centroids", torch.zeros(0, 0, device=device))
+        # Task memory (task similarity): up to M input samples per slot, zero-padded.
+        self.register_buffer("memory_x", torch.zeros(0, device=device))
+        self.register_buffer("memory_len", torch.zeros(0, dtype=torch.long, device=device))
+        # Calibrated input range (min, max) of every masked layer per slot; the empty range
+        # (inf, -inf) until a task is calibrated (see avalanche_tsn.activations).
+        self.register_buffer("act_range", torch.zeros(0, n_layers, 2, device=device))
+        self._cache: tuple[dict[int, int], frozenset[int]] | None = None
+
+    # -- queries ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.task_labels_by_slot)
+
+    def _table(self) -> tuple[dict[int, int], frozenset[int]]:
+        # Read on every forward: a Python copy avoids a device sync per minibatch.
+        if self._cache is None:
+            labels = self.task_labels_by_slot.tolist()
+            frozen = self.slot_frozen.tolist()
+            self._cache = (
+                {t: s for s, t in enumerate(labels)},
+                frozenset(s for s, f in enumerate(frozen) if f),
+            )
+        return self._cache
+
+    def slot_of(self, task_label: int) -> int | None:
+        """Slot of ``task_label``, or None if it never started training.
+
+        :param task_label: a task label.
+        """
+        return self._table()[0].get(int(task_label))
+
+    def frozen_slot(self, task_label: int) -> int | None:
+        """Slot of ``task_label`` if it is trained (frozen), else None.
+
+        :param task_label: a task label.
+        """
+        slots, frozen = self._table()
+        slot = slots.get(int(task_label))
+        return slot if slot in frozen else None
+
+    def label_of(self, slot: int) -> int:
+        """Task label of ``slot``.
+
+        :param slot: a slot of the table.
+        """
+        return int(self.task_labels_by_slot[slot])
+
+    def trained_tasks(self) -> list[int]:
+        """Task labels whose subnetworks are frozen, in training order."""
+        slots, frozen = self._table()
+        return [t for t, s in sorted(slots.items(), key=lambda kv: kv[1]) if s in frozen]
+
+    def open_task(self) -> int | None:
+        """Label of the task being trained (or whose training was interrupted), or None."""
+        slots, frozen = self._table()
+        return next((t for t, s in slots.items() if s not in frozen), None)
+
+    def is_trained(self, task_label: int) -> bool:
+        """Whether ``task_label`` has a frozen subnetwork.
+
+        :param task_label: a task label.
+        """
+        return self.frozen_slot(task_label) is not None
+
+    def sparsity_of(self, slot: int) -> float:
+        """Sparsity the task in ``slot`` was trained at.
+
+        :param slot: a slot of the table.
+        """
+        return float(self.slot_sparsity[slot])
+
+    # -- transitions -----------------------------------------------------------------------
+    @torch.no_grad()
+    def open(self, task_label: int, sparsity: float) -> tuple[int, bool]:
+        """Open the slot of a task that is not trained, or reopen its interrupted slot.
+
+        :param task_label: the task about to be trained.
+        :param sparsity: its sparsity.
+        :return: its slot, and whether the slot was open already (a restart).
+        """
+        check_sparsity(sparsity)
+        if self.is_trained(task_label):
+            raise ValueError(f"task {task_label} is already trained; its subnetwork is frozen")
+        interrupted = self.open_task()
+        if interrupted is not None and interrupted != int(task_label):
+            raise RuntimeError(f"task {interrupted} is open; drop it before opening another")
+        slot = self.slot_of(task_label)
+        restart = slot is not None
+        if slot is None:
+            slot = len(self)
+            dev = self.task_labels_by_slot.device
+            self.task_labels_by_slot = torch.cat(
+                [self.task_labels_by_slot, torch.tensor([int(task_label)], device=dev)]
+            )
+            self.slot_frozen = torch.cat([self.slot_frozen, self.slot_frozen.new_zeros(1)])
+            self.slot_sparsity = torch.cat([self.slot_sparsity, self.slot_sparsity.new_zeros(1)])
+            self.head_bits = torch.cat([self.head_bits, self.head_bits.new_zeros(1)])
+            self.head_centroids = torch.cat(
+                [
+                    self.head_centroids,
+                    self.head_centroids.new_zeros((1, *self.head_centroids.shape[1:])),
+                ]
+            )
+            self.act_range = torch.cat([self.act_range, uncalibrated(1, self.n_layers, dev)])
+            self._cache = None
+        self.slot_sparsity[slot] = float(sparsity)
+        return slot, restart
+
+    @torch.no_grad()
+    def freeze(self, task_label: int) -> int:
+        """Mark the open task trained.
+
+        :param task_label: the open task.
+        :return: its slot.
+        """
+        slot = self.slot_of(task_label)
+        if slot is None or bool(self.slot_frozen[slot]):
+            raise RuntimeError(f"task {task_label} is not being trained")
+        self.slot_frozen[slot] = True
+        self._cache = None
+        return slot
+
+    @torch.no_grad()
+    def drop_open(self) -> tuple[int, int] | None:
+        """Drop the open slot (the last), as if its task had never started.
+
+        :return: the dropped task's label and slot, or None if no task was open.
+        """
+        label = self.open_task()
+        if label is None:
+            return None
+        slot = self.slot_of(label)
+        if slot != len(self) - 1:  # open() only ever appends the open slot
+            raise RuntimeError(f"task table corrupt: open slot {slot} is not the last")
+        for name in self.BUFFERS:
+            buf = getattr(self, name)
+            if name == "memory_x" and buf.dim() < 2:
+                continue  # no memory kept yet
+            if buf.shape[0] > slot:
+                setattr(self, name, buf[:slot].clone())
+        self._cache = None
+        return label, slot
+
+    @torch.no_grad()
+    def restore(
+        self,
+        labels: Sequence[int],
+        sparsity: Sequence[float],
+        head_bits: Sequence[int],
+        act_range: Tensor,
+    ) -> None:
+        """Fill an empty table with trained tasks (a model read back from its export).
+
+        :param labels: the task labels in slot order.
+        :param sparsity: their sparsities.
+        :param head_bits: their head codebooks' bit-widths (0: float32).
+        :param act_range: their activation ranges, ``[slots, layers, 2]``.
+        """
+        if len(self):
+            raise RuntimeError("only an empty task table can be restored")
+        n = len(labels)
+        if not (
+            len(sparsity) == len(head_bits) == n and tuple(act_range.shape) == (n, self.n_layers, 2)
+        ):
+            raise ValueError(
+                "labels, sparsity, head_bits and act_range must describe the same slots"
+            )
+        dev = self.task_labels_by_slot.device
+        self.task_labels_by_slot = torch.tensor(list(labels), dtype=torch.long, device=dev)
+        self.slot_frozen = torch.ones(n, dtype=torch.bool, device=dev)
+        self.slot_sparsity = torch.tensor(list(sparsity), device=dev)
+        self.head_bits = torch.tensor(list(head_bits), dtype=torch.int16, device=dev)
+        self.head_centroids = torch.zeros(n, 0, device=dev)
+        self.act_range = act_range.to(dev, torch.float32)
+        self._cache = None
+
+    # -- records of a slot -----------------------------------------------------------------
+    @torch.no_grad()
+    def set_head_codebook(self, slot: int, centroids: Tensor, bits: int) -> None:
+        """Record the head codebook of the task in ``slot`` (``bits == 0``: not quantized).
+
+        :param slot: a task's slot.
+        :param centroids: the ``2^bits`` centroids.
+        :param bits: the bit-width.
+        """
+        self.head_centroids = store_centroids(self.head_centroids, slot, centroids)
+        self.head_bits[slot] = bits
+
+    def head_codebook(self, slot: int) -> tuple[Tensor, int]:
+        """The head codebook of ``slot``: its centroids and bit-width (0: float32, none).
+
+        :param slot: a task's slot.
+        """
+        bits = int(self.head_bits[slot]) if slot < len(self.head_bits) else 0
+        if not bits:
+            return self.head_centroids.new_zeros(0), 0
+        return self.head_centroids[slot, : 2**bits], bits
+
+    @torch.no_grad()
+    def set_act_range(self, slot: int, ranges: Tensor) -> None:
+        """Record the calibrated activation ranges of ``slot``, ``[layers, 2]`` (min, max).
+
+        :param slot: a task's slot.
+        :param ranges: one (min, max) per masked layer.
+        """
+        if tuple(ranges.shape) != (self.n_layers, 2):
+            raise ValueError(
+                f"ranges must have shape ({self.n_layers}, 2), got {tuple(ranges.shape)}"
+            )
+        self.act_range[slot] = ranges.to(self.act_range)
+
+    @torch.no_grad()
+    def store_memory(self, task_label: int, x: Tensor) -> None:
+        """Keep ``x`` (a few input samples) as the memory of ``task_label``.
+
+        :param task_label: a task that started training.
+        :param x: the samples, ``[m, *input_shape]``.
+        """
+        slot = self.slot_of(task_label)
+        if slot is None:
+            raise ValueError(f"task {task_label} never started training")
+        x = x.detach().to(self.memory_len.device, torch.float32)
+        n_slots = len(self)
+        if self.memory_x.dim() == 1:  # first memory: fix the sample shape
+            self.memory_x = x.new_zeros((n_slots, len(x), *x.shape[1:]))
+        if tuple(self.memory_x.shape[2:]) != tuple(x.shape[1:]):
+            raise ValueError(
+                f"memory samples of task {task_label} have shape {tuple(x.shape[1:])}, earlier "
+                f"ones {tuple(self.memory_x.shape[2:])}"
+            )
+        rows, width = self.memory_x.shape[:2]
+        if rows < n_slots or width < len(x):
+            grown = x.new_zeros((max(rows, n_slots), max(width, len(x)), *x.shape[1:]))
+            grown[:rows, :width] = self.memory_x
+            self.memory_x = grown
+        if len(self.memory_len) < n_slots:
+            extra = self.memory_len.new_zeros(n_slots - len(self.memory_len))
+            self.memory_len = torch.cat([self.memory_len, extra])
+        self.memory_x[slot].zero_()
+        self.memory_x[slot, : len(x)] = x
+        self.memory_len[slot] = len(x)
+
+    def memory(self, task_label: int) -> Tensor:
+        """The memory samples of ``task_label`` (empty if none were kept).
+
+        :param task_label: a task label.
+        """
+        slot = self.slot_of(task_label)
+        if slot is None or slot >= len(self.memory_len):
+            return self.memory_x.new_zeros((0, *self.memory_x.shape[2:]))
+        return self.memory_x[slot, : int(self.memory_len[slot])]
+
+    def memory_bits(self) -> int:
+        """Bits the task memory takes (float32 samples)."""
+        if self.memory_x.dim() < 2:
+            return 0
+        per_sample = int(torch.tensor(self.memory_x.shape[2:]).prod())
+        return 32 * per_sample * int(self.memory_len.sum())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        if prefix + "task_labels_by_slot" in state_dict and prefix + "act_range" not in state_dict:
+            # saved before activation ranges existed (0.2 and older): none calibrated
+            n = len(state_dict[prefix + "task_labels_by_slot"])
+            state_dict[prefix + "act_range"] = uncalibrated(n, self.n_layers)
+        for name in self.BUFFERS:
+            if prefix + name in state_dict:
+                setattr(self, name, getattr(self, name).new_zeros(state_dict[prefix + name].shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._cache = None

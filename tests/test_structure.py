@@ -1,0 +1,145 @@
+"""The structure issue 24 asks for, as invariants: one owner of per-task state (the task table,
+changed only through guarded transitions), routing by calls, and a package without import
+cycles hidden in functions."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import mlp, train_tsn
+
+from avalanche_tsn import TSNModel
+from avalanche_tsn.routing import FREE, TaskRouted, run_per_group
+from avalanche_tsn.tasks import TaskTable, calibrated, uncalibrated
+
+PACKAGE = Path(__file__).parents[1] / "avalanche_tsn"
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _table() -> TaskTable:
+    table = TaskTable(n_layers=2)
+    for label in (5, 3):
+        slot, restart = table.open(label, 0.5)
+        assert not restart
+        table.set_act_range(slot, torch.tensor([[0.0, 1.0], [-1.0, 2.0]]))
+        table.store_memory(label, torch.full((4, 3), float(label)))
+        assert table.freeze(label) == slot
+    return table
+
+
+def test_the_task_table_opens_freezes_and_drops_in_order():
+    table = _table()
+    assert table.trained_tasks() == [5, 3] and table.open_task() is None
+    assert table.slot_of(3) == 1 and table.frozen_slot(3) == 1 and table.label_of(0) == 5
+    slot, restart = table.open(7, 0.25)
+    assert (slot, restart) == (2, False) and table.frozen_slot(7) is None
+    assert table.open(7, 0.75) == (2, True)  # an interrupted task reopens its own slot
+    assert table.sparsity_of(2) == 0.75
+    table.store_memory(7, torch.ones(6, 3))
+    assert table.drop_open() == (7, 2)
+    assert len(table) == 2 and table.drop_open() is None
+    assert table.memory_x.shape[0] == 2 and torch.equal(table.memory(3), torch.full((4, 3), 3.0))
+    assert bool(calibrated(table.act_range).all())
+
+
+@pytest.mark.parametrize(
+    "action, error",
+    [
+        (lambda t: t.open(5, 0.5), ValueError),  # trained: frozen for good
+        (lambda t: t.open(9, 1.5), ValueError),
+        (lambda t: (t.open(9, 0.5), t.open(8, 0.5)), RuntimeError),  # one open task at a time
+        (lambda t: t.freeze(3), RuntimeError),
+        (lambda t: t.freeze(42), RuntimeError),
+        (lambda t: t.restore([1], [0.5], [0], uncalibrated(1, 2)), RuntimeError),
+        (lambda t: t.set_act_range(0, torch.zeros(3, 2)), ValueError),
+        (lambda t: t.store_memory(3, torch.ones(2, 4)), ValueError),
+    ],
+)
+def test_a_refused_transition_leaves_every_trained_record_as_it_was(action, error):
+    table = _table()
+    before = _state(table)
+    with pytest.raises(error):
+        action(table)
+    after = table.state_dict()
+    for key, value in before.items():  # the trained slots, 0 and 1, are untouched
+        assert torch.equal(after[key][:2], value[:2]), key
+    assert table.trained_tasks() == [5, 3]
+
+
+def test_restore_checks_every_list_before_filling_an_empty_table():
+    table = TaskTable(n_layers=2)
+    with pytest.raises(ValueError, match="same slots"):
+        table.restore([1, 2], [0.5], [0, 0], uncalibrated(2, 2))
+    assert len(table) == 0
+    table.restore([1, 2], [0.5, 0.25], [0, 3], uncalibrated(2, 2))
+    assert table.trained_tasks() == [1, 2] and table.open_task() is None
+    assert table.sparsity_of(1) == 0.25 and table.head_codebook(0)[1] == 0
+
+
+def test_the_model_keeps_its_task_records_in_the_table_and_reads_old_state_dicts():
+    strategy, bm = train_tsn(tasks=2)
+    model = strategy.model
+    keys = list(model.state_dict())
+    assert "task_table.task_labels_by_slot" in keys and "task_labels_by_slot" not in keys
+    assert all(k.startswith(("net.", "task_table.")) for k in keys)
+    # a 0.4 state dict held the records on the model itself
+    old = {
+        (k.split(".", 1)[1] if k.startswith("task_table.") else k): v
+        for k, v in model.state_dict().items()
+    }
+    fresh = TSNModel(mlp())
+    fresh.load_state_dict(old)
+    assert fresh.trained_tasks() == model.trained_tasks() == [0, 1]
+    assert fresh.known_train_tasks_labels == {0, 1}
+    assert _same(_state(fresh), _state(model))
+    x = torch.randn(32, 12)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x, 1), model.eval()(x, 1))
+
+
+def test_routing_is_a_call_and_a_mixed_minibatch_leaves_every_layer_on_the_live_route():
+    strategy, _ = train_tsn(tasks=2)
+    model = strategy.model.eval()
+    layers = model.routed_layers()
+    assert all(isinstance(m, TaskRouted) for m in layers)
+    x, t = torch.randn(20, 12), torch.arange(20) % 2
+    with torch.no_grad():
+        mixed = model(x, t)
+        assert all(m.active_slot == FREE and m.task_groups is None for m in layers)
+        for label in (0, 1):
+            assert torch.equal(mixed[t == label], model(x[t == label], label))
+    assert all(m.active_slot == model.slot_of(1) for m in layers)  # the last one-task route
+    # the route is not state: it is not saved, and a state dict does not carry it
+    assert not any("route" in k for k in model.state_dict())
+    rows = torch.arange(6.0).unsqueeze(1)
+    out = run_per_group(rows, ((0, 2), (FREE, 4)), lambda r, s: r * 10 + s)
+    assert torch.equal(out, torch.tensor([[0.0], [10.0], [19.0], [29.0], [39.0], [49.0]]))
+
+
+def _imports_inside_functions() -> list[str]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.ImportFrom) and (inner.module or "").startswith(
+                        "avalanche_tsn"
+                    ):
+                        found.append(f"{path.name}:{inner.lineno} {inner.module}")
+    return found
+
+
+def test_no_module_of_the_package_imports_another_inside_a_function():
+    """Imports inside functions hid three import cycles; optional third-party imports (sklearn,
+    torchvision, dahuffman) may stay lazy."""
+    assert _imports_inside_functions() == []
