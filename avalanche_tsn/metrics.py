@@ -14,6 +14,7 @@ from avalanche.evaluation.metric_results import MetricValue
 
 from avalanche_tsn.capacity import CapacityReport, capacity_report
 from avalanche_tsn.model import TSNModel
+from avalanche_tsn.stages import stage_context
 
 __all__ = [
     "CapacityMetric",
@@ -107,8 +108,8 @@ class TaskInferenceAccuracy(PluginMetric[float]):
         self._exp = [0, 0]
 
     def after_eval_iteration(self, strategy) -> None:
-        inferred = getattr(strategy, "tsn_inferred_tasks", None)
-        classes = getattr(strategy, "task_classes", None)
+        inferred = stage_context(strategy).take_inferred_tasks()
+        classes = getattr(strategy, "task_classes", None)  # TSNStrategy's; None elsewhere
         if inferred is None or not classes:
             return
         table = torch.full((max(max(c) for c in classes.values()) + 1,), -1, dtype=torch.long)
@@ -122,7 +123,6 @@ class TaskInferenceAccuracy(PluginMetric[float]):
         for counts in (self._exp, self._stream):
             counts[0] += correct
             counts[1] += len(y)
-        strategy.tsn_inferred_tasks = None
 
     def _value(self, strategy, name: str, counts: list[int]) -> list[MetricValue]:
         if not counts[1]:

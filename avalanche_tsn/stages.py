@@ -5,16 +5,101 @@ task matching, mask learning, a validation split, pruning, quantization and acti
 calibration. A strategy of the family (TSN, WSN, Ada-QPacknet) is a recipe over these
 stages: a list of :class:`StageSpec` in algorithm order. :func:`assemble_plugins` turns a
 recipe and the user's plugins into the strategy's plugin list, checking every argument first.
+
+The stages hand each other values through one declared :class:`StageContext` per strategy
+(:func:`stage_context`), not through attributes set on the strategy; a stage that needs a
+value no stage produced raises and names the missing stage.
+
+Order within an experience (each stage's hooks; TSNStrategy's recipe):
+
+1. before training: task matching picks the bank; mask learning opens the task's slot;
+   Ada-QPacknet's search fixes its mask; calibration checks its data (before anything is
+   trained, so bad data leaves the task untouched);
+2. after dataset adaptation: the validation split is held out;
+3. after training: mask learning freezes the task; pruning, quantization (and Ada-QPacknet's
+   halving) compress its own weights on the validation split; calibration records its
+   activation ranges; task matching stores its memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
+from weakref import WeakKeyDictionary
 
 from avalanche.core import BasePlugin
+from torch import Tensor
 
-__all__ = ["StageSpec", "check_plugins", "assemble_plugins"]
+__all__ = ["StageSpec", "StageContext", "stage_context", "check_plugins", "assemble_plugins"]
+
+
+@dataclass
+class StageContext:
+    """What the stages of one strategy hand each other during an experience.
+
+    Each field names its producer and readers; :func:`stage_context` gives a strategy's.
+    """
+
+    #: bank for the task about to train; set by task matching, taken by mask learning
+    bank: int | None = None
+    #: the experience's held-out split; set by the validation split, read by pruning,
+    #: quantization, Ada-QPacknet's stages and calibration
+    validation: Any = None
+    #: the split's minibatches on the strategy's device, read once per experience
+    validation_batches: list[tuple[Tensor, Tensor]] | None = None
+    #: the last validation pass: (state key, accuracy, the head's inputs or None)
+    validation_memo: tuple | None = None
+    #: tasks inferred for the last evaluation minibatch; set by the strategy's forward,
+    #: taken by the task-inference metric
+    inferred_tasks: Tensor | None = None
+
+    def new_validation(self, data: Any) -> None:
+        """Hold ``data`` as the experience's validation split (its reads start afresh).
+
+        :param data: an Avalanche dataset.
+        """
+        self.validation = data
+        self.validation_batches = None
+        self.validation_memo = None
+
+    def require_validation(self, stage: str) -> Any:
+        """The validation split, or a RuntimeError naming ``stage`` and what it lacks.
+
+        :param stage: the stage that needs it, for the message.
+        """
+        if self.validation is None:
+            raise RuntimeError(
+                f"{stage} needs a validation split: add a ValidationSplitPlugin before it "
+                "(TSNStrategy's recipes do)"
+            )
+        return self.validation
+
+    def take_bank(self) -> int | None:
+        """The bank task matching chose for the task about to train, once (then None)."""
+        bank, self.bank = self.bank, None
+        return bank
+
+    def take_inferred_tasks(self) -> Tensor | None:
+        """The tasks inferred for the last evaluation minibatch, once (then None)."""
+        tasks, self.inferred_tasks = self.inferred_tasks, None
+        return tasks
+
+
+_CONTEXTS: WeakKeyDictionary[Any, StageContext] = WeakKeyDictionary()
+
+
+def stage_context(strategy: Any) -> StageContext:
+    """The :class:`StageContext` of ``strategy`` (a new one on first use).
+
+    Kept beside the strategy, not on it: the plugins work on any Avalanche strategy.
+
+    :param strategy: an Avalanche strategy.
+    """
+    ctx = _CONTEXTS.get(strategy)
+    if ctx is None:
+        ctx = _CONTEXTS[strategy] = StageContext()
+    return ctx
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from avalanche_tsn.plugins import (
 )
 from avalanche_tsn.plugins._common import strategy_batches
 from avalanche_tsn.similarity import DEFAULT_KL_THRESHOLD, check_threshold
-from avalanche_tsn.stages import StageSpec, assemble_plugins, check_plugins
+from avalanche_tsn.stages import StageSpec, assemble_plugins, check_plugins, stage_context
 from avalanche_tsn.streams import (
     check_stream,
     experience_classes,
@@ -239,7 +239,6 @@ class TSNStrategy(SupervisedTemplate):
             user_plugins.append(TensorBatchesPlugin())
         #: classes of each task trained with task inference (read by the inference metric)
         self.task_classes: dict[int, list[int]] = {}
-        self.tsn_inferred_tasks: torch.Tensor | None = None
         self._inference_stats: tuple[tuple, dict] | None = None
         self.mask_plugin: MaskLearningPlugin = next(
             p for p in tsn_plugins if isinstance(p, MaskLearningPlugin)
@@ -499,13 +498,14 @@ class TSNStrategy(SupervisedTemplate):
 
         The minibatch's task labels are used whether the experience has task labels or not
         (Avalanche would call the model without them then). With ``task_inference``,
-        evaluation infers each sample's task instead (``tsn_inferred_tasks`` keeps them).
+        evaluation infers each sample's task instead (the stage context's ``inferred_tasks``
+        keeps them for the task-inference metric).
         """
         if self.task_inference is None or self.is_training or not self.tsn_model.trained_tasks():
             # (before any task is trained there is nothing to infer: the untrained network)
             return self.model(self.mb_x, self.mb_task_id)
         outputs, tasks = self.infer(self.mb_x)
-        self.tsn_inferred_tasks = tasks
+        stage_context(self).inferred_tasks = tasks
         return outputs
 
     def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

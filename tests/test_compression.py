@@ -327,11 +327,11 @@ def test_head_search_from_cached_features_chooses_and_computes_the_same(monkeypa
 def test_head_validation_matches_a_full_pass_and_expires_when_the_model_changes():
     from avalanche_tsn.plugins.compression import head_validation, validation_accuracy
     from avalanche_tsn.quantization import quantize_head
+    from avalanche_tsn.stages import stage_context
 
     strategy, bm = train(MultiHeadMLP(12, (16, 16), 3), tasks=1, prune=False, quantize=False)
     strategy.experience = bm.train_stream[0]
-    strategy.tsn_validation = bm.test_stream[0].dataset.eval()
-    strategy.tsn_validation_batches = None
+    stage_context(strategy).new_validation(bm.test_stream[0].dataset.eval())
     assert head_validation(strategy, 0) is None  # no complete pass yet
     validation_accuracy(strategy, 0)
     evaluate = head_validation(strategy, 0)
@@ -346,6 +346,6 @@ def test_head_validation_matches_a_full_pass_and_expires_when_the_model_changes(
         next(model.masked_layers())[1].bank_weights.add_(0.1)  # the backbone moved
     assert head_validation(strategy, 0) is None
     plain, _ = train(mlp(), tasks=1, prune=False, quantize=False)
-    plain.tsn_validation, plain.tsn_validation_batches = strategy.tsn_validation, None
+    stage_context(plain).new_validation(stage_context(strategy).validation)
     validation_accuracy(plain, 0)
     assert head_validation(plain, 0) is None  # no multi-head classifier: no shortcut

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mlp, train_tsn
+from conftest import blob_stream, mlp, quiet_evaluator, train_tsn
 
 from avalanche_tsn import TSNModel
 from avalanche_tsn.routing import FREE, TaskRouted, run_per_group
+from avalanche_tsn.stages import stage_context
 from avalanche_tsn.tasks import TaskTable, calibrated, uncalibrated
 
 PACKAGE = Path(__file__).parents[1] / "avalanche_tsn"
@@ -143,3 +144,86 @@ def test_no_module_of_the_package_imports_another_inside_a_function():
     """Imports inside functions hid three import cycles; optional third-party imports (sklearn,
     torchvision, dahuffman) may stay lazy."""
     assert _imports_inside_functions() == []
+
+
+def test_the_stage_context_hands_each_value_once_and_names_a_missing_producer():
+    class Strategy:  # any Avalanche strategy: the context is kept beside it, not on it
+        pass
+
+    strategy = Strategy()
+    ctx = stage_context(strategy)
+    assert stage_context(strategy) is ctx and vars(strategy) == {}
+    ctx.bank = 2
+    assert ctx.take_bank() == 2 and ctx.take_bank() is None  # a stale bank cannot leak
+    with pytest.raises(RuntimeError, match="pruning needs a validation split.*ValidationSplit"):
+        ctx.require_validation("pruning")
+    ctx.validation_batches, ctx.validation_memo = [], ("old",)
+    ctx.new_validation("split")
+    assert ctx.require_validation("pruning") == "split"
+    assert ctx.validation_batches is None and ctx.validation_memo is None
+    other = Strategy()
+    assert stage_context(other) is not ctx and stage_context(other).validation is None
+
+
+def test_pruning_without_a_validation_split_names_the_missing_stage():
+    from avalanche.training import Naive
+
+    from avalanche_tsn import MaskLearningPlugin
+    from avalanche_tsn.plugins import PruningPlugin
+
+    bm = blob_stream(n_tasks=1, dim=12)
+    model = TSNModel(mlp())
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+        train_mb_size=16,
+        plugins=[MaskLearningPlugin(0.5), PruningPlugin()],
+        evaluator=quiet_evaluator(),
+    )
+    with pytest.raises(RuntimeError, match="needs a validation split: add a ValidationSplitPlugin"):
+        strategy.train(bm.train_stream[0])
+
+
+def test_the_recipes_run_their_stages_in_the_declared_order():
+    from avalanche_tsn import AdaQPacknetStrategy, TSNStrategy, WSNStrategy
+    from avalanche_tsn.plugins import (
+        ActivationCalibrationPlugin,
+        MaskLearningPlugin,
+        PruningPlugin,
+        QuantizationPlugin,
+        TensorBatchesPlugin,
+        ValidationSplitPlugin,
+    )
+    from avalanche_tsn.plugins.adaqpacknet import HalvingQuantizationPlugin, MaskSearchPlugin
+
+    def order(cls, **kw):
+        model = mlp()
+        strategy = cls(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            evaluator=quiet_evaluator(),
+            **kw,
+        )
+        return [type(p) for p in strategy.plugins if type(p).__module__.startswith("avalanche_tsn")]
+
+    assert order(TSNStrategy) == [
+        MaskLearningPlugin,
+        ValidationSplitPlugin,
+        PruningPlugin,
+        QuantizationPlugin,
+        ActivationCalibrationPlugin,
+        TensorBatchesPlugin,
+    ]
+    assert order(WSNStrategy) == [
+        MaskLearningPlugin,
+        ActivationCalibrationPlugin,
+        TensorBatchesPlugin,
+    ]
+    assert order(AdaQPacknetStrategy) == [
+        MaskLearningPlugin,
+        ValidationSplitPlugin,
+        MaskSearchPlugin,
+        HalvingQuantizationPlugin,
+        ActivationCalibrationPlugin,
+        TensorBatchesPlugin,
+    ]

@@ -9,6 +9,7 @@ from avalanche.core import SupervisedPlugin
 
 from avalanche_tsn.activations import calibrate
 from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_model
+from avalanche_tsn.stages import stage_context
 
 __all__ = ["ActivationCalibrationPlugin"]
 
@@ -32,7 +33,7 @@ class ActivationCalibrationPlugin(SupervisedPlugin):
         self.samples = samples
 
     def _data(self, strategy):
-        data = getattr(strategy, "tsn_validation", None)
+        data = stage_context(strategy).validation
         if data is None:
             data = strategy.adapted_dataset.eval()
             data = data.subset(range(min(len(data), self.samples)))

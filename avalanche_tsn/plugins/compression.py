@@ -13,9 +13,11 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
+from avalanche_tsn.model import TSNModel
 from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_model
 from avalanche_tsn.pruning import PruneRecord, check_search, greedy_prune
 from avalanche_tsn.quantization import adaptive_bits, check_bits, quantize_head, quantize_task
+from avalanche_tsn.stages import stage_context
 
 __all__ = [
     "ValidationSplitPlugin",
@@ -44,7 +46,8 @@ def _fraction(value: object, name: str, low_open: bool = True) -> float:
 class ValidationSplitPlugin(SupervisedPlugin):
     """Holds out a validation split of each experience's training data (never trained on).
 
-    The split is ``strategy.tsn_validation``; pruning and quantization measure accuracy on it.
+    The split is the strategy's :class:`~avalanche_tsn.stages.StageContext` ``validation``;
+    pruning and quantization measure accuracy on it.
 
     :param fraction: fraction of the training data held out, in (0, 1).
     :param seed: seed of the split.
@@ -75,8 +78,7 @@ class ValidationSplitPlugin(SupervisedPlugin):
         g = torch.Generator().manual_seed(self.seed + strategy.clock.train_exp_counter)
         order = torch.randperm(n, generator=g).tolist()
         n_val = int(round(self.fraction * n))
-        strategy.tsn_validation = data.subset(order[:n_val]).eval()
-        strategy.tsn_validation_batches = None  # read again for this experience
+        stage_context(strategy).new_validation(data.subset(order[:n_val]).eval())
         strategy.adapted_dataset = data.subset(order[n_val:])
 
 
@@ -95,10 +97,9 @@ def validation_accuracy(
         a value below it (searches only need to know which side of the floor it is).
     :param model: the model to evaluate (default: the strategy's).
     """
-    data = getattr(strategy, "tsn_validation", None)
-    if data is None:
-        raise RuntimeError("no validation split: add a ValidationSplitPlugin")
-    batches = getattr(strategy, "tsn_validation_batches", None)
+    ctx = stage_context(strategy)
+    data = ctx.require_validation("measuring validation accuracy")
+    batches = ctx.validation_batches
     if batches is None:
         # Small batches: a search that only needs to know whether a floor is reached stops
         # after the first batch that rules it out.
@@ -107,12 +108,12 @@ def validation_accuracy(
             (x.to(strategy.device), y.to(strategy.device))
             for x, y in strategy_batches(strategy, data, size)
         ]
-        strategy.tsn_validation_batches = batches
+        ctx.validation_batches = batches
     total = sum(len(y) for _, y in batches)
     model = strategy.model if model is None else model
     # The same model state gives the same accuracy: searches re-ask for their baselines.
     state = (task_label, id(batches), _state_key(model))
-    memo = getattr(strategy, "tsn_validation_memo", None)
+    memo = ctx.validation_memo
     if memo is not None and memo[0] == state:
         return memo[1]
     head = _sole_head(model)
@@ -145,13 +146,13 @@ def validation_accuracy(
         pairs = zip(outputs, captured, strict=True)
         if all(isinstance(c, Tensor) and torch.equal(o, c) for o, (_, _, c) in pairs):
             features = [(args, kwargs) for args, kwargs, _ in captured]
-    strategy.tsn_validation_memo = (state, correct / total, features)
+    ctx.validation_memo = (state, correct / total, features)
     return correct / total
 
 
 def _sole_head(model: torch.nn.Module) -> torch.nn.Module | None:
-    heads = getattr(model, "_heads", None)
-    return heads[0] if isinstance(heads, list) and len(heads) == 1 else None
+    heads = model.classifier_heads() if isinstance(model, TSNModel) else []
+    return heads[0] if len(heads) == 1 else None
 
 
 def head_validation(strategy, task_label: int) -> Callable[..., float] | None:
@@ -167,8 +168,8 @@ def head_validation(strategy, task_label: int) -> Callable[..., float] | None:
     :param task_label: the task whose head is evaluated.
     :return: ``evaluate(floor=None)`` like :func:`validation_accuracy`'s, or None.
     """
-    memo = getattr(strategy, "tsn_validation_memo", None)
-    batches = getattr(strategy, "tsn_validation_batches", None)
+    ctx = stage_context(strategy)
+    memo, batches = ctx.validation_memo, ctx.validation_batches
     model = strategy.model
     head = _sole_head(model)
     if memo is None or memo[2] is None or batches is None or head is None:

@@ -13,6 +13,7 @@ from avalanche.training.plugins import SupervisedPlugin
 
 from avalanche_tsn.masks import check_sparsity
 from avalanche_tsn.plugins._common import current_task, tsn_model
+from avalanche_tsn.stages import stage_context
 
 __all__ = ["MaskLearningPlugin"]
 
@@ -67,7 +68,7 @@ class MaskLearningPlugin(SupervisedPlugin):
         index = len(model.trained_tasks())
         # The task-similarity stage, when present, picks the bank just before this one;
         # otherwise tasks train in the newest bank.
-        bank = getattr(strategy, "tsn_bank", None)
+        bank = stage_context(strategy).take_bank()
         bank = model.n_banks - 1 if bank is None else bank
         if self.new_bank_below is not None and bank < model.n_banks:
             if min(model.free_fractions(bank).values()) < self.new_bank_below:

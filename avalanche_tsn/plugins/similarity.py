@@ -18,6 +18,7 @@ from avalanche_tsn.similarity import (
     choose_bank,
     task_divergence,
 )
+from avalanche_tsn.stages import stage_context
 from avalanche_tsn.validation import check_int
 
 __all__ = ["TaskSimilarityPlugin"]
@@ -29,7 +30,8 @@ class TaskSimilarityPlugin(SupervisedPlugin):
     """Keeps a memory per task and sends a task unlike all earlier ones to a new bank.
 
     Before a task trains, its divergence from every earlier task is measured; the bank is
-    ``strategy.tsn_bank``, read by the mask-learning stage. After it trains, its memory
+    handed to the mask-learning stage through the strategy's
+    :class:`~avalanche_tsn.stages.StageContext`. After it trains, its memory
     samples are stored in the model (so checkpoints keep them).
 
     :param memory_size: samples kept per task, at least 2.
@@ -64,10 +66,11 @@ class TaskSimilarityPlugin(SupervisedPlugin):
         earlier = [t for t in model.trained_tasks() if len(model.memory(t)) >= 2]
         divergences = {t: task_divergence(model, x, t) for t in earlier}
         banks = {t: model.bank_of(t) for t in earlier}
-        strategy.tsn_bank = choose_bank(divergences, banks, self.kl_threshold, model.n_banks)
+        bank = choose_bank(divergences, banks, self.kl_threshold, model.n_banks)
+        stage_context(strategy).bank = bank
         self.divergences[label] = divergences
         self._pending = x
-        log.info("task %d: divergences %s -> bank %d", label, divergences, strategy.tsn_bank)
+        log.info("task %d: divergences %s -> bank %d", label, divergences, bank)
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         if self._pending is not None:
