@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from avalanche.models import MultiHeadClassifier
 
-from avalanche_tsn.huffman import MAX_SYMBOL, encoded_bits, pair_symbols
-from avalanche_tsn.layers import FREE, TaskBatchNorm
-from avalanche_tsn.model import TSNModel, calibrated, require_full
+from avalanche_tsn.encoding import ModelEncoding, owner_pairs, owner_symbols
+from avalanche_tsn.huffman import encoded_bits
+from avalanche_tsn.layers import FREE
+from avalanche_tsn.model import TSNModel, require_full
+from avalanche_tsn.tasks import calibrated
 
 __all__ = [
     "TaskCapacity",
@@ -140,25 +141,6 @@ class CapacityReport:
         return "\n".join(lines)
 
 
-def owner_symbols(owner: np.ndarray, n_tasks: int) -> np.ndarray:
-    """The Huffman symbols of an ownership map: pairs of ``owner + 1`` when they fit.
-
-    :param owner: a layer's ownership map (:data:`FREE` or a trained task's slot), flat.
-    :param n_tasks: number of trained tasks (owner ids are below it).
-    """
-    alphabet = n_tasks + 1
-    values = np.asarray(owner, dtype=np.int64).ravel() + 1
-    return pair_symbols(values, alphabet) if owner_pairs(n_tasks) else values
-
-
-def owner_pairs(n_tasks: int) -> bool:
-    """Whether ownership maps of ``n_tasks`` trained tasks are coded in pairs of weights.
-
-    :param n_tasks: number of trained tasks.
-    """
-    return (n_tasks + 1) ** 2 - 1 <= MAX_SYMBOL
-
-
 def shared_bitmap(owner: torch.Tensor, mask: torch.Tensor, slot: int) -> torch.Tensor:
     """Which weights owned by earlier slots the task in ``slot`` reads, in flat order.
 
@@ -193,95 +175,62 @@ def _activation_bits(model: TSNModel, slot: int) -> int:
     return 2 * FLOAT_BITS * int(calibrated(model.act_range[slot]).sum())
 
 
+def _dense_bits(model: TSNModel) -> tuple[int, int, int]:
+    """Bits of the dense float32 model, of its backbone, and per-task bias and norm bits."""
+    layers = [layer for _, layer in model.masked_layers()]
+    backbone = sum(layer.weight.numel() for layer in layers)
+    bias_per_task = sum(layer.bias.numel() for layer in layers if layer.bias is not None)
+    norm_per_task = sum(
+        m.num_features * (4 if m.weight is not None else 2) for m in model.norm_layers()
+    )
+    all_heads = sum(_params_bits(h) for h in model.classifier_heads())
+    dense = FLOAT_BITS * (backbone + bias_per_task + norm_per_task) + all_heads
+    return dense, FLOAT_BITS * backbone, FLOAT_BITS * (bias_per_task + norm_per_task)
+
+
+def _task_row(model: TSNModel, enc: ModelEncoding, slot: int, norm_bits: int) -> TaskCapacity:
+    parts = [layer.tasks[slot] for layer in enc.layers]
+    label = enc.labels[slot]
+    return TaskCapacity(
+        task=label,
+        bank=enc.banks[slot],
+        own_weights=sum(p.own.size for p in parts),
+        shared_weights=sum(int(np.count_nonzero(p.shared)) for p in parts),
+        bits=max((p.bits for p in parts), default=0) or FLOAT_BITS,
+        weight_bits=sum(p.own.size * (p.bits or FLOAT_BITS) for p in parts),
+        codebook_bits=sum((2**p.bits) * FLOAT_BITS for p in parts if p.bits),
+        mask_bits=sum(p.mask_code_bits() for p in parts),
+        head_bits=_head_bits(model, label, slot),
+        norm_bits=norm_bits,
+        activation_bits=_activation_bits(model, slot),
+    )
+
+
 @torch.no_grad()
 def capacity_report(model: TSNModel) -> CapacityReport:
     """Measure the capacity of ``model`` as it is now (trained tasks only).
 
+    The sizes are those of its :class:`~avalanche_tsn.encoding.ModelEncoding`, the object
+    the export writes; Huffman codes are sized from symbol counts, without encoding.
+
     :param model: the TSN model.
     """
     require_full(model, "capacity_report")
-    layers = [layer for _, layer in model.masked_layers()]
-    norms = [m for m in model.net.modules() if isinstance(m, TaskBatchNorm)]
-    heads = [m for m in model.net.modules() if isinstance(m, MultiHeadClassifier)]
-    backbone = sum(layer.weight.numel() for layer in layers)
-    bias_per_task = sum(layer.bias.numel() for layer in layers if layer.bias is not None)
-    norm_per_task = sum(m.num_features * (4 if m.weight is not None else 2) for m in norms)
-    all_heads = sum(_params_bits(h) for h in heads)
-    dense = FLOAT_BITS * (backbone + bias_per_task + norm_per_task) + all_heads
-
-    rows = []
-    trained = model.trained_tasks()
-    owners = [
-        [layer.bank_owner(b).cpu().numpy().ravel() for b in range(layer.n_banks)]
-        for layer in layers
-    ]
-    # Per layer and bank, once: weights owned per slot, and an ownership key on which "owned
-    # by an earlier slot than s" is one comparison (free weights sort last).
-    n_slots = len(model.task_table)
-    counts = [
-        [np.bincount(o.astype(np.int64) - FREE, minlength=n_slots - FREE) for o in bank]
-        for bank in owners
-    ]
-    owned = [[c[-FREE:] for c in bank] for bank in counts]
-    keys = [
-        [np.where(o == FREE, np.iinfo(o.dtype).max, o).astype(o.dtype) for o in bank]
-        for bank in owners
-    ]
-    for label in trained:
-        slot = model.slot_of(label)
-        own = shared = weight_bits = codebook_bits = mask_bits = 0
-        bits = 0
-        for i, layer in enumerate(layers):
-            bank = layer.bank_of_slot(slot)
-            n_own = int(owned[i][bank][slot])
-            b = int(layer.task_bits[slot]) if len(layer.task_bits) > slot else 0
-            bits = max(bits, b)
-            own += n_own
-            weight_bits += n_own * (b if b else FLOAT_BITS)
-            codebook_bits += (2**b) * FLOAT_BITS if b else 0
-            # A task's mask is its own weights plus the earlier tasks' weights it shares (the
-            # export checks it): the shared bitmap is the mask over earlier-owned weights.
-            # Sizes from symbol counts: exactly what the export writes, without encoding.
-            mask = np.unpackbits(layer.task_masks[slot].cpu().numpy(), bitorder="little")
-            bitmap = mask[: keys[i][bank].size][keys[i][bank] < slot].view(bool)
-            shared += int(np.count_nonzero(bitmap))
-            if bitmap.size:
-                mask_bits += encoded_bits(np.bincount(np.packbits(bitmap), minlength=256))
-        head_bits = _head_bits(model, label, slot)
-        rows.append(
-            TaskCapacity(
-                task=label,
-                bank=model.bank_of(label),
-                own_weights=own,
-                shared_weights=shared,
-                bits=bits or FLOAT_BITS,
-                weight_bits=weight_bits,
-                codebook_bits=codebook_bits,
-                mask_bits=mask_bits,
-                head_bits=head_bits,
-                norm_bits=FLOAT_BITS * (bias_per_task + norm_per_task),
-                activation_bits=_activation_bits(model, slot),
-            )
-        )
-    n_banks = max((model.bank_of(t) for t in trained), default=-1) + 1
-    ownership = sum(
-        encoded_bits(np.bincount(owner_symbols(bank_owners[b], len(trained))))
-        for bank_owners in owners
-        for b in range(n_banks)
-    )
-    total = sum(r.total_bits for r in rows) + ownership
+    enc = ModelEncoding.of(model)
+    dense, backbone, norm_bits = _dense_bits(model)
+    rows = tuple(_task_row(model, enc, slot, norm_bits) for slot in range(len(enc.labels)))
+    ownership = enc.ownership_bits()
     return CapacityReport(
-        tuple(rows),
+        rows,
         ownership,
-        total,
+        sum(r.total_bits for r in rows) + ownership,
         dense,
-        FLOAT_BITS * backbone,
+        backbone,
         banks=model.n_banks,
         memory_bits=model.memory_bits(),
-        # the same as each layer's free_fraction(bank), from the counts made above
         free_fractions={
-            name: tuple(float(c[0]) / max(int(c.sum()), 1) for c in bank)
-            for (name, _), bank in zip(model.masked_layers(), counts, strict=True)
+            name: tuple(layer.free_fraction(b) for b in range(layer.n_banks))
+            for name, layer in model.masked_layers()
         },
     )
 

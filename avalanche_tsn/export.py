@@ -34,7 +34,14 @@ from avalanche.models import MultiHeadClassifier
 from torch import Tensor, nn
 
 from avalanche_tsn.bitpack import pack_codes, unpack_codes
-from avalanche_tsn.capacity import owner_pairs, owner_symbols
+from avalanche_tsn.encoding import (
+    LayerPart,
+    ModelEncoding,
+    TaskPart,
+    indices_by_owner,
+    owner_pairs,
+    owner_symbols,
+)
 from avalanche_tsn.heads import freeze_head, new_head
 from avalanche_tsn.huffman import (
     HuffmanCode,
@@ -58,18 +65,6 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 _PREFIX = struct.Struct("<4sHI")
 _CRC = struct.Struct("<I")
-
-
-def _mask_bits(mask: np.ndarray) -> np.ndarray:
-    """Little-endian unpacking of a layer's bit-packed task mask (as its buffer stores it)."""
-    return np.unpackbits(mask, bitorder="little").view(bool)
-
-
-def _indices_by_owner(owner: np.ndarray, n_slots: int) -> list[np.ndarray]:
-    """Flat indices of the weights each slot owns, in increasing order (one stable sort)."""
-    order = np.argsort(owner.astype(np.int16), kind="stable")  # int16: a radix sort
-    counts = np.bincount(owner.astype(np.int64) + 1, minlength=n_slots + 1)
-    return np.split(order[counts[0] :], np.cumsum(counts[1:n_slots]))[:n_slots]
 
 
 class _Writer:
@@ -174,66 +169,47 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
     :return: bytes written.
     """
     require_full(model, "export")
-    tasks = model.trained_tasks()
+    enc = ModelEncoding.of(model)
+    tasks = enc.labels
     if not tasks:
         raise ValueError("nothing to export: no task is trained yet")
-    # Trained tasks hold slots 0..k-1; a task in training (or interrupted) is left out.
-    slots = [model.slot_of(t) for t in tasks]
     w = _Writer()
     header: dict[str, Any] = {
         "tasks": tasks,
-        "sparsity": [model.task_table.sparsity_of(s) for s in range(len(tasks))],
+        "sparsity": enc.sparsity,
         "architecture": _architecture(model.net),
         "layers": [],
         "heads": {},
+        "banks": enc.banks,
+        "owner_pairs": owner_pairs(len(tasks)),
     }
-    banks = [model.bank_of(t) for t in tasks]
-    header["banks"] = banks
-    header["owner_pairs"] = owner_pairs(len(tasks))
-    for name, layer in model.masked_layers():
-        owners = [layer.bank_owner(b).cpu().numpy().ravel() for b in range(max(banks) + 1)]
-        values_of = [layer.bank_weights[b].detach().cpu().flatten() for b in range(len(owners))]
-        for owner in owners:
+    for layer in enc.layers:
+        for owner in layer.owners:
             w.huffman(encode_symbols(owner_symbols(owner, len(tasks))))
-        own_idx = [_indices_by_owner(owner, len(slots)) for owner in owners]
-        earlier = [np.zeros(owner.size, dtype=bool) for owner in owners]
-        bits, own_counts = [], []
-        for slot in slots:
-            bank = layer.bank_of_slot(slot)
-            idx = own_idx[bank][slot]
-            mask = _mask_bits(layer.task_masks[slot].cpu().numpy())[: owners[bank].size]
-            shared = mask[earlier[bank]]
-            # mask = own + shared (and nothing else): the counts and the own entries tell
-            if not mask[idx].all() or int(np.count_nonzero(mask)) != idx.size + int(
-                np.count_nonzero(shared)
-            ):
-                raise RuntimeError(f"{name}: task mask is not own plus shared weights")
-            w.huffman(encode_symbols(np.packbits(shared)))
-            earlier[bank][idx] = True
-            own_counts.append(idx.size)
-            b = int(layer.task_bits[slot])
-            values = values_of[bank][torch.from_numpy(idx)]
-            if b:
-                w.quantized(values, layer.task_centroids[slot, : 2**b].cpu(), b)
+        for part in layer.tasks:
+            w.huffman(encode_symbols(np.packbits(part.shared)))
+            if part.bits:
+                w.quantized(part.values, part.centroids, part.bits)
             else:
-                w.tensor(values.float())
-            if layer.task_bias is not None:
-                w.tensor(layer.task_bias[slot])
-            bits.append(b)
+                w.tensor(part.values)
+            if part.bias is not None:
+                w.tensor(part.bias)
         header["layers"].append(
-            {"name": name, "bias": layer.task_bias is not None, "bits": bits, "own": own_counts}
+            {
+                "name": layer.name,
+                "bias": layer.tasks[0].bias is not None,
+                "bits": [part.bits for part in layer.tasks],
+                "own": [part.own.size for part in layer.tasks],
+            }
         )
-    for norm in model.norm_layers():
-        for slot in slots:
-            for t in (norm.task_mean, norm.task_var, norm.task_weight, norm.task_bias):
-                if t is not None:
-                    w.tensor(t[slot])
-    header["head_bits"] = [int(model.head_bits[s]) for s in slots]
+    for per_task in enc.norms:
+        for terms in per_task:
+            for t in terms:
+                w.tensor(t)
+    header["head_bits"] = enc.head_bits
     # Optional (files without it load with no calibration): each task's activation ranges.
-    ranges = model.act_range
-    header["act_range"] = [
-        ranges[s].tolist() if bool(calibrated(ranges[s]).all()) else None for s in slots
-    ]
+    header["act_range"] = [r.tolist() if bool(calibrated(r).all()) else None for r in enc.act_range]
+    slots = list(range(len(tasks)))
     for hname, heads in _named_heads(model):
         entry = {}
         for label, slot in zip(tasks, slots, strict=True):
@@ -243,13 +219,13 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
             head = heads.classifiers[key]
             weights, rest = _head_entries(head)
             state = head.state_dict()
-            b = int(model.head_bits[slot])
+            b = enc.head_bits[slot]
             if b:
                 values = torch.cat([state[k].flatten() for k in weights]).cpu()
-                w.quantized(values, model.task_table.head_codebook(slot)[0].cpu(), b)
+                w.quantized(values, enc.head_centroids[slot], b)
             raw = rest if b else weights + rest
             au = f"active_units_T{key}"
-            extra = heads._buffers.get(au)
+            extra = dict(heads.named_buffers(recurse=False)).get(au)
             for k in raw:
                 w.tensor(state[k])
             if extra is not None:
@@ -473,36 +449,44 @@ def _decode_layers(
             )
             for name, numel, owners, n_own, slots, bits in parsed
         ]
-    layers = []
-    for name, numel, owners, n_own, slots, bits_per_slot in parsed:
-        owners = [_check_owner(o, numel, len(tasks), name) for o in owners]
-        own_idx = [_indices_by_owner(owner, len(tasks)) for owner in owners]
-        earlier = [np.zeros(numel, dtype=bool) for _ in owners]
-        weights = np.zeros((n_banks, numel), dtype=np.float32)
-        masks, biases, centroids = [], [], []
-        for slot, (symbols, values, book, bias) in enumerate(slots):
-            bank = banks[slot]
-            idx = own_idx[bank][slot]
-            if idx.size != n_own[slot]:
-                raise ValueError(f"corrupt export file: ownership map of {name} is invalid")
-            n_earlier = int(np.count_nonzero(earlier[bank]))
-            bits = np.unpackbits(np.asarray(symbols, dtype=np.uint8))[:n_earlier]
-            if bits.size != n_earlier or len(symbols) != (n_earlier + 7) // 8:
-                raise ValueError(f"corrupt export file: shared bitmap of {name} has wrong size")
-            mask = np.zeros(numel, dtype=bool)
-            mask[earlier[bank]] = bits.view(bool)
-            mask[idx] = True
-            earlier[bank][idx] = True
-            masks.append(torch.from_numpy(np.packbits(mask, bitorder="little")))
-            weights[bank][idx] = values.numpy()
-            centroids.append(book)
-            if bias is not None:
-                biases.append(bias)
-        shape = tuple(shapes[name])
-        owners = [torch.from_numpy(o.astype(np.int16)).view(shape) for o in owners]
-        weights_t = torch.from_numpy(weights).view(n_banks, *shape)
-        layers.append((weights_t, owners, masks, biases, centroids, bits_per_slot))
-    return layers
+    return [
+        _layer_part(name, tuple(shapes[name]), owners, n_own, slots, bits, banks)
+        for name, _, owners, n_own, slots, bits in parsed
+    ]
+
+
+def _layer_part(
+    name: str,
+    shape: tuple[int, ...],
+    owners: list[np.ndarray],
+    n_own: list[int],
+    slots: list[tuple],
+    bits_per_slot: list[int],
+    banks: list[int],
+) -> LayerPart:
+    """One layer's decoded codes as a :class:`LayerPart`, every count checked."""
+    numel, n_tasks = int(np.prod(shape)), len(banks)
+    owners = [_check_owner(o, numel, n_tasks, name) for o in owners]
+    own_idx = [indices_by_owner(owner, n_tasks) for owner in owners]
+    for bank, owner in enumerate(owners):
+        owned = np.bincount(owner.astype(np.int64) - FREE, minlength=n_tasks - FREE)[-FREE:]
+        if any(owned[s] and banks[s] != bank for s in range(n_tasks)):
+            raise ValueError(f"corrupt export file: ownership map of {name} is invalid")
+    parts = []
+    for slot, ((symbols, values, book, bias), b) in enumerate(
+        zip(slots, bits_per_slot, strict=True)
+    ):
+        bank = banks[slot]
+        idx = own_idx[bank][slot]
+        if idx.size != n_own[slot]:
+            raise ValueError(f"corrupt export file: ownership map of {name} is invalid")
+        owner = owners[bank]
+        n_earlier = int(np.count_nonzero((owner != FREE) & (owner < slot)))
+        shared = np.unpackbits(np.asarray(symbols, dtype=np.uint8))[:n_earlier]
+        if shared.size != n_earlier or len(symbols) != (n_earlier + 7) // 8:
+            raise ValueError(f"corrupt export file: shared bitmap of {name} has wrong size")
+        parts.append(TaskPart(bank, idx, shared.view(bool), values, b, book, bias))
+    return LayerPart(name, shape, owners, parts)
 
 
 def _owner_from(symbols: np.ndarray, pairs: bool, n_tasks: int, numel: int) -> np.ndarray:
@@ -521,10 +505,15 @@ def _apply(decoded: dict[str, Any], tsn: TSNModel) -> TSNModel:
     """Write decoded tensors into ``tsn`` (every check has passed)."""
     tasks, banks = decoded["tasks"], decoded["banks"]
     tsn.restore_tasks(tasks, decoded["sparsity"], decoded["head_bits"], decoded["act_range"])
-    for (_, layer), (weights, owners, masks, biases, centroids, bits) in zip(
-        tsn.masked_layers(), decoded["layers"], strict=True
-    ):
-        codebooks = list(zip(centroids, bits, strict=True))
+    for (_, layer), part in zip(tsn.masked_layers(), decoded["layers"], strict=True):
+        n_slots, shape = len(part.tasks), part.shape
+        weights = torch.from_numpy(part.bank_weights()).view(len(part.owners), *shape)
+        owners = [torch.from_numpy(o.astype(np.int16)).view(shape) for o in part.owners]
+        masks = [
+            torch.from_numpy(np.packbits(part.mask(s), bitorder="little")) for s in range(n_slots)
+        ]
+        biases = [t.bias for t in part.tasks if t.bias is not None]
+        codebooks = [(t.centroids, t.bits) for t in part.tasks]
         layer.restore_tasks(weights, owners, masks, biases, codebooks, banks)
     for norm, per_task in zip(tsn.norm_layers(), decoded["norms"], strict=True):
         norm.restore_tasks(per_task)

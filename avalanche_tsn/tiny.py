@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avalanche_tsn.bitpack import pack_codes, unpack_codes
+from avalanche_tsn.encoding import LayerPart, ModelEncoding
 from avalanche_tsn.layers import MaskedLayer, TSNConv2d
 from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.quantization import small_codes_of
@@ -51,14 +52,16 @@ def _unpacked(packed: Tensor, count: int, bits: int) -> np.ndarray:
 class CodedLayer(TaskRouted):
     """A trained masked layer held as packed codes; computes with its dequantized weights.
 
-    :param layer: a masked layer of a TSN model whose tasks are all trained.
+    :param layer: a masked layer of a TSN model whose tasks are all trained (for its kind
+        and convolution settings).
+    :param part: the layer's part of the model's :class:`~avalanche_tsn.encoding.ModelEncoding`.
     """
 
-    def __init__(self, layer: MaskedLayer) -> None:
+    def __init__(self, layer: MaskedLayer, part: LayerPart) -> None:
         super().__init__()
-        n_slots = len(layer.task_bits)
-        self.shape = tuple(layer.weight.shape)
-        self.numel = layer.weight.numel()
+        n_slots = len(part.tasks)
+        self.shape = part.shape
+        self.numel = part.numel
         self.conv = isinstance(layer, TSNConv2d)
         if self.conv:
             self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
@@ -66,31 +69,28 @@ class CodedLayer(TaskRouted):
                 raise ValueError("coded convolutions support zero padding only")
         self.owner_bits = max(1, math.ceil(math.log2(n_slots + 1)))
         self.n_slots = n_slots
-        self.register_buffer("slot_bank", layer.slot_bank.clone())
-        self.register_buffer("task_bits", layer.task_bits.clone())
-        bias = None if layer.task_bias is None else layer.task_bias.detach().clone()
-        self.register_buffer("task_bias", bias)
-        for bank in range(layer.n_banks):
-            owner = layer.bank_owner(bank).flatten().cpu().numpy().astype(np.int64)
+        self.register_buffer(
+            "slot_bank", torch.tensor([t.bank for t in part.tasks], dtype=torch.int16)
+        )
+        self.register_buffer(
+            "task_bits", torch.tensor([t.bits for t in part.tasks], dtype=torch.int16)
+        )
+        biases = [t.bias for t in part.tasks if t.bias is not None]
+        self.register_buffer("task_bias", torch.stack(biases).clone() if biases else None)
+        for bank, owner in enumerate(part.owners):
+            owner = owner.astype(np.int64)
             self.register_buffer(f"owner_{bank}", _packed(owner - FREE, self.owner_bits))
-        for slot in range(n_slots):
-            bank = int(self.slot_bank[slot])
-            owner = layer.bank_owner(bank).flatten()
+        for slot, task in enumerate(part.tasks):
             # The mask is the weights it owns plus the earlier tasks' weights it shares: one
-            # bit per weight an earlier task owns (the capacity report's shared bitmap).
-            earlier = (owner != FREE) & (owner < slot)
-            shared = layer.task_mask(slot).flatten()[earlier].cpu().numpy()
-            self.register_buffer(f"shared_{slot}", torch.from_numpy(np.packbits(shared)))
-            own = owner == slot
-            values = layer.bank_weights[bank].flatten()[own].detach().cpu()
-            b = int(self.task_bits[slot])
-            if b:
+            # bit per weight an earlier task owns (the encoding's shared bitmap).
+            self.register_buffer(f"shared_{slot}", torch.from_numpy(np.packbits(task.shared)))
+            if task.bits:
                 # the codes, packed at the task's bit-width, and its codebook
-                book = layer.task_centroids[slot, : 2**b].detach().cpu().float()
-                self.register_buffer(f"values_{slot}", _packed(small_codes_of(values, book), b))
-                self.register_buffer(f"centroids_{slot}", book.clone())
+                codes = small_codes_of(task.values, task.centroids)
+                self.register_buffer(f"values_{slot}", _packed(codes, task.bits))
+                self.register_buffer(f"centroids_{slot}", task.centroids.clone())
             else:  # a task that was not quantized keeps float32 values
-                self.register_buffer(f"values_{slot}", values.float().clone())
+                self.register_buffer(f"values_{slot}", task.values.float().clone())
                 self.register_buffer(f"centroids_{slot}", torch.zeros(0))
         self.to(layer.weight.device)  # packed on the host, computed with on the layer's device
 
@@ -236,7 +236,13 @@ def to_tiny(model: TSNModel) -> TinyTSN:
         raise ValueError("a task is still in training: finish or abandon it first")
     if not model.trained_tasks():
         raise ValueError("nothing to compress: no task is trained yet")
-    model.replace_routed_layers({name: CodedLayer(layer) for name, layer in model.masked_layers()})
+    parts = ModelEncoding.of(model).layers
+    model.replace_routed_layers(
+        {
+            name: CodedLayer(layer, part)
+            for (name, layer), part in zip(model.masked_layers(), parts, strict=True)
+        }
+    )
     for label in model.trained_tasks():
         slot = model.slot_of(label)
         book, b = model.task_table.head_codebook(slot)

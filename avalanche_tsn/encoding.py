@@ -1,0 +1,238 @@
+"""The compact encoding of a trained TinySubNets model, written once.
+
+TinySubNets (Zurek et al., arXiv:2412.10869, 2024), "Capacity" and step 5: per masked layer,
+one ownership map per backbone copy (bank), and per task the weights it owns (at its
+bit-width, as codes into its codebook), a bitmap of which *earlier* tasks' weights it shares,
+and its bias; per task its normalisation terms, head codebook and activation ranges.
+
+:class:`ModelEncoding` is that object. The capacity report is its size in bits
+(:mod:`avalanche_tsn.capacity`), :func:`~avalanche_tsn.export.export_model` writes it,
+:func:`~avalanche_tsn.export.load_compressed` reads it back into one, and the tiny runtime
+(:mod:`avalanche_tsn.tiny`) executes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from avalanche_tsn.huffman import MAX_SYMBOL, encoded_bits, pair_symbols
+from avalanche_tsn.layers import FREE, MaskedLayer
+from avalanche_tsn.model import TSNModel
+
+__all__ = [
+    "TaskPart",
+    "LayerPart",
+    "ModelEncoding",
+    "indices_by_owner",
+    "mask_bits_of",
+    "owner_pairs",
+    "owner_symbols",
+]
+
+
+def owner_pairs(n_tasks: int) -> bool:
+    """Whether ownership maps of ``n_tasks`` trained tasks are coded in pairs of weights.
+
+    :param n_tasks: number of trained tasks.
+    """
+    return (n_tasks + 1) ** 2 - 1 <= MAX_SYMBOL
+
+
+def owner_symbols(owner: np.ndarray, n_tasks: int) -> np.ndarray:
+    """The Huffman symbols of an ownership map: pairs of ``owner + 1`` when they fit.
+
+    :param owner: a layer's ownership map (:data:`FREE` or a trained task's slot), flat.
+    :param n_tasks: number of trained tasks (owner ids are below it).
+    """
+    alphabet = n_tasks + 1
+    values = np.asarray(owner, dtype=np.int64).ravel() + 1
+    return pair_symbols(values, alphabet) if owner_pairs(n_tasks) else values
+
+
+def mask_bits_of(packed: np.ndarray) -> np.ndarray:
+    """Little-endian unpacking of a layer's bit-packed task mask (as its buffer stores it).
+
+    :param packed: the packed mask bytes.
+    """
+    return np.unpackbits(packed, bitorder="little").view(bool)
+
+
+def indices_by_owner(owner: np.ndarray, n_slots: int) -> list[np.ndarray]:
+    """Flat indices of the weights each slot owns, in increasing order (one stable sort).
+
+    :param owner: a flat ownership map (a slot or FREE per weight).
+    :param n_slots: the slots asked for, ``0..n_slots-1``.
+    """
+    order = np.argsort(owner.astype(np.int16), kind="stable")  # int16: a radix sort
+    counts = np.bincount(owner.astype(np.int64) + 1, minlength=n_slots + 1)
+    return np.split(order[counts[0] :], np.cumsum(counts[1:n_slots]))[:n_slots]
+
+
+@dataclass(frozen=True)
+class TaskPart:
+    """One trained task's part of one masked layer.
+
+    :param bank: the backbone copy the task reads.
+    :param own: flat indices of the weights it owns, increasing.
+    :param shared: over the weights of its bank that earlier tasks own (in flat order),
+        which it reads.
+    :param values: its own weights (float32, in ``own`` order); centroid values if quantized.
+    :param bits: the bit-width of its codebook, 0 if its weights stay float32.
+    :param centroids: its codebook (``2^bits`` values), empty if ``bits`` is 0.
+    :param bias: its bias, or None.
+    """
+
+    bank: int
+    own: np.ndarray
+    shared: np.ndarray
+    values: Tensor
+    bits: int
+    centroids: Tensor
+    bias: Tensor | None
+
+    def mask_code_bits(self) -> int:
+        """Bits of the Huffman-coded shared bitmap (0 when no earlier task owns a weight)."""
+        if not self.shared.size:
+            return 0
+        return encoded_bits(np.bincount(np.packbits(self.shared), minlength=256))
+
+
+@dataclass(frozen=True)
+class LayerPart:
+    """One masked layer: the banks' ownership maps and each trained task's part.
+
+    :param name: the layer's name in the model.
+    :param shape: its weight's shape.
+    :param owners: each bank's flat ownership map (a slot or FREE per weight).
+    :param tasks: each slot's part, in slot order.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    owners: list[np.ndarray]
+    tasks: list[TaskPart]
+
+    @property
+    def numel(self) -> int:
+        """Weights of the layer."""
+        return int(np.prod(self.shape))
+
+    def earlier(self, slot: int) -> np.ndarray:
+        """Which weights of ``slot``'s bank an earlier slot owns (flat, bool).
+
+        :param slot: a slot of the layer.
+        """
+        owner = self.owners[self.tasks[slot].bank]
+        return (owner != FREE) & (owner < slot)
+
+    def mask(self, slot: int) -> np.ndarray:
+        """The weights the task in ``slot`` reads: its own and the earlier ones it shares.
+
+        :param slot: a slot of the layer.
+        """
+        part = self.tasks[slot]
+        mask = np.zeros(self.numel, dtype=bool)
+        mask[self.earlier(slot)] = part.shared
+        mask[part.own] = True
+        return mask
+
+    def bank_weights(self) -> np.ndarray:
+        """Every bank's weights, ``[banks, numel]``: owned ones from the tasks, free ones 0."""
+        weights = np.zeros((len(self.owners), self.numel), dtype=np.float32)
+        for part in self.tasks:
+            weights[part.bank][part.own] = part.values.numpy()
+        return weights
+
+
+def _layer_part(name: str, layer: MaskedLayer, slots: list[int], n_banks: int) -> LayerPart:
+    owners = [layer.bank_owner(b).cpu().numpy().ravel() for b in range(n_banks)]
+    values_of = [layer.bank_weights[b].detach().cpu().flatten() for b in range(n_banks)]
+    own_idx = [indices_by_owner(owner, len(slots)) for owner in owners]
+    earlier = [np.zeros(owner.size, dtype=bool) for owner in owners]
+    tasks = []
+    for slot in slots:
+        bank = layer.bank_of_slot(slot)
+        idx = own_idx[bank][slot]
+        mask = mask_bits_of(layer.task_masks[slot].cpu().numpy())[: owners[bank].size]
+        shared = mask[earlier[bank]]
+        # mask = own + shared (and nothing else): the counts and the own entries tell
+        n_mask = int(np.count_nonzero(mask))
+        if not mask[idx].all() or n_mask != idx.size + int(np.count_nonzero(shared)):
+            raise RuntimeError(f"{name}: task mask is not own plus shared weights")
+        earlier[bank][idx] = True
+        b = int(layer.task_bits[slot])
+        book = layer.task_centroids[slot, : 2**b].detach().cpu().float() if b else torch.zeros(0)
+        bias = None if layer.task_bias is None else layer.task_bias[slot].detach().cpu()
+        values = values_of[bank][torch.from_numpy(idx)].float()
+        tasks.append(TaskPart(bank, idx, shared, values, b, book, bias))
+    return LayerPart(name, tuple(layer.weight.shape), owners, tasks)
+
+
+@dataclass(frozen=True)
+class ModelEncoding:
+    """The trained tasks of a TSN model as they are stored (see the module docstring).
+
+    :param labels: the trained tasks' labels, in slot order.
+    :param banks: each task's bank.
+    :param sparsity: each task's sparsity.
+    :param layers: every masked layer, in module order.
+    :param norms: per normalisation layer, each task's (mean, var[, weight, bias]).
+    :param head_bits: each task's head bit-width (0: float32 heads).
+    :param head_centroids: each task's head codebook (empty if not quantized).
+    :param act_range: each task's activation ranges, ``[tasks, masked layers, 2]``.
+    """
+
+    labels: list[int]
+    banks: list[int]
+    sparsity: list[float]
+    layers: list[LayerPart]
+    norms: list[list[tuple[Tensor, ...]]]
+    head_bits: list[int]
+    head_centroids: list[Tensor]
+    act_range: Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: TSNModel) -> ModelEncoding:
+        """Encode the trained tasks of a full TSN model (a task in training is left out).
+
+        :param model: the model.
+        """
+        labels = model.trained_tasks()
+        # Trained tasks hold slots 0..k-1; a task in training (or interrupted) is left out.
+        slots = [model.slot_of(t) for t in labels]  # type: ignore[misc]
+        banks = [model.bank_of(t) for t in labels]
+        n_banks = max(banks, default=-1) + 1
+        table = model.task_table
+        books = [table.head_codebook(s) for s in slots]
+        norms = []
+        for norm in model.norm_layers():
+            terms = [norm.task_mean, norm.task_var, norm.task_weight, norm.task_bias]
+            terms = [t for t in terms if t is not None]
+            norms.append([tuple(t[s].detach().cpu() for t in terms) for s in slots])
+        return cls(
+            labels=labels,
+            banks=banks,
+            sparsity=[table.sparsity_of(s) for s in slots],
+            layers=[
+                _layer_part(name, layer, slots, n_banks)  # type: ignore[arg-type]
+                for name, layer in model.masked_layers()
+            ],
+            norms=norms,
+            head_bits=[b for _, b in books],
+            head_centroids=[c.detach().cpu().float() for c, _ in books],
+            act_range=table.act_range[: len(slots)].detach().cpu(),
+        )
+
+    def ownership_bits(self) -> int:
+        """Bits of the Huffman-coded ownership maps of every layer and bank."""
+        n = len(self.labels)
+        return sum(
+            encoded_bits(np.bincount(owner_symbols(owner, n)))
+            for layer in self.layers
+            for owner in layer.owners
+        )
