@@ -194,10 +194,10 @@ def _task_row(model: TSNModel, enc: ModelEncoding, slot: int, norm_bits: int) ->
     return TaskCapacity(
         task=label,
         bank=enc.banks[slot],
-        own_weights=sum(p.own.size for p in parts),
-        shared_weights=sum(int(np.count_nonzero(p.shared)) for p in parts),
+        own_weights=sum(p.n_own for p in parts),
+        shared_weights=sum(p.n_shared for p in parts),
         bits=max((p.bits for p in parts), default=0) or FLOAT_BITS,
-        weight_bits=sum(p.own.size * (p.bits or FLOAT_BITS) for p in parts),
+        weight_bits=sum(p.n_own * (p.bits or FLOAT_BITS) for p in parts),
         codebook_bits=sum((2**p.bits) * FLOAT_BITS for p in parts if p.bits),
         mask_bits=sum(p.mask_code_bits() for p in parts),
         head_bits=_head_bits(model, label, slot),
@@ -228,9 +228,14 @@ def capacity_report(model: TSNModel) -> CapacityReport:
         backbone,
         banks=model.n_banks,
         memory_bits=model.memory_bits(),
+        # from the encoding's counts where it has the bank (a bank no trained task uses
+        # yet is not encoded)
         free_fractions={
-            name: tuple(layer.free_fraction(b) for b in range(layer.n_banks))
-            for name, layer in model.masked_layers()
+            name: tuple(
+                part.free_fraction(b) if b < len(part.owners) else layer.free_fraction(b)
+                for b in range(layer.n_banks)
+            )
+            for (name, layer), part in zip(model.masked_layers(), enc.layers, strict=True)
         },
     )
 

@@ -13,7 +13,9 @@ and its bias; per task its normalisation terms, head codebook and activation ran
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -76,29 +78,57 @@ def indices_by_owner(owner: np.ndarray, n_slots: int) -> list[np.ndarray]:
 class TaskPart:
     """One trained task's part of one masked layer.
 
+    Its own positions and values are read on first use: the capacity report needs only
+    their count.
+
     :param bank: the backbone copy the task reads.
-    :param own: flat indices of the weights it owns, increasing.
-    :param shared: over the weights of its bank that earlier tasks own (in flat order),
-        which it reads.
-    :param values: its own weights (float32, in ``own`` order); centroid values if quantized.
+    :param n_own: how many weights it owns.
+    :param shared_bits: over the weights of its bank that earlier tasks own (in flat
+        order), which it reads: bit-packed (``np.packbits``), as it is stored.
+    :param n_earlier: weights of its bank that earlier tasks own (the bitmap's length).
+    :param n_shared: how many of them it reads.
     :param bits: the bit-width of its codebook, 0 if its weights stay float32.
     :param centroids: its codebook (``2^bits`` values), empty if ``bits`` is 0.
     :param bias: its bias, or None.
+    :param read_own: gives the flat indices of the weights it owns, increasing.
+    :param read_values: gives its own weights (float32, in ``own`` order; centroid values
+        if quantized).
     """
 
     bank: int
-    own: np.ndarray
-    shared: np.ndarray
-    values: Tensor
+    n_own: int
+    shared_bits: np.ndarray
+    n_earlier: int
+    n_shared: int
     bits: int
     centroids: Tensor
     bias: Tensor | None
+    read_own: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    read_values: Callable[[], Tensor] = field(repr=False, compare=False)
+
+    @cached_property
+    def own(self) -> np.ndarray:
+        """Flat indices of the weights the task owns, increasing."""
+        own = self.read_own()
+        if own.size != self.n_own:
+            raise ValueError(f"own weights: {own.size} found, {self.n_own} expected")
+        return own
+
+    @cached_property
+    def values(self) -> Tensor:
+        """The task's own weights, float32, in :attr:`own` order."""
+        return self.read_values()
+
+    @property
+    def shared(self) -> np.ndarray:
+        """The shared bitmap, unpacked (bool, one per earlier-owned weight)."""
+        return np.unpackbits(self.shared_bits)[: self.n_earlier].view(bool)
 
     def mask_code_bits(self) -> int:
         """Bits of the Huffman-coded shared bitmap (0 when no earlier task owns a weight)."""
-        if not self.shared.size:
+        if not self.n_earlier:
             return 0
-        return encoded_bits(np.bincount(np.packbits(self.shared), minlength=256))
+        return encoded_bits(np.bincount(self.shared_bits, minlength=256))
 
 
 @dataclass(frozen=True)
@@ -109,12 +139,21 @@ class LayerPart:
     :param shape: its weight's shape.
     :param owners: each bank's flat ownership map (a slot or FREE per weight).
     :param tasks: each slot's part, in slot order.
+    :param free: each bank's count of weights no trained task owns.
     """
 
     name: str
     shape: tuple[int, ...]
     owners: list[np.ndarray]
     tasks: list[TaskPart]
+    free: list[int]
+
+    def free_fraction(self, bank: int) -> float:
+        """Fraction of ``bank``'s weights that no trained task owns.
+
+        :param bank: a bank of the encoding.
+        """
+        return self.free[bank] / max(self.numel, 1)
 
     @property
     def numel(self) -> int:
@@ -150,26 +189,56 @@ class LayerPart:
 
 def _layer_part(name: str, layer: MaskedLayer, slots: list[int], n_banks: int) -> LayerPart:
     owners = [layer.bank_owner(b).cpu().numpy().ravel() for b in range(n_banks)]
-    values_of = [layer.bank_weights[b].detach().cpu().flatten() for b in range(n_banks)]
-    own_idx = [indices_by_owner(owner, len(slots)) for owner in owners]
-    earlier = [np.zeros(owner.size, dtype=bool) for owner in owners]
+    counts = [np.bincount(o.astype(np.int64) - FREE, minlength=len(slots) - FREE) for o in owners]
+    # "owned by an earlier slot than s" is one comparison on these keys (free weights last)
+    keys = [np.where(o == FREE, np.iinfo(o.dtype).max, o).astype(o.dtype) for o in owners]
+    own_idx: dict[int, list[np.ndarray]] = {}  # one sort per bank, when first asked for
+
+    def mask_of(slot: int, bank: int) -> np.ndarray:
+        return mask_bits_of(layer.task_masks[slot].cpu().numpy())[: owners[bank].size]
+
+    def reader(bank: int, slot: int) -> Callable[[], np.ndarray]:
+        def read() -> np.ndarray:
+            if bank not in own_idx:
+                own_idx[bank] = indices_by_owner(owners[bank], len(slots))
+            idx = own_idx[bank][slot]
+            # (the mask is read again rather than kept: one full-layer array per task)
+            if not mask_of(slot, bank)[idx].all():
+                raise RuntimeError(f"{name}: task mask is not own plus shared weights")
+            return idx
+
+        return read
+
     tasks = []
     for slot in slots:
         bank = layer.bank_of_slot(slot)
-        idx = own_idx[bank][slot]
-        mask = mask_bits_of(layer.task_masks[slot].cpu().numpy())[: owners[bank].size]
-        shared = mask[earlier[bank]]
+        mask = mask_of(slot, bank)
+        shared = mask[keys[bank] < slot]
+        n_own, n_shared = int(counts[bank][slot - FREE]), int(np.count_nonzero(shared))
         # mask = own + shared (and nothing else): the counts and the own entries tell
-        n_mask = int(np.count_nonzero(mask))
-        if not mask[idx].all() or n_mask != idx.size + int(np.count_nonzero(shared)):
+        if int(np.count_nonzero(mask)) != n_own + n_shared:
             raise RuntimeError(f"{name}: task mask is not own plus shared weights")
-        earlier[bank][idx] = True
         b = int(layer.task_bits[slot])
         book = layer.task_centroids[slot, : 2**b].detach().cpu().float() if b else torch.zeros(0)
         bias = None if layer.task_bias is None else layer.task_bias[slot].detach().cpu()
-        values = values_of[bank][torch.from_numpy(idx)].float()
-        tasks.append(TaskPart(bank, idx, shared, values, b, book, bias))
-    return LayerPart(name, tuple(layer.weight.shape), owners, tasks)
+        read_own = reader(bank, slot)
+        flat = layer.bank_weights[bank].detach().cpu().flatten()
+        tasks.append(
+            TaskPart(
+                bank,
+                n_own,
+                np.packbits(shared),
+                shared.size,
+                n_shared,
+                b,
+                book,
+                bias,
+                read_own,
+                lambda w=flat, r=read_own: w[torch.from_numpy(r())].float(),
+            )
+        )
+    free = [int(c[0]) for c in counts]
+    return LayerPart(name, tuple(layer.weight.shape), owners, tasks, free)
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,7 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
         for owner in layer.owners:
             w.huffman(encode_symbols(owner_symbols(owner, len(tasks))))
         for part in layer.tasks:
-            w.huffman(encode_symbols(np.packbits(part.shared)))
+            w.huffman(encode_symbols(part.shared_bits))
             if part.bits:
                 w.quantized(part.values, part.centroids, part.bits)
             else:
@@ -199,7 +199,7 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
                 "name": layer.name,
                 "bias": layer.tasks[0].bias is not None,
                 "bits": [part.bits for part in layer.tasks],
-                "own": [part.own.size for part in layer.tasks],
+                "own": [part.n_own for part in layer.tasks],
             }
         )
     for per_task in enc.norms:
@@ -468,10 +468,12 @@ def _layer_part(
     numel, n_tasks = int(np.prod(shape)), len(banks)
     owners = [_check_owner(o, numel, n_tasks, name) for o in owners]
     own_idx = [indices_by_owner(owner, n_tasks) for owner in owners]
+    free = []
     for bank, owner in enumerate(owners):
-        owned = np.bincount(owner.astype(np.int64) - FREE, minlength=n_tasks - FREE)[-FREE:]
-        if any(owned[s] and banks[s] != bank for s in range(n_tasks)):
+        counts = np.bincount(owner.astype(np.int64) - FREE, minlength=n_tasks - FREE)
+        if any(counts[s - FREE] and banks[s] != bank for s in range(n_tasks)):
             raise ValueError(f"corrupt export file: ownership map of {name} is invalid")
+        free.append(int(counts[0]))
     parts = []
     for slot, ((symbols, values, book, bias), b) in enumerate(
         zip(slots, bits_per_slot, strict=True)
@@ -485,8 +487,21 @@ def _layer_part(
         shared = np.unpackbits(np.asarray(symbols, dtype=np.uint8))[:n_earlier]
         if shared.size != n_earlier or len(symbols) != (n_earlier + 7) // 8:
             raise ValueError(f"corrupt export file: shared bitmap of {name} has wrong size")
-        parts.append(TaskPart(bank, idx, shared.view(bool), values, b, book, bias))
-    return LayerPart(name, shape, owners, parts)
+        parts.append(
+            TaskPart(
+                bank,
+                idx.size,
+                np.packbits(shared),
+                n_earlier,
+                int(np.count_nonzero(shared)),
+                b,
+                book,
+                bias,
+                lambda i=idx: i,
+                lambda v=values: v,
+            )
+        )
+    return LayerPart(name, shape, owners, parts, free)
 
 
 def _owner_from(symbols: np.ndarray, pairs: bool, n_tasks: int, numel: int) -> np.ndarray:

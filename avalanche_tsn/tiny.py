@@ -83,7 +83,7 @@ class CodedLayer(TaskRouted):
         for slot, task in enumerate(part.tasks):
             # The mask is the weights it owns plus the earlier tasks' weights it shares: one
             # bit per weight an earlier task owns (the encoding's shared bitmap).
-            self.register_buffer(f"shared_{slot}", torch.from_numpy(np.packbits(task.shared)))
+            self.register_buffer(f"shared_{slot}", torch.from_numpy(task.shared_bits.copy()))
             if task.bits:
                 # the codes, packed at the task's bit-width, and its codebook
                 codes = small_codes_of(task.values, task.centroids)
