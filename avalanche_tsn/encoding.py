@@ -63,14 +63,18 @@ def mask_bits_of(packed: np.ndarray) -> np.ndarray:
     return np.unpackbits(packed, bitorder="little").view(bool)
 
 
-def indices_by_owner(owner: np.ndarray, n_slots: int) -> list[np.ndarray]:
+def indices_by_owner(
+    owner: np.ndarray, n_slots: int, counts: np.ndarray | None = None
+) -> list[np.ndarray]:
     """Flat indices of the weights each slot owns, in increasing order (one stable sort).
 
     :param owner: a flat ownership map (a slot or FREE per weight).
     :param n_slots: the slots asked for, ``0..n_slots-1``.
+    :param counts: the free count, then each slot's count, if known already.
     """
     order = np.argsort(owner.astype(np.int16), kind="stable")  # int16: a radix sort
-    counts = np.bincount(owner.astype(np.int64) + 1, minlength=n_slots + 1)
+    if counts is None:
+        counts = np.bincount(owner.astype(np.int64) + 1, minlength=n_slots + 1)
     return np.split(order[counts[0] :], np.cumsum(counts[1:n_slots]))[:n_slots]
 
 
@@ -91,8 +95,8 @@ class TaskPart:
     :param centroids: its codebook (``2^bits`` values), empty if ``bits`` is 0.
     :param bias: its bias, or None.
     :param read_own: gives the flat indices of the weights it owns, increasing.
-    :param read_values: gives its own weights (float32, in ``own`` order; centroid values
-        if quantized).
+    :param read_values: gives its own weights from its own positions (float32, in ``own``
+        order; centroid values if quantized).
     """
 
     bank: int
@@ -104,7 +108,7 @@ class TaskPart:
     centroids: Tensor
     bias: Tensor | None
     read_own: Callable[[], np.ndarray] = field(repr=False, compare=False)
-    read_values: Callable[[], Tensor] = field(repr=False, compare=False)
+    read_values: Callable[[np.ndarray], Tensor] = field(repr=False, compare=False)
 
     @cached_property
     def own(self) -> np.ndarray:
@@ -117,7 +121,7 @@ class TaskPart:
     @cached_property
     def values(self) -> Tensor:
         """The task's own weights, float32, in :attr:`own` order."""
-        return self.read_values()
+        return self.read_values(self.own)
 
     @property
     def shared(self) -> np.ndarray:
@@ -189,9 +193,11 @@ class LayerPart:
 
 def _layer_part(name: str, layer: MaskedLayer, slots: list[int], n_banks: int) -> LayerPart:
     owners = [layer.bank_owner(b).cpu().numpy().ravel() for b in range(n_banks)]
-    counts = [np.bincount(o.astype(np.int64) - FREE, minlength=len(slots) - FREE) for o in owners]
-    # "owned by an earlier slot than s" is one comparison on these keys (free weights last)
-    keys = [np.where(o == FREE, np.iinfo(o.dtype).max, o).astype(o.dtype) for o in owners]
+    # The int16 maps seen as uint16: FREE becomes the largest key, so "owned by an earlier
+    # slot than s" is one comparison, and one bincount gives every slot's count.
+    keys = [o.astype(np.int16, copy=False).view(np.uint16) for o in owners]
+    tallies = [np.bincount(k, minlength=1 << 16) for k in keys]
+    counts = [np.concatenate([t[-1:], t[: len(slots)]]) for t in tallies]  # free, then slots
     own_idx: dict[int, list[np.ndarray]] = {}  # one sort per bank, when first asked for
 
     def mask_of(slot: int, bank: int) -> np.ndarray:
@@ -200,10 +206,11 @@ def _layer_part(name: str, layer: MaskedLayer, slots: list[int], n_banks: int) -
     def reader(bank: int, slot: int) -> Callable[[], np.ndarray]:
         def read() -> np.ndarray:
             if bank not in own_idx:
-                own_idx[bank] = indices_by_owner(owners[bank], len(slots))
+                own_idx[bank] = indices_by_owner(owners[bank], len(slots), counts[bank])
             idx = own_idx[bank][slot]
-            # (the mask is read again rather than kept: one full-layer array per task)
-            if not mask_of(slot, bank)[idx].all():
+            # the own bits of the packed mask (kept packed: one full-layer array per task)
+            packed = layer.task_masks[slot].cpu().numpy()
+            if not ((packed[idx >> 3] >> (idx & 7).astype(np.uint8)) & 1).all():
                 raise RuntimeError(f"{name}: task mask is not own plus shared weights")
             return idx
 
@@ -214,7 +221,7 @@ def _layer_part(name: str, layer: MaskedLayer, slots: list[int], n_banks: int) -
         bank = layer.bank_of_slot(slot)
         mask = mask_of(slot, bank)
         shared = mask[keys[bank] < slot]
-        n_own, n_shared = int(counts[bank][slot - FREE]), int(np.count_nonzero(shared))
+        n_own, n_shared = int(counts[bank][slot + 1]), int(np.count_nonzero(shared))
         # mask = own + shared (and nothing else): the counts and the own entries tell
         if int(np.count_nonzero(mask)) != n_own + n_shared:
             raise RuntimeError(f"{name}: task mask is not own plus shared weights")
@@ -234,7 +241,7 @@ def _layer_part(name: str, layer: MaskedLayer, slots: list[int], n_banks: int) -
                 book,
                 bias,
                 read_own,
-                lambda w=flat, r=read_own: w[torch.from_numpy(r())].float(),
+                lambda own, w=flat: w[torch.from_numpy(own)].float(),
             )
         )
     free = [int(c[0]) for c in counts]

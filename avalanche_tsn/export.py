@@ -498,7 +498,7 @@ def _layer_part(
                 book,
                 bias,
                 lambda i=idx: i,
-                lambda v=values: v,
+                lambda _own, v=values: v,
             )
         )
     return LayerPart(name, shape, owners, parts, free)
