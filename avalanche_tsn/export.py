@@ -209,34 +209,8 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
     header["head_bits"] = enc.head_bits
     # Optional (files without it load with no calibration): each task's activation ranges.
     header["act_range"] = [r.tolist() if bool(calibrated(r).all()) else None for r in enc.act_range]
-    slots = list(range(len(tasks)))
     for hname, heads in _named_heads(model):
-        entry = {}
-        for label, slot in zip(tasks, slots, strict=True):
-            key = str(label)
-            if key not in heads.classifiers:
-                continue
-            head = heads.classifiers[key]
-            weights, rest = _head_entries(head)
-            state = head.state_dict()
-            b = enc.head_bits[slot]
-            if b:
-                values = torch.cat([state[k].flatten() for k in weights]).cpu()
-                w.quantized(values, enc.head_centroids[slot], b)
-            raw = rest if b else weights + rest
-            au = f"active_units_T{key}"
-            extra = dict(heads.named_buffers(recurse=False)).get(au)
-            for k in raw:
-                w.tensor(state[k])
-            if extra is not None:
-                w.tensor(extra)
-            entry[key] = {
-                "out": head.classifier.out_features,
-                "weights": [[k, list(state[k].shape)] for k in weights],
-                "raw": [[k, list(state[k].shape), str(state[k].dtype)] for k in raw],
-                "active_units": None if extra is None else [len(extra), str(extra.dtype)],
-            }
-        header["heads"][hname] = entry
+        header["heads"][hname] = _write_heads(w, heads, enc)
     head_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head_bytes)) + head_bytes + w.buf.getvalue()
     data = body + _CRC.pack(zlib.crc32(body))
@@ -245,6 +219,35 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
     else:
         path.write(data)
     return len(data)
+
+
+def _write_heads(w: _Writer, heads: MultiHeadClassifier, enc: ModelEncoding) -> dict[str, Any]:
+    """Write each trained task's head of ``heads``; return their header entries."""
+    entry = {}
+    for slot, label in enumerate(enc.labels):
+        key = str(label)
+        if key not in heads.classifiers:
+            continue
+        head = heads.classifiers[key]
+        weights, rest = _head_entries(head)
+        state = head.state_dict()
+        b = enc.head_bits[slot]
+        if b:
+            values = torch.cat([state[k].flatten() for k in weights]).cpu()
+            w.quantized(values, enc.head_centroids[slot], b)
+        raw = rest if b else weights + rest
+        extra = dict(heads.named_buffers(recurse=False)).get(f"active_units_T{key}")
+        for k in raw:
+            w.tensor(state[k])
+        if extra is not None:
+            w.tensor(extra)
+        entry[key] = {
+            "out": head.classifier.out_features,
+            "weights": [[k, list(state[k].shape)] for k in weights],
+            "raw": [[k, list(state[k].shape), str(state[k].dtype)] for k in raw],
+            "active_units": None if extra is None else [len(extra), str(extra.dtype)],
+        }
+    return entry
 
 
 def _named_heads(model: TSNModel) -> list[tuple[str, MultiHeadClassifier]]:

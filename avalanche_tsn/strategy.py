@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from os import PathLike
 from typing import Any, BinaryIO
 
@@ -28,7 +28,7 @@ from avalanche_tsn.activations import check_act_bits, task_accuracy
 from avalanche_tsn.capacity import CapacityReport, capacity_report
 from avalanche_tsn.compute import ComputeReport, compute_report
 from avalanche_tsn.export import export_model
-from avalanche_tsn.inference import check_method, infer_tasks, memory_statistics
+from avalanche_tsn.inference import check_method
 from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.plugins import (
     ActivationCalibrationPlugin,
@@ -41,17 +41,15 @@ from avalanche_tsn.plugins import (
 )
 from avalanche_tsn.plugins._common import strategy_batches
 from avalanche_tsn.similarity import DEFAULT_KL_THRESHOLD, check_threshold
-from avalanche_tsn.stages import StageSpec, assemble_plugins, check_plugins, stage_context
+from avalanche_tsn.stages import StageSpec, assemble_plugins, check_plugins
 from avalanche_tsn.streams import (
     check_stream,
-    experience_classes,
-    experience_task_labels,
-    relabelled,
     task_aware,
 )
+from avalanche_tsn.task_routing import TaskRoutingMixin
 from avalanche_tsn.validation import check_bool
 
-__all__ = ["TSNStrategy", "TSNSettings", "reject_arguments"]
+__all__ = ["TSNStrategy", "TSNSettings", "tsn_recipe", "reject_arguments"]
 
 
 def _aware(items: Iterable[Any]) -> list[Any]:
@@ -96,9 +94,91 @@ class TSNSettings:
     new_bank_below: float | None
     calibrate_activations: bool
     task_inference: str | None
+    tensor_batches: bool
+
+    def checked(self, user_plugins: Sequence[BasePlugin]) -> TSNSettings:
+        """These settings, checked where no stage's plugin checks them (inference normalised).
+
+        :param user_plugins: the user's plugins (a MaskLearningPlugin there sets the
+            sparsity itself).
+        """
+        check_bool(self.task_matching, "task_matching")
+        check_bool(self.calibrate_activations, "calibrate_activations")
+        check_bool(self.tensor_batches, "tensor_batches")
+        check_threshold(self.kl_threshold)
+        inference = self.task_inference
+        if any(isinstance(p, MaskLearningPlugin) for p in user_plugins) and (
+            self.sparsity is not None or self.new_bank_below is not None
+        ):
+            raise ValueError(
+                "sparsity or new_bank_below is set both on TSNStrategy and on the "
+                "MaskLearningPlugin in plugins; set it in one place"
+            )
+        return replace(self, task_inference=None if inference is None else check_method(inference))
 
 
-class TSNStrategy(SupervisedTemplate):
+def _check_model_and_optimizer(model: object, optimizer: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+
+
+def tsn_recipe(s: TSNSettings) -> list[StageSpec]:
+    """TSN's stages in algorithm order, each on or off as ``s`` says.
+
+    WSN and Ada-QPacknet are other recipes on the same stages (see :mod:`avalanche_tsn.recipes`).
+
+    :param s: the strategy's settings, checked by each stage's plugin.
+    """
+    # The memory method reads the task memory that task matching keeps; without task
+    # matching it never opens a bank (an infinite threshold).
+    keep_memory = s.task_matching or s.task_inference == "memory"
+    threshold = s.kl_threshold if s.task_matching else math.inf
+    # memory_size=0 is a valid way to say "no memory" while no memory is kept.
+    memory = 2 if s.memory_size == 0 and not keep_memory else s.memory_size
+    return [
+        StageSpec(
+            TaskSimilarityPlugin,
+            keep_memory,
+            lambda: TaskSimilarityPlugin(memory, threshold),
+            user_enables=True,  # task matching is off by default; a plugin turns it on
+        ),
+        StageSpec(
+            MaskLearningPlugin,
+            True,
+            lambda: MaskLearningPlugin(
+                0.5 if s.sparsity is None else s.sparsity, new_bank_below=s.new_bank_below
+            ),
+        ),
+        StageSpec(
+            ValidationSplitPlugin,
+            s.prune or s.quantize,
+            lambda: ValidationSplitPlugin(s.validation_fraction),
+        ),
+        StageSpec(
+            PruningPlugin,
+            s.prune,
+            lambda: PruningPlugin(
+                s.prune_iterations, s.prune_step, s.prune_max_drop, s.prune_search
+            ),
+        ),
+        StageSpec(
+            QuantizationPlugin,
+            s.quantize,
+            lambda: QuantizationPlugin(
+                s.quant_min_bits, s.quant_max_bits, s.quant_max_drop, s.quant_heads
+            ),
+        ),
+        StageSpec(
+            ActivationCalibrationPlugin, s.calibrate_activations, ActivationCalibrationPlugin
+        ),
+        # last, so that it sees a loader another plugin put in place (replay does)
+        StageSpec(TensorBatchesPlugin, s.tensor_batches, TensorBatchesPlugin, user_enables=True),
+    ]
+
+
+class TSNStrategy(TaskRoutingMixin, SupervisedTemplate):
     """TinySubNets: forget-free, low-capacity task-incremental learning.
 
     Use it where ``Naive`` or ``PackNet`` stood. The model is wrapped in place (its
@@ -191,26 +271,8 @@ class TSNStrategy(SupervisedTemplate):
         tensor_batches: bool = True,
         **base_kwargs: Any,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+        _check_model_and_optimizer(model, optimizer)
         user_plugins = check_plugins(plugins)
-        for flag, value in (
-            ("task_matching", task_matching),
-            ("calibrate_activations", calibrate_activations),
-            ("tensor_batches", tensor_batches),
-        ):
-            check_bool(value, flag)
-        check_threshold(kl_threshold)
-        inference = None if task_inference is None else check_method(task_inference)
-        if any(isinstance(p, MaskLearningPlugin) for p in user_plugins) and (
-            sparsity is not None or new_bank_below is not None
-        ):
-            raise ValueError(
-                "sparsity or new_bank_below is set both on TSNStrategy and on the "
-                "MaskLearningPlugin in plugins; set it in one place"
-            )
         settings = TSNSettings(
             sparsity=sparsity,
             validation_fraction=validation_fraction,
@@ -229,24 +291,17 @@ class TSNStrategy(SupervisedTemplate):
             memory_size=memory_size,
             new_bank_below=new_bank_below,
             calibrate_activations=calibrate_activations,
-            task_inference=inference,
-        )
+            task_inference=task_inference,
+            tensor_batches=tensor_batches,
+        ).checked(user_plugins)
+        # TSN stages run in algorithm order, after the user's plugins
         others, tsn_plugins = assemble_plugins(self.recipe(settings), user_plugins)
-        # TSN stages run in algorithm order, after the user's plugins; the batch fetch runs
-        # last so that it sees a loader another plugin put in place.
-        user_plugins = others + tsn_plugins
-        if tensor_batches and not any(isinstance(p, TensorBatchesPlugin) for p in others):
-            user_plugins.append(TensorBatchesPlugin())
-        #: classes of each task trained with task inference (read by the inference metric)
-        self.task_classes: dict[int, list[int]] = {}
-        self._inference_stats: tuple[tuple, dict] | None = None
+        self._init_routing()
         self.mask_plugin: MaskLearningPlugin = next(
             p for p in tsn_plugins if isinstance(p, MaskLearningPlugin)
         )
-        mask_plugin = self.mask_plugin
-
         # A model TSN already wraps (a strategy rebuilt around it) continues where it is.
-        tsn = TSNModel.of(model, mask_plugin.sparsity_for(0))
+        tsn = TSNModel.of(model, self.mask_plugin.sparsity_for(0))
         require_full(tsn, "TSNStrategy")
         super().__init__(
             model=tsn,
@@ -256,64 +311,19 @@ class TSNStrategy(SupervisedTemplate):
             train_epochs=train_epochs,
             eval_mb_size=eval_mb_size,
             device=device,
-            plugins=user_plugins,
+            plugins=others + tsn_plugins,
             evaluator=evaluator,
             eval_every=eval_every,
             **base_kwargs,
         )
-        tsn.task_inference = inference
+        tsn.task_inference = settings.task_inference
 
     def recipe(self, s: TSNSettings) -> list[StageSpec]:
-        """TSN's stages in algorithm order, each on or off as ``s`` says.
+        """The stages this strategy runs (TSN's: :func:`tsn_recipe`).
 
-        WSN and Ada-QPacknet are other recipes on the same stages (see
-        :mod:`avalanche_tsn.recipes`).
-
-        :param s: the strategy's settings, checked by each stage's plugin.
+        :param s: the strategy's settings.
         """
-        # The memory method reads the task memory that task matching keeps; without task
-        # matching it never opens a bank (an infinite threshold).
-        keep_memory = s.task_matching or s.task_inference == "memory"
-        threshold = s.kl_threshold if s.task_matching else math.inf
-        # memory_size=0 is a valid way to say "no memory" while no memory is kept.
-        memory = 2 if s.memory_size == 0 and not keep_memory else s.memory_size
-        return [
-            StageSpec(
-                TaskSimilarityPlugin,
-                keep_memory,
-                lambda: TaskSimilarityPlugin(memory, threshold),
-                user_enables=True,  # task matching is off by default; a plugin turns it on
-            ),
-            StageSpec(
-                MaskLearningPlugin,
-                True,
-                lambda: MaskLearningPlugin(
-                    0.5 if s.sparsity is None else s.sparsity, new_bank_below=s.new_bank_below
-                ),
-            ),
-            StageSpec(
-                ValidationSplitPlugin,
-                s.prune or s.quantize,
-                lambda: ValidationSplitPlugin(s.validation_fraction),
-            ),
-            StageSpec(
-                PruningPlugin,
-                s.prune,
-                lambda: PruningPlugin(
-                    s.prune_iterations, s.prune_step, s.prune_max_drop, s.prune_search
-                ),
-            ),
-            StageSpec(
-                QuantizationPlugin,
-                s.quantize,
-                lambda: QuantizationPlugin(
-                    s.quant_min_bits, s.quant_max_bits, s.quant_max_drop, s.quant_heads
-                ),
-            ),
-            StageSpec(
-                ActivationCalibrationPlugin, s.calibrate_activations, ActivationCalibrationPlugin
-            ),
-        ]
+        return tsn_recipe(s)
 
     @property
     def tsn_model(self) -> TSNModel:
@@ -386,19 +396,6 @@ class TSNStrategy(SupervisedTemplate):
             self.mbatch = saved
         return out
 
-    def _trained_label_of(self, experience: CLExperience) -> int:
-        """The task trained on ``experience``'s classes (class-incremental streams)."""
-        classes = sorted(experience_classes(experience))
-        for label, trained in self.task_classes.items():
-            if sorted(trained) == classes and self.tsn_model.is_trained(label):
-                return label
-        known = {t: sorted(c) for t, c in self.task_classes.items()}
-        raise ValueError(
-            f"experience {getattr(experience, 'current_experience', '?')} holds classes "
-            f"{classes}, which no trained task was trained on as a whole (tasks and their "
-            f"classes: {known}); evaluate it with strategy.eval, which infers each sample's task"
-        )
-
     def abandon_task(self) -> int | None:
         """Forget the task whose training was interrupted (an exception, a non-finite loss).
 
@@ -461,28 +458,12 @@ class TSNStrategy(SupervisedTemplate):
         :param eval_streams: streams evaluated by periodic evaluation.
         """
         single = isinstance(experiences, CLExperience)
-        exps = _aware([experiences] if single else list(experiences))
-        if self.task_inference is not None:
-            exps = [relabelled(e, self._slot_label(e, i)) for i, e in enumerate(exps)]
+        exps = self._route_training(_aware([experiences] if single else list(experiences)))
         self.check_experiences(exps)
-        if self.task_inference is not None:
-            for e in exps:
-                self.task_classes[experience_task_labels(e)[0]] = experience_classes(e)
+        self._record_classes(exps)
         if eval_streams is not None:
             eval_streams = _aware(eval_streams)
         return super().train(exps, eval_streams, **kwargs)
-
-    def _slot_label(self, experience: CLExperience, position: int) -> int:
-        # The experience's index in its stream names its task (the same experience trained
-        # again restarts the same task); else the next free label.
-        index = getattr(experience, "current_experience", None)
-        if isinstance(index, int):
-            return index
-        taken = set(self.tsn_model.trained_tasks()) | set(self.task_classes)
-        label = position
-        while label in taken:
-            label += 1
-        return label
 
     def eval(self, exp_list, **kwargs):
         """Evaluate on one experience or a sequence of them (see Avalanche's ``eval``).
@@ -492,37 +473,6 @@ class TSNStrategy(SupervisedTemplate):
         single = isinstance(exp_list, CLExperience)
         exps = _aware([exp_list] if single else list(exp_list))
         return super().eval(exps, **kwargs)
-
-    def forward(self):
-        """The model's output for the current minibatch, each sample run as its own task.
-
-        The minibatch's task labels are used whether the experience has task labels or not
-        (Avalanche would call the model without them then). With ``task_inference``,
-        evaluation infers each sample's task instead (the stage context's ``inferred_tasks``
-        keeps them for the task-inference metric).
-        """
-        if self.task_inference is None or self.is_training or not self.tsn_model.trained_tasks():
-            # (before any task is trained there is nothing to infer: the untrained network)
-            return self.model(self.mb_x, self.mb_task_id)
-        outputs, tasks = self.infer(self.mb_x)
-        stage_context(self).inferred_tasks = tasks
-        return outputs
-
-    def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Outputs and inferred task labels of ``x`` without task labels.
-
-        :param x: a minibatch.
-        """
-        method = self.task_inference or "entropy"
-        stats = None
-        if method == "memory":
-            # trained tasks' memories never change; a loaded state dict replaces the buffer
-            memory = self.tsn_model.task_table.memory_x
-            key = (tuple(self.tsn_model.trained_tasks()), id(memory), memory._version)
-            if self._inference_stats is None or self._inference_stats[0] != key:
-                self._inference_stats = (key, memory_statistics(self.tsn_model))
-            stats = self._inference_stats[1]
-        return infer_tasks(self.tsn_model, x, method, stats)
 
 
 # Avalanche re-wraps every strategy's __init__ to accept legacy positional arguments with a
