@@ -105,7 +105,191 @@ class _PerTaskBuffers(TaskRouted):
         """Hook run after a state dict is loaded."""
 
 
-class MaskedLayer(_PerTaskBuffers):
+class _Banks:
+    """The backbone copies (banks) of a masked layer: which task owns each weight of each.
+
+    ``bank_weights`` and ``bank_owners`` hold every bank; the loaded bank's free weights are
+    the user's ``weight`` parameter, where the task in training learns.
+    """
+
+    weight: nn.Parameter
+    bank_weights: Tensor
+    bank_owners: Tensor
+    slot_bank: Tensor
+    loaded_bank: Tensor
+    _banks: tuple[list[int], int] | None
+
+    @property
+    def n_banks(self) -> int:
+        """Number of banks (copies of this layer's weights)."""
+        return self.bank_weights.shape[0]
+
+    @property
+    def owner(self) -> Tensor:
+        """Ownership map of the loaded bank (a view of ``bank_owners``)."""
+        return self.bank_owners[self._bank_table()[1]]
+
+    def bank_of_slot(self, slot: int) -> int:
+        """Bank of the task in ``slot``.
+
+        :param slot: a task slot.
+        """
+        return self._bank_table()[0][slot]
+
+    def _bank_table(self) -> tuple[list[int], int]:
+        # A Python copy avoids a device sync per forward.
+        if self._banks is None:
+            self._banks = (self.slot_bank.tolist(), int(self.loaded_bank))
+        return self._banks
+
+    def bank_owner(self, bank: int) -> Tensor:
+        """Ownership map of ``bank``.
+
+        :param bank: a bank index.
+        """
+        return self.bank_owners[bank]
+
+    def slot_owner(self, slot: int) -> Tensor:
+        """Ownership map of the bank of the task in ``slot``.
+
+        :param slot: a task slot.
+        """
+        return self.bank_owners[self.bank_of_slot(slot)]
+
+    def free_fraction(self, bank: int | None = None) -> float:
+        """Fraction of the weights of ``bank`` (default: the loaded one) that no task owns.
+
+        :param bank: a bank index.
+        """
+        bank = self._bank_table()[1] if bank is None else bank
+        owners = self.bank_owners[bank]
+        return int((owners == FREE).sum()) / max(owners.numel(), 1)
+
+    @torch.no_grad()
+    def _load_bank(self, bank: int) -> None:
+        current = int(self.loaded_bank)
+        if bank == current:
+            return
+        n = self.n_banks
+        if not 0 <= bank <= n:
+            raise ValueError(f"bank must be an existing bank (0..{n - 1}) or {n} for a new one")
+        # Owned entries of the bank being unloaded are already in bank_weights; keep its free
+        # entries too (a later task of that bank starts from them).
+        free = self.bank_owners[current] == FREE
+        self.bank_weights[current] = torch.where(
+            free, self.weight.detach(), self.bank_weights[current]
+        )
+        if bank == n:  # a fresh copy, initialised as the layer's own reset would
+            fresh = torch.empty_like(self.weight.detach())
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+            self.bank_weights = torch.cat([self.bank_weights, fresh.unsqueeze(0)])
+            self.bank_owners = torch.cat(
+                [self.bank_owners, torch.full_like(self.bank_owners[:1], FREE)]
+            )
+        self.weight.copy_(self.bank_weights[bank])
+        self.loaded_bank.fill_(bank)
+        self._banks = None
+
+
+class _OwnedValues:
+    """A trained task's own weights of a masked layer: what pruning, quantization, the
+    encoding and a restored export read and write (always by selection, never through the
+    optimizer's parameter)."""
+
+    weight: nn.Parameter
+    bank_weights: Tensor
+    bank_owners: Tensor
+    task_masks: Tensor
+    task_bias: Tensor | None
+    task_bits: Tensor
+    task_centroids: Tensor
+    slot_bank: Tensor
+    loaded_bank: Tensor
+
+    @torch.no_grad()
+    def restore_tasks(
+        self,
+        weights: Tensor,
+        owners: list[Tensor],
+        masks: list[Tensor],
+        biases: list[Tensor],
+        codebooks: list[tuple[Tensor, int]],
+        banks: list[int],
+    ) -> None:
+        """Fill a layer that holds no task with trained tasks read back from an export.
+
+        :param weights: the bank copies, ``[banks, *weight.shape]``.
+        :param owners: each bank's ownership map (slot or FREE per weight).
+        :param masks: each slot's packed mask.
+        :param biases: each slot's bias (empty if the layer has none).
+        :param codebooks: each slot's (centroids, bits); bits 0: float32, not quantized.
+        :param banks: each slot's bank.
+        """
+        if len(self.task_bits):
+            raise RuntimeError("only a layer without tasks can be restored")
+        n, device = len(banks), self.weight.device
+        self.bank_weights = weights.to(self.weight)
+        self.bank_owners = torch.stack(owners).to(device)
+        self.loaded_bank.fill_(banks[-1])
+        self.weight.copy_(weights[banks[-1]])
+        self.slot_bank = torch.tensor(banks, dtype=torch.int16, device=device)
+        self.task_masks = torch.stack(masks).to(device)
+        if self.task_bias is not None:
+            self.task_bias = torch.stack(biases).to(self.weight)
+        self.task_bits = torch.tensor([b for _, b in codebooks], dtype=torch.int16, device=device)
+        self.task_centroids = self.task_centroids.new_zeros((n, 0))
+        for slot, (book, b) in enumerate(codebooks):
+            if b:
+                self.set_codebook(slot, book, b)
+        self._loaded()
+
+    @torch.no_grad()
+    def set_codebook(self, slot: int, centroids: Tensor, bits: int) -> None:
+        """Record the codebook of the task in ``slot`` (``bits == 0``: not quantized).
+
+        :param slot: a trained task's slot.
+        :param centroids: the ``2^bits`` centroids.
+        :param bits: the bit-width.
+        """
+        self.task_centroids = store_centroids(self.task_centroids, slot, centroids)
+        self.task_bits[slot] = bits
+
+    def own_mask(self, slot: int) -> Tensor:
+        """Weights the task in ``slot`` owns (trained first).
+
+        :param slot: a trained task's slot.
+        """
+        return self.slot_owner(slot) == slot
+
+    def own_values(self, slot: int) -> Tensor:
+        """Frozen values of the weights the task in ``slot`` owns, in flat order.
+
+        :param slot: a trained task's slot.
+        """
+        return self.bank_weights[self.bank_of_slot(slot)][self.own_mask(slot)]
+
+    @torch.no_grad()
+    def set_own_values(self, slot: int, values: Tensor) -> None:
+        """Replace the frozen values of the weights the task in ``slot`` owns.
+
+        :param slot: a trained task's slot.
+        :param values: new values, in the order of :meth:`own_values`.
+        """
+        bank = self.bank_of_slot(slot)
+        own = self.own_mask(slot)
+        self.bank_weights[bank][own] = values.to(self.bank_weights)
+        if bank == self._bank_table()[1]:
+            self._sync_weight()
+
+    def shared_mask(self, slot: int) -> Tensor:
+        """Weights of earlier tasks that the task in ``slot`` reads.
+
+        :param slot: a trained task's slot.
+        """
+        return self.task_mask(slot) & (self.slot_owner(slot) != slot)
+
+
+class MaskedLayer(_Banks, _OwnedValues, _PerTaskBuffers):
     """Base of :class:`TSNLinear` and :class:`TSNConv2d`.
 
     ``weight`` and ``bias`` are the user's own parameters (so an optimizer built on the user's
@@ -313,78 +497,6 @@ class MaskedLayer(_PerTaskBuffers):
                 self._eval_cache.popitem(last=False)
         return weight, bias
 
-    # -- banks --------------------------------------------------------------------------
-    @property
-    def n_banks(self) -> int:
-        """Number of banks (copies of this layer's weights)."""
-        return self.bank_weights.shape[0]
-
-    @property
-    def owner(self) -> Tensor:
-        """Ownership map of the loaded bank (a view of ``bank_owners``)."""
-        return self.bank_owners[self._bank_table()[1]]
-
-    def bank_of_slot(self, slot: int) -> int:
-        """Bank of the task in ``slot``.
-
-        :param slot: a task slot.
-        """
-        return self._bank_table()[0][slot]
-
-    def _bank_table(self) -> tuple[list[int], int]:
-        # A Python copy avoids a device sync per forward.
-        if self._banks is None:
-            self._banks = (self.slot_bank.tolist(), int(self.loaded_bank))
-        return self._banks
-
-    def bank_owner(self, bank: int) -> Tensor:
-        """Ownership map of ``bank``.
-
-        :param bank: a bank index.
-        """
-        return self.bank_owners[bank]
-
-    def slot_owner(self, slot: int) -> Tensor:
-        """Ownership map of the bank of the task in ``slot``.
-
-        :param slot: a task slot.
-        """
-        return self.bank_owners[self.bank_of_slot(slot)]
-
-    def free_fraction(self, bank: int | None = None) -> float:
-        """Fraction of the weights of ``bank`` (default: the loaded one) that no task owns.
-
-        :param bank: a bank index.
-        """
-        bank = self._bank_table()[1] if bank is None else bank
-        owners = self.bank_owners[bank]
-        return int((owners == FREE).sum()) / max(owners.numel(), 1)
-
-    @torch.no_grad()
-    def _load_bank(self, bank: int) -> None:
-        current = int(self.loaded_bank)
-        if bank == current:
-            return
-        n = self.n_banks
-        if not 0 <= bank <= n:
-            raise ValueError(f"bank must be an existing bank (0..{n - 1}) or {n} for a new one")
-        # Owned entries of the bank being unloaded are already in bank_weights; keep its free
-        # entries too (a later task of that bank starts from them).
-        free = self.bank_owners[current] == FREE
-        self.bank_weights[current] = torch.where(
-            free, self.weight.detach(), self.bank_weights[current]
-        )
-        if bank == n:  # a fresh copy, initialised as the layer's own reset would
-            fresh = torch.empty_like(self.weight.detach())
-            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
-            self.bank_weights = torch.cat([self.bank_weights, fresh.unsqueeze(0)])
-            self.bank_owners = torch.cat(
-                [self.bank_owners, torch.full_like(self.bank_owners[:1], FREE)]
-            )
-        self.weight.copy_(self.bank_weights[bank])
-        self.loaded_bank.fill_(bank)
-        self._banks = None
-
     def _loaded(self) -> None:
         self._clear_caches()
 
@@ -474,88 +586,6 @@ class MaskedLayer(_PerTaskBuffers):
             self.bank_weights = self.bank_weights[:bank].clone()
             self.bank_owners = self.bank_owners[:bank].clone()
         self._clear_caches()
-
-    @torch.no_grad()
-    def restore_tasks(
-        self,
-        weights: Tensor,
-        owners: list[Tensor],
-        masks: list[Tensor],
-        biases: list[Tensor],
-        codebooks: list[tuple[Tensor, int]],
-        banks: list[int],
-    ) -> None:
-        """Fill a layer that holds no task with trained tasks read back from an export.
-
-        :param weights: the bank copies, ``[banks, *weight.shape]``.
-        :param owners: each bank's ownership map (slot or FREE per weight).
-        :param masks: each slot's packed mask.
-        :param biases: each slot's bias (empty if the layer has none).
-        :param codebooks: each slot's (centroids, bits); bits 0: float32, not quantized.
-        :param banks: each slot's bank.
-        """
-        if len(self.task_bits):
-            raise RuntimeError("only a layer without tasks can be restored")
-        n, device = len(banks), self.weight.device
-        self.bank_weights = weights.to(self.weight)
-        self.bank_owners = torch.stack(owners).to(device)
-        self.loaded_bank.fill_(banks[-1])
-        self.weight.copy_(weights[banks[-1]])
-        self.slot_bank = torch.tensor(banks, dtype=torch.int16, device=device)
-        self.task_masks = torch.stack(masks).to(device)
-        if self.task_bias is not None:
-            self.task_bias = torch.stack(biases).to(self.weight)
-        self.task_bits = torch.tensor([b for _, b in codebooks], dtype=torch.int16, device=device)
-        self.task_centroids = self.task_centroids.new_zeros((n, 0))
-        for slot, (book, b) in enumerate(codebooks):
-            if b:
-                self.set_codebook(slot, book, b)
-        self._loaded()
-
-    @torch.no_grad()
-    def set_codebook(self, slot: int, centroids: Tensor, bits: int) -> None:
-        """Record the codebook of the task in ``slot`` (``bits == 0``: not quantized).
-
-        :param slot: a trained task's slot.
-        :param centroids: the ``2^bits`` centroids.
-        :param bits: the bit-width.
-        """
-        self.task_centroids = store_centroids(self.task_centroids, slot, centroids)
-        self.task_bits[slot] = bits
-
-    def own_mask(self, slot: int) -> Tensor:
-        """Weights the task in ``slot`` owns (trained first).
-
-        :param slot: a trained task's slot.
-        """
-        return self.slot_owner(slot) == slot
-
-    def own_values(self, slot: int) -> Tensor:
-        """Frozen values of the weights the task in ``slot`` owns, in flat order.
-
-        :param slot: a trained task's slot.
-        """
-        return self.bank_weights[self.bank_of_slot(slot)][self.own_mask(slot)]
-
-    @torch.no_grad()
-    def set_own_values(self, slot: int, values: Tensor) -> None:
-        """Replace the frozen values of the weights the task in ``slot`` owns.
-
-        :param slot: a trained task's slot.
-        :param values: new values, in the order of :meth:`own_values`.
-        """
-        bank = self.bank_of_slot(slot)
-        own = self.own_mask(slot)
-        self.bank_weights[bank][own] = values.to(self.bank_weights)
-        if bank == self._bank_table()[1]:
-            self._sync_weight()
-
-    def shared_mask(self, slot: int) -> Tensor:
-        """Weights of earlier tasks that the task in ``slot`` reads.
-
-        :param slot: a trained task's slot.
-        """
-        return self.task_mask(slot) & (self.slot_owner(slot) != slot)
 
 
 def _upgrade_v1(state_dict: dict, prefix: str, shape: torch.Size) -> None:

@@ -15,8 +15,8 @@ import torch
 from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
 from torch import Tensor, nn
 
-from avalanche_tsn.heads import freeze_head, rebuild_heads
-from avalanche_tsn.inference import infer_tasks
+from avalanche_tsn.dispatch import TaskDispatchMixin
+from avalanche_tsn.heads import rebuild_heads
 from avalanche_tsn.layers import (
     MaskedLayer,
     TaskBatchNorm,
@@ -24,8 +24,9 @@ from avalanche_tsn.layers import (
     TSNLinear,
     module_device,
 )
+from avalanche_tsn.lifecycle import LOW_FREE_FRACTION, TaskLifeCycleMixin
 from avalanche_tsn.masks import check_sparsity
-from avalanche_tsn.routing import FREE, TaskRouted
+from avalanche_tsn.routing import TaskRouted
 from avalanche_tsn.tasks import TaskTable, calibrated, uncalibrated
 
 __all__ = [
@@ -44,9 +45,6 @@ _SUPPORTED = "nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d and MultiHead
 #: Default memory budget of the evaluation cache (see ``TSNModel.eval_cache_bytes``).
 EVAL_CACHE_BYTES = 256 * 2**20
 
-#: A task that starts with less than this fraction of free weights in some layer of its bank
-#: gets a logged warning: it can train almost nothing of its own.
-LOW_FREE_FRACTION = 0.05
 
 # Attribute set on the user's module that points to its TSNModel (plain attribute, not a
 # submodule, so the user's state dict is unaffected).
@@ -165,7 +163,7 @@ def _known_tasks_after_load(model: TSNModel, _incompatible: object) -> None:
     model.known_train_tasks_labels = set(model.trained_tasks())
 
 
-class TSNModel(MultiTaskModule):
+class TSNModel(TaskLifeCycleMixin, TaskDispatchMixin, MultiTaskModule):
     """A user's module turned into a TinySubNets multi-task model.
 
     Call it as ``model(x, task_labels)`` (a tensor with one label per sample, or an int).
@@ -392,101 +390,6 @@ class TSNModel(MultiTaskModule):
                     rebuild_heads(heads, head_prefix, state_dict, trained)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    # -- task life cycle ----------------------------------------------------------------
-    @torch.no_grad()
-    def begin_task(self, task_label: int, sparsity: float, bank: int = 0) -> int:
-        """Open the slot of ``task_label``; restart it if its training was interrupted.
-
-        A restarted task starts afresh (see :meth:`reset_live`); a different task whose
-        training was interrupted is abandoned first (see :meth:`abandon_task`).
-
-        :param task_label: the label of the task about to be trained.
-        :param sparsity: fraction of each maskable layer its mask leaves out.
-        :param bank: the backbone copy it trains in: an existing bank, or ``n_banks`` to open
-            a fresh one.
-        :return: the task's slot.
-        """
-        if self.is_trained(task_label):
-            raise ValueError(f"task {task_label} is already trained; its subnetwork is frozen")
-        check_sparsity(sparsity)
-        if isinstance(bank, bool) or not isinstance(bank, int) or not 0 <= bank <= self.n_banks:
-            raise ValueError(
-                f"bank must be an existing bank (0..{self.n_banks - 1}) or {self.n_banks} to "
-                f"open a new one, got {bank!r}"
-            )
-        interrupted = self.open_task()
-        if interrupted is not None and interrupted != int(task_label):
-            log.warning(
-                "task %d was never finished; abandoning it to train task %d",
-                interrupted,
-                task_label,
-            )
-            self.abandon_task()
-        slot, restart = self.task_table.open(task_label, sparsity)
-        self.live_sparsity = sparsity
-        for layer in self._layers:
-            layer.begin_task(slot, bank)
-        for norm in self._norms:
-            norm.begin_task(slot)
-        if restart:
-            self.reset_live(task_label)
-        low = sorted((f, n) for n, f in self.free_fractions().items() if f < LOW_FREE_FRACTION)
-        if low:
-            shown = ", ".join(f"{n}: {100 * f:.1f}% free" for f, n in low[:3])
-            more = f" and {len(low) - 3} more layers" if len(low) > 3 else ""
-            log.warning(
-                "task %d starts with few free weights in bank %d (%s%s): it can train almost "
-                "nothing of its own. Lower the sparsity, prune more, use a bigger backbone or "
-                "let new banks open (new_bank_below, task_matching).",
-                task_label,
-                bank,
-                shown,
-                more,
-            )
-        return slot
-
-    @torch.no_grad()
-    def reset_live(self, task_label: int | None = None) -> None:
-        """Re-initialise what the live subnetwork trains, leaving trained tasks untouched.
-
-        Free weights, scores and live biases of every maskable layer, live normalisation
-        statistics and affine terms, and the heads of ``task_label`` (if it is not trained).
-
-        :param task_label: the task whose heads are reset too.
-        """
-        for layer in self._layers:
-            layer.reset_live()
-        for norm in self._norms:
-            norm.reset_live()
-            norm.reset_affine()
-        if task_label is not None and not self.is_trained(task_label):
-            for head in self.head_modules(task_label):
-                for m in head.modules():
-                    if isinstance(m, nn.Linear):
-                        m.reset_parameters()
-
-    @torch.no_grad()
-    def abandon_task(self) -> int | None:
-        """Forget the task whose training was interrupted, as if it had never started.
-
-        Its slot is dropped and the live subnetwork re-initialised; trained tasks are
-        untouched. Export and the capacity report work with or without this call.
-
-        :return: the abandoned task's label, or None if no task was open.
-        """
-        label = self.open_task()
-        if label is None:
-            return None
-        self.reset_live(label)
-        _, slot = self.task_table.drop_open()  # type: ignore[misc]
-        for layer in self._layers:
-            layer.drop_slot(slot)
-        for norm in self._norms:
-            norm.drop_slot(slot)
-        self.known_train_tasks_labels.discard(label)
-        log.info("task %d abandoned", label)
-        return label
-
     def head_modules(self, task_label: int) -> list[nn.Module]:
         """The heads of ``task_label`` in every ``MultiHeadClassifier`` (may be empty).
 
@@ -516,134 +419,6 @@ class TSNModel(MultiTaskModule):
         :param bits: the bit-width.
         """
         self.task_table.set_head_codebook(slot, centroids, bits)
-
-    def check_finite(self, task_label: int) -> str | None:
-        """The first non-finite value the task in training would freeze, or None.
-
-        :param task_label: the task being trained.
-        :return: where it is (layer and tensor), or None if every value is finite.
-        """
-        for name, layer in self.masked_layers():
-            bad = layer.check_finite()
-            if bad:
-                return f"{name}.{bad}"
-        for name, norm in self.net.named_modules():
-            if isinstance(norm, TaskBatchNorm) and (bad := norm.check_finite()):
-                return f"{name}.{bad}"
-        for head in self.head_modules(task_label):
-            for name, t in head.state_dict().items():
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    return f"head {task_label}: {name}"
-        return None
-
-    @torch.no_grad()
-    def end_task(self, task_label: int) -> int:
-        """Freeze ``task_label``'s subnetwork from the final scores.
-
-        Every value to be frozen is checked first: a non-finite one raises
-        ``FloatingPointError`` and nothing changes (train the task again, or abandon it).
-
-        :param task_label: the label of the task just trained.
-        :return: the task's slot.
-        """
-        slot = self.slot_of(task_label)
-        if slot is None or self.is_trained(task_label):
-            raise RuntimeError(f"task {task_label} is not being trained")
-        bad = self.check_finite(task_label)
-        if bad is not None:
-            raise FloatingPointError(
-                f"task {task_label}: {bad} holds non-finite values at the end of training, so "
-                "the task cannot be frozen; trained tasks are unchanged. Train this "
-                "experience again (e.g. with a lower learning rate) or abandon the task."
-            )
-        for layer in self._layers:
-            layer.end_task(slot)
-        for norm in self._norms:
-            norm.end_task(slot)
-        key = str(int(task_label))
-        for heads in self._heads:
-            if key in heads.classifiers:
-                freeze_head(heads, key)
-        self.task_table.freeze(task_label)
-        self.known_train_tasks_labels.add(int(task_label))
-        log.debug("task %s frozen in slot %d", task_label, slot)
-        return slot
-
-    # -- forward ------------------------------------------------------------------------
-    def _activate(self, task_label: int) -> None:
-        slot = self.task_table.frozen_slot(task_label)
-        active = FREE if slot is None else slot
-        for module in self._routed():
-            module.route(active)
-
-    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
-        self._activate(task_label)
-        if self._pass_labels:
-            return self.net(x, task_label)
-        return self.net(x)
-
-    def forward_all_tasks(self, x: Tensor) -> dict[int, Tensor]:
-        """Every known task's output for ``x``: the trained tasks and the one in training.
-
-        Tasks not trained yet and not in training are left out (their output would only be
-        the live subnetwork's, as for the task in training).
-
-        :param x: the inputs.
-        """
-        return {t: self.forward_single_task(x, t) for t in sorted(self.known_train_tasks_labels)}
-
-    def forward(  # type: ignore[override]
-        self, x: Tensor, task_labels: Tensor | int | None = None
-    ) -> Tensor | dict[int, Tensor]:
-        """Outputs of ``x``: each sample run as its task (``task_labels``: a tensor or an int).
-
-        With ``task_labels=None`` it returns every known task's output (see
-        :meth:`forward_all_tasks`), as Avalanche's multi-task models do, or, when
-        ``task_inference`` is set, the output of each sample's inferred task.
-
-        :param x: the inputs.
-        :param task_labels: one task label per sample, an int for all, or None.
-        """
-        # a plain attribute (no Module bookkeeping): the compute report's default shape
-        self.__dict__["sample_shape"] = tuple(x.shape[1:])
-        # (getattr: a model pickled whole before 0.3 has no such attribute)
-        method = getattr(self, "task_inference", None)
-        if task_labels is None and method is not None:
-            return infer_tasks(self, x, method)[0]
-        if task_labels is None:
-            # Avalanche's contract (LwF relies on it): every known task's output, as a dict.
-            return self.forward_all_tasks(x)
-        if isinstance(task_labels, int):
-            return self.forward_single_task(x, task_labels)
-        labels = task_labels.to(torch.long)
-        first = labels[:1]
-        if bool((labels == first).all()):
-            return self.forward_single_task(x, int(first))
-        return self._forward_mixed(x, labels)
-
-    def _forward_mixed(self, x: Tensor, labels: Tensor) -> Tensor:
-        # One pass of the network over the minibatch sorted by task: each masked layer and
-        # normalisation runs each task's rows with that task's parameters, the rest of the
-        # network runs once (a pass per task would repeat every module for every task).
-        order = torch.argsort(labels, stable=True)
-        tasks, counts = torch.unique_consecutive(labels[order], return_counts=True)
-        table = self.task_table
-        groups = []
-        for t, c in zip(tasks.tolist(), counts.tolist(), strict=True):
-            slot = table.frozen_slot(t)
-            groups.append((FREE if slot is None else slot, c))
-        routed = self._routed()
-        for module in routed:
-            module.route_groups(groups)
-        try:
-            sorted_labels = labels[order]
-            out = self.net(x[order], sorted_labels) if self._pass_labels else self.net(x[order])
-        finally:
-            for module in routed:
-                module.route(FREE)
-        result = torch.empty_like(out)
-        result[order] = out
-        return result
 
     @property
     def eval_cache_bytes(self) -> int:

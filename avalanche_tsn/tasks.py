@@ -51,25 +51,17 @@ class TaskTable(nn.Module):
     """
 
     #: Buffers whose first dimension is the slot.
-    BUFFERS = (
-        "task_labels_by_slot",
-        "slot_frozen",
-        "slot_sparsity",
-        "head_bits",
-        "head_centroids",
-        "memory_x",
-        "memory_len",
-        "act_range",
-    )
+    BUFFERS = ("task_labels_by_slot", "slot_frozen", "slot_sparsity", "head_bits")
+    BUFFERS += ("head_centroids", "memory_x", "memory_len", "act_range")
 
     task_labels_by_slot: Tensor
     slot_frozen: Tensor
     slot_sparsity: Tensor
     head_bits: Tensor
     head_centroids: Tensor
-    memory_x: Tensor
+    memory_x: Tensor  # up to M input samples per slot, zero-padded (task similarity)
     memory_len: Tensor
-    act_range: Tensor
+    act_range: Tensor  # (min, max) input of each masked layer; (inf, -inf) uncalibrated
 
     def __init__(self, n_layers: int, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -80,11 +72,8 @@ class TaskTable(nn.Module):
         # Codebook of each task's head weights (bits 0: float32, not quantized).
         self.register_buffer("head_bits", torch.zeros(0, dtype=torch.int16, device=device))
         self.register_buffer("head_centroids", torch.zeros(0, 0, device=device))
-        # Task memory (task similarity): up to M input samples per slot, zero-padded.
         self.register_buffer("memory_x", torch.zeros(0, device=device))
         self.register_buffer("memory_len", torch.zeros(0, dtype=torch.long, device=device))
-        # Calibrated input range (min, max) of every masked layer per slot; the empty range
-        # (inf, -inf) until a task is calibrated (see avalanche_tsn.activations).
         self.register_buffer("act_range", torch.zeros(0, n_layers, 2, device=device))
         self._cache: tuple[dict[int, int], frozenset[int]] | None = None
 

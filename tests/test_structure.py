@@ -227,3 +227,53 @@ def test_the_recipes_run_their_stages_in_the_declared_order():
         ActivationCalibrationPlugin,
         TensorBatchesPlugin,
     ]
+
+
+def test_no_class_over_300_lines_and_no_function_over_80():
+    """The shape issue 24 asks for: small classes and functions in the package."""
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            limit = {ast.ClassDef: 300, ast.FunctionDef: 80, ast.AsyncFunctionDef: 80}.get(
+                type(node)
+            )
+            if limit is not None and node.end_lineno - node.lineno + 1 > limit:
+                too_long.append(f"{path.name}: {node.name}")
+    assert too_long == []
+
+
+def _module_imports() -> dict[str, set[str]]:
+    modules = {
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        for p in PACKAGE.rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        name = name.removesuffix(".__init__")
+        deps = set()
+        for node in ast.parse(path.read_text()).body:  # module level; TYPE_CHECKING is an If
+            if isinstance(node, ast.ImportFrom) and (node.module or "") in modules:
+                deps.add(node.module)
+                deps |= {f"{node.module}.{a.name}" for a in node.names} & modules
+        graph[name] = deps - {name}
+    return graph
+
+
+def test_the_package_has_no_import_cycle():
+    graph = _module_imports()
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph.get(module, ())):
+            if dep.startswith(module + "."):
+                continue  # a package importing its own submodules
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join([*path, dep])}"
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])

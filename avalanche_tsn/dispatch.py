@@ -1,0 +1,106 @@
+"""A TinySubNets model's forward: each sample runs with its task's subnetwork.
+
+TinySubNets (Zurek et al., arXiv:2412.10869, 2024), step 6. The model reads the route from
+its task table (a trained task's frozen slot, else the live subnetwork) and tells each routed
+module by a call (:class:`~avalanche_tsn.routing.TaskRouted`); a minibatch that mixes tasks
+runs the network once, sorted by task. Without task labels it returns every known task's
+output (Avalanche's contract) or, with ``task_inference``, the inferred task's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from avalanche_tsn.inference import infer_tasks
+from avalanche_tsn.routing import FREE
+from avalanche_tsn.tasks import TaskTable
+
+__all__ = ["TaskDispatchMixin"]
+
+
+class TaskDispatchMixin:
+    """The forward of :class:`~avalanche_tsn.model.TSNModel`."""
+
+    # the model's (see TSNModel)
+    task_table: TaskTable
+    net: nn.Module
+    known_train_tasks_labels: set[int]
+    task_inference: str | None
+    _pass_labels: bool
+    # (and its _routed(): the masked layers and normalisations, in order)
+
+    def _activate(self, task_label: int) -> None:
+        slot = self.task_table.frozen_slot(task_label)
+        active = FREE if slot is None else slot
+        for module in self._routed():
+            module.route(active)
+
+    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+        self._activate(task_label)
+        if self._pass_labels:
+            return self.net(x, task_label)
+        return self.net(x)
+
+    def forward_all_tasks(self, x: Tensor) -> dict[int, Tensor]:
+        """Every known task's output for ``x``: the trained tasks and the one in training.
+
+        Tasks not trained yet and not in training are left out (their output would only be
+        the live subnetwork's, as for the task in training).
+
+        :param x: the inputs.
+        """
+        return {t: self.forward_single_task(x, t) for t in sorted(self.known_train_tasks_labels)}
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, task_labels: Tensor | int | None = None
+    ) -> Tensor | dict[int, Tensor]:
+        """Outputs of ``x``: each sample run as its task (``task_labels``: a tensor or an int).
+
+        With ``task_labels=None`` it returns every known task's output (see
+        :meth:`forward_all_tasks`), as Avalanche's multi-task models do, or, when
+        ``task_inference`` is set, the output of each sample's inferred task.
+
+        :param x: the inputs.
+        :param task_labels: one task label per sample, an int for all, or None.
+        """
+        # a plain attribute (no Module bookkeeping): the compute report's default shape
+        self.__dict__["sample_shape"] = tuple(x.shape[1:])
+        # (getattr: a model pickled whole before 0.3 has no such attribute)
+        method = getattr(self, "task_inference", None)
+        if task_labels is None and method is not None:
+            return infer_tasks(self, x, method)[0]
+        if task_labels is None:
+            # Avalanche's contract (LwF relies on it): every known task's output, as a dict.
+            return self.forward_all_tasks(x)
+        if isinstance(task_labels, int):
+            return self.forward_single_task(x, task_labels)
+        labels = task_labels.to(torch.long)
+        first = labels[:1]
+        if bool((labels == first).all()):
+            return self.forward_single_task(x, int(first))
+        return self._forward_mixed(x, labels)
+
+    def _forward_mixed(self, x: Tensor, labels: Tensor) -> Tensor:
+        # One pass of the network over the minibatch sorted by task: each masked layer and
+        # normalisation runs each task's rows with that task's parameters, the rest of the
+        # network runs once (a pass per task would repeat every module for every task).
+        order = torch.argsort(labels, stable=True)
+        tasks, counts = torch.unique_consecutive(labels[order], return_counts=True)
+        table = self.task_table
+        groups = []
+        for t, c in zip(tasks.tolist(), counts.tolist(), strict=True):
+            slot = table.frozen_slot(t)
+            groups.append((FREE if slot is None else slot, c))
+        routed = self._routed()
+        for module in routed:
+            module.route_groups(groups)
+        try:
+            sorted_labels = labels[order]
+            out = self.net(x[order], sorted_labels) if self._pass_labels else self.net(x[order])
+        finally:
+            for module in routed:
+                module.route(FREE)
+        result = torch.empty_like(out)
+        result[order] = out
+        return result
