@@ -56,6 +56,7 @@ from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.quantization import small_codes_of
 from avalanche_tsn.tasks import calibrated, uncalibrated
 from avalanche_tsn.tiny import to_tiny
+from avalanche_tsn.validation import check_bool
 
 __all__ = ["export_model", "load_compressed", "pack_codes", "unpack_codes", "MAGIC"]
 
@@ -305,8 +306,7 @@ def load_compressed(
     :return: a ``TSNModel`` in eval mode, called as ``model(x, task_labels)``; every task in
         the file gives the same predictions as the model that was exported.
     """
-    if not isinstance(dequantize, bool):
-        raise TypeError(f"dequantize must be a bool, got {type(dequantize).__name__}")
+    check_bool(dequantize, "dequantize")
     data = Path(path).read_bytes() if isinstance(path, (str, PathLike)) else path.read()
     header, r = _parse(data)
     net = model.net if isinstance(model, TSNModel) else model

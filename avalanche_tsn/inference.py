@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from avalanche_tsn.similarity import feature_module, task_features
+from avalanche_tsn.validation import check_choice
 
 if TYPE_CHECKING:  # annotations only: the model runs task inference through this module
     from avalanche_tsn.model import TSNModel
@@ -52,11 +53,7 @@ def check_method(value: object) -> str:
 
     :param value: ``"entropy"`` or ``"memory"``.
     """
-    if value not in INFERENCE_METHODS:
-        raise ValueError(
-            f"task_inference must be one of {', '.join(INFERENCE_METHODS)}, got {value!r}"
-        )
-    return str(value)
+    return check_choice(value, "task_inference", INFERENCE_METHODS)
 
 
 @torch.no_grad()

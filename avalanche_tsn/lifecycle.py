@@ -19,6 +19,7 @@ from avalanche_tsn.heads import freeze_head
 from avalanche_tsn.layers import MaskedLayer, TaskBatchNorm
 from avalanche_tsn.masks import check_sparsity
 from avalanche_tsn.tasks import TaskTable
+from avalanche_tsn.validation import check_int
 
 __all__ = ["TaskLifeCycleMixin", "LOW_FREE_FRACTION"]
 
@@ -59,11 +60,9 @@ class TaskLifeCycleMixin:
         if self.is_trained(task_label):
             raise ValueError(f"task {task_label} is already trained; its subnetwork is frozen")
         check_sparsity(sparsity)
-        if isinstance(bank, bool) or not isinstance(bank, int) or not 0 <= bank <= self.n_banks:
-            raise ValueError(
-                f"bank must be an existing bank (0..{self.n_banks - 1}) or {self.n_banks} to "
-                f"open a new one, got {bank!r}"
-            )
+        check_int(
+            bank, f"bank (an existing bank, or {self.n_banks} for a new one)", 0, self.n_banks
+        )
         interrupted = self.open_task()
         if interrupted is not None and interrupted != int(task_label):
             log.warning(

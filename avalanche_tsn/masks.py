@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from avalanche_tsn.validation import check_float
+
 __all__ = [
     "keep_count",
     "topk_mask",
@@ -35,12 +37,7 @@ def check_sparsity(value: object, name: str = "sparsity") -> float:
     :param value: the fraction of a layer that a mask leaves out, in [0, 1).
     :param name: the argument name used in the error message.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__}")
-    value = float(value)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1) (0 keeps every weight), got {value}")
-    return value
+    return check_float(value, name, 0, 1, high_open=True)
 
 
 def keep_count(numel: int, sparsity: float) -> int:

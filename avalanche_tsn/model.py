@@ -28,6 +28,7 @@ from avalanche_tsn.lifecycle import LOW_FREE_FRACTION, TaskLifeCycleMixin
 from avalanche_tsn.masks import check_sparsity
 from avalanche_tsn.routing import TaskRouted
 from avalanche_tsn.tasks import TaskTable, calibrated, uncalibrated
+from avalanche_tsn.validation import check_int
 
 __all__ = [
     "TSNModel",
@@ -432,9 +433,7 @@ class TSNModel(TaskLifeCycleMixin, TaskDispatchMixin, MultiTaskModule):
 
     @eval_cache_bytes.setter
     def eval_cache_bytes(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"eval_cache_bytes must be an int >= 0, got {value!r}")
-        self._eval_cache_bytes = value
+        self._eval_cache_bytes = check_int(value, "eval_cache_bytes", 0)
         per_task = sum(layer.weight.numel() * layer.weight.element_size() for layer in self._layers)
         for layer in self._layers:
             layer.eval_cache_size = max(2, value // max(per_task, 1))

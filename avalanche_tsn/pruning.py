@@ -17,6 +17,7 @@ import torch
 from avalanche_tsn.layers import FREE
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.quantization import accuracy_at_least
+from avalanche_tsn.validation import check_choice
 
 __all__ = ["PruneRecord", "greedy_prune", "task_sparsity", "check_search", "SEARCHES"]
 
@@ -44,9 +45,7 @@ def check_search(value: object) -> str:
 
     :param value: ``"joint"``, ``"layerwise"`` or ``"bisect"``.
     """
-    if value not in SEARCHES:
-        raise ValueError(f"prune_search must be one of {', '.join(SEARCHES)}, got {value!r}")
-    return str(value)
+    return check_choice(value, "prune_search", SEARCHES)
 
 
 def task_sparsity(model: TSNModel, slot: int) -> float:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from avalanche_tsn.validation import check_int
+
 __all__ = [
     "Codebook",
     "kmeans_1d",
@@ -40,9 +42,7 @@ def check_bits(value: object, name: str) -> int:
     :param value: the bit-width.
     :param name: the argument name used in the error message.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
-        raise ValueError(f"{name} must be an int in 1..16, got {value!r}")
-    return value
+    return check_int(value, name, 1, 16)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from avalanche_tsn.validation import check_float
+
 if TYPE_CHECKING:  # annotations only: the model runs task inference through this module
     from avalanche_tsn.model import TSNModel
 
@@ -48,11 +50,7 @@ def check_threshold(value: object, name: str = "kl_threshold") -> float:
     :param value: the threshold.
     :param name: the argument name used in the error message.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
-    if not value >= 0:  # also rejects NaN
-        raise ValueError(f"{name} must be a float >= 0, got {value}")
-    return float(value)
+    return check_float(value, name, 0)
 
 
 def gaussian_kl(p: Tensor, q: Tensor, floor: float = 1e-3) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["check_int", "check_float", "check_bool", "check_shape"]
+__all__ = ["check_int", "check_float", "check_bool", "check_shape", "check_choice"]
 
 
 def check_int(value: object, name: str, low: int | None = None, high: int | None = None) -> int:
@@ -99,6 +99,23 @@ def check_shape(value: object, name: str) -> tuple[int, ...]:
     if len(value) == 0 or any(s < 1 for s in value):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return tuple(int(s) for s in value)
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of the strings ``choices``.
+
+    :param value: the value given.
+    :param name: the argument's name, for the error.
+    :param choices: the allowed strings.
+    :raises TypeError: if it is not a string.
+    :raises ValueError: if it is another string.
+    """
+    allowed = f"one of {', '.join(repr(c) for c in choices)}"
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
 
 
 def _interval(low: int | None, high: int | None, kind: str) -> str:

@@ -431,3 +431,46 @@ def test_tensor_batches_false_keeps_avalanches_loader_for_the_stages_reads() -> 
         )
         ys = torch.cat([y for _, y in strategy_batches(strategy, data, 100)])
         assert int((ys == 2).sum()) == 0 and len(ys) == 504
+
+
+# 6 (the validation rule): every argument of the strategy, a wrong type -> TypeError, a value
+# out of range -> ValueError, both naming it, and the user's model is left untouched
+@pytest.mark.parametrize(
+    "name, wrong_type, wrong_value",
+    [
+        ("sparsity", "0.5", 1.0),
+        ("validation_fraction", "0.1", 0.0),
+        ("prune_iterations", 2.0, 0),
+        ("prune_step", None, 1.0),
+        ("prune_max_drop", "x", -0.1),
+        ("prune_search", 3, "greedy"),
+        ("quant_min_bits", 2.5, 0),
+        ("quant_max_bits", "8", 17),
+        ("quant_max_drop", [0.1], 1.0),
+        ("quant_heads", 1, None),
+        ("kl_threshold", "inf", float("nan")),
+        ("memory_size", 10.0, 1),
+        ("new_bank_below", "0.2", 1.0),
+        ("task_matching", 0, None),
+        ("calibrate_activations", "yes", None),
+        ("task_inference", 1, "oracle"),
+        ("tensor_batches", 1, None),
+    ],
+)
+def test_each_argument_refuses_a_type_with_type_error_and_a_value_with_value_error(
+    name, wrong_type, wrong_value
+):
+    extra = {"task_matching": True} if name == "memory_size" else {}
+    for value, error in ((wrong_type, TypeError), (wrong_value, ValueError)):
+        if value is None and error is ValueError:
+            continue  # a flag has no out-of-range value
+        model = mlp()
+        with pytest.raises(error, match=name):
+            TSNStrategy(
+                model=model,
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                evaluator=quiet_evaluator(),
+                **extra,
+                **{name: value},
+            )
+        assert type(model[0]) is torch.nn.Linear  # nothing was wrapped

@@ -10,6 +10,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche_tsn.activations import calibrate
 from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_model
 from avalanche_tsn.stages import stage_context
+from avalanche_tsn.validation import check_int
 
 __all__ = ["ActivationCalibrationPlugin"]
 
@@ -28,9 +29,7 @@ class ActivationCalibrationPlugin(SupervisedPlugin):
 
     def __init__(self, samples: int = 1024) -> None:
         super().__init__()
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"calibration samples must be a positive int, got {samples!r}")
-        self.samples = samples
+        self.samples = check_int(samples, "samples (calibration)", 1)
 
     def _data(self, strategy):
         data = stage_context(strategy).validation

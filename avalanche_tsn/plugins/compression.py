@@ -18,6 +18,7 @@ from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_mo
 from avalanche_tsn.pruning import PruneRecord, check_search, greedy_prune
 from avalanche_tsn.quantization import adaptive_bits, check_bits, quantize_head, quantize_task
 from avalanche_tsn.stages import stage_context
+from avalanche_tsn.validation import check_bool, check_float, check_int
 
 __all__ = [
     "ValidationSplitPlugin",
@@ -34,13 +35,7 @@ _FLOOR_BATCH = 64
 
 
 def _fraction(value: object, name: str, low_open: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not (0.0 < value < 1.0 if low_open else 0.0 <= value < 1.0):
-        interval = "(0, 1)" if low_open else "[0, 1)"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
-    return value
+    return check_float(value, name, 0, 1, low_open=low_open, high_open=True)
 
 
 class ValidationSplitPlugin(SupervisedPlugin):
@@ -222,9 +217,7 @@ class PruningPlugin(SupervisedPlugin):
         search: str = "joint",
     ) -> None:
         super().__init__()
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"prune_iterations must be a positive int, got {iterations!r}")
-        self.iterations = iterations
+        self.iterations = check_int(iterations, "prune_iterations", 1)
         self.step = _fraction(step, "prune_step")
         self.max_drop = _fraction(max_drop, "prune_max_drop", low_open=False)
         self.search = check_search(search)
@@ -272,9 +265,7 @@ class QuantizationPlugin(SupervisedPlugin):
                 f"quant_max_bits ({max_bits}) must be at least quant_min_bits ({min_bits})"
             )
         self.max_drop = _fraction(max_drop, "quant_max_drop", low_open=False)
-        if not isinstance(heads, bool):
-            raise TypeError(f"quant_heads must be a bool, got {type(heads).__name__}")
-        self.heads = heads
+        self.heads = check_bool(heads, "quant_heads")
         self.bits: dict[int, int] = {}
         self.head_bits: dict[int, int] = {}
 

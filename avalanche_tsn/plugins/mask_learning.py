@@ -14,6 +14,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from avalanche_tsn.masks import check_sparsity
 from avalanche_tsn.plugins._common import current_task, tsn_model
 from avalanche_tsn.stages import stage_context
+from avalanche_tsn.validation import check_float
 
 __all__ = ["MaskLearningPlugin"]
 
@@ -31,12 +32,10 @@ class MaskLearningPlugin(SupervisedPlugin):
         self, sparsity: float | Sequence[float] = 0.5, new_bank_below: float | None = None
     ) -> None:
         super().__init__()
-        if new_bank_below is not None and (
-            isinstance(new_bank_below, bool)
-            or not isinstance(new_bank_below, int | float)
-            or not 0.0 < new_bank_below < 1.0
-        ):
-            raise ValueError(f"new_bank_below must be None or in (0, 1), got {new_bank_below!r}")
+        if new_bank_below is not None:
+            check_float(
+                new_bank_below, "new_bank_below (None: never)", 0, 1, low_open=True, high_open=True
+            )
         self.new_bank_below = new_bank_below
         if isinstance(sparsity, Sequence) and not isinstance(sparsity, str):
             if len(sparsity) == 0:
