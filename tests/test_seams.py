@@ -28,6 +28,19 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _memory_strategy(net: torch.nn.Module, epochs: int, memory: int) -> TSNStrategy:
+    """TSN with memory task inference, Adam 1e-2, minibatch 16."""
+    return TSNStrategy(
+        model=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
+        train_mb_size=16,
+        train_epochs=epochs,
+        task_inference="memory",
+        memory_size=memory,
+        evaluator=quiet_evaluator(),
+    )
+
+
 def test_validators_raise_type_errors_for_types_and_value_errors_for_values() -> None:
     assert check_int(3, "n", 1, 5) == 3
     for bad in (3.0, 8.5, "8", True, None):
@@ -160,16 +173,7 @@ def test_task_inference_trains_on_every_avalanche_06_builder(builder) -> None:
     assert copy.task_labels == [7] and set(copy.dataset.targets_task_labels) == {7}
     assert set(first.dataset.targets_task_labels) == {0}  # the caller's is untouched
     assert len(copy.dataset) == len(first.dataset)
-    net = mlp(6, 16, 4)
-    strategy = TSNStrategy(
-        model=net,
-        optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
-        train_mb_size=16,
-        train_epochs=2,
-        task_inference="memory",
-        memory_size=20,
-        evaluator=quiet_evaluator(),
-    )
+    strategy = _memory_strategy(mlp(6, 16, 4), epochs=2, memory=20)
     for exp in bm.train_stream:
         strategy.train(exp, eval_streams=[])
     assert strategy.tsn_model.trained_tasks() == [0, 1]
@@ -185,16 +189,7 @@ def test_quantized_accuracy_routes_class_incremental_experiences_by_their_slot()
     from conftest import fast_benchmark
 
     bm = fast_benchmark(task_labels=False)
-    net = mlp(6, 32, 10)
-    strategy = TSNStrategy(
-        model=net,
-        optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
-        train_mb_size=16,
-        train_epochs=3,
-        task_inference="memory",
-        memory_size=10,
-        evaluator=quiet_evaluator(),
-    )
+    strategy = _memory_strategy(mlp(6, 32, 10), epochs=3, memory=10)
     for exp in list(bm.train_stream)[:2]:
         strategy.train(exp, eval_streams=[])
     before = _state(strategy.tsn_model)
