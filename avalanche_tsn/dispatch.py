@@ -88,10 +88,10 @@ class TaskDispatchMixin:
         order = torch.argsort(labels, stable=True)
         tasks, counts = torch.unique_consecutive(labels[order], return_counts=True)
         table = self.task_table
-        groups = []
-        for t, c in zip(tasks.tolist(), counts.tolist(), strict=True):
-            slot = table.frozen_slot(t)
-            groups.append((FREE if slot is None else slot, c))
+        groups = tuple(
+            (FREE if (slot := table.frozen_slot(t)) is None else slot, c)
+            for t, c in zip(tasks.tolist(), counts.tolist(), strict=True)
+        )
         routed = self._routed()
         for module in routed:
             module.route_groups(groups)

@@ -64,7 +64,9 @@ class TaskRouted(nn.Module):
 
         :param groups: the tasks' slots and row counts, in the minibatch's order.
         """
-        object.__setattr__(self, "_route", tuple((int(s), int(c)) for s, c in groups))
+        # (the model passes one tuple of int pairs to every module of a forward: kept as is)
+        route = groups if isinstance(groups, tuple) else tuple((int(s), int(c)) for s, c in groups)
+        object.__setattr__(self, "_route", route)
 
     @property
     def active_slot(self) -> int:
