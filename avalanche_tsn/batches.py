@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
+from avalanche.benchmarks.utils.classification_dataset import lookup as _avalanche_lookup
 from avalanche.benchmarks.utils.data import _FlatDataWithTransform
 from avalanche.benchmarks.utils.data_loader import MultiDatasetDataLoader
 from avalanche.benchmarks.utils.transforms import TupleTransform
@@ -66,9 +68,43 @@ def _input_untouched(transforms: Any) -> bool:
     )
 
 
-def _target_untouched(transforms: Any) -> bool:
-    """True if a transform group leaves the target (element 1 on) as it is."""
-    return transforms is None or all(t is None for t in transforms.transforms[1:])
+def _target_maps(transforms: Any) -> list[Sequence[int]] | None:
+    """The class mappings a transform group applies to targets, or None if it does more.
+
+    ``[]``: targets and task labels untouched; ``[m]``: Avalanche's class remapping
+    (``partial(lookup, m)`` on the target, as its benchmarks build it); None: any other
+    transform of the target or of a later field (the user's ``target_transform``).
+    """
+    if transforms is None or all(t is None for t in transforms.transforms[1:]):
+        return []
+    target, *rest = transforms.transforms[1:]
+    if any(t is not None for t in rest):
+        return None
+    if (
+        isinstance(target, partial)
+        and target.func is _avalanche_lookup
+        and len(target.args) == 1
+        and not target.keywords
+        and isinstance(target.args[0], list | tuple)
+    ):
+        return [target.args[0]]
+    return None
+
+
+def _group_transforms(groups: Any, group: str) -> Any:
+    """The transform ``groups`` apply in ``group`` (Avalanche's ``DefaultTransformGroups``
+    keep theirs as a defaultdict's default, which ``get`` does not see)."""
+    if groups is None:
+        return None
+    table = groups.transform_groups
+    if group in table:
+        return table[group]
+    factory = getattr(table, "default_factory", None)
+    return factory() if factory is not None else None
+
+
+def _leaf_targets(leaf: Any) -> Tensor:
+    return leaf.targets if type(leaf) is TensorTaskDataset else leaf.tensors[1]
 
 
 def _leaf_tensor(leaf: Any) -> Tensor | None:
@@ -79,18 +115,27 @@ def _leaf_tensor(leaf: Any) -> Tensor | None:
     return None
 
 
-def _resolve(node: Any, idx: np.ndarray, pos: np.ndarray, group: str, out: list) -> bool:
+def _resolve(
+    node: Any, idx: np.ndarray, pos: np.ndarray, group: str, out: list, maps: tuple = ()
+) -> bool:
     """Map ``node``'s samples ``idx`` (at ``pos`` in the dataset) to (leaf tensor, leaf rows,
-    positions) pieces in ``out``; False if some level is not a tensor read. A level that
-    transforms targets adds ``None`` to ``out``."""
+    positions, leaf targets, class mappings in the order they apply) pieces in ``out``; False
+    if some level is not a tensor read. A level that transforms targets otherwise than by a
+    class mapping adds ``None`` to ``out``."""
     if not isinstance(node, _FlatDataWithTransform):
         return False
+    own: list[Sequence[int]] = []
+    # a level applies its frozen group, then its group, to what its children give
     for groups in (node._frozen_transform_groups, node._transform_groups):
-        transforms = None if groups is None else groups.transform_groups.get(group)
+        transforms = _group_transforms(groups, group)
         if not _input_untouched(transforms):
             return False
-        if not _target_untouched(transforms):
+        level = _target_maps(transforms)
+        if level is None:
             out.append(None)
+        else:
+            own += level
+    maps = (*own, *maps)
     if node._indices is not None:
         idx = np.asarray(node._indices, dtype=np.int64)[idx]
     children = node._datasets
@@ -104,14 +149,29 @@ def _resolve(node: Any, idx: np.ndarray, pos: np.ndarray, group: str, out: list)
         pick = which == k
         child = children[int(k)]
         if isinstance(child, _FlatDataWithTransform):
-            if not _resolve(child, idx[pick], pos[pick], group, out):
+            if not _resolve(child, idx[pick], pos[pick], group, out, maps):
                 return False
         else:
             x = _leaf_tensor(child)
             if x is None:
                 return False
-            out.append((x, idx[pick], pos[pick]))
+            out.append((x, idx[pick], pos[pick], _leaf_targets(child), maps))
     return True
+
+
+def _mapped_targets(pieces: list, n: int) -> Tensor | None:
+    """Every sample's target as Avalanche's ``__getitem__`` makes it: each leaf's target
+    through the class mappings above it; None if one cannot be computed so."""
+    out = torch.empty(n, dtype=torch.long)
+    try:
+        for _, rows, at, targets, maps in pieces:
+            t = torch.as_tensor(targets)[torch.from_numpy(rows)]
+            for mapping in maps:
+                t = torch.as_tensor(mapping)[t]
+            out[torch.from_numpy(at)] = t
+    except (IndexError, TypeError, RuntimeError, ValueError):
+        return None
+    return out
 
 
 def _fields(dataset: Any) -> tuple[Tensor, Tensor] | None:
@@ -159,13 +219,13 @@ def tensor_view(dataset: Any) -> TensorView | None:
         ok = _resolve(flat, everything, everything, flat._transform_groups.current_group, pieces)
     except (AttributeError, IndexError, TypeError, ValueError):
         ok = False  # another Avalanche layout: the slow path stays
-    # A target transform (a class remapping, or the user's) may or may not be reflected in
-    # the stored ``targets`` the view serves: every sample is compared then, not a sample.
+    # A target transform other than Avalanche's class mapping (the user's) may or may not be
+    # reflected in the stored ``targets`` the view serves: every sample is compared then.
     targets_transformed = any(p is None for p in pieces)
     pieces = [p for p in pieces if p is not None]
     if not ok or not pieces:
         return None
-    tensors = list({id(x): x for x, _, _ in pieces}.values())
+    tensors = list({id(x): x for x, *_ in pieces}.values())
     if len(tensors) == 1:
         x, base = tensors[0], {id(tensors[0]): 0}
     else:
@@ -175,9 +235,13 @@ def tensor_view(dataset: Any) -> TensorView | None:
         starts = np.cumsum([0] + [len(t) for t in tensors[:-1]])
         base = {id(t): int(s) for t, s in zip(tensors, starts, strict=True)}
     rows = np.empty(n, dtype=np.int64)
-    for leaf, leaf_rows, at in pieces:
+    for leaf, leaf_rows, at, *_ in pieces:
         rows[at] = leaf_rows + base[id(leaf)]
     view = TensorView(x, torch.from_numpy(rows), *fields)
+    if not targets_transformed:
+        # class mappings: every target is computed (vectorised) and must be the stored one
+        mapped = _mapped_targets(pieces, n)
+        targets_transformed = mapped is None or not torch.equal(mapped, view.y)
     probe = (
         np.arange(n)
         if targets_transformed

@@ -368,7 +368,11 @@ def test_task_inference_on_a_tiny_model_matches_the_full_model(method) -> None:
 def _rare_class_stream():
     """504 rows, class 2 only 4 of them; a target transform relabels class 2 as class 0."""
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
-    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+    from avalanche.benchmarks.utils.classification_dataset import (
+        _make_taskaware_classification_dataset,
+    )
+
+    from avalanche_tsn.datasets import TensorTaskDataset
 
     g = torch.Generator().manual_seed(0)
     y = torch.zeros(504, dtype=torch.long)
@@ -379,7 +383,10 @@ def _rare_class_stream():
     def merge(t):
         return 0 if int(t) == 2 else int(t)
 
-    data = _make_taskaware_tensor_classification_dataset(x, y, target_transform=merge)
+    # a leaf the fast path reads (TensorTaskDataset): only the transform can stop it
+    data = _make_taskaware_classification_dataset(
+        TensorTaskDataset(x, y), task_labels=0, target_transform=merge
+    )
     return benchmark_from_datasets(train=[data], test=[data]), data
 
 
@@ -469,3 +476,38 @@ def test_each_argument_refuses_a_type_with_type_error_and_a_value_with_value_err
                 **{name: value},
             )
         assert type(model[0]) is torch.nn.Linear  # nothing was wrapped
+
+
+def test_avalanche_class_mappings_are_checked_exactly_without_reading_every_sample(monkeypatch):
+    """A class remapping (Avalanche's ``partial(lookup, mapping)``) is applied to every
+    leaf target at once and compared with the stored targets; only a sample of items is read
+    through ``__getitem__``. A user's target transform still has every item compared."""
+    from avalanche.benchmarks.utils.classification_dataset import (
+        _make_taskaware_classification_dataset,
+    )
+    from avalanche.benchmarks.utils.classification_dataset import (
+        _taskaware_classification_subset as classification_subset,
+    )
+
+    from avalanche_tsn import batches
+    from avalanche_tsn.datasets import TensorTaskDataset
+
+    _, data = _rare_class_stream()
+    g = torch.Generator().manual_seed(1)
+    leaf = TensorTaskDataset(torch.randn(504, 6, generator=g), torch.arange(504) % 3)
+    plain = _make_taskaware_classification_dataset(leaf, task_labels=0)
+    mapped = classification_subset(plain, list(range(0, 504, 2)), class_mapping=[2, 0, 1])
+    reads = []
+    real = batches._same
+
+    def counting(slow, fast):
+        reads.append(len(slow[0]))
+        return real(slow, fast)
+
+    monkeypatch.setattr(batches, "_same", counting)
+    view = batches.tensor_view(mapped)
+    assert view is not None and reads == [batches._CHECKED]
+    assert torch.equal(view.y, torch.tensor([[2, 0, 1][i % 3] for i in range(0, 504, 2)]))
+    assert [int(mapped[i][1]) for i in range(len(mapped))] == view.y.tolist()
+    reads.clear()
+    assert batches.tensor_view(data) is None and reads == [504]  # the user's transform
