@@ -199,10 +199,13 @@ def tensor_view(dataset: Any) -> TensorView | None:
     """The :class:`TensorView` of an Avalanche dataset, or None if it has none.
 
     A view exists when every leaf dataset is a :class:`TensorTaskDataset` or a two-tensor
-    ``TensorDataset`` and no level transforms inputs in the dataset's current group. It is
-    checked against Avalanche's collated ``__getitem__`` (dtypes included): on every sample
-    when some level transforms targets (the stored ``targets`` the view serves need not
-    follow a target transform), else on some samples spread over the dataset.
+    ``TensorDataset`` and no level transforms inputs in the dataset's current group. Its
+    targets are the dataset's stored ``targets``: where levels remap classes the way
+    Avalanche's benchmarks do (``partial(lookup, mapping)``), every leaf target is mapped
+    (vectorised) and must equal the stored one; a view is then checked against Avalanche's
+    collated ``__getitem__`` (dtypes included) on some samples spread over the dataset, or on
+    every sample when a level transforms targets any other way (a user's
+    ``target_transform``, which the stored targets need not follow).
 
     :param dataset: an Avalanche dataset.
     """
