@@ -96,7 +96,12 @@ def _is_maskable(module: nn.Module) -> bool:
 
 def _check_model(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """The layers of ``module`` to replace; raises for an unsupported model, changing nothing."""
-    if isinstance(module, MaskedLayer | TaskBatchNorm) or _is_maskable(module):
+    if isinstance(module, TaskBatchNorm | nn.BatchNorm1d | nn.BatchNorm2d):
+        raise ValueError(
+            f"model has no maskable layer: {type(module).__name__} alone is a normalisation; "
+            "TSN masks nn.Linear and nn.Conv2d layers"
+        )
+    if isinstance(module, MaskedLayer) or _is_maskable(module):
         return []
     if isinstance(module, IncrementalClassifier | MultiHeadClassifier):
         raise ValueError(f"model has no maskable layer: {type(module).__name__} is only a head")

@@ -117,6 +117,23 @@ class TSNSettings:
         return replace(self, task_inference=None if inference is None else check_method(inference))
 
 
+def _retrain_message(index: object, label: int, inferred: bool) -> str:
+    """Why experience ``index`` (trained as task ``label``) cannot train, and the ways out."""
+    if inferred:
+        what = f"experience {index} was already learned by this model (as task {label})"
+        hint = "train a fresh model"
+    else:
+        what = f"experience {index} has task label {label}, which this model has already learned"
+        hint = (
+            "give the experience a task label not used yet, or train a fresh model; if every "
+            "experience has label 0, the stream has no task labels: pass task_inference"
+        )
+    return (
+        f"{what}: a trained task is frozen and is never trained again. To learn it anew, {hint}. "
+        "(strategy.abandon_task() forgets only a task whose training was interrupted.)"
+    )
+
+
 def _check_model_and_optimizer(model: object, optimizer: object) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -435,11 +452,7 @@ class TSNStrategy(TaskRoutingMixin, SupervisedTemplate):
         for i, (exp, label) in enumerate(zip(experiences, labels, strict=True)):
             index = getattr(exp, "current_experience", i)
             if model.is_trained(label):
-                raise ValueError(
-                    f"experience {index} has task label {label}, which is already trained; TSN "
-                    "needs a distinct task label per experience (a stream without task "
-                    "labels gives every experience label 0)"
-                )
+                raise ValueError(_retrain_message(index, label, self.task_inference is not None))
             if label < 0:
                 raise ValueError(f"experience {index} has a negative task label {label}")
             self.mask_plugin.sparsity_for(done + i)
