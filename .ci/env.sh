@@ -3,6 +3,8 @@
 #
 # The environment is cached under ${AVALANCHE_TSN_CACHE:-~/.cache/avalanche-tsn}, keyed on the
 # hash of pyproject.toml, so nothing is downloaded again unless the dependencies change.
+# It holds the dependencies only: the code is this checkout's, put on PYTHONPATH here, so
+# two clones share the environment without pointing it at each other's code.
 # PYTHON picks the interpreter that creates it (default: python3, 3.10 or newer).
 # First run: about 3 GB of wheels are downloaded (PyPI's torch comes with its CUDA libraries,
 # also on CPU-only machines) and the environment takes about 6.5 GB; 5 to 10 minutes.
@@ -23,25 +25,24 @@ if [ ! -f "$_venv/.complete" ]; then
     mkdir -p "$_cache"
     "$_py" -m venv "$_venv"
     "$_venv/bin/python" -m pip install -q --upgrade pip
+    # the dependencies (and the dev tools) of pyproject.toml, without the project itself
     "$_venv/bin/python" -m pip install -q -e "$_root[dev]"
+    "$_venv/bin/python" -m pip uninstall -q -y avalanche-tsn
     touch "$_venv/.complete"
 fi
-# A cached environment must import this checkout, wherever it was cloned; reinstall (quietly)
-# only when it points elsewhere. torchvision must load against its torch.
+# An environment made before it held the dependencies only has the project installed
+# (editable, pointing at whichever clone installed it last): take it out.
+if compgen -G "$_venv/lib/python3*/site-packages/avalanche_tsn-*.dist-info" >/dev/null; then
+    "$_venv/bin/python" -m pip uninstall -q -y avalanche-tsn >/dev/null 2>&1 || true
+fi
+export PYTHONPATH="$_root${PYTHONPATH:+:$PYTHONPATH}"
+# This checkout's code must be what loads, and torchvision must load against its torch.
 _check='import os, avalanche_tsn, torchvision; from torchvision.ops import nms
 print(os.path.dirname(os.path.dirname(os.path.realpath(avalanche_tsn.__file__))))'
 _found=$(cd / && "$_venv/bin/python" -c "$_check" 2>/dev/null || true)
 if [ "$_found" != "$_root" ]; then
-    _log=$(mktemp)
-    "$_venv/bin/python" -m pip install --no-deps -q -e "$_root" >"$_log" 2>&1 || {
-        cat "$_log" >&2
-        exit 1
-    }
-    rm -f "$_log"
-    _found=$(cd / && "$_venv/bin/python" -c "$_check") || {
-        echo "avalanche_tsn or torchvision does not load in $_venv; delete it and retry" >&2
-        exit 1
-    }
+    echo "avalanche_tsn or torchvision does not load from $_root in $_venv; delete it and retry" >&2
+    exit 1
 fi
 # shellcheck disable=SC1091
 source "$_venv/bin/activate"

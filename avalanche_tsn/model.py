@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator
 
 import torch
+from avalanche.benchmarks import CLExperience
 from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
 from torch import Tensor, nn
 
@@ -27,6 +28,7 @@ from avalanche_tsn.layers import (
 from avalanche_tsn.lifecycle import LOW_FREE_FRACTION, TaskLifeCycleMixin
 from avalanche_tsn.masks import check_sparsity
 from avalanche_tsn.routing import TaskRouted
+from avalanche_tsn.streams import experience_task_labels
 from avalanche_tsn.tasks import TaskTable, calibrated, uncalibrated
 from avalanche_tsn.validation import check_int
 
@@ -425,6 +427,24 @@ class TSNModel(TaskLifeCycleMixin, TaskDispatchMixin, MultiTaskModule):
         :param bits: the bit-width.
         """
         self.task_table.set_head_codebook(slot, centroids, bits)
+
+    def adaptation(self, experience: CLExperience) -> None:
+        """Avalanche's adaptation before an experience, for experiences of any kind.
+
+        Avalanche's multi-task modules read the experience's classes; one built by hand on a
+        dataset without targets (dictionaries, Naive runs those) has none to give.
+
+        :param experience: the experience about to be trained or evaluated.
+        """
+        try:
+            classes = list(experience.classes_in_this_experience)
+        except (AttributeError, TypeError, KeyError):
+            classes = []
+        if classes:
+            self.max_class_label = max(self.max_class_label, max(classes) + 1)
+        if self.training:
+            labels = experience_task_labels(experience)
+            self.known_train_tasks_labels = self.known_train_tasks_labels | set(labels)
 
     @property
     def eval_cache_bytes(self) -> int:

@@ -66,3 +66,71 @@ def test_a_learned_class_incremental_experience_is_named_without_the_task_label_
     assert "experience 0 was already learned by this model" in message
     assert "task_inference" not in message and "task label" not in message
     assert strategy.tsn_model.trained_tasks() == [0]
+
+
+# 2: experiences built by hand on datasets without targets (Avalanche's dictionary test)
+def _collate_dicts(items: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([torch.as_tensor(d[k]) for d in items]) for k in items[0]}
+
+
+class _DictMinibatches:
+    """Avalanche's own dictionary-minibatch strategy (tests/training/test_strategies.py)."""
+
+    @property
+    def mb_x(self):
+        return self.mbatch["x"]
+
+    @property
+    def mb_y(self):
+        return self.mbatch["y"]
+
+    @property
+    def mb_task_id(self):
+        return self.mbatch["targets_task_labels"]
+
+    def _unpack_minibatch(self):
+        for k in self.mbatch:
+            self.mbatch[k] = self.mbatch[k].to(self.device)
+
+
+class _NaiveDict(_DictMinibatches, Naive):
+    pass
+
+
+class _TSNDict(_DictMinibatches, TSNStrategy):
+    pass
+
+
+def _dictionary_stream():
+    from avalanche.benchmarks import CLExperience, CLScenario, CLStream
+    from avalanche.benchmarks.utils import AvalancheDataset, ConstantSequence, DataAttribute
+
+    g = torch.Generator().manual_seed(0)
+    exps = []
+    for task in range(2):
+        x = torch.randn(100, 10, generator=g)
+        y = (x[:, task] > 0).long()
+        data = [{"x": a, "y": b} for a, b in zip(x, y, strict=True)]
+        labels = DataAttribute(ConstantSequence(task, 100), "targets_task_labels", True)
+        exp = CLExperience(task, None)
+        exp.dataset = AvalancheDataset([data], data_attributes=[labels], collate_fn=_collate_dicts)
+        exps.append(exp)
+    return CLScenario([CLStream("train", exps), CLStream("test", exps)])
+
+
+def test_hand_built_experiences_without_targets_train_as_with_naive():
+    from avalanche.models import SimpleMLP
+
+    exps = list(_dictionary_stream().train_stream)
+    for cls in (_NaiveDict, _TSNDict):
+        strategy = _adam(cls, SimpleMLP(input_size=10, num_classes=2))
+        strategy.train(exps[0])
+        if cls is _TSNDict:
+            model = strategy.model.eval()
+            x = torch.stack([d["x"] for d in exps[0].dataset])
+            with torch.no_grad():
+                before = model(x, 0)
+        strategy.train(exps[1])
+    assert strategy.tsn_model.trained_tasks() == [0, 1]
+    with torch.no_grad():
+        assert torch.equal(strategy.model.eval()(x, 0), before)  # nothing forgotten

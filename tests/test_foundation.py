@@ -301,7 +301,9 @@ def test_repeated_task_label_keeps_learned_state():
     exps = list(bm.train_stream)
     strategy.train(exps[0], eval_streams=[])
     state = {k: v.clone() for k, v in strategy.model.state_dict().items()}
-    with pytest.raises(ValueError, match="experience 0 has task label 0, which this model has already learned"):
+    with pytest.raises(
+        ValueError, match="experience 0 has task label 0, which this model has already learned"
+    ):
         strategy.train(exps[0], eval_streams=[])
     after = strategy.model.state_dict()
     assert all(torch.equal(state[k], after[k]) for k in state)
