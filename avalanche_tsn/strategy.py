@@ -30,6 +30,7 @@ from avalanche_tsn.compute import ComputeReport, compute_report
 from avalanche_tsn.export import export_model
 from avalanche_tsn.inference import check_method
 from avalanche_tsn.model import TSNModel, require_full
+from avalanche_tsn.param_groups import ParamGroupsMixin
 from avalanche_tsn.plugins import (
     ActivationCalibrationPlugin,
     MaskLearningPlugin,
@@ -134,6 +135,10 @@ def _retrain_message(index: object, label: int, inferred: bool) -> str:
     )
 
 
+def _the(cls: type, plugins: Sequence[BasePlugin]) -> Any:
+    return next(p for p in plugins if isinstance(p, cls))
+
+
 def _check_model_and_optimizer(model: object, optimizer: object) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -195,7 +200,7 @@ def tsn_recipe(s: TSNSettings) -> list[StageSpec]:
     ]
 
 
-class TSNStrategy(TaskRoutingMixin, SupervisedTemplate):
+class TSNStrategy(ParamGroupsMixin, TaskRoutingMixin, SupervisedTemplate):
     """TinySubNets: forget-free, low-capacity task-incremental learning.
 
     Use it where ``Naive`` or ``PackNet`` stood. The model is wrapped in place (its
@@ -314,9 +319,8 @@ class TSNStrategy(TaskRoutingMixin, SupervisedTemplate):
         # TSN stages run in algorithm order, after the user's plugins
         others, tsn_plugins = assemble_plugins(self.recipe(settings), user_plugins)
         self._init_routing()
-        self.mask_plugin: MaskLearningPlugin = next(
-            p for p in tsn_plugins if isinstance(p, MaskLearningPlugin)
-        )
+        self._init_param_groups()
+        self.mask_plugin: MaskLearningPlugin = _the(MaskLearningPlugin, tsn_plugins)
         # A model TSN already wraps (a strategy rebuilt around it) continues where it is.
         tsn = TSNModel.of(model, self.mask_plugin.sparsity_for(0))
         require_full(tsn, "TSNStrategy")

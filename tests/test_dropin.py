@@ -134,3 +134,106 @@ def test_hand_built_experiences_without_targets_train_as_with_naive():
     assert strategy.tsn_model.trained_tasks() == [0, 1]
     with torch.no_grad():
         assert torch.equal(strategy.model.eval()(x, 0), before)  # nothing forgotten
+
+
+# 1: parameter groups (weights / biases; heads at their own learning rate; three groups)
+def _weights_and_biases(model: nn.Module, lr: float = 0.05) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if not n.endswith("bias")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": 1e-4}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+    )
+
+
+def _heads_apart(model: nn.Module, split_bias: bool = False) -> torch.optim.Optimizer:
+    heads = [p for n, p in model.named_parameters() if n.startswith("classifier")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("classifier")]
+    groups = [{"params": heads, "lr": 0.1}]
+    if split_bias:
+        groups += [
+            {"params": [p for p in body if p.dim() > 1], "lr": 0.05},
+            {"params": [p for p in body if p.dim() == 1], "lr": 0.02},
+        ]
+    else:
+        groups.append({"params": body, "lr": 0.05})
+    return torch.optim.SGD(groups, lr=0.05)
+
+
+def _group_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> int:
+    return next(
+        g for g, group in enumerate(optimizer.param_groups) if any(q is p for q in group["params"])
+    )
+
+
+def _train(cls, model, optimizer, exps):
+    strategy = cls(model=model, optimizer=optimizer, train_mb_size=16, evaluator=quiet_evaluator())
+    for exp in exps:
+        strategy.train(exp, **({} if cls is Naive else {"eval_streams": []}))
+    return strategy
+
+
+def test_weights_and_biases_in_two_groups_train_and_scores_join_their_weights():
+    from avalanche.models import SimpleMLP
+
+    bm = blob_stream(n_tasks=2)
+    exps = list(bm.train_stream)
+    naive_model = SimpleMLP(num_classes=3, input_size=12)
+    _train(Naive, naive_model, _weights_and_biases(naive_model), exps)
+    model = SimpleMLP(num_classes=3, input_size=12)
+    optimizer = _weights_and_biases(model)
+    strategy = _train(TSNStrategy, model, optimizer, exps[:1])
+    x = torch.randn(20, 12)
+    with torch.no_grad():
+        before = strategy.model.eval()(x, 0)
+    strategy.train(exps[1], eval_streams=[])
+    for _, layer in strategy.tsn_model.masked_layers():
+        assert _group_of(optimizer, layer.scores) == _group_of(optimizer, layer.weight) == 0
+        if layer.bias is not None:
+            assert _group_of(optimizer, layer.bias) == 1
+    with torch.no_grad():
+        assert torch.equal(strategy.model.eval()(x, 0), before)
+
+
+@pytest.mark.parametrize("split_bias", [False, True])
+def test_new_heads_join_the_heads_group_as_with_naive(split_bias):
+    from avalanche.models import MTSimpleMLP
+
+    bm = blob_stream(n_tasks=3)
+    exps = list(bm.train_stream)
+    naive_model = MTSimpleMLP(input_size=12)
+    naive_opt = _heads_apart(naive_model, split_bias)
+    _train(Naive, naive_model, naive_opt, exps)
+    naive_heads = {
+        k: naive_opt.param_groups[_group_of(naive_opt, h.classifier.weight)]["lr"]
+        for k, h in naive_model.classifier.classifiers.items()
+    }
+    from avalanche.core import SupervisedPlugin
+
+    lrs = {}
+
+    class HeadLR(SupervisedPlugin):  # read while the task trains (a trained head is frozen)
+        def before_training_epoch(self, strategy, **kwargs):
+            task = strategy.experience.task_label
+            weight = strategy.tsn_model.head_modules(task)[0].classifier.weight
+            opt = strategy.optimizer
+            lrs[str(task)] = opt.param_groups[_group_of(opt, weight)]["lr"]
+
+    model = MTSimpleMLP(input_size=12)
+    optimizer = _heads_apart(model, split_bias)
+    strategy = TSNStrategy(
+        model=model,
+        optimizer=optimizer,
+        train_mb_size=16,
+        plugins=[HeadLR()],
+        evaluator=quiet_evaluator(),
+    )
+    for exp in exps[:2]:
+        strategy.train(exp, eval_streams=[])
+    x = torch.randn(20, 12)
+    with torch.no_grad():
+        before = strategy.model.eval()(x, 0)
+    strategy.train(exps[2], eval_streams=[])
+    assert lrs == naive_heads == {"0": 0.1, "1": 0.1, "2": 0.1}
+    with torch.no_grad():
+        assert torch.equal(strategy.model.eval()(x, 0), before)
