@@ -103,3 +103,31 @@ def test_slow_marker_selects_tests():
     # README: `python -m pytest -m slow` runs the long runs on real data
     marked = [p for p in (ROOT / "tests").glob("test_*.py") if "pytest.mark.slow" in p.read_text()]
     assert marked, "no test is marked slow"
+
+
+def test_quickstart_prints_stage_lines_in_order_then_the_summary_and_quiet_the_summary_only():
+    import subprocess
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--tasks", "2"]
+            + ["--epochs", "1", "--threads", "1", *extra],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+
+    loud, quiet = run(), run("--quiet")
+    lines = loud.stdout.splitlines()
+    stages = [i for i, line in enumerate(lines) if line.startswith("task ")]
+    summary = lines.index("Per-task test accuracy after the whole stream:")
+    assert [lines[i].split(":")[0] for i in stages] == [
+        "task 0 pruned",
+        "task 0 quantized",
+        "task 1 pruned",
+        "task 1 quantized",
+    ]
+    assert max(stages) < summary and lines[-1].startswith("Export:")
+    assert "predicts identically: True" in lines[-1] and len(lines) < 80
+    assert "pruned" not in quiet.stdout and quiet.stderr == ""
+    assert quiet.stdout.splitlines()[-1] == lines[-1]  # the same run, the same summary

@@ -10,6 +10,7 @@ from avalanche_tsn.plugins.compression import (
     validation_accuracy,
 )
 from avalanche_tsn.plugins.mask_learning import MaskLearningPlugin
+from avalanche_tsn.plugins.progress import TaskProgressPlugin
 from avalanche_tsn.plugins.similarity import TaskSimilarityPlugin
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "QuantizationPlugin",
     "TaskSimilarityPlugin",
     "TensorBatchesPlugin",
+    "TaskProgressPlugin",
     "tsn_model",
     "current_task",
     "validation_accuracy",
