@@ -18,6 +18,8 @@ from avalanche.benchmarks import NCScenario, nc_benchmark
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from avalanche_tsn.validation import check_choice
+
 __all__ = [
     "TensorTaskDataset",
     "task_stream",
@@ -32,6 +34,8 @@ __all__ = [
     "split_cifar100",
     "split_tiny_imagenet",
     "five_datasets",
+    "require_data",
+    "DATASETS_ON_DISK",
 ]
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the idx files.
@@ -141,15 +145,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load_fashion_mnist(
-    dataset_root: str | Path | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fashion-MNIST from local idx ``.gz`` files as flat float tensors in [0, 1].
-
-    :param dataset_root: folder holding the four standard idx files (default: Debian's
-        ``dataset-fashion-mnist`` location, ``/usr/share/datasets/fashion-mnist``).
-    :return: ``x_train, y_train, x_test, y_test``.
-    """
+def _fashion_root(dataset_root: str | Path | None) -> Path:
     root = Path(dataset_root) if dataset_root is not None else FASHION_MNIST_ROOT
     expected = [name for pair in _FASHION_FILES.values() for name in pair]
     missing = [name for name in expected if not (root / name).is_file()]
@@ -159,6 +155,19 @@ def load_fashion_mnist(
             "Install Debian's dataset-fashion-mnist package or pass dataset_root to a folder "
             f"holding {', '.join(expected)}"
         )
+    return root
+
+
+def load_fashion_mnist(
+    dataset_root: str | Path | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fashion-MNIST from local idx ``.gz`` files as flat float tensors in [0, 1].
+
+    :param dataset_root: folder holding the four standard idx files (default: Debian's
+        ``dataset-fashion-mnist`` location, ``/usr/share/datasets/fashion-mnist``).
+    :return: ``x_train, y_train, x_test, y_test``.
+    """
+    root = _fashion_root(dataset_root)
     out = []
     for images, labels in _FASHION_FILES.values():
         x = torch.from_numpy(_read_idx(root / images).reshape(-1, 784).astype(np.float32) / 255)
@@ -247,6 +256,58 @@ def split_digits(
 # -- the paper's scenarios: need the data on disk (or internet through torchvision) -----------
 
 
+#: files each dataset on disk needs, what it is, and how to get it
+_FILES: dict[str, tuple[list[str], str, str]] = {
+    "cifar100": (
+        ["cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"],
+        "CIFAR-100",
+        "Extract cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html",
+    ),
+    "tiny_imagenet": (
+        ["tiny-imagenet-200/train", "tiny-imagenet-200/val", "tiny-imagenet-200/wnids.txt"],
+        "TinyImageNet",
+        "Extract tiny-imagenet-200.zip from http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+    ),
+    "five_datasets": (
+        [
+            "cifar-10-batches-py",
+            "MNIST/raw",
+            "train_32x32.mat",
+            "test_32x32.mat",
+            "FashionMNIST/raw",
+            "notMNIST/train",
+            "notMNIST/test",
+        ],
+        "5-datasets",
+        "Download CIFAR-10, MNIST, SVHN and Fashion-MNIST once with torchvision "
+        "(download=True) into that folder and add notMNIST as image folders",
+    ),
+}
+
+#: the datasets :func:`require_data` knows (the bundled ones need nothing)
+DATASETS_ON_DISK = ("mnist", "fashion_mnist", *_FILES)
+
+
+def require_data(dataset: str, dataset_root: str | Path | None) -> None:
+    """Raise the loader's ``FileNotFoundError`` if ``dataset``'s files are missing; load nothing.
+
+    For scripts that check their data before any work (the harness checks before it spawns
+    a process per strategy).
+
+    :param dataset: one of :data:`DATASETS_ON_DISK`.
+    :param dataset_root: the folder given (None: Fashion-MNIST's Debian folder).
+    """
+    check_choice(dataset, "dataset", DATASETS_ON_DISK)
+    if dataset == "fashion_mnist":
+        _fashion_root(dataset_root)
+    elif dataset_root is None:
+        raise FileNotFoundError(f"{dataset} is read from disk: pass dataset_root (--dataset-root)")
+    elif dataset == "mnist":
+        _mnist_paths(dataset_root)
+    else:
+        _require(Path(dataset_root), *_FILES[dataset])
+
+
 def _require(root: Path, files: list[str], what: str, hint: str) -> None:
     missing = [f for f in files if not (root / f).exists()]
     if missing:
@@ -273,12 +334,7 @@ def _read_any_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load_mnist(dataset_root: str | Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """MNIST from the standard idx files (plain or ``.gz``, in the folder or ``MNIST/raw``).
-
-    :param dataset_root: the folder (torchvision's MNIST root works as is).
-    :return: ``x_train, y_train, x_test, y_test`` as flat float tensors in [0, 1].
-    """
+def _mnist_paths(dataset_root: str | Path) -> list[Path]:
     root = Path(dataset_root)
     stems = [
         "train-images-idx3-ubyte",
@@ -287,14 +343,23 @@ def load_mnist(dataset_root: str | Path) -> tuple[Tensor, Tensor, Tensor, Tensor
         "t10k-labels-idx1-ubyte",
     ]
     paths = [_find_idx(root, s) for s in stems]
-    if any(p is None for p in paths):
-        missing = [s for s, p in zip(stems, paths, strict=True) if p is None]
+    missing = [s for s, p in zip(stems, paths, strict=True) if p is None]
+    if missing:
         raise FileNotFoundError(
             f"MNIST idx files not found under {root} or {root / 'MNIST' / 'raw'}: missing "
             f"{', '.join(missing)} (plain or .gz). Download them once with "
             "torchvision.datasets.MNIST(root, download=True) and pass dataset_root=<root>"
         )
-    arrays = [_read_any_idx(p) for p in paths]  # type: ignore[arg-type]
+    return paths  # type: ignore[return-value]
+
+
+def load_mnist(dataset_root: str | Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MNIST from the standard idx files (plain or ``.gz``, in the folder or ``MNIST/raw``).
+
+    :param dataset_root: the folder (torchvision's MNIST root works as is).
+    :return: ``x_train, y_train, x_test, y_test`` as flat float tensors in [0, 1].
+    """
+    arrays = [_read_any_idx(p) for p in _mnist_paths(dataset_root)]
     x_train, x_test = (
         torch.from_numpy(a.reshape(-1, 784).astype(np.float32) / 255) for a in arrays[::2]
     )
@@ -322,12 +387,7 @@ def split_cifar100(n_tasks: int = 10, *, seed: int = 0, dataset_root: str | Path
     from avalanche.benchmarks.classic import SplitCIFAR100
 
     root = Path(dataset_root)
-    _require(
-        root,
-        ["cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"],
-        "CIFAR-100",
-        "Extract cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html",
-    )
+    _require(root, *_FILES["cifar100"])
     return SplitCIFAR100(
         n_experiences=n_tasks,
         return_task_id=True,
@@ -347,12 +407,7 @@ def split_tiny_imagenet(n_tasks: int = 40, *, seed: int = 0, dataset_root: str |
     from avalanche.benchmarks.classic import SplitTinyImageNet
 
     root = Path(dataset_root)
-    _require(
-        root,
-        ["tiny-imagenet-200/train", "tiny-imagenet-200/val", "tiny-imagenet-200/wnids.txt"],
-        "TinyImageNet",
-        "Extract tiny-imagenet-200.zip from http://cs231n.stanford.edu/tiny-imagenet-200.zip",
-    )
+    _require(root, *_FILES["tiny_imagenet"])
     return SplitTinyImageNet(
         n_experiences=n_tasks,
         return_task_id=True,
@@ -389,21 +444,7 @@ def five_datasets(*, dataset_root: str | Path) -> NCScenario:
     from torchvision import datasets as tv
 
     root = Path(dataset_root)
-    _require(
-        root,
-        [
-            "cifar-10-batches-py",
-            "MNIST/raw",
-            "train_32x32.mat",
-            "test_32x32.mat",
-            "FashionMNIST/raw",
-            "notMNIST/train",
-            "notMNIST/test",
-        ],
-        "5-datasets",
-        "Download CIFAR-10, MNIST, SVHN and Fashion-MNIST once with torchvision "
-        "(download=True) into that folder and add notMNIST as image folders",
-    )
+    _require(root, *_FILES["five_datasets"])
     train, test = [], []
     for make in (
         lambda t: tv.CIFAR10(root, train=t),

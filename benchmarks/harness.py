@@ -91,6 +91,8 @@ class Scenario:
     optimizer: str  # "sgd" (momentum from --momentum, default 0.9) or "adam"
     #: no task labels at test time: TSN infers tasks, the baselines run a single head
     class_incremental: bool = False
+    #: the dataset read from disk (checked before anything is spawned), None if bundled
+    data: str | None = None
 
 
 def _mlp(size: int) -> tuple[Callable, Callable]:
@@ -118,6 +120,7 @@ SCENARIOS: dict[str, Scenario] = {
         mb=128,
         lr=0.05,
         optimizer="sgd",
+        data="fashion_mnist",
     ),
     "split_fashion": Scenario(
         lambda a: datasets.split_fashion_mnist(
@@ -128,6 +131,7 @@ SCENARIOS: dict[str, Scenario] = {
         mb=128,
         lr=0.05,
         optimizer="sgd",
+        data="fashion_mnist",
     ),
     "split_digits_ci": Scenario(
         lambda a: datasets.split_digits(a.tasks or 5, seed=a.seed, task_labels=False),
@@ -148,6 +152,7 @@ SCENARIOS: dict[str, Scenario] = {
         lr=0.05,
         optimizer="sgd",
         class_incremental=True,
+        data="fashion_mnist",
     ),
     "permuted_mnist": Scenario(
         lambda a: datasets.permuted_mnist(a.tasks or 10, seed=a.seed, dataset_root=_root(a)),
@@ -156,6 +161,7 @@ SCENARIOS: dict[str, Scenario] = {
         mb=256,
         lr=0.3,
         optimizer="sgd",
+        data="mnist",
     ),
     "split_cifar100": Scenario(
         lambda a: datasets.split_cifar100(a.tasks or 10, seed=a.seed, dataset_root=_root(a)),
@@ -165,6 +171,7 @@ SCENARIOS: dict[str, Scenario] = {
         mb=1024,
         lr=1e-3,
         optimizer="adam",
+        data="cifar100",
     ),
     "tiny_imagenet": Scenario(
         lambda a: datasets.split_tiny_imagenet(a.tasks or 40, seed=a.seed, dataset_root=_root(a)),
@@ -174,6 +181,7 @@ SCENARIOS: dict[str, Scenario] = {
         mb=256,
         lr=1e-2,
         optimizer="adam",
+        data="tiny_imagenet",
     ),
     "five_datasets": Scenario(
         lambda a: datasets.five_datasets(dataset_root=_root(a)),
@@ -183,6 +191,7 @@ SCENARIOS: dict[str, Scenario] = {
         mb=64,
         lr=1e-3,
         optimizer="adam",
+        data="five_datasets",
     ),
 }
 
@@ -612,6 +621,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             f"{', '.join(allowed)}"
         )
     args.strategy_list = names
+    data = SCENARIOS[args.scenario].data
+    if data is not None:
+        # checked here, before a process is spawned: the loader's message, alone
+        try:
+            datasets.require_data(data, args.dataset_root)
+        except FileNotFoundError as err:
+            p.exit(2, f"{p.prog}: {err}\n")
     return args
 
 

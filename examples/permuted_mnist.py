@@ -24,7 +24,7 @@ from avalanche.logging import InteractiveLogger, TextLogger
 from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
 
 from avalanche_tsn import TSNStrategy
-from avalanche_tsn.datasets import permuted_mnist
+from avalanche_tsn.datasets import permuted_mnist, require_data
 from avalanche_tsn.metrics import capacity_metrics
 from avalanche_tsn.models import MultiHeadMLP
 
@@ -40,6 +40,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--export", default="permuted_mnist.tsn", help="compact model file")
     args = parser.parse_args()
+    try:  # before any work: the loader's message alone, exit status 2
+        require_data("mnist", args.dataset_root)
+    except FileNotFoundError as err:
+        parser.exit(2, f"{parser.prog}: {err}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(args.seed)
 

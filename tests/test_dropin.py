@@ -237,3 +237,38 @@ def test_new_heads_join_the_heads_group_as_with_naive(split_bias):
     assert lrs == naive_heads == {"0": 0.1, "1": 0.1, "2": 0.1}
     with torch.no_grad():
         assert torch.equal(strategy.model.eval()(x, 0), before)
+
+
+# 11: without data, the harness and the paper examples stop before any work: the message, 2
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist", "cifar100", "tiny_imagenet"])
+def test_require_data_raises_the_loaders_message_and_loads_nothing(tmp_path, dataset):
+    from avalanche_tsn.datasets import require_data
+
+    with pytest.raises(FileNotFoundError, match="not found"):
+        require_data(dataset, tmp_path)
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        require_data("imagenet", tmp_path)
+
+
+def test_harness_and_examples_without_data_exit_2_with_the_message_alone(
+    tmp_path, monkeypatch, capsys
+):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from benchmarks import harness
+
+    root = Path(__file__).resolve().parents[1]
+
+    with pytest.raises(SystemExit) as stop:
+        harness.parse(["--scenario", "permuted_mnist", "--dataset-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and ": MNIST idx files not found" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    for example in ("permuted_mnist.py", "split_cifar100.py", "tiny_imagenet.py"):
+        monkeypatch.setattr(sys, "argv", [example, "--dataset-root", str(tmp_path)])
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(str(root / "examples" / example), run_name="__main__")
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "not found" in err and "Traceback" not in err
