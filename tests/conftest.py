@@ -130,3 +130,28 @@ def fast_benchmark(task_labels: bool = True, seed: int = 1234, n_per_class: int 
         shuffle=True,
         seed=seed,
     )
+
+
+def collate_dicts(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Collate samples that are dictionaries (Avalanche's dictionary-minibatch tests)."""
+    return {k: torch.stack([torch.as_tensor(d[k]) for d in items]) for k in items[0]}
+
+
+class DictMinibatches:
+    """Avalanche's own dictionary-minibatch strategy parts (mix in before the strategy)."""
+
+    @property
+    def mb_x(self):
+        return self.mbatch["x"]
+
+    @property
+    def mb_y(self):
+        return self.mbatch["y"]
+
+    @property
+    def mb_task_id(self):
+        return self.mbatch["targets_task_labels"]
+
+    def _unpack_minibatch(self):
+        for k in self.mbatch:
+            self.mbatch[k] = self.mbatch[k].to(self.device)

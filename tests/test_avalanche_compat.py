@@ -40,7 +40,7 @@ from avalanche.training.plugins import (
     SynapticIntelligencePlugin,
 )
 from avalanche.training.utils import get_last_fc_layer
-from conftest import fast_benchmark, quiet_evaluator
+from conftest import DictMinibatches, collate_dicts, fast_benchmark, quiet_evaluator
 from torch import nn
 
 from avalanche_tsn import TSNModel, TSNStrategy
@@ -144,33 +144,8 @@ def test_stream_without_any_task_label_on_its_data_is_refused_up_front():
     assert strategy.tsn_model.open_task() is None
 
 
-def _collate_dicts(dicts):
-    return {
-        k: torch.stack([d[k] for d in dicts])
-        if isinstance(dicts[0][k], torch.Tensor)
-        else torch.tensor([d[k] for d in dicts])
-        for k in dicts[0]
-    }
-
-
-class DictTSN(TSNStrategy):
+class DictTSN(DictMinibatches, TSNStrategy):
     """TSN on minibatches that are dictionaries, as Avalanche's test_dictionary_mbatches."""
-
-    @property
-    def mb_x(self):
-        return self.mbatch["x"]
-
-    @property
-    def mb_y(self):
-        return self.mbatch["y"]
-
-    @property
-    def mb_task_id(self):
-        return self.mbatch["targets_task_labels"]
-
-    def _unpack_minibatch(self):
-        for k in self.mbatch:
-            self.mbatch[k] = self.mbatch[k].to(self.device)
 
 
 def test_hand_built_experiences_with_dictionary_minibatches_and_replay():
@@ -182,7 +157,7 @@ def test_hand_built_experiences_with_dictionary_minibatches_and_replay():
         x = centres[y] + 0.3 * torch.randn(100, 10, generator=g)
         data = [{"x": a, "y": b} for a, b in zip(x, y, strict=True)]
         labels = DataAttribute(ConstantSequence(i, len(data)), "targets_task_labels", True)
-        dataset = AvalancheDataset([data], data_attributes=[labels], collate_fn=_collate_dicts)
+        dataset = AvalancheDataset([data], data_attributes=[labels], collate_fn=collate_dicts)
         dataset.targets = DataAttribute(y.tolist(), "targets")
         for part in (train_exps, test_exps):
             exp = CLExperience(i, None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from avalanche.training import Naive
-from conftest import blob_stream, mlp, quiet_evaluator
+from conftest import DictMinibatches, blob_stream, collate_dicts, mlp, quiet_evaluator
 from torch import nn
 
 from avalanche_tsn import TSNModel, TSNStrategy
@@ -69,35 +69,11 @@ def test_a_learned_class_incremental_experience_is_named_without_the_task_label_
 
 
 # 2: experiences built by hand on datasets without targets (Avalanche's dictionary test)
-def _collate_dicts(items: list[dict]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([torch.as_tensor(d[k]) for d in items]) for k in items[0]}
-
-
-class _DictMinibatches:
-    """Avalanche's own dictionary-minibatch strategy (tests/training/test_strategies.py)."""
-
-    @property
-    def mb_x(self):
-        return self.mbatch["x"]
-
-    @property
-    def mb_y(self):
-        return self.mbatch["y"]
-
-    @property
-    def mb_task_id(self):
-        return self.mbatch["targets_task_labels"]
-
-    def _unpack_minibatch(self):
-        for k in self.mbatch:
-            self.mbatch[k] = self.mbatch[k].to(self.device)
-
-
-class _NaiveDict(_DictMinibatches, Naive):
+class _NaiveDict(DictMinibatches, Naive):
     pass
 
 
-class _TSNDict(_DictMinibatches, TSNStrategy):
+class _TSNDict(DictMinibatches, TSNStrategy):
     pass
 
 
@@ -113,7 +89,7 @@ def _dictionary_stream():
         data = [{"x": a, "y": b} for a, b in zip(x, y, strict=True)]
         labels = DataAttribute(ConstantSequence(task, 100), "targets_task_labels", True)
         exp = CLExperience(task, None)
-        exp.dataset = AvalancheDataset([data], data_attributes=[labels], collate_fn=_collate_dicts)
+        exp.dataset = AvalancheDataset([data], data_attributes=[labels], collate_fn=collate_dicts)
         exps.append(exp)
     return CLScenario([CLStream("train", exps), CLStream("test", exps)])
 
