@@ -21,14 +21,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from avalanche.benchmarks.utils.classification_dataset import lookup as _avalanche_lookup
-from avalanche.benchmarks.utils.data import _FlatDataWithTransform
-from avalanche.benchmarks.utils.data_loader import MultiDatasetDataLoader
 from avalanche.benchmarks.utils.transforms import TupleTransform
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data.dataloader import default_collate
 
+from avalanche_tsn._avalanche import (
+    FlatData,
+    MultiDatasetDataLoader,
+    class_lookup,
+    current_group,
+    data_attributes,
+    flat_data,
+    loader_pin_memory,
+    loader_views,
+    node_children,
+    node_cumulative_sizes,
+    node_indices,
+    set_loader_factory,
+    set_loader_views,
+    transform_groups,
+)
 from avalanche_tsn.datasets import TensorTaskDataset
 
 __all__ = ["TensorView", "tensor_view", "tensor_batches", "gather_from_tensors"]
@@ -82,7 +95,7 @@ def _target_maps(transforms: Any) -> list[Sequence[int]] | None:
         return None
     if (
         isinstance(target, partial)
-        and target.func is _avalanche_lookup
+        and target.func is class_lookup
         and len(target.args) == 1
         and not target.keywords
         and isinstance(target.args[0], list | tuple)
@@ -122,11 +135,11 @@ def _resolve(
     positions, leaf targets, class mappings in the order they apply) pieces in ``out``; False
     if some level is not a tensor read. A level that transforms targets otherwise than by a
     class mapping adds ``None`` to ``out``."""
-    if not isinstance(node, _FlatDataWithTransform):
+    if not isinstance(node, FlatData):
         return False
     own: list[Sequence[int]] = []
     # a level applies its frozen group, then its group, to what its children give
-    for groups in (node._frozen_transform_groups, node._transform_groups):
+    for groups in transform_groups(node):
         transforms = _group_transforms(groups, group)
         if not _input_untouched(transforms):
             return False
@@ -136,19 +149,20 @@ def _resolve(
         else:
             own += level
     maps = (*own, *maps)
-    if node._indices is not None:
-        idx = np.asarray(node._indices, dtype=np.int64)[idx]
-    children = node._datasets
+    indices = node_indices(node)
+    if indices is not None:
+        idx = np.asarray(indices, dtype=np.int64)[idx]
+    children = node_children(node)
     if len(children) == 1:
         which = np.zeros(len(idx), dtype=np.int64)
     else:
-        cumulative = np.asarray(node._cumulative_sizes, dtype=np.int64)
+        cumulative = np.asarray(node_cumulative_sizes(node), dtype=np.int64)
         which = np.searchsorted(cumulative, idx, side="right")
         idx = idx - np.concatenate([[0], cumulative])[which]
     for k in np.unique(which):
         pick = which == k
         child = children[int(k)]
-        if isinstance(child, _FlatDataWithTransform):
+        if isinstance(child, FlatData):
             if not _resolve(child, idx[pick], pos[pick], group, out, maps):
                 return False
         else:
@@ -176,7 +190,7 @@ def _mapped_targets(pieces: list, n: int) -> Tensor | None:
 
 def _fields(dataset: Any) -> tuple[Tensor, Tensor] | None:
     """Targets and task labels, if they are the only fields Avalanche adds to a sample."""
-    attributes = getattr(dataset, "_data_attributes", None)
+    attributes = data_attributes(dataset)
     if attributes is None:
         return None
     in_item = [name for name, a in attributes.items() if a.use_in_getitem]
@@ -209,8 +223,8 @@ def tensor_view(dataset: Any) -> TensorView | None:
 
     :param dataset: an Avalanche dataset.
     """
-    flat = getattr(dataset, "_flat_data", None)
-    if not isinstance(flat, _FlatDataWithTransform) or len(dataset) == 0:
+    flat = flat_data(dataset)
+    if flat is None or len(dataset) == 0:
         return None
     fields = _fields(dataset)
     if fields is None:
@@ -219,7 +233,7 @@ def tensor_view(dataset: Any) -> TensorView | None:
     pieces: list = []
     try:
         everything = np.arange(n)
-        ok = _resolve(flat, everything, everything, flat._transform_groups.current_group, pieces)
+        ok = _resolve(flat, everything, everything, current_group(flat), pieces)
     except (AttributeError, IndexError, TypeError, ValueError):
         ok = False  # another Avalanche layout: the slow path stays
     # A target transform other than Avalanche's class mapping (the user's) may or may not be
@@ -319,13 +333,13 @@ def gather_from_tensors(loader: Any) -> bool:
     # (an FFCV-ready loader never calls the PyTorch builder replaced here)
     if not isinstance(loader, MultiDatasetDataLoader):
         return False
-    if getattr(loader, "_tsn_views", None) is not None:
+    if loader_views(loader) is not None:
         return True
     views = [tensor_view(d) for d in loader.datasets]
     if any(v is None for v in views):
         return False
-    loader._tsn_views = views
-    pin = bool(loader.loader_kwargs.get("pin_memory", False))
+    set_loader_views(loader, views)
+    pin = loader_pin_memory(loader)
 
     def make(datasets: list, batch_sampler: Any) -> DataLoader:
         # The batch sampler is Avalanche's; one dataset fetch per minibatch replaces
@@ -335,5 +349,5 @@ def gather_from_tensors(loader: Any) -> bool:
         )
 
     # An instance attribute: the loader builds a fresh PyTorch loader each epoch through it.
-    loader._make_pytorch_loader = make
+    set_loader_factory(loader, make)
     return True

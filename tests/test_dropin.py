@@ -248,3 +248,37 @@ def test_harness_and_examples_without_data_exit_2_with_the_message_alone(
             runpy.run_path(str(root / "examples" / example), run_name="__main__")
         err = capsys.readouterr().err
         assert stop.value.code == 2 and "not found" in err and "Traceback" not in err
+
+
+# 7: Avalanche's internals are read in one adapter module, checked against the installed release
+def test_the_avalanche_adapter_checks_every_internal_it_uses(monkeypatch):
+    from avalanche.benchmarks.utils.data_loader import MultiDatasetDataLoader
+
+    from avalanche_tsn import _avalanche
+
+    _avalanche.self_check()  # Avalanche 0.6 as installed
+    monkeypatch.delattr(MultiDatasetDataLoader, "_make_pytorch_loader")
+    with pytest.raises(
+        RuntimeError, match="changed the loader's PyTorch-loader factory.*_avalanche.py"
+    ):
+        _avalanche.self_check()
+
+
+def test_no_other_module_reads_avalanche_internals():
+    import re
+    from pathlib import Path
+
+    internals = re.compile(
+        r"\._(unpack_minibatch|criterion|make_pytorch_loader|indices|datasets|flat_data|"
+        r"data_attributes|frozen_transform_groups|transform_groups|cumulative_sizes)\b"
+        r"|_FlatDataWithTransform"
+    )
+    package = Path(__file__).resolve().parents[1] / "avalanche_tsn"
+    found = [
+        f"{path.name}:{n}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "_avalanche.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if internals.search(line)
+    ]
+    assert found == []

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from avalanche_tsn._avalanche import unpack_minibatch
 from avalanche_tsn.batches import tensor_batches
 from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.plugins.batches import TensorBatchesPlugin
@@ -67,7 +68,7 @@ def strategy_batches(strategy, data, batch_size: int) -> Iterator[tuple[Tensor, 
     try:
         for batch in loader:
             strategy.mbatch = batch
-            strategy._unpack_minibatch()
+            unpack_minibatch(strategy)
             yield strategy.mb_x, strategy.mb_y
     finally:
         strategy.mbatch = saved

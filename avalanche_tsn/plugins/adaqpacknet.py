@@ -11,6 +11,7 @@ import logging
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
+from avalanche_tsn._avalanche import criterion
 from avalanche_tsn.adaqpacknet import (
     Candidate,
     halving_bits,
@@ -73,7 +74,7 @@ class MaskSearchPlugin(SupervisedPlugin):
                 order = torch.randperm(len(data), generator=g).tolist()
                 for x, y in strategy_batches(strategy, data.subset(order), strategy.train_mb_size):
                     optimizer.zero_grad()
-                    strategy._criterion(trial(x, label), y).backward()
+                    criterion(strategy)(trial(x, label), y).backward()
                     optimizer.step()
 
         best, tried = search_fractions(
