@@ -4,7 +4,7 @@ Scenario: 10 tasks, MLP 784-100-100 without bias, one head per task.
 Needs the data on disk (nothing is downloaded):
 ``python examples/permuted_mnist.py --dataset-root <folder>``; meant for a GPU (``--device cuda``,
 the default when one is present). Epochs, minibatch, optimiser, learning rate, validation
-fraction and pruning follow the paper's public code (README, "Reference settings"). The
+fraction and pruning follow the paper's public code (README, "Benchmarks and examples"). The
 learning rate halves after 6 epochs without improvement (of the training loss here; the
 reference scripts watch a validation split and restore the best epoch).
 """
