@@ -30,6 +30,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
 
 from avalanche_tsn import TSNStrategy, datasets, load_compressed
+from avalanche_tsn._cli import show_defaults
 from avalanche_tsn.models import MultiHeadMLP
 from avalanche_tsn.tiny import resident_bytes
 
@@ -153,6 +154,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--write", help="replace the compressed-inference section of this file")
+    show_defaults(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     lines = [

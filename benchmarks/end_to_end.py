@@ -29,6 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
 from _report import publish  # noqa: E402
 
+from avalanche_tsn._cli import show_defaults
+
 HARNESS = Path(__file__).with_name("harness.py")
 SETTINGS = [
     "--scenario", "permuted_fashion", "--epochs", "2", "--mb", "256", "--lr", "0.3",
@@ -63,6 +65,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--strategies", default="tsn,naive")
     p.add_argument("--write", help="replace the end-to-end section of this Markdown file")
+    show_defaults(p)
     args = p.parse_args()
     results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     # Interleaved repeats: a slow spell of the machine hits every configuration alike.

@@ -22,6 +22,7 @@ from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 
 from avalanche_tsn import TSNStrategy
+from avalanche_tsn._cli import show_defaults
 from avalanche_tsn.datasets import permuted_digits
 from avalanche_tsn.models import MultiHeadMLP
 
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="write the results as JSON here too")
+    show_defaults(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("avalanche_tsn").setLevel(logging.ERROR)  # one warning per task

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from avalanche_tsn._cli import show_defaults
+
 
 def _stream(tasks: int, n: int, seed: int = 0, poison_last: bool = False):
     """Synthetic 3x32x32 tasks; ``poison_last`` puts a NaN in the last task's first sample."""
@@ -299,6 +301,7 @@ def main() -> int:
         help="minibatch sizes of the step timings",
     )
     parser.add_argument("--json", help="write the result here too")
+    show_defaults(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; skipped")

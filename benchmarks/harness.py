@@ -41,6 +41,7 @@ from avalanche.training.supervised import JointTraining
 from tqdm import tqdm
 
 from avalanche_tsn import AdaQPacknetStrategy, TSNStrategy, WSNStrategy, datasets
+from avalanche_tsn._cli import show_defaults
 from avalanche_tsn.metrics import capacity_metrics, task_inference_metrics
 from avalanche_tsn.models import (
     MultiHeadMLP,
@@ -611,6 +612,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress bars")
     p.add_argument("--out", default=None, help="folder for results.json/.md and PNGs")
+    show_defaults(p, ("tasks", "epochs", "mb", "lr", "optimizer"))
     args = p.parse_args(argv)
     allowed = CLASS_INCREMENTAL if SCENARIOS[args.scenario].class_incremental else STRATEGIES
     names = args.strategies.split(",") if args.strategies else list(allowed)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 import harness  # noqa: E402
 
+from avalanche_tsn._cli import show_defaults
 from avalanche_tsn.inference import SPREAD_FLOOR  # noqa: E402
 from avalanche_tsn.similarity import task_features  # noqa: E402
 
@@ -40,6 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    show_defaults(p)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     args = harness.parse(["--scenario", "split_digits_ci", "--strategies", "tsn", "--quiet"])

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from avalanche_tsn._cli import show_defaults
 from benchmarks import harness  # noqa: E402
 
 
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--new-bank-below", type=float, default=None)
     parser.add_argument("--threads", type=int, default=1)
+    show_defaults(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     argv = [

@@ -24,6 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
 from _report import harness_row, publish, spread  # noqa: E402
 
+from avalanche_tsn._cli import show_defaults
+
 SECTION = "prune_search"
 
 
@@ -41,6 +43,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--write", help="replace the prune-search section of this Markdown file")
+    show_defaults(p)
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [

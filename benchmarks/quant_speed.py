@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from avalanche_tsn._cli import show_defaults
 from avalanche_tsn.quantization import kmeans_1d
 
 
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sklearn", action="store_true", help="also time sklearn on 1M values")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    show_defaults(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
     values = torch.randn(args.n, device=args.device) * 0.05

@@ -25,6 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # the scripts' shared helpers
 from _report import harness_row, publish, spread  # noqa: E402
 
+from avalanche_tsn._cli import show_defaults
+
 SETTINGS = [
     "--scenario", "permuted_fashion", "--strategies", "tsn", "--epochs", "2", "--mb", "256",
     "--lr", "0.3", "--optimizer", "sgd", "--sparsity", "0.5", "--in-process", "--quiet",
@@ -58,6 +60,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--write", help="replace the reference-gap section of this Markdown file")
+    show_defaults(p)
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [(c, s) for c in CONFIGS for s in seeds]

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from avalanche_tsn import TSNModel, load_compressed
+from avalanche_tsn._cli import show_defaults
 from avalanche_tsn.capacity import capacity_report
 from avalanche_tsn.export import export_model
 from avalanche_tsn.models import ReducedAlexNet, ReducedResNet18, single_head
@@ -414,6 +415,7 @@ def main() -> None:
         "--searches", default="layerwise,joint,bisect", help="pruning searches of the compress row"
     )
     parser.add_argument("--compress-seeds", default="0", help="seeds of the compress row")
+    show_defaults(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("avalanche_tsn").setLevel(logging.ERROR)  # synthetic tasks fill up

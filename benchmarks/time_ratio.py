@@ -18,6 +18,7 @@ from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 
 from avalanche_tsn import TSNStrategy
+from avalanche_tsn._cli import show_defaults
 from avalanche_tsn.datasets import permuted_digits, permuted_fashion_mnist
 from avalanche_tsn.models import MultiHeadMLP
 
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--json", help="write the result here too")
+    show_defaults(parser)
     args = parser.parse_args()
     # On 2 shared cores the default thread count makes epoch times swing by 10x.
     torch.set_num_threads(args.threads)

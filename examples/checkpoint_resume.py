@@ -21,6 +21,7 @@ from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin
 
 from avalanche_tsn import TSNStrategy
+from avalanche_tsn._cli import show_defaults
 from avalanche_tsn.datasets import permuted_digits
 from avalanche_tsn.models import MultiHeadMLP
 
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--stop-after", type=int, default=-1, help="experience to stop after")
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
+    show_defaults(parser)
     args = parser.parse_args()
 
     torch.manual_seed(0)

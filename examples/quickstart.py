@@ -24,6 +24,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from torch.utils.data import DataLoader
 
 from avalanche_tsn import TSNStrategy, load_compressed
+from avalanche_tsn._cli import show_defaults
 from avalanche_tsn.datasets import permuted_digits
 from avalanche_tsn.metrics import capacity_metrics
 from avalanche_tsn.models import MultiHeadMLP
@@ -32,10 +33,7 @@ from avalanche_tsn.tiny import resident_bytes
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=5, help="permuted-digits tasks")
     parser.add_argument("--epochs", type=int, default=10, help="epochs per task")
     parser.add_argument("--sparsity", type=float, default=0.5, help="mask sparsity")
@@ -45,6 +43,7 @@ def main() -> None:
     parser.add_argument("--device", default=device, help="cuda if available, else cpu")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch)")
     parser.add_argument("--quiet", action="store_true", help="print the summary only")
+    show_defaults(parser)
     args = parser.parse_args()
     # stage lines on standard output, so that they stay in order with the summary when piped
     level = logging.WARNING if args.quiet else logging.INFO

@@ -24,6 +24,7 @@ from avalanche.logging import InteractiveLogger, TextLogger
 from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
 
 from avalanche_tsn import TSNStrategy
+from avalanche_tsn._cli import show_defaults
 from avalanche_tsn.datasets import require_data, split_cifar100
 from avalanche_tsn.metrics import capacity_metrics
 from avalanche_tsn.models import ReducedAlexNet
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--export", default="split_cifar100.tsn", help="compact model file")
+    show_defaults(parser)
     args = parser.parse_args()
     try:  # before any work: the loader's message alone, exit status 2
         require_data("cifar100", args.dataset_root)

@@ -7,6 +7,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
 from avalanche.logging import CSVLogger, TensorboardLogger, TextLogger
@@ -131,3 +132,24 @@ def test_quickstart_prints_stage_lines_in_order_then_the_summary_and_quiet_the_s
     assert "predicts identically: True" in lines[-1] and len(lines) < 80
     assert "pruned" not in quiet.stdout and quiet.stderr == ""
     assert quiet.stdout.splitlines()[-1] == lines[-1]  # the same run, the same summary
+
+
+SCRIPTS = sorted(
+    str(p.relative_to(ROOT))
+    for folder in ("examples", "benchmarks")
+    for p in (ROOT / folder).glob("*.py")
+    if "parse_args(" in p.read_text()
+)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_scripts_help_states_each_options_default(script, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    monkeypatch.syspath_prepend(str(ROOT / Path(script).parent))
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    text = capsys.readouterr().out
+    assert stop.value.code == 0
+    options = re.findall(r"^  (-\S+)", text.split("options:")[1], re.M)
+    documented = re.findall(r"\(?default", text.split("options:")[1])
+    assert len(options) > 1 and len(documented) >= len(options) - 1  # all but -h/--help
