@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import torch
 from avalanche.evaluation.metrics import (
@@ -39,7 +40,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--export", default="split_cifar100.tsn", help="compact model file")
+    parser.add_argument(
+        "--out", default="results/split_cifar100", help="folder for the log and the compact model"
+    )
     show_defaults(parser)
     args = parser.parse_args()
     try:  # before any work: the loader's message alone, exit status 2
@@ -47,6 +50,9 @@ def main() -> None:
     except FileNotFoundError as err:
         parser.exit(2, f"{parser.prog}: {err}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "split_cifar100.log", "w")  # noqa: SIM115 -- the text logger writes to it throughout
     torch.manual_seed(args.seed)
 
     benchmark = split_cifar100(10, seed=args.seed, dataset_root=args.dataset_root)
@@ -68,7 +74,7 @@ def main() -> None:
             bwt_metrics(experience=True, stream=True),
             forward_transfer_metrics(experience=True, stream=True),
             capacity_metrics(),
-            loggers=[InteractiveLogger(), TextLogger(open("split_cifar100.log", "w"))],
+            loggers=[InteractiveLogger(), TextLogger(log)],
         ),
         eval_every=0,
         sparsity=0.5,
@@ -80,7 +86,9 @@ def main() -> None:
         strategy.train(experience, eval_streams=[test])
     strategy.eval(test)
     print(strategy.capacity_report().table())
-    print(f"export: {strategy.export(args.export)} bytes in {args.export}")
+    export = out / "split_cifar100.tsn"
+    print(f"export: {strategy.export(export)} bytes in {export}")
+    log.close()
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def trusted(monkeypatch):
 
 
 def _example(name: str, *args: str, monkeypatch, tmp_path) -> None:
-    monkeypatch.chdir(tmp_path)  # the examples write their log and export here
+    monkeypatch.chdir(tmp_path)  # the examples write into results/<name> under it
     monkeypatch.setattr(sys, "argv", [name, *args])
     runpy.run_path(str(ROOT / "examples" / name), run_name="__main__")
 
@@ -56,7 +56,9 @@ def test_permuted_mnist_from_idx_files(tmp_path, monkeypatch, capsys, gz):
     _example("permuted_mnist.py", "--dataset-root", root, "--epochs", "1", "--tasks", "2",
              monkeypatch=monkeypatch, tmp_path=tmp_path)  # fmt: skip
     assert "export:" in capsys.readouterr().out
-    assert (tmp_path / "permuted_mnist.tsn").stat().st_size > 0
+    out = tmp_path / "results" / "permuted_mnist"
+    assert (out / "permuted_mnist.tsn").stat().st_size > 0
+    assert "Top1_Acc_Stream" in (out / "permuted_mnist.log").read_text()
     _harness("permuted_mnist", tmp_path / "data")
 
 
