@@ -10,6 +10,7 @@ dataset, loader and strategy, and names the one that changed.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -34,9 +35,8 @@ __all__ = [
     "node_children",
     "node_cumulative_sizes",
     "loader_pin_memory",
-    "set_loader_factory",
-    "loader_views",
-    "set_loader_views",
+    "with_loader_factory",
+    "has_loader_factory",
     "unpack_minibatch",
     "criterion",
     "self_check",
@@ -84,19 +84,40 @@ def loader_pin_memory(loader: MultiDatasetDataLoader) -> bool:
     return bool(loader.loader_kwargs.get("pin_memory", False))
 
 
-def set_loader_factory(loader: MultiDatasetDataLoader, make: Callable[..., Any]) -> None:
-    """Make ``loader`` build its per-epoch PyTorch loader with ``make(datasets, sampler)``."""
-    loader._make_pytorch_loader = make
+_FACTORY_CLASSES: dict[type, type] = {}
 
 
-def loader_views(loader: MultiDatasetDataLoader) -> list | None:
-    """The tensor views a loader was given by :func:`set_loader_views`, or None."""
-    return getattr(loader, "_tsn_views", None)
+def _factory_class(cls: type) -> type:
+    """``cls`` with its per-epoch PyTorch loader built by the instance's ``make``."""
+    if cls not in _FACTORY_CLASSES:
+
+        def _make_pytorch_loader(self, datasets: Any, batch_sampler: Any) -> Any:
+            return self.make(datasets, batch_sampler)
+
+        _FACTORY_CLASSES[cls] = type(
+            f"Gathering{cls.__name__}", (cls,), {"_make_pytorch_loader": _make_pytorch_loader}
+        )
+    return _FACTORY_CLASSES[cls]
 
 
-def set_loader_views(loader: MultiDatasetDataLoader, views: list) -> None:
-    """Record on ``loader`` the tensor views it gathers from (it is the loader's state)."""
-    loader._tsn_views = views
+def with_loader_factory(
+    loader: MultiDatasetDataLoader, make: Callable[..., Any]
+) -> MultiDatasetDataLoader:
+    """A copy of ``loader`` (same datasets, samplers and settings, its own class kept as a base)
+    whose per-epoch PyTorch loader is ``make(datasets, batch_sampler)``.
+
+    :param loader: an Avalanche loader (left as it is).
+    :param make: builds the PyTorch loader of an epoch from Avalanche's batch sampler.
+    """
+    gathering = copy.copy(loader)
+    gathering.__class__ = _factory_class(type(loader))
+    gathering.make = make
+    return gathering
+
+
+def has_loader_factory(loader: Any) -> bool:
+    """Whether ``loader`` was made by :func:`with_loader_factory`."""
+    return type(loader) in _FACTORY_CLASSES.values()
 
 
 def unpack_minibatch(strategy: Any) -> None:
@@ -142,6 +163,12 @@ def self_check() -> None:
     ):
         if not hasattr(loader, name):
             raise fail(what, AttributeError(name))
+    try:  # the factory is what each epoch's iteration calls
+        built = with_loader_factory(loader, lambda datasets, sampler: [["probe"]])
+        if next(iter(built)) != ["probe"]:
+            raise AssertionError("the factory's loader was not iterated")
+    except Exception as err:  # noqa: BLE001 -- any failure means the internals moved
+        raise fail("how a loader builds each epoch's PyTorch loader", err) from err
     model = torch.nn.Linear(3, 2)
     strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     for what, name in (

@@ -33,14 +33,13 @@ from avalanche_tsn._avalanche import (
     current_group,
     data_attributes,
     flat_data,
+    has_loader_factory,
     loader_pin_memory,
-    loader_views,
     node_children,
     node_cumulative_sizes,
     node_indices,
-    set_loader_factory,
-    set_loader_views,
     transform_groups,
+    with_loader_factory,
 )
 from avalanche_tsn.datasets import TensorTaskDataset
 
@@ -320,25 +319,25 @@ def tensor_batches(dataset: Any, batch_size: int) -> Iterator[list[Tensor]] | No
     return (view.gather(order[i : i + batch_size]) for i in range(0, len(view), batch_size))
 
 
-def gather_from_tensors(loader: Any) -> bool:
-    """Make an Avalanche loader fetch tensor-backed datasets by indexing whole tensors.
+def gather_from_tensors(loader: Any) -> Any:
+    """An Avalanche loader that fetches tensor-backed datasets by indexing whole tensors.
 
     Works on Avalanche's ``MultiDatasetDataLoader`` family (the training, evaluation and
-    replay loaders); its samplers are kept, so it yields the same samples in the same order.
-    Datasets without a :class:`TensorView` keep Avalanche's fetch.
+    replay loaders): a copy of ``loader`` (left as it is) with its samplers, so it yields the
+    same samples in the same order. Datasets without a :class:`TensorView` keep Avalanche's
+    fetch.
 
     :param loader: the strategy's ``dataloader``.
-    :return: True if the loader will gather from tensors.
+    :return: the gathering loader (``loader`` itself if it gathers already), or None.
     """
     # (an FFCV-ready loader never calls the PyTorch builder replaced here)
+    if has_loader_factory(loader):
+        return loader
     if not isinstance(loader, MultiDatasetDataLoader):
-        return False
-    if loader_views(loader) is not None:
-        return True
+        return None
     views = [tensor_view(d) for d in loader.datasets]
     if any(v is None for v in views):
-        return False
-    set_loader_views(loader, views)
+        return None
     pin = loader_pin_memory(loader)
 
     def make(datasets: list, batch_sampler: Any) -> DataLoader:
@@ -348,6 +347,4 @@ def gather_from_tensors(loader: Any) -> bool:
             _Gathered(views), batch_sampler=batch_sampler, collate_fn=_as_is, pin_memory=pin
         )
 
-    # An instance attribute: the loader builds a fresh PyTorch loader each epoch through it.
-    set_loader_factory(loader, make)
-    return True
+    return with_loader_factory(loader, make)

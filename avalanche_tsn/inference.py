@@ -24,17 +24,13 @@ subnetwork is unchanged: inference only chooses among their outputs.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from avalanche_tsn.similarity import feature_module, task_features
+from avalanche_tsn.similarity import TSNModel, feature_module, task_features
 from avalanche_tsn.validation import check_choice
-
-if TYPE_CHECKING:  # annotations only: the model runs task inference through this module
-    from avalanche_tsn.model import TSNModel
 
 __all__ = ["INFERENCE_METHODS", "check_method", "infer_tasks", "memory_statistics"]
 

@@ -210,6 +210,7 @@ class TSNModel(TaskLifeCycleMixin, TaskDispatchMixin, MultiTaskModule):
             m for m in self.net.modules() if isinstance(m, TaskBatchNorm)
         ]
         self._heads = [m for m in self.net.modules() if isinstance(m, MultiHeadClassifier)]
+        self._routed_modules: list[TaskRouted] = [*self._layers, *self._norms]
         self._pass_labels = _takes_task_labels(self.net)
         #: the per-task records (labels, frozen, sparsity, head codebooks, activation ranges,
         #: memory), on the wrapped model's device so a model wrapped on a GPU works there
@@ -305,10 +306,11 @@ class TSNModel(TaskLifeCycleMixin, TaskDispatchMixin, MultiTaskModule):
             parent, _, child = name.rpartition(".")
             setattr(self.net.get_submodule(parent) if parent else self.net, child, module)
         self._layers = [new[name] for name in names]  # type: ignore[misc]
-        self._modules_per_task = [*self._layers, *self._norms]
+        self._routed_modules: list[TaskRouted] = [*self._layers, *self._norms]
 
     def _routed(self) -> list[TaskRouted]:
-        return [*self._layers, *self._norms]  # type: ignore[list-item]
+        # kept, not rebuilt: every forward routes these
+        return self._routed_modules
 
     def slot_of(self, task_label: int) -> int | None:
         """Slot of ``task_label``, or None if it never started training.

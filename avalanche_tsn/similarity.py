@@ -17,15 +17,37 @@ distribution, grows with the shift between them, and does not depend on the laye
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from avalanche_tsn.validation import check_float
 
-if TYPE_CHECKING:  # annotations only: the model runs task inference through this module
-    from avalanche_tsn.model import TSNModel
+
+class TSNModel(Protocol):
+    """What task similarity and task inference read of a TSN model.
+
+    :class:`avalanche_tsn.model.TSNModel` has it; the model runs task inference through these
+    modules, so they name what they use rather than import the model (one import direction).
+    """
+
+    training: bool
+    task_table: nn.Module
+
+    def __call__(self, x: Tensor, task_labels: int) -> Tensor: ...
+
+    def train(self, mode: bool = True) -> nn.Module: ...
+
+    def eval(self) -> nn.Module: ...
+
+    def trained_tasks(self) -> list[int]: ...
+
+    def memory(self, task_label: int) -> Tensor: ...
+
+    def classifier_heads(self) -> list[nn.Module]: ...
+
+    def routed_layers(self) -> list[nn.Module]: ...
 
 
 #: Default ``kl_threshold``: above the closest-task divergence of every task measured on permuted

@@ -50,7 +50,8 @@ def _same_batches(a, b) -> None:
 def _epoch(loader, fast: bool):
     torch.manual_seed(5)
     if fast:
-        assert gather_from_tensors(loader)
+        loader = gather_from_tensors(loader)
+        assert loader is not None
     batches = [list(b) for b in loader]
     return batches, torch.rand(3)  # the random stream after the epoch
 
@@ -73,8 +74,8 @@ def test_training_and_eval_loaders_match_avalanche(stream) -> None:
         assert torch.equal(after_slow, after_fast)
         test = bm.test_stream[i].dataset.eval()
         slow_eval = [list(b) for b in SingleDatasetDataLoader(test, batch_size=9)]
-        loader = SingleDatasetDataLoader(test, batch_size=9)
-        assert gather_from_tensors(loader)
+        loader = gather_from_tensors(SingleDatasetDataLoader(test, batch_size=9))
+        assert loader is not None
         _same_batches(slow_eval, [list(b) for b in loader])
 
 
@@ -85,7 +86,7 @@ def test_input_transforms_keep_avalanches_loader() -> None:
     assert tensor_view(doubled) is None
     assert tensor_batches(doubled, 8) is None
     loader = SingleDatasetDataLoader(doubled, batch_size=8)
-    assert not gather_from_tensors(loader)
+    assert gather_from_tensors(loader) is None
     x = next(iter(loader))[0]
     assert torch.equal(x, 2 * next(iter(SingleDatasetDataLoader(exp.dataset, batch_size=8)))[0])
 

@@ -17,7 +17,14 @@ class TensorBatchesPlugin(SupervisedPlugin):
     """
 
     def before_training_exp(self, strategy, **kwargs) -> None:
-        gather_from_tensors(strategy.dataloader)
+        self._gather(strategy)
 
     def before_eval_exp(self, strategy, **kwargs) -> None:
-        gather_from_tensors(strategy.dataloader)
+        self._gather(strategy)
+
+    @staticmethod
+    def _gather(strategy) -> None:
+        # the strategy's loader is replaced, as Avalanche's replay plugin replaces it
+        gathering = gather_from_tensors(strategy.dataloader)
+        if gathering is not None:
+            strategy.dataloader = gathering
