@@ -6,6 +6,11 @@ at test time. For class-incremental streams the task is inferred from the sample
 - ``"entropy"``: run every trained task's subnetwork on the minibatch and pick, per sample,
   the task whose output distribution has the lowest entropy (the one-shot baseline of SupSup,
   Wortsman et al., NeurIPS 2020, without its gradient over superposed masks);
+- ``"router"`` (the default of ``task_inference=True``): a small router fitted after every
+  task on the frozen subnetworks' features of the task memory and the new task's data
+  (:mod:`avalanche_tsn.router`); measured on split digits / split Fashion-MNIST without task
+  labels, it routes 96-97% / 81-82% of test samples right, against 82-84% / 61% for
+  ``"memory"`` (BENCHMARKS.md, "Task inference");
 - ``"memory"``: pick the task under whose subnetwork the sample's features (the heads' input)
   lie closest to those of that task's memory samples (the task memory that task matching
   keeps): the distance to the nearest memory sample, divided by the memory's own typical
@@ -15,7 +20,8 @@ at test time. For class-incremental streams the task is inferred from the sample
   pairwise distance instead, 74% by cosine similarity, 20% with a diagonal Gaussian per task
   (dead ReLU features have near-zero variance and decide the comparison), 35% for entropy.
 
-Either costs one forward per trained task on the whole minibatch (not per sample). A sample's
+Each costs one forward per trained task on the whole minibatch (not per sample); the
+router adds one small matrix product. A sample's
 prediction is then its inferred task's output, over global class ids (with Avalanche's
 multi-head classifiers, a head's units are the class ids its task was trained on). Each
 subnetwork is unchanged: inference only chooses among their outputs.
@@ -34,7 +40,7 @@ from avalanche_tsn.validation import check_choice
 
 __all__ = ["INFERENCE_METHODS", "check_method", "infer_tasks", "memory_statistics"]
 
-INFERENCE_METHODS = ("entropy", "memory")
+INFERENCE_METHODS = ("router", "memory", "entropy")
 
 #: fraction of a memory's spread added to its nearest-neighbour scale (measured on split
 #: digits: 0 gives 84.0% task inference, 0.01 84.2%, 0.05 82.0%, 0.1 76.9%)
@@ -47,8 +53,10 @@ _ABSENT = -1e9
 def check_method(value: object) -> str:
     """Validate a task-inference method name.
 
-    :param value: ``"entropy"`` or ``"memory"``.
+    :param value: ``"router"``, ``"memory"`` or ``"entropy"``; ``True`` means ``"router"``.
     """
+    if value is True:
+        return "router"
     return check_choice(value, "task_inference", INFERENCE_METHODS)
 
 
@@ -78,6 +86,16 @@ def memory_statistics(model: TSNModel) -> dict[int, tuple[Tensor, Tensor]]:
     return stats
 
 
+def _check_router(model: TSNModel, labels: list[int]) -> None:
+    fitted = model.task_router.fitted_tasks()
+    if sorted(fitted) != sorted(labels):
+        raise ValueError(
+            f"the task router was fitted for tasks {sorted(fitted)}, the model has trained "
+            f"tasks {sorted(labels)}: train with task_inference='router' (the router is fitted "
+            "after each task), or infer with 'memory' or 'entropy'"
+        )
+
+
 def _widen(outputs: list[Tensor]) -> Tensor:
     width = max(o.shape[1] for o in outputs)
     return torch.stack([F.pad(o, (0, width - o.shape[1]), value=_ABSENT) for o in outputs])
@@ -94,7 +112,7 @@ def infer_tasks(
 
     :param model: the TSN model (at least one trained task).
     :param x: a minibatch.
-    :param method: ``"entropy"`` or ``"memory"``.
+    :param method: ``"router"``, ``"memory"`` or ``"entropy"``.
     :param stats: for ``"memory"``, :func:`memory_statistics` (computed if None).
     :return: outputs ``[n, classes]`` (classes: the widest head; a narrower head's missing
         classes get a very low logit) and the task label of each sample.
@@ -107,6 +125,9 @@ def infer_tasks(
     hook = None
     if method == "memory":
         stats = memory_statistics(model) if stats is None else stats
+    if method == "router":
+        _check_router(model, labels)
+    if method != "entropy":
         hook = feature_module(model).register_forward_pre_hook(
             lambda _m, args: captured.append(args[0].flatten(1).detach())
         )
@@ -118,6 +139,13 @@ def infer_tasks(
     if method == "entropy":
         logp = torch.log_softmax(outputs.double(), dim=2)
         score = (logp.exp() * logp).sum(2)  # minus the entropy: higher is more confident
+    elif method == "router":
+        by_label = dict(zip(labels, captured, strict=True))
+        router = model.task_router
+        score = router.scores([by_label[t] for t in router.fitted_tasks()]).T
+        # back to the order of ``labels``
+        position = {t: i for i, t in enumerate(router.fitted_tasks())}
+        score = score[[position[t] for t in labels]]
     else:
         stats = stats or {}
         scores = []

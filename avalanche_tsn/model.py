@@ -27,6 +27,7 @@ from avalanche_tsn.layers import (
 )
 from avalanche_tsn.lifecycle import LOW_FREE_FRACTION, TaskLifeCycleMixin
 from avalanche_tsn.masks import check_sparsity
+from avalanche_tsn.router import TaskRouter
 from avalanche_tsn.routing import TaskRouted
 from avalanche_tsn.streams import experience_task_labels
 from avalanche_tsn.tasks import TaskTable, calibrated, uncalibrated
@@ -215,12 +216,15 @@ class TSNModel(TaskLifeCycleMixin, TaskDispatchMixin, MultiTaskModule):
         #: the per-task records (labels, frozen, sparsity, head codebooks, activation ranges,
         #: memory), on the wrapped model's device so a model wrapped on a GPU works there
         self.task_table = TaskTable(len(self._layers), module_device(self.net))
+        #: which trained task a sample belongs to (``task_inference="router"``), fitted
+        #: after each task by the strategy's router stage
+        self.task_router = TaskRouter(module_device(self.net))
         # after the table (a child) has loaded too
         self.register_load_state_dict_post_hook(_known_tasks_after_load)
         #: shape of one input sample, as last seen by forward (None before any)
         self.sample_shape: tuple[int, ...] | None = None
         #: how ``forward(x)`` without task labels runs: None returns every task's output (a
-        #: dict, Avalanche's contract), "entropy" or "memory" infers each sample's task
+        #: dict, Avalanche's contract), "router", "memory" or "entropy" infers each sample's task
         #: (see avalanche_tsn.inference)
         self.task_inference: str | None = None
         self.live_sparsity = sparsity

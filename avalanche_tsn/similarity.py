@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from avalanche_tsn.router import TaskRouter
 from avalanche_tsn.validation import check_float
 
 
@@ -34,6 +35,7 @@ class TSNModel(Protocol):
 
     training: bool
     task_table: nn.Module
+    task_router: TaskRouter
 
     def __call__(self, x: Tensor, task_labels: int) -> Tensor: ...
 

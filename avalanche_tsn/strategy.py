@@ -36,11 +36,13 @@ from avalanche_tsn.plugins import (
     MaskLearningPlugin,
     PruningPlugin,
     QuantizationPlugin,
+    TaskRouterPlugin,
     TaskSimilarityPlugin,
     TensorBatchesPlugin,
     ValidationSplitPlugin,
 )
 from avalanche_tsn.plugins._common import strategy_batches
+from avalanche_tsn.router import DEFAULT_OOD_WEIGHT
 from avalanche_tsn.similarity import DEFAULT_KL_THRESHOLD, check_threshold
 from avalanche_tsn.stages import StageSpec, assemble_plugins, check_plugins
 from avalanche_tsn.streams import (
@@ -48,7 +50,7 @@ from avalanche_tsn.streams import (
     task_aware,
 )
 from avalanche_tsn.task_routing import TaskRoutingMixin
-from avalanche_tsn.validation import check_bool
+from avalanche_tsn.validation import check_bool, check_float
 
 __all__ = ["TSNStrategy", "TSNSettings", "tsn_recipe", "reject_arguments"]
 
@@ -94,8 +96,9 @@ class TSNSettings:
     memory_size: int
     new_bank_below: float | None
     calibrate_activations: bool
-    task_inference: str | None
+    task_inference: str | bool | None
     tensor_batches: bool
+    ood_weight: float = DEFAULT_OOD_WEIGHT
 
     def checked(self, user_plugins: Sequence[BasePlugin]) -> TSNSettings:
         """These settings, checked where no stage's plugin checks them (inference normalised).
@@ -107,7 +110,10 @@ class TSNSettings:
         check_bool(self.calibrate_activations, "calibrate_activations")
         check_bool(self.tensor_batches, "tensor_batches")
         check_threshold(self.kl_threshold)
+        check_float(self.ood_weight, "ood_weight", 0)
         inference = self.task_inference
+        if inference is False:
+            inference = None
         if any(isinstance(p, MaskLearningPlugin) for p in user_plugins) and (
             self.sparsity is not None or self.new_bank_below is not None
         ):
@@ -155,7 +161,7 @@ def tsn_recipe(s: TSNSettings) -> list[StageSpec]:
     """
     # The memory method reads the task memory that task matching keeps; without task
     # matching it never opens a bank (an infinite threshold).
-    keep_memory = s.task_matching or s.task_inference == "memory"
+    keep_memory = s.task_matching or s.task_inference in ("memory", "router")
     threshold = s.kl_threshold if s.task_matching else math.inf
     # memory_size=0 is a valid way to say "no memory" while no memory is kept.
     memory = 2 if s.memory_size == 0 and not keep_memory else s.memory_size
@@ -194,6 +200,12 @@ def tsn_recipe(s: TSNSettings) -> list[StageSpec]:
         ),
         StageSpec(
             ActivationCalibrationPlugin, s.calibrate_activations, ActivationCalibrationPlugin
+        ),
+        # after every stage that changes the task (the router reads its final subnetwork)
+        StageSpec(
+            TaskRouterPlugin,
+            s.task_inference == "router",
+            lambda: TaskRouterPlugin(s.ood_weight),
         ),
         # last, so that it sees a loader another plugin put in place (replay does)
         StageSpec(TensorBatchesPlugin, s.tensor_batches, TensorBatchesPlugin, user_enables=True),
@@ -241,18 +253,23 @@ class TSNStrategy(ParamGroupsMixin, TaskRoutingMixin, SupervisedTemplate):
         task memory and give a task unlike all of them a fresh backbone copy (a bank).
     :param kl_threshold: largest divergence at which a task shares its closest task's bank, a
         float >= 0 (see :mod:`avalanche_tsn.similarity`).
-    :param memory_size: samples kept per task for task matching or ``"memory"`` task
-        inference, at least 2.
+    :param memory_size: samples kept per task for task matching or task inference
+        (``"router"``, ``"memory"``), at least 2.
     :param new_bank_below: open a fresh backbone copy (a bank) for a task whose bank has less
         than this fraction of free weights in some layer, in (0, 1); None never does.
     :param calibrate_activations: after each task, record every masked layer's input range
         for :meth:`quantized_accuracy` (one pass over the validation split).
     :param task_inference: train a class-incremental stream (experiences without distinct
         task labels) one task per experience, and infer each test sample's task:
-        ``"entropy"`` (the trained task whose output is most confident) or ``"memory"`` (the
-        task whose memory samples' features the sample's are closest to; keeps
-        ``memory_size`` samples per task); None (default) needs task labels, as TSN does.
-        See :mod:`avalanche_tsn.inference`.
+        ``"router"`` or ``True`` (a task router fitted after each task on the frozen
+        subnetworks' features of the task memory; the best measured), ``"memory"`` (the task
+        whose memory samples' features the sample's are closest to) or ``"entropy"`` (the
+        trained task whose output is most confident); ``"router"`` and ``"memory"`` keep
+        ``memory_size`` samples per task. None or False (default) needs task labels, as TSN
+        does. See :mod:`avalanche_tsn.inference` and :mod:`avalanche_tsn.router`.
+    :param ood_weight: with ``task_inference="router"``, weight of the outlier-exposure
+        loss a training task gets on earlier tasks' memory samples, a float >= 0 (see
+        :mod:`avalanche_tsn.router`).
     :param tensor_batches: read minibatches of tensor-backed datasets by indexing whole
         tensors (same samples, same order as Avalanche's loader; see
         :mod:`avalanche_tsn.batches`); other data always use Avalanche's loader.
@@ -289,7 +306,8 @@ class TSNStrategy(ParamGroupsMixin, TaskRoutingMixin, SupervisedTemplate):
         memory_size: int = 100,
         new_bank_below: float | None = None,
         calibrate_activations: bool = True,
-        task_inference: str | None = None,
+        task_inference: str | bool | None = None,
+        ood_weight: float = DEFAULT_OOD_WEIGHT,
         tensor_batches: bool = True,
         **base_kwargs: Any,
     ) -> None:
@@ -315,6 +333,7 @@ class TSNStrategy(ParamGroupsMixin, TaskRoutingMixin, SupervisedTemplate):
             calibrate_activations=calibrate_activations,
             task_inference=task_inference,
             tensor_batches=tensor_batches,
+            ood_weight=ood_weight,
         ).checked(user_plugins)
         # TSN stages run in algorithm order, after the user's plugins
         others, tsn_plugins = assemble_plugins(self.recipe(settings), user_plugins)

@@ -35,13 +35,23 @@ from avalanche.evaluation.metrics import (
 )
 from avalanche.logging import InteractiveLogger
 from avalanche.models.packnet import PackNetModel
-from avalanche.training import EWC, LwF, Naive, PackNet, SynapticIntelligence
+from avalanche.training import (
+    DER,
+    ER_ACE,
+    EWC,
+    ICaRL,
+    LwF,
+    Naive,
+    PackNet,
+    SynapticIntelligence,
+)
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin, SupervisedPlugin
 from avalanche.training.supervised import JointTraining
 from tqdm import tqdm
 
 from avalanche_tsn import AdaQPacknetStrategy, TSNStrategy, WSNStrategy, datasets
 from avalanche_tsn._cli import show_defaults
+from avalanche_tsn.inference import INFERENCE_METHODS
 from avalanche_tsn.metrics import capacity_metrics, task_inference_metrics
 from avalanche_tsn.models import (
     MultiHeadMLP,
@@ -57,12 +67,15 @@ from avalanche_tsn.plugins import (
     TensorBatchesPlugin,
 )
 from avalanche_tsn.pruning import SEARCHES
+from avalanche_tsn.router import DEFAULT_OOD_WEIGHT
 
 STRATEGIES = (
     "tsn", "wsn", "adaqpacknet", "naive", "ewc", "lwf", "si", "replay", "packnet", "joint",
 )  # fmt: skip
+#: strategies that keep a buffer of --replay-size samples (Avalanche's own implementations)
+REHEARSAL = ("replay", "er_ace", "der", "icarl")
 #: strategies that run on class-incremental streams (no task labels at test time)
-CLASS_INCREMENTAL = ("tsn", "naive", "ewc", "lwf", "si", "replay", "joint")
+CLASS_INCREMENTAL = ("tsn", "naive", "ewc", "lwf", "si", *REHEARSAL, "joint")
 ADAQ_NOTE = (
     "AdaQPacknetStrategy: searched per-layer magnitude pruning (2 candidates, 1 search epoch "
     "each), one bit-width per task by codebook halving; capacity as this package counts it; "
@@ -295,11 +308,15 @@ def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
             task_matching=args.task_matching,
             kl_threshold=args.kl_threshold,
             task_inference=args.task_inference if sc.class_incremental else None,
+            memory_size=args.memory_size,
+            ood_weight=args.ood_weight,
             eval_every=0,
             **common,
         )
     if name == "joint":
         return JointTraining(model=model, plugins=plugins, **common)
+    if name in REHEARSAL[1:]:
+        return _rehearsal(name, model, args, common)
     extra: dict[str, Any] = {
         "naive": {},
         "ewc": {"ewc_lambda": args.ewc_lambda},
@@ -319,6 +336,56 @@ def _strategy(name: str, sc: Scenario, args: argparse.Namespace, n_tasks: int):
         "replay": Naive,
     }
     return cls[name](model=model, eval_every=0, plugins=plugins, **extra, **common)
+
+
+def _rehearsal(name: str, model: torch.nn.Module, args: argparse.Namespace, common: dict):
+    """ER-ACE, DER or iCaRL as Avalanche 0.6 builds them, with a --replay-size buffer.
+
+    They read minibatches with their own loaders (the buffer's included), so no tensor fetch.
+    """
+    mb = common["train_mb_size"]
+    if name == "er_ace":
+        return ER_ACE(
+            model=model, mem_size=args.replay_size, batch_size_mem=mb, eval_every=0, **common
+        )
+    if name == "der":
+        return DER(
+            model=model, mem_size=args.replay_size, batch_size_mem=mb, eval_every=0, **common
+        )
+    common = {k: v for k, v in common.items() if k != "criterion"}  # iCaRL brings its loss
+    return ICaRL(
+        feature_extractor=model[:-1],
+        classifier=model[-1],
+        memory_size=args.replay_size,
+        buffer_transform=None,
+        fixed_memory=True,
+        eval_every=0,
+        **common,
+    )
+
+
+def stored_bytes(name: str, strategy: Any, args: argparse.Namespace, sample_bytes: int) -> dict:
+    """What a strategy stores after the stream, in bytes: model, samples, the rest.
+
+    Float32 everywhere (samples as the datasets hold them); labels are not counted for anyone.
+    TSN: its capacity (compressed model), its task memory and its task router; the others:
+    the float32 model and their buffer (DER's also keeps each sample's logits).
+    """
+    if name in ("tsn", "wsn", "adaqpacknet"):
+        model = strategy.tsn_model
+        return {
+            "model": strategy.capacity_report().total_bits // 8,
+            "samples": model.memory_bits() // 8,
+            "other": model.task_router.bits() // 8,
+        }
+    net = strategy.model
+    buffer = args.replay_size if name in REHEARSAL else 0
+    logits = 4 * buffer * _outputs(net) if name == "der" else 0
+    return {"model": _model_bits(net) // 8, "samples": buffer * sample_bytes, "other": logits}
+
+
+def _outputs(net: torch.nn.Module) -> int:
+    return [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
 
 
 class FreeAtStart(SupervisedPlugin):
@@ -422,6 +489,13 @@ def run_one(name: str, args: argparse.Namespace, benchmark: Any = None) -> dict[
     }
     if name == "replay":
         row["note"] = f"Naive with Avalanche's ReplayPlugin, buffer of {args.replay_size} samples"
+    elif name in REHEARSAL:
+        row["note"] = f"Avalanche's {type(strategy).__name__}, buffer of {args.replay_size} samples"
+    sample = benchmark.train_stream[0].dataset[0][0]
+    row["stored_bytes"] = stored_bytes(name, strategy, args, 4 * sample.numel())
+    inferred = name == "tsn" and sc.class_incremental
+    # forwards of the network per test sample: one per trained task when TSN infers tasks
+    row["inference_forwards"] = len(strategy.tsn_model.trained_tasks()) if inferred else 1
     inference = res.get("TaskInference_Acc_Stream/eval_phase/test_stream")
     if inference is not None:
         row["task_inference_acc"] = inference
@@ -602,9 +676,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replay-size", type=int, default=200, help="replay buffer (samples)")
     p.add_argument(
         "--task-inference",
-        choices=("memory", "entropy"),
-        default="memory",
+        choices=INFERENCE_METHODS,
+        default="router",
         help="class-incremental scenarios: how TSN infers a test sample's task",
+    )
+    p.add_argument(
+        "--memory-size", type=int, default=100, help="TSN: samples kept per task (task memory)"
+    )
+    p.add_argument(
+        "--ood-weight",
+        type=float,
+        default=DEFAULT_OOD_WEIGHT,
+        help="TSN with the router: outlier-exposure weight on earlier tasks' memory",
     )
     p.add_argument("--dataset-root", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -11,6 +11,7 @@ from avalanche_tsn.plugins.compression import (
 )
 from avalanche_tsn.plugins.mask_learning import MaskLearningPlugin
 from avalanche_tsn.plugins.progress import TaskProgressPlugin
+from avalanche_tsn.plugins.router import TaskRouterPlugin
 from avalanche_tsn.plugins.similarity import TaskSimilarityPlugin
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "PruningPlugin",
     "QuantizationPlugin",
     "TaskSimilarityPlugin",
+    "TaskRouterPlugin",
     "TensorBatchesPlugin",
     "TaskProgressPlugin",
     "tsn_model",
