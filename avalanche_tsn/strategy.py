@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from os import PathLike
 from typing import Any, BinaryIO
 
@@ -313,28 +313,11 @@ class TSNStrategy(ParamGroupsMixin, TaskRoutingMixin, SupervisedTemplate):
     ) -> None:
         _check_model_and_optimizer(model, optimizer)
         user_plugins = check_plugins(plugins)
-        settings = TSNSettings(
-            sparsity=sparsity,
-            validation_fraction=validation_fraction,
-            prune=prune,
-            prune_iterations=prune_iterations,
-            prune_step=prune_step,
-            prune_max_drop=prune_max_drop,
-            prune_search=prune_search,
-            quantize=quantize,
-            quant_min_bits=quant_min_bits,
-            quant_max_bits=quant_max_bits,
-            quant_max_drop=quant_max_drop,
-            quant_heads=quant_heads,
-            task_matching=task_matching,
-            kl_threshold=kl_threshold,
-            memory_size=memory_size,
-            new_bank_below=new_bank_below,
-            calibrate_activations=calibrate_activations,
-            task_inference=task_inference,
-            tensor_batches=tensor_batches,
-            ood_weight=ood_weight,
-        ).checked(user_plugins)
+        # every TSNSettings field is an argument of the same name
+        named = {f.name for f in fields(TSNSettings)}
+        settings = TSNSettings(**{k: v for k, v in locals().items() if k in named}).checked(
+            user_plugins
+        )
         # TSN stages run in algorithm order, after the user's plugins
         others, tsn_plugins = assemble_plugins(self.recipe(settings), user_plugins)
         self._init_routing()

@@ -8,7 +8,7 @@ import pytest
 
 from avalanche_tsn import datasets
 from avalanche_tsn.models import ReducedAlexNet, ReducedResNet18, TinyNet
-from benchmarks import harness
+from benchmarks import class_incremental, harness
 
 
 def test_harness_smoke_runs_every_strategy(tmp_path):
@@ -92,13 +92,23 @@ def test_class_incremental_scenario_runs_tsn_with_task_inference(tmp_path):
     rows = harness.main(
         [
             "--scenario", "split_digits_ci", "--tasks", "2", "--epochs", "2", "--subset", "60",
-            "--in-process", "--quiet", "--device", "cpu", "--strategies", "tsn,replay",
+            "--in-process", "--quiet", "--device", "cpu", "--replay-size", "20",
+            "--strategies", "tsn,replay,er_ace,der,icarl", "--memory-size", "10",
         ]
     )  # fmt: skip
-    tsn, replay = rows
+    tsn, replay, *rehearsal = rows
     assert 0.0 <= tsn["task_inference_acc"] <= 1.0
-    assert "task inference (memory)" in tsn["note"]
-    assert "buffer of 200 samples" in replay["note"]
+    assert "task inference (router) right" in tsn["note"]
+    assert "buffer of 20 samples" in replay["note"]
+    # stored bytes: TSN's 2 x 10 memory samples of 64 float32 values, its router; the
+    # others' float32 model and 20-sample buffer (DER's with 10 logits per sample)
+    assert tsn["stored_bytes"]["samples"] == 2 * 10 * 64 * 4 and tsn["stored_bytes"]["other"] > 0
+    assert tsn["inference_forwards"] == 2 and replay["inference_forwards"] == 1
+    for row, logits in zip(rehearsal, (0, 20 * 10 * 4, 0), strict=True):
+        assert row["stored_bytes"]["samples"] == 20 * 64 * 4
+        assert row["stored_bytes"]["other"] == logits
+        assert row["stored_bytes"]["model"] == replay["stored_bytes"]["model"]
+        assert 0.0 <= row["ACC"] <= 1.0
     m = tsn["accuracy_matrix"]
     assert len(m) == 2 and None not in (m[0][0], m[0][1], m[1][0], m[1][1])
     # wrong task inference is the only way to miss a class: accuracy <= inference accuracy
@@ -213,3 +223,25 @@ def test_task_stream_labels_each_pair_and_rejects_mismatched_lists():
     assert sorted(set(bm.train_stream[1].dataset.targets)) == [0, 1]
     with pytest.raises(ValueError, match="train and test"):
         datasets.task_stream(pairs, pairs[:1])
+
+
+def test_class_incremental_comparison_sizes_buffers_to_tsn_bytes(tmp_path):
+    by_seed = class_incremental.main(
+        ["--seeds", "0", "--subset", "60", "--memory-size", "50", "--threads", "1",
+         "--epochs", "1", "--out", str(tmp_path)]
+    )  # fmt: skip
+    rows = by_seed[0]
+    tsn = rows[0]
+    stored = sum(tsn["stored_bytes"].values())
+    for row in rows:
+        if row["label"].endswith("(equal bytes)"):
+            used = sum(row["stored_bytes"].values())
+            per_sample = 64 * 4 + (10 * 4 if row["strategy"] == "der" else 0)
+            if row["ACC"] is None:  # the float32 model alone is above TSN's bytes: no run
+                assert row["buffer"] == 0 and row["stored_bytes"]["model"] > stored
+            else:  # the largest buffer whose bytes stay within TSN's
+                assert used <= stored < used + per_sample
+        elif row["label"].endswith("(equal samples)"):
+            assert row["buffer"] == 250
+    assert any(r["label"].endswith("(equal bytes)") and r["ACC"] is not None for r in rows)
+    assert "| tsn (router) |" in (tmp_path / "results.md").read_text()

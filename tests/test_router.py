@@ -1,0 +1,150 @@
+"""The learned task router (issue 26): fitting, guarantees, checkpoints, features together."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from test_task_inference import _strategy, class_incremental
+
+from avalanche_tsn import TSNStrategy
+from avalanche_tsn.model import TSNModel
+from avalanche_tsn.models import MultiHeadMLP
+from avalanche_tsn.router import TaskRouter
+from avalanche_tsn.tiny import to_tiny
+
+
+def _trained(method="router", tasks=3, separable=True, **kwargs):
+    torch.manual_seed(0)
+    bm = class_incremental(separable=separable, n_tasks=tasks)
+    strategy = _strategy(MultiHeadMLP(12, (16, 16)), method, **kwargs)
+    fitted = []
+    for exp in bm.train_stream:
+        strategy.train(exp)
+        fitted.append(strategy.tsn_model.task_router.fitted_tasks())
+    return strategy, bm, fitted
+
+
+def _test_x(bm):
+    return torch.cat(
+        [torch.stack([e.dataset[i][0] for i in range(len(e.dataset))]) for e in bm.test_stream]
+    )
+
+
+def test_router_is_the_default_refitted_after_every_task_and_routes_separable_tasks_exactly():
+    strategy, bm, fitted = _trained(True)
+    assert strategy.task_inference == "router"
+    assert fitted == [[0], [0, 1], [0, 1, 2]]
+    results = strategy.eval(bm.test_stream)
+    assert results["TaskInference_Acc_Stream/eval_phase/test_stream"] == 1.0
+    # what the router stores is counted: float32 statistics and weights
+    router = strategy.tsn_model.task_router
+    assert router.bits() == 32 * sum(b.numel() for n, b in router.named_buffers() if n != "labels")
+    assert router.bits() > 0
+
+
+def test_every_slot_stays_bit_identical_while_the_router_and_outlier_exposure_train():
+    torch.manual_seed(0)
+    bm = class_incremental(separable=False)
+    strategy = _strategy(MultiHeadMLP(12, (16, 16)), "router", ood_weight=2.0)
+    x = torch.randn(25, 12)
+    seen: dict[int, torch.Tensor] = {}
+    for exp in bm.train_stream:
+        strategy.train(exp)
+        model = strategy.tsn_model.eval()
+        with torch.no_grad():
+            for t, out in seen.items():
+                assert torch.equal(model(x, t), out)
+            for t in model.trained_tasks():
+                seen.setdefault(t, model(x, t))
+    assert sorted(seen) == [0, 1, 2]
+
+
+def test_outlier_exposure_changes_what_a_new_task_learns_and_zero_turns_it_off():
+    outs = {}
+    for weight in (0.0, 0.5):
+        strategy, bm, _ = _trained("router", separable=False, ood_weight=weight)
+        model = strategy.tsn_model.eval()
+        with torch.no_grad():
+            outs[weight] = [model(_test_x(bm), t) for t in (0, 2)]
+    # task 0 trains before any memory exists: the same with or without the loss
+    assert torch.equal(outs[0.0][0], outs[0.5][0])
+    assert not torch.equal(outs[0.0][1], outs[0.5][1])
+
+
+def test_checkpoint_restores_the_same_routing_and_old_state_dicts_load_unfitted():
+    strategy, bm, _ = _trained("router", separable=False)
+    model = strategy.tsn_model.eval()
+    x = _test_x(bm)
+    out, tasks = strategy.infer(x)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    fresh = TSNModel(MultiHeadMLP(12, (16, 16)))
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf))
+    fresh.eval().task_inference = "router"
+    with torch.no_grad():
+        assert torch.equal(fresh(x), out)
+    # a state dict from before the router (0.5): loads, and the router refuses by name
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("task_router.")}
+    older = TSNModel(MultiHeadMLP(12, (16, 16)))
+    older.load_state_dict(old)
+    assert older.task_router.fitted_tasks() == []
+    older.eval().task_inference = "router"
+    with pytest.raises(ValueError, match="router was fitted for tasks"):
+        older(x)
+    older.task_inference = "memory"
+    older(x)  # the memory rule still works on it
+
+
+def test_the_tiny_model_routes_as_the_full_one():
+    strategy, bm, _ = _trained("router", separable=False)
+    x = _test_x(bm)
+    out, _ = strategy.infer(x)
+    tiny = to_tiny(strategy.tsn_model)
+    with torch.no_grad():
+        assert torch.equal(tiny(x), out)
+
+
+def test_bad_fit_inputs_are_refused_before_the_router_changes():
+    strategy, _, _ = _trained("router", tasks=2)
+    router = strategy.tsn_model.task_router
+    before = {k: v.clone() for k, v in router.state_dict().items()}
+    f = torch.randn(10, 16)
+    good = torch.tensor([0] * 5 + [1] * 5)
+    bad = [
+        ([f], good, [0, 1]),  # one feature tensor for two tasks
+        ([f, f], good.float(), [0, 1]),  # float targets
+        ([f, f[:9]], good, [0, 1]),  # different sample counts
+        ([f, f], torch.tensor([0] * 9 + [2]), [0, 1]),  # a target out of range
+        ([f, f], torch.tensor([0] * 9 + [1]), [0, 1]),  # one sample of task 1
+    ]
+    for features, targets, labels in bad:
+        with pytest.raises(ValueError):
+            router.fit(features, targets, labels)
+        for k, v in router.state_dict().items():
+            assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"ood_weight": -0.1}, ValueError),
+        ({"ood_weight": "0.5"}, TypeError),
+        ({"ood_weight": float("nan")}, ValueError),
+        ({"task_inference": "routers"}, ValueError),
+        ({"task_inference": 1}, TypeError),
+    ],
+)
+def test_router_arguments_are_checked_up_front(kwargs, error):
+    net = MultiHeadMLP(12, (16, 16))
+    with pytest.raises(error):
+        TSNStrategy(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), **kwargs)
+
+
+def test_an_unfitted_router_scores_nothing():
+    router = TaskRouter()
+    assert router.fitted_tasks() == [] and router.bits() == 0
+    with pytest.raises(ValueError, match="one feature tensor per task"):
+        router.scores([torch.randn(3, 4)])
