@@ -81,6 +81,8 @@ class CapacityReport:
     backbone_dense_bits: int
     banks: int = 1
     memory_bits: int = 0
+    #: the task router's float32 buffers (class-incremental inference), not in total_bits
+    router_bits: int = 0
     #: fraction of each maskable layer's weights that no task owns, per bank
     free_fractions: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
@@ -138,6 +140,8 @@ class CapacityReport:
                 f"task memory (training only, not in total): {self.memory_bits} bits; "
                 f"with it {self.percent_with_memory:.2f}% of the dense model"
             )
+        if self.router_bits:
+            lines.append(f"task router (inference, not in total): {self.router_bits} bits")
         return "\n".join(lines)
 
 
@@ -228,6 +232,7 @@ def capacity_report(model: TSNModel) -> CapacityReport:
         backbone,
         banks=model.n_banks,
         memory_bits=model.memory_bits(),
+        router_bits=model.task_router.bits(),
         # from the encoding's counts where it has the bank (a bank no trained task uses
         # yet is not encoded)
         free_fractions={

@@ -42,6 +42,8 @@ def test_router_is_the_default_refitted_after_every_task_and_routes_separable_ta
     router = strategy.tsn_model.task_router
     assert router.bits() == 32 * sum(b.numel() for n, b in router.named_buffers() if n != "labels")
     assert router.bits() > 0
+    report = strategy.capacity_report()
+    assert report.router_bits == router.bits() and "task router" in report.table()
 
 
 def test_every_slot_stays_bit_identical_while_the_router_and_outlier_exposure_train():
