@@ -84,7 +84,7 @@ def test_checkpoint_restores_the_same_routing_and_old_state_dicts_load_unfitted(
     torch.save(model.state_dict(), buf)
     fresh = TSNModel(MultiHeadMLP(12, (16, 16)))
     buf.seek(0)
-    fresh.load_state_dict(torch.load(buf))
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
     fresh.eval().task_inference = "router"
     with torch.no_grad():
         assert torch.equal(fresh(x), out)
