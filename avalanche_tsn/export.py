@@ -54,6 +54,7 @@ from avalanche_tsn.huffman import (
 from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm, module_device
 from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.quantization import small_codes_of
+from avalanche_tsn.router import TaskRouter
 from avalanche_tsn.tasks import calibrated, uncalibrated
 from avalanche_tsn.tiny import to_tiny
 from avalanche_tsn.validation import check_bool
@@ -212,6 +213,16 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
     header["act_range"] = [r.tolist() if bool(calibrated(r).all()) else None for r in enc.act_range]
     for hname, heads in _named_heads(model):
         header["heads"][hname] = _write_heads(w, heads, enc)
+    router = model.task_router
+    # Optional (files without it load with an unfitted router): the class-incremental router.
+    if router.fitted_tasks() and sorted(router.fitted_tasks()) == sorted(tasks):
+        learned = router.learned()
+        header["router"] = {
+            "labels": router.fitted_tasks(),
+            "shapes": {k: list(v.shape) for k, v in learned.items()},
+        }
+        for value in learned.values():
+            w.tensor(value.float())
     head_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head_bytes)) + head_bytes + w.buf.getvalue()
     data = body + _CRC.pack(zlib.crc32(body))
@@ -377,6 +388,7 @@ def _decode(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[str, Any
             au = spec["active_units"]
             active = None if au is None else r.tensor((au[0],), _dtype(au[1]))
             heads[(hname, key)] = (int(spec["out"]), state, active, book, slot)
+    router = _decode_router(header, r, tasks)
     if r.pos != len(r.data):
         raise ValueError("corrupt export file: unexpected trailing data")
     act_range = uncalibrated(len(tasks), len(shapes))
@@ -396,7 +408,23 @@ def _decode(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[str, Any
         "layers": layers,
         "norms": norms,
         "heads": heads,
+        "router": router,
     }
+
+
+def _decode_router(
+    header: dict[str, Any], r: _Reader, tasks: list[int]
+) -> tuple[list[int], dict[str, Tensor]] | None:
+    """The task router's labels and learned tensors, checked on a router of its own."""
+    spec = header.get("router")
+    if spec is None:
+        return None
+    labels = [int(t) for t in spec["labels"]]
+    if sorted(labels) != sorted(tasks):
+        raise ValueError("corrupt export file: the router's tasks do not match the tasks")
+    checked = TaskRouter()
+    checked.restore(labels, {k: r.tensor(tuple(v)) for k, v in spec["shapes"].items()})
+    return labels, checked.learned()
 
 
 def _decode_layers(
@@ -549,6 +577,8 @@ def _apply(decoded: dict[str, Any], tsn: TSNModel) -> TSNModel:
         if len(book):
             tsn.set_head_codebook(slot, book, decoded["head_bits"][slot])
         mh.max_class_label = max(mh.max_class_label, out)
+    if decoded["router"] is not None:
+        tsn.task_router.restore(*decoded["router"])
     return tsn.eval()
 
 

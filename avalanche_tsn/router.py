@@ -167,6 +167,33 @@ class TaskRouter(nn.Module):
         for name, value in learned.items():
             setattr(self, name, value.to(self.labels.device))
 
+    def learned(self) -> dict[str, Tensor]:
+        """The fitted statistics and weights by name (what an export file stores)."""
+        return self._weights()
+
+    def restore(self, labels: Sequence[int], learned: dict[str, Tensor]) -> None:
+        """Put back a fitted router (from :meth:`learned` and :meth:`fitted_tasks`).
+
+        :param labels: the task labels it was fitted for.
+        :param learned: its statistics and weights by name.
+        """
+        n, names = len(labels), set(_BUFFERS[1:])
+        if set(learned) != names:
+            raise ValueError(f"learned must hold exactly {sorted(names)}, got {sorted(learned)}")
+        d = learned["mean"].shape[-1] if learned["mean"].dim() == 2 else -1
+        h = learned["proj_b"].shape[-1] if learned["proj_b"].dim() == 2 else -1
+        expected = {
+            "mean": (n, d), "std": (n, d), "proj_w": (n, h, d), "proj_b": (n, h),
+            "out_w": (n, n * h), "out_b": (n,),
+        }  # fmt: skip
+        if n < 1 or any(tuple(learned[k].shape) != v for k, v in expected.items()):
+            shapes = {k: tuple(v.shape) for k, v in learned.items()}
+            raise ValueError(f"a router for {n} tasks has shapes {expected}, got {shapes}")
+        device = self.labels.device
+        self.labels = torch.tensor(list(labels), dtype=torch.long, device=device)
+        for name, value in learned.items():
+            setattr(self, name, value.detach().to(device, torch.float32).clone())
+
     def _weights(self) -> dict[str, Tensor]:
         return {n: getattr(self, n) for n in _BUFFERS[1:]}
 

@@ -9,6 +9,7 @@ import torch
 from test_task_inference import _strategy, class_incremental
 
 from avalanche_tsn import TSNStrategy
+from avalanche_tsn.export import export_model, load_compressed
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.models import MultiHeadMLP
 from avalanche_tsn.router import TaskRouter
@@ -150,3 +151,18 @@ def test_an_unfitted_router_scores_nothing():
     assert router.fitted_tasks() == [] and router.bits() == 0
     with pytest.raises(ValueError, match="one feature tensor per task"):
         router.scores([torch.randn(3, 4)])
+
+
+def test_the_compact_export_carries_the_router_and_loads_routing_the_same():
+    strategy, bm, _ = _trained("router", separable=False)
+    x = _test_x(bm)
+    out, tasks = strategy.infer(x)
+    buf = io.BytesIO()
+    export_model(strategy.tsn_model, buf)
+    for dequantize in (True, False):
+        buf.seek(0)
+        loaded = load_compressed(buf, MultiHeadMLP(12, (16, 16)), dequantize=dequantize)
+        assert loaded.task_router.fitted_tasks() == [0, 1, 2]
+        loaded.task_inference = "router"
+        with torch.no_grad():
+            assert torch.equal(loaded(x), out)
