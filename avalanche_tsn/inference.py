@@ -141,12 +141,10 @@ def infer_tasks(
         logp = torch.log_softmax(outputs.double(), dim=2)
         score = (logp.exp() * logp).sum(2)  # minus the entropy: higher is more confident
     elif method == "router":
+        fitted = model.task_router.fitted_tasks()
         by_label = dict(zip(labels, captured, strict=True))
-        router = model.task_router
-        score = router.scores([by_label[t] for t in router.fitted_tasks()]).T
-        # back to the order of ``labels``
-        position = {t: i for i, t in enumerate(router.fitted_tasks())}
-        score = score[[position[t] for t in labels]]
+        score = model.task_router.scores([by_label[t] for t in fitted]).T  # router's order
+        score = score[[fitted.index(t) for t in labels]]
     else:
         stats = stats or {}
         scores = []

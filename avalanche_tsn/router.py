@@ -119,7 +119,9 @@ class TaskRouter(nn.Module):
                 f"the router scores tasks {self.fitted_tasks()}: pass one feature tensor per "
                 f"task, got {len(features)}"
             )
-        return _logits(self._weights(), features)
+        w = self._weights()
+        z = [(f.float() - m) / s for f, m, s in zip(features, w["mean"], w["std"], strict=True)]
+        return _logits(w, z)
 
     @torch.no_grad()
     def fit(
@@ -159,7 +161,7 @@ class TaskRouter(nn.Module):
             )
             for _ in range(settings.steps):
                 opt.zero_grad()
-                F.cross_entropy(_logits(weights, z, standardised=True), targets, balance).backward()
+                F.cross_entropy(_logits(weights, z), targets, balance).backward()
                 opt.step()
         learned = {k: w.detach() for k, w in weights.items()}
         self.labels = torch.tensor(list(labels), dtype=torch.long, device=self.labels.device)
@@ -228,11 +230,11 @@ def _check_fit(features: Sequence[Tensor], targets: Tensor, n_tasks: int) -> Non
         raise ValueError(
             f"features must all be [n, d] with n = len(targets) = {len(targets)}, got {shapes}"
         )
-    counts = torch.bincount(targets.clamp(0, n_tasks), minlength=n_tasks + 1)
     if bool((targets < 0).any()) or bool((targets >= n_tasks).any()):
         raise ValueError(f"targets must lie in [0, {n_tasks}), got {targets.unique().tolist()}")
-    if bool((counts[:n_tasks] < 2).any()):
-        got = counts[:n_tasks].tolist()
+    counts = torch.bincount(targets, minlength=n_tasks)
+    if bool((counts < 2).any()):
+        got = counts.tolist()
         raise ValueError(f"every task needs at least 2 samples to fit the router, got {got}")
 
 
@@ -253,12 +255,8 @@ def _initial(n_tasks: int, dim: int, s: RouterSettings, device: torch.device) ->
     }
 
 
-def _logits(w: dict[str, Tensor], features: Sequence[Tensor], standardised: bool = False) -> Tensor:
-    if not standardised:
-        features = [
-            (f.float() - m) / s for f, m, s in zip(features, w["mean"], w["std"], strict=True)
-        ]
-    z = torch.stack(list(features))  # [tasks, n, d]
+def _logits(w: dict[str, Tensor], standardised: Sequence[Tensor]) -> Tensor:
+    z = torch.stack(list(standardised))  # [tasks, n, d]
     hidden = torch.relu(torch.einsum("tnd,thd->nth", z, w["proj_w"]) + w["proj_b"])
     return hidden.flatten(1) @ w["out_w"].T + w["out_b"]
 

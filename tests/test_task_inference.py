@@ -95,10 +95,15 @@ def test_entropy_inference_beats_chance_on_separable_tasks() -> None:
     assert results["Top1_Acc_Stream/eval_phase/test_stream/Task000"] <= accuracy + 1e-9
 
 
-def test_every_slot_stays_bit_identical_as_tasks_are_added() -> None:
+@pytest.mark.parametrize(
+    "method, kwargs",
+    # the router also trains each task against earlier tasks' memory (outlier exposure)
+    [("entropy", {}), ("router", {"ood_weight": 2.0})],
+)
+def test_every_slot_stays_bit_identical_as_tasks_are_added(method, kwargs) -> None:
     torch.manual_seed(0)
     bm = class_incremental(separable=False)
-    strategy = _strategy(mlp(out=6), "entropy")
+    strategy = _strategy(mlp(out=6), method, **kwargs)
     x = torch.randn(25, 12)
     seen: dict[int, torch.Tensor] = {}
     for exp in bm.train_stream:

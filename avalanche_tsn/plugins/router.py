@@ -49,21 +49,24 @@ class TaskRouterPlugin(SupervisedPlugin):
         self.settings = settings or RouterSettings()
         self.seed = seed
         self._outliers: torch.Tensor | None = None
-        self._draws: torch.Generator | None = None
+        self._draws = torch.Generator()
+        self._label = 0
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         model = tsn_model(strategy)
         earlier = [model.memory(t) for t in model.trained_tasks()]
         self._outliers = torch.cat(earlier) if earlier and self.ood_weight > 0 else None
-        self._draws = torch.Generator().manual_seed(self.seed + current_task(strategy))
+        # the label once per experience: the training step only reads it
+        self._label = current_task(strategy)
+        self._draws = torch.Generator().manual_seed(self.seed + self._label)
 
     def before_backward(self, strategy, **kwargs) -> None:
-        if self._outliers is None or not len(self._outliers) or self._draws is None:
+        if self._outliers is None:
             return
         n = min(len(self._outliers), len(strategy.mb_x))
         pick = torch.randperm(len(self._outliers), generator=self._draws)[:n]
         x = self._outliers[pick.to(self._outliers.device)]
-        out = strategy.model(x, current_task(strategy))
+        out = strategy.model(x, self._label)
         strategy.loss = strategy.loss + self.ood_weight * outlier_exposure_loss(out)
 
     def after_training_exp(self, strategy, **kwargs) -> None:
