@@ -17,6 +17,7 @@ from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTa
 from torch import Tensor, nn
 
 from avalanche_tsn.dispatch import TaskDispatchMixin
+from avalanche_tsn.distributed import leave_to_tsn
 from avalanche_tsn.heads import rebuild_heads
 from avalanche_tsn.layers import (
     MaskedLayer,
@@ -229,6 +230,7 @@ class TSNModel(TaskLifeCycleMixin, TaskDispatchMixin, MultiTaskModule):
         self.task_inference: str | None = None
         self.live_sparsity = sparsity
         self.eval_cache_bytes = EVAL_CACHE_BYTES
+        leave_to_tsn(self)
         for target in {id(module): module, id(self.net): self.net}.values():
             object.__setattr__(target, _OWNER_ATTR, self)
 

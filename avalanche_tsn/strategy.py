@@ -27,6 +27,8 @@ from torch.optim import Optimizer
 from avalanche_tsn.activations import check_act_bits, task_accuracy
 from avalanche_tsn.capacity import CapacityReport, capacity_report
 from avalanche_tsn.compute import ComputeReport, compute_report
+from avalanche_tsn.distributed import is_main_process, main_process_result, reporting, unwrap
+from avalanche_tsn.distributed_training import DistributedTrainingMixin
 from avalanche_tsn.export import export_model
 from avalanche_tsn.inference import check_method
 from avalanche_tsn.model import TSNModel, require_full
@@ -212,13 +214,17 @@ def tsn_recipe(s: TSNSettings) -> list[StageSpec]:
     ]
 
 
-class TSNStrategy(ParamGroupsMixin, TaskRoutingMixin, SupervisedTemplate):
+class TSNStrategy(DistributedTrainingMixin, ParamGroupsMixin, TaskRoutingMixin, SupervisedTemplate):
     """TinySubNets: forget-free, low-capacity task-incremental learning.
 
     Use it where ``Naive`` or ``PackNet`` stood. The model is wrapped in place (its
     ``nn.Linear`` and ``nn.Conv2d`` layers become maskable, reusing the same parameters, so
     ``optimizer`` keeps working); ``strategy.model`` is the wrapped
     :class:`~avalanche_tsn.model.TSNModel`.
+
+    Under ``torchrun`` (a process group initialised, e.g. by Avalanche's
+    ``DistributedHelper.init_distributed``) it trains each experience through DDP and keeps one
+    model on every rank; see :mod:`avalanche_tsn.distributed_training`.
 
     :param model: the user's ``nn.Module`` (single-head, or multi-head with
         ``MultiHeadClassifier``), or a ``TSNModel``.
@@ -322,9 +328,10 @@ class TSNStrategy(ParamGroupsMixin, TaskRoutingMixin, SupervisedTemplate):
         others, tsn_plugins = assemble_plugins(self.recipe(settings), user_plugins)
         self._init_routing()
         self._init_param_groups()
+        self._init_distributed()
         self.mask_plugin: MaskLearningPlugin = _the(MaskLearningPlugin, tsn_plugins)
         # A model TSN already wraps (a strategy rebuilt around it) continues where it is.
-        tsn = TSNModel.of(model, self.mask_plugin.sparsity_for(0))
+        tsn = TSNModel.of(unwrap(model), self.mask_plugin.sparsity_for(0))
         require_full(tsn, "TSNStrategy")
         super().__init__(
             model=tsn,
@@ -365,10 +372,16 @@ class TSNStrategy(ParamGroupsMixin, TaskRoutingMixin, SupervisedTemplate):
     def export(self, path: str | PathLike | BinaryIO) -> int:
         """Write the trained tasks to a compact file (see :func:`avalanche_tsn.load_compressed`).
 
+        Under ``torch.distributed`` only rank 0 writes (every rank waits for it).
+
         :param path: a file path or a writable binary file.
-        :return: bytes written.
+        :return: bytes written (rank 0's count on every rank).
         """
-        return export_model(self.tsn_model, path)
+        written = 0
+        with reporting("export"):  # (also the barrier: rank 0 has written when it returns)
+            if is_main_process():
+                written = export_model(self.tsn_model, path)
+        return int(main_process_result(written))  # type: ignore[call-overload]
 
     def compute_report(
         self, input_shape: Sequence[int] | None = None, act_bits: int | None = None

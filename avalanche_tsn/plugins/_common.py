@@ -10,6 +10,8 @@ from torch.utils.data import DataLoader
 
 from avalanche_tsn._avalanche import unpack_minibatch
 from avalanche_tsn.batches import tensor_batches
+from avalanche_tsn.distributed import is_distributed
+from avalanche_tsn.distributed_training import DistributedTrainingMixin
 from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.plugins.batches import TensorBatchesPlugin
 from avalanche_tsn.streams import experience_task_labels
@@ -29,6 +31,12 @@ def tsn_model(strategy) -> TSNModel:
             "use TSNStrategy or wrap the model with TSNModel"
         )
     require_full(model, "training with the TSN plugins")
+    if is_distributed() and not isinstance(strategy, DistributedTrainingMixin):
+        raise TypeError(
+            "the TSN plugins under torch.distributed need a TSN strategy (TSNStrategy, "
+            f"WSNStrategy, AdaQPacknetStrategy), which keeps every rank's model the same; "
+            f"got {type(strategy).__name__}"
+        )
     return model
 
 

@@ -17,7 +17,7 @@ __all__ = ["ActivationCalibrationPlugin"]
 log = logging.getLogger(__name__)
 
 
-class ActivationCalibrationPlugin(SupervisedPlugin):
+class ActivationCalibrationPlugin(SupervisedPlugin, supports_distributed=True):
     """Record each task's activation ranges once its weights are final.
 
     Runs after pruning and quantization, on the task's validation split when there is one

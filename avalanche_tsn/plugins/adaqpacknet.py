@@ -29,7 +29,7 @@ __all__ = ["MaskSearchPlugin", "HalvingQuantizationPlugin"]
 log = logging.getLogger(__name__)
 
 
-class MaskSearchPlugin(SupervisedPlugin):
+class MaskSearchPlugin(SupervisedPlugin, supports_distributed=True):
     """Before a task trains: search per-layer prune fractions, then fix the task's mask.
 
     :param population: candidates per task.
@@ -99,7 +99,7 @@ class MaskSearchPlugin(SupervisedPlugin):
         )
 
 
-class HalvingQuantizationPlugin(SupervisedPlugin):
+class HalvingQuantizationPlugin(SupervisedPlugin, supports_distributed=True):
     """After a task is frozen: one bit-width for all its layers, halving the codebook.
 
     :param start_bits: first bit-width tried, in 1..16.

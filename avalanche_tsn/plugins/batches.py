@@ -9,7 +9,7 @@ from avalanche_tsn.batches import gather_from_tensors
 __all__ = ["TensorBatchesPlugin"]
 
 
-class TensorBatchesPlugin(SupervisedPlugin):
+class TensorBatchesPlugin(SupervisedPlugin, supports_distributed=True):
     """Serve the strategy's training and evaluation loaders from whole tensors.
 
     Put it after any plugin that replaces ``strategy.dataloader`` (replay does) so that it

@@ -38,7 +38,7 @@ def _fraction(value: object, name: str, low_open: bool = True) -> float:
     return check_float(value, name, 0, 1, low_open=low_open, high_open=True)
 
 
-class ValidationSplitPlugin(SupervisedPlugin):
+class ValidationSplitPlugin(SupervisedPlugin, supports_distributed=True):
     """Holds out a validation split of each experience's training data (never trained on).
 
     The split is the strategy's :class:`~avalanche_tsn.stages.StageContext` ``validation``;
@@ -197,7 +197,7 @@ def _state_key(model: torch.nn.Module) -> tuple:
     return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
 
 
-class PruningPlugin(SupervisedPlugin):
+class PruningPlugin(SupervisedPlugin, supports_distributed=True):
     """Greedy post-training pruning of each task's own weights.
 
     :param iterations: passes over the layers.
@@ -244,7 +244,7 @@ class PruningPlugin(SupervisedPlugin):
         )
 
 
-class QuantizationPlugin(SupervisedPlugin):
+class QuantizationPlugin(SupervisedPlugin, supports_distributed=True):
     """Adaptive k-means quantization of each task's own weights.
 
     :param min_bits: first bit-width tried, in 1..16.

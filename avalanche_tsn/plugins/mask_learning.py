@@ -19,7 +19,7 @@ from avalanche_tsn.validation import check_float
 __all__ = ["MaskLearningPlugin"]
 
 
-class MaskLearningPlugin(SupervisedPlugin):
+class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
     """Learns each task's mask over shared and free weights, then freezes it.
 
     :param sparsity: fraction of each maskable layer a task's mask leaves out, in [0, 1);

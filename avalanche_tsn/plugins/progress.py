@@ -14,10 +14,12 @@ from typing import TextIO
 from avalanche.core import SupervisedPlugin
 from tqdm import tqdm
 
+from avalanche_tsn.distributed import is_main_process
+
 __all__ = ["TaskProgressPlugin"]
 
 
-class TaskProgressPlugin(SupervisedPlugin):
+class TaskProgressPlugin(SupervisedPlugin, supports_distributed=True):
     """A progress bar per training experience, over its epochs.
 
     :param file: where to draw (standard output by default, in order with printed lines).
@@ -37,7 +39,8 @@ class TaskProgressPlugin(SupervisedPlugin):
             desc=f"experience {index}",
             unit="epoch",
             file=self.file or sys.stdout,
-            disable=self.disable,
+            # under torch.distributed one bar, the main process's
+            disable=self.disable if is_main_process() else True,
             leave=True,
         )
 

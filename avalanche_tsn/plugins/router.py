@@ -22,7 +22,7 @@ from avalanche_tsn.validation import check_float
 __all__ = ["TaskRouterPlugin"]
 
 
-class TaskRouterPlugin(SupervisedPlugin):
+class TaskRouterPlugin(SupervisedPlugin, supports_distributed=True):
     """Fits the model's task router after each task; teaches a training task its outliers.
 
     While a task trains, each minibatch's loss gets ``ood_weight`` times the

@@ -26,7 +26,7 @@ __all__ = ["TaskSimilarityPlugin"]
 log = logging.getLogger(__name__)
 
 
-class TaskSimilarityPlugin(SupervisedPlugin):
+class TaskSimilarityPlugin(SupervisedPlugin, supports_distributed=True):
     """Keeps a memory per task and sends a task unlike all earlier ones to a new bank.
 
     Before a task trains, its divergence from every earlier task is measured; the bank is

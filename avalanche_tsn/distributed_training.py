@@ -1,0 +1,105 @@
+"""The TSN strategies under ``torchrun``: DDP around each experience, one model on every rank.
+
+TinySubNets (Zurek et al., arXiv:2412.10869, 2024) on several processes, the way Avalanche's
+``DistributedHelper`` runs strategies: each rank reads its share of the training data
+(Avalanche's loaders shard it), gradients are averaged by ``DistributedDataParallel``, and the
+model stays the TSN model everywhere but in the training forward. What keeps the ranks on
+one model is in :mod:`avalanche_tsn.distributed`: state brought to rank 0's where a task starts
+and where it ends, a hash comparison after each task, and failures reported to every rank.
+
+Evaluation is replicated: every rank scores the whole test stream, so Avalanche's metrics
+(which do not combine ranks) are those of the whole test set on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from avalanche_tsn.distributed import (
+    agree,
+    broadcast_state,
+    check_same_state,
+    is_distributed,
+    reporting,
+    unwrap,
+    wrap,
+)
+
+__all__ = ["DistributedTrainingMixin"]
+
+
+class DistributedTrainingMixin:
+    """Strategy methods that train each experience through DDP when distributed.
+
+    Single-process runs take none of these paths. Expects ``tsn_model`` on the strategy.
+    """
+
+    def _init_distributed(self) -> None:
+        #: the DDP wrapper of the experience in training (None outside training or alone)
+        self._ddp: torch.nn.parallel.DistributedDataParallel | None = None
+
+    def _where(self) -> str:
+        index = getattr(self.experience, "current_experience", "?")  # type: ignore[attr-defined]
+        return f"experience {index}"
+
+    def _before_training_exp(self, **kwargs: Any) -> None:
+        # a user's own DDP wrapper would average what TSN keeps apart; TSN wraps itself
+        self.model = unwrap(self.model)  # type: ignore[has-type]
+        if not is_distributed():
+            super()._before_training_exp(**kwargs)  # type: ignore[misc]
+            return
+        where = f"starting {self._where()}"
+        with reporting(where):
+            super()._before_training_exp(**kwargs)  # type: ignore[misc]
+        # scores, new heads, a new bank or restarted weights: rank 0's everywhere
+        broadcast_state(self.tsn_model, where)  # type: ignore[attr-defined]
+        self._ddp = wrap(self.tsn_model)  # type: ignore[attr-defined]
+
+    def training_epoch(self, **kwargs: Any) -> None:
+        """One epoch (Avalanche's), with a failure on any rank stopping every rank."""
+        if self._ddp is None:
+            super().training_epoch(**kwargs)  # type: ignore[misc]
+            return
+        try:
+            with reporting(f"training {self._where()}"):
+                super().training_epoch(**kwargs)  # type: ignore[misc]
+        except BaseException:
+            self._ddp = None
+            raise
+
+    def forward(self) -> Any:
+        """The training forward through DDP (so gradients are averaged); otherwise as is."""
+        if self._ddp is not None and self.is_training:  # type: ignore[attr-defined]
+            return self._ddp(self.mb_x, self.mb_task_id)  # type: ignore[attr-defined]
+        return super().forward()  # type: ignore[misc]
+
+    def backward(self) -> None:
+        """Avalanche's backward, after every rank has said its loss is finite."""
+        if self._ddp is not None:
+            loss = self.loss  # type: ignore[attr-defined]
+            bad = None
+            if not bool(torch.isfinite(loss.detach()).all()):
+                it = self.clock.train_epoch_iterations  # type: ignore[attr-defined]
+                bad = f"the loss is not finite ({loss.detach().sum().item()}) at iteration {it}"
+            agree(bad, f"training {self._where()}")
+        super().backward()  # type: ignore[misc]
+
+    def _after_training_exp(self, **kwargs: Any) -> None:
+        if self._ddp is None:
+            super()._after_training_exp(**kwargs)  # type: ignore[misc]
+            return
+        # pruning, quantization, calibration and the router run on the plain model
+        self._ddp = None
+        where = f"finishing {self._where()}"
+        with reporting(where):
+            super()._after_training_exp(**kwargs)  # type: ignore[misc]
+        broadcast_state(self.tsn_model, where)  # type: ignore[attr-defined]
+        check_same_state(self.tsn_model, f"after {self._where()}")  # type: ignore[attr-defined]
+
+    def make_eval_dataloader(self, **kwargs: Any) -> None:
+        """Avalanche's evaluation loader; when distributed, every rank reads the whole stream."""
+        super().make_eval_dataloader(**kwargs)  # type: ignore[misc]
+        if is_distributed() and hasattr(self.dataloader, "distributed_sampling"):  # type: ignore[has-type]
+            self.dataloader.distributed_sampling = False  # type: ignore[has-type]
