@@ -166,6 +166,23 @@ def class_scenario() -> dict:
         strategy.train(exp, eval_streams=[])
         result["digests"].append(state_digest(strategy.model))
     result["metrics"] = strategy.eval(bm.test_stream)
+    # TSN's plugins on a strategy that does not keep the ranks together: refused
+    from avalanche.training import Naive
+
+    from avalanche_tsn.plugins import MaskLearningPlugin
+
+    net = TSNModel(mlp(12))
+    naive = Naive(
+        model=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        evaluator=evaluator(),
+        plugins=[MaskLearningPlugin(0.5)],
+    )
+    try:
+        naive.train(blob_stream(n_tasks=1, dim=12).train_stream[0], eval_streams=[])
+        result["naive"] = None
+    except TypeError as err:
+        result["naive"] = str(err)
     for cls in (WSNStrategy, AdaQPacknetStrategy):
         net = mlp(12)
         family = cls(

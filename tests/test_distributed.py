@@ -138,6 +138,11 @@ def test_a_model_the_user_wrapped_in_ddp_trains_unwrapped(class_ranks) -> None:
     assert class_ranks[0]["wrapped"] == class_ranks[1]["wrapped"] == "TSNModel"
 
 
+def test_tsn_plugins_on_another_strategy_are_refused_when_distributed(class_ranks) -> None:
+    for rank in class_ranks:
+        assert "need a TSN strategy" in rank["naive"] and "Naive" in rank["naive"]
+
+
 def test_alone_the_collectives_are_no_ops() -> None:
     assert not is_distributed()
     model = TSNModel(mlp(12))
@@ -155,3 +160,23 @@ def test_alone_the_collectives_are_no_ops() -> None:
     ignored = set(model._ddp_params_and_buffers_to_ignore)
     assert {k for k, v in model.state_dict().items() if v.dtype == torch.int16} == ignored
     assert ignored
+
+
+def test_the_example_runs_under_torchrun() -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    example = str(HERE.parent / "examples" / "distributed.py")
+    done = subprocess.run(
+        [*cmd, example, "--tasks", "2", "--epochs", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    # rank 0 alone prints the summary
+    assert sum(line.startswith("ranks: 2, tasks: 2") for line in lines) == 1
+    assert any(line.startswith("compact export: ") for line in lines)
+    assert "[rank 1]" not in done.stdout
