@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avalanche_tsn.kernels import KernelUser, train_weight
 from avalanche_tsn.masks import (
     LiveWorkspace,
     keep_count,
-    live_weight,
     pack_mask,
     packed_size,
     topk_mask,
@@ -289,7 +289,7 @@ class _OwnedValues:
         return self.task_mask(slot) & (self.slot_owner(slot) != slot)
 
 
-class MaskedLayer(_Banks, _OwnedValues, _PerTaskBuffers):
+class MaskedLayer(_Banks, _OwnedValues, _PerTaskBuffers, KernelUser):
     """Base of :class:`TSNLinear` and :class:`TSNConv2d`.
 
     ``weight`` and ``bias`` are the user's own parameters (so an optimizer built on the user's
@@ -468,7 +468,7 @@ class MaskedLayer(_Banks, _OwnedValues, _PerTaskBuffers):
             threshold = self._live_threshold()
             if self._workspace is None:
                 self._workspace = LiveWorkspace()
-            weight = live_weight(self.weight, self.scores, threshold, self._workspace)
+            weight = train_weight(self.kernel, self.weight, self.scores, threshold, self._workspace)
             return weight, self.bias
         weight = self.weight.detach()
         return torch.where(self.live_mask(), weight, weight.new_zeros(())), self.bias

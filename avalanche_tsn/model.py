@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from avalanche_tsn.dispatch import TaskDispatchMixin
 from avalanche_tsn.distributed import leave_to_tsn
 from avalanche_tsn.heads import rebuild_heads
+from avalanche_tsn.kernels import KernelChoice
 from avalanche_tsn.layers import (
     MaskedLayer,
     TaskBatchNorm,
@@ -173,7 +174,7 @@ def _known_tasks_after_load(model: TSNModel, _incompatible: object) -> None:
     model.known_train_tasks_labels = set(model.trained_tasks())
 
 
-class TSNModel(TaskLifeCycleMixin, TaskDispatchMixin, MultiTaskModule):
+class TSNModel(TaskLifeCycleMixin, TaskDispatchMixin, KernelChoice, MultiTaskModule):
     """A user's module turned into a TinySubNets multi-task model.
 
     Call it as ``model(x, task_labels)`` (a tensor with one label per sample, or an int).

@@ -31,6 +31,7 @@ from avalanche_tsn.distributed import is_main_process, main_process_result, repo
 from avalanche_tsn.distributed_training import DistributedTrainingMixin
 from avalanche_tsn.export import export_model
 from avalanche_tsn.inference import check_method
+from avalanche_tsn.kernels import check_kernel
 from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.param_groups import ParamGroupsMixin
 from avalanche_tsn.plugins import (
@@ -101,6 +102,7 @@ class TSNSettings:
     task_inference: str | bool | None
     tensor_batches: bool
     ood_weight: float = DEFAULT_OOD_WEIGHT
+    train_kernel: str = "auto"
 
     def checked(self, user_plugins: Sequence[BasePlugin]) -> TSNSettings:
         """These settings, checked where no stage's plugin checks them (inference normalised).
@@ -113,6 +115,7 @@ class TSNSettings:
         check_bool(self.tensor_batches, "tensor_batches")
         check_threshold(self.kl_threshold)
         check_float(self.ood_weight, "ood_weight", 0)
+        check_kernel(self.train_kernel)
         inference = self.task_inference
         if inference is False:
             inference = None
@@ -279,6 +282,11 @@ class TSNStrategy(DistributedTrainingMixin, ParamGroupsMixin, TaskRoutingMixin, 
     :param tensor_batches: read minibatches of tensor-backed datasets by indexing whole
         tensors (same samples, same order as Avalanche's loader; see
         :mod:`avalanche_tsn.batches`); other data always use Avalanche's loader.
+    :param train_kernel: how the live subnetwork's masked weights are computed in training:
+        ``"compiled"`` (one fused ``torch.compile`` kernel for the forward and one for the
+        backward of each layer; eager, with a warning, where it cannot build), ``"eager"``, or
+        ``"auto"`` (compiled on CUDA, eager on the CPU, where it measured no faster; see
+        :mod:`avalanche_tsn.kernels`). Trained tasks are bit-identical whichever runs.
     :param base_kwargs: passed on to :class:`SupervisedTemplate`.
     """
 
@@ -315,6 +323,7 @@ class TSNStrategy(DistributedTrainingMixin, ParamGroupsMixin, TaskRoutingMixin, 
         task_inference: str | bool | None = None,
         ood_weight: float = DEFAULT_OOD_WEIGHT,
         tensor_batches: bool = True,
+        train_kernel: str = "auto",
         **base_kwargs: Any,
     ) -> None:
         _check_model_and_optimizer(model, optimizer)
@@ -347,6 +356,7 @@ class TSNStrategy(DistributedTrainingMixin, ParamGroupsMixin, TaskRoutingMixin, 
             **base_kwargs,
         )
         tsn.task_inference = settings.task_inference
+        tsn.use_kernel(settings.train_kernel, self.device)
 
     def recipe(self, s: TSNSettings) -> list[StageSpec]:
         """The stages this strategy runs (TSN's: :func:`tsn_recipe`).

@@ -81,11 +81,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def training_step(make, shape, tsn: bool, mb: int = 64, device: str = "cpu"):
+def training_step(make, shape, tsn: bool, mb: int = 64, device: str = "cpu", kernel: str = "eager"):
     """A function running one training step of the plain model or of TSN's second task.
 
     It takes ``finite_check``: whether TSN's per-step loss check (which waits for the device)
-    runs. SGD with momentum and weight decay, a fixed random minibatch of ``mb``.
+    runs. SGD with momentum and weight decay, a fixed random minibatch of ``mb``; TSN's live
+    subnetwork trains with the ``kernel`` path (see avalanche_tsn.kernels); the step's
+    ``model`` attribute is the model.
     """
     torch.manual_seed(0)
     net = make()
@@ -98,6 +100,8 @@ def training_step(make, shape, tsn: bool, mb: int = 64, device: str = "cpu"):
         model.end_task(0)
         model.begin_task(1, 0.5)
     model.to(device)
+    if tsn:
+        model.use_kernel(kernel, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(mb, *shape, device=device)
     y = torch.randint(0, 10, (mb,), device=device)
@@ -112,6 +116,7 @@ def training_step(make, shape, tsn: bool, mb: int = 64, device: str = "cpu"):
         loss.backward()
         opt.step()
 
+    step.model = model  # type: ignore[attr-defined]
     return step
 
 
@@ -123,9 +128,15 @@ def _step_times(
     mb: int = 64,
     device: str = "cpu",
     finite_check: bool = True,
+    kernel: str = "eager",
+    compile_seconds: list[float] | None = None,
 ) -> list[float]:
-    """Seconds of each training step, the device synchronized around each one."""
-    step = training_step(make, shape, tsn, mb, device)
+    """Seconds of each training step, the device synchronized around each one.
+
+    The first 3 steps are left out (with ``kernel="compiled"`` the first one compiles; its
+    compilation seconds are appended to ``compile_seconds``).
+    """
+    step = training_step(make, shape, tsn, mb, device, kernel)
     times = []
     for i in range(steps + 3):
         _sync(device)
@@ -134,6 +145,8 @@ def _step_times(
         _sync(device)
         if i >= 3:
             times.append(time.perf_counter() - t0)
+    if compile_seconds is not None and tsn and kernel == "compiled":
+        compile_seconds.append(sum(step.model.kernel.compile_seconds.values()))
     return times
 
 
@@ -143,17 +156,34 @@ def row_train(args) -> list[str]:
         ("ReducedAlexNet", lambda: ReducedAlexNet(multihead=False), (3, 32, 32), 16),
         ("ReducedResNet18", lambda: ReducedResNet18(multihead=False), (3, 32, 32), 8),
     ]
+    kernels = [k for k in args.kernels.split(",") if k]
+    head = " | ".join(f"TSN {k} ms/step | {k} / plain" for k in kernels)
     lines = [
-        "| backbone (minibatch 64) | plain ms/step (min / median) | TSN ms/step | TSN / plain |",
-        "|---|---|---|---|",
+        f"| backbone (minibatch 64) | plain ms/step (min / median) | {head} |",
+        "|---|---|" + "---|---|" * len(kernels),
     ]
+    compiled: list[str] = []
     for name, make, shape, steps in backbones:
-        plain, tsn = [], []
-        for _ in range(args.repeats):  # interleaved, so both see the same machine
+        plain: list[float] = []
+        tsn: dict[str, list[float]] = {k: [] for k in kernels}
+        seconds: list[float] = []
+        for _ in range(args.repeats):  # interleaved, so all see the same machine
             plain += _step_times(make, shape, False, steps)
-            tsn += _step_times(make, shape, True, steps)
-        ratio = statistics.median(tsn) / statistics.median(plain)
-        lines.append(f"| {name} | {_fmt(plain)} | {_fmt(tsn)} | {ratio:.2f} |")
+            for k in kernels:
+                tsn[k] += _step_times(make, shape, True, steps, kernel=k, compile_seconds=seconds)
+        cells = " | ".join(
+            f"{_fmt(tsn[k])} | {statistics.median(tsn[k]) / statistics.median(plain):.2f}"
+            for k in kernels
+        )
+        lines.append(f"| {name} | {_fmt(plain)} | {cells} |")
+        if "compiled" in kernels:
+            # each repeat builds a fresh model; torch.compile's cache serves the repeats after
+            # the first, so the first repeat's figure is the cold first-step latency
+            compiled.append(
+                f"{name} {seconds[0]:.1f} s (later repeats {max(seconds[1:] or [0]):.1f} s)"
+            )
+    if compiled:
+        lines += ["", "Compilation in the first step (cold): " + "; ".join(compiled) + "."]
     return lines
 
 
@@ -409,6 +439,11 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--kernels",
+        default="eager,compiled",
+        help="TSN training kernels of the train row (avalanche_tsn.kernels)",
+    )
     parser.add_argument("--write", help="replace the scale section of this Markdown file")
     parser.add_argument("--compress-samples", type=int, default=2000)
     parser.add_argument(

@@ -1,0 +1,92 @@
+"""The compiled training kernel (issue 28): same results as eager, one graph, a clean fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import adam_strategy, blob_stream, mlp
+from torch._dynamo.utils import counters
+
+from avalanche_tsn import TSNStrategy
+from avalanche_tsn import kernels as kernels_module
+from avalanche_tsn.kernels import LiveKernel, live_weight_ste
+from avalanche_tsn.masks import live_weight, topk_threshold
+
+
+def test_the_pure_function_matches_the_eager_autograd_function() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(20, 30, generator=g)
+    s = torch.randn(20, 30, generator=g)
+    t = topk_threshold(s, 300)
+    outs, grads = [], []
+    for fn in (live_weight, live_weight_ste):
+        wi, si = w.clone().requires_grad_(), s.clone().requires_grad_()
+        out = fn(wi, si, t)
+        out.backward(torch.ones_like(out) * torch.arange(30.0))
+        outs.append(out.detach())
+        grads.append((wi.grad, si.grad))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-6, atol=0)
+    assert int((outs[0] != 0).sum()) == 300
+
+
+def test_auto_compiles_on_cuda_only_and_bad_kinds_are_refused() -> None:
+    assert LiveKernel("auto", "cpu").active == "eager"
+    assert LiveKernel("auto", "cuda").active == "compiled"  # (built without touching CUDA)
+    assert LiveKernel("compiled", "cpu").compiled
+    net = mlp(12)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    for bad, error in (("fast", ValueError), (True, TypeError), (None, TypeError)):
+        with pytest.raises(error, match="train_kernel must be one of 'auto', 'eager'"):
+            adam_strategy(net, train_kernel=bad)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def _train(kernel: str, tasks: int = 3):
+    torch.manual_seed(0)
+    bm = blob_stream(n_tasks=tasks, dim=12)
+    strategy = adam_strategy(mlp(12), train_kernel=kernel)
+    x0 = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(24)])
+    outs, graphs = [], []
+    for exp in bm.train_stream:
+        strategy.train(exp, eval_streams=[])
+        with torch.no_grad():
+            outs.append(strategy.model(x0, 0).clone())
+        graphs.append(counters["stats"]["unique_graphs"])
+    return strategy, outs, graphs
+
+
+def test_compiled_training_keeps_old_tasks_bit_identical_and_compiles_once(caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="avalanche_tsn.kernels"):
+        strategy, outs, graphs = _train("compiled")
+    kernel = strategy.model.kernel
+    assert kernel.active == "compiled" and kernel.fallback is None
+    # one graph for every layer shape and every task: nothing compiled after the first task
+    assert graphs[0] == graphs[1] == graphs[2]
+    assert list(kernel.compile_seconds) == [(torch.float32, torch.device("cpu"))]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert "TSN training kernel: compiled (asked compiled" in caplog.text
+    # the same training as eager, up to floating-point reassociation in the backward
+    _, eager, _ = _train("eager")
+    assert torch.allclose(outs[-1], eager[-1], atol=1e-4)
+
+
+def test_a_kernel_that_cannot_build_falls_back_to_eager(monkeypatch, caplog) -> None:
+    def broken(mode):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler\nmore detail")
+
+        return fail
+
+    monkeypatch.setattr(kernels_module, "_compiled", broken)
+    with caplog.at_level(logging.WARNING, logger="avalanche_tsn.kernels"):
+        strategy, outs, _ = _train("compiled", tasks=2)
+    kernel = strategy.model.kernel
+    assert kernel.active == "eager"
+    assert kernel.fallback == "RuntimeError: no C++ compiler"
+    assert "compiling failed (RuntimeError: no C++ compiler); eager" in caplog.text
+    assert torch.equal(outs[0], outs[1])
+    assert isinstance(strategy, TSNStrategy)
