@@ -91,7 +91,9 @@ def greedy_prune(
     drop if all were accepted, all layers at once (one pass; accepted, it ends the search
     with the most any search can drop), then, if that is too much, runs the passes: each
     tries all layers at once and, when the drop is too large, splits them in halves and tries
-    each (group testing): one pass when every layer can be pruned, about
+    each (group testing; the layers ordered by the share of their own squared magnitude the
+    drop removes, so that the likely rejected ones share halves): one pass when every layer
+    can be pruned, about
     ``2 r log(layers / r)`` when ``r`` cannot; a layer whose drop is rejected on its own is
     not tried again in later passes.
     ``search="bisect"`` drops the same fraction of every layer's own weights and bisects
@@ -161,6 +163,14 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search
         values = layer.bank_weights[layer.bank_of_slot(slot)].flatten()
         return own_idx[torch.topk(values[own_idx].abs(), n_drop, largest=False).indices]
 
+    def damage(layer) -> float:
+        idx = proposal(layer)
+        if idx is None:
+            return 0.0
+        values = layer.bank_weights[layer.bank_of_slot(slot)].flatten()
+        own = values[_candidates(model, layer, slot, later)].double().square().sum()
+        return float(values[idx].double().square().sum() / own.clamp_min(1e-30))
+
     def attempt(group: list, at_once: bool = False) -> bool:
         nonlocal evaluations, accuracy
         drops = [(layer, proposal(layer, at_once)) for layer in group]
@@ -188,7 +198,10 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search
             for layer in layers:
                 kept_any |= attempt([layer])
         else:
-            pending = [open_layers]
+            # Least damaging drops first (the share of the layer's own squared magnitude they
+            # remove): the layers likely to be rejected end up together in the later halves,
+            # so group testing splits fewer groups.
+            pending = [sorted(open_layers, key=damage)]
             while pending:
                 group = pending.pop()
                 if attempt(group):
