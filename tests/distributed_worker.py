@@ -183,7 +183,8 @@ def class_scenario() -> dict:
         result["naive"] = None
     except TypeError as err:
         result["naive"] = str(err)
-    for cls in (WSNStrategy, AdaQPacknetStrategy):
+    # WSN trains through the compiled kernel inside DDP (features against each other)
+    for cls, kernel in ((WSNStrategy, "compiled"), (AdaQPacknetStrategy, "auto")):
         net = mlp(12)
         family = cls(
             model=net,
@@ -191,11 +192,13 @@ def class_scenario() -> dict:
             train_mb_size=8,
             train_epochs=1,
             evaluator=evaluator(),
+            train_kernel=kernel,
         )
         tasks = blob_stream(n_tasks=2, dim=12)
         for exp in tasks.train_stream:
             family.train(exp, eval_streams=[])
             result["digests"].append(state_digest(family.model))
+        result.setdefault("kernels", []).append(family.model.kernel.active)
     return result
 
 

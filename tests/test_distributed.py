@@ -138,6 +138,11 @@ def test_a_model_the_user_wrapped_in_ddp_trains_unwrapped(class_ranks) -> None:
     assert class_ranks[0]["wrapped"] == class_ranks[1]["wrapped"] == "TSNModel"
 
 
+def test_the_compiled_kernel_trains_under_ddp_with_one_model(class_ranks) -> None:
+    # (the state hashes after every task are compared in the first test)
+    assert class_ranks[0]["kernels"] == class_ranks[1]["kernels"] == ["compiled", "eager"]
+
+
 def test_tsn_plugins_on_another_strategy_are_refused_when_distributed(class_ranks) -> None:
     for rank in class_ranks:
         assert "need a TSN strategy" in rank["naive"] and "Naive" in rank["naive"]
