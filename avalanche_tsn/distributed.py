@@ -44,6 +44,7 @@ __all__ = [
     "check_same_state",
     "broadcast_state",
     "barrier",
+    "gather_parts",
     "main_process_result",
     "NOT_CARRIED",
     "leave_to_tsn",
@@ -254,6 +255,30 @@ def broadcast_state(model: nn.Module, where: str) -> None:
     if DistributedHelper.gather_all_objects(_structure(model)) != [_structure(model)] * len(every):
         check_same_state(model, where)
         raise DivergenceError(f"{where}: the ranks' states still differ in structure")
+
+
+def gather_parts(part: object, where: str) -> list[object]:
+    """Every rank's ``part`` (or its error), in rank order, on every rank.
+
+    A rank whose part failed sends its exception instead of leaving the others waiting;
+    then every rank raises the same :class:`DistributedFault`.
+
+    :param part: this rank's result, or the exception computing it raised.
+    :param where: what was computed (in the message).
+    """
+    if not is_distributed():
+        if isinstance(part, BaseException):
+            raise part
+        return [part]
+    sent = f"{type(part).__name__}: {part}" if isinstance(part, BaseException) else part
+    every = DistributedHelper.gather_all_objects((isinstance(part, BaseException), sent))
+    failed = "; ".join(f"rank {r}: {m}" for r, (bad, m) in enumerate(every) if bad)
+    if failed:
+        fault = DistributedFault(f"{where} stopped on every rank ({failed})")
+        if isinstance(part, BaseException):
+            raise fault from part
+        raise fault
+    return [m for _, m in every]
 
 
 def barrier() -> None:

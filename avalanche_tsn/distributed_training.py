@@ -7,8 +7,10 @@ model stays the TSN model everywhere but in the training forward. What keeps the
 one model is in :mod:`avalanche_tsn.distributed`: state brought to rank 0's where a task starts
 and where it ends, a hash comparison after each task, and failures reported to every rank.
 
-Evaluation is replicated: every rank scores the whole test stream, so Avalanche's metrics
-(which do not combine ranks) are those of the whole test set on every rank.
+Evaluation is split and combined: every rank reads the same evaluation minibatches, runs the
+model on its own slice of each, and the slices' outputs are gathered back into the whole
+minibatch, so Avalanche's metrics (which do not combine ranks) see on every rank exactly the
+minibatches of a single-process evaluation, for a ``1 / world_size`` share of the forwards.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from avalanche_tsn.distributed import (
     agree,
     broadcast_state,
     check_same_state,
+    gather_parts,
     is_distributed,
     reporting,
     unwrap,
     wrap,
 )
+from avalanche_tsn.stages import stage_context
 
 __all__ = ["DistributedTrainingMixin"]
 
@@ -70,10 +74,40 @@ class DistributedTrainingMixin:
             raise
 
     def forward(self) -> Any:
-        """The training forward through DDP (so gradients are averaged); otherwise as is."""
+        """The training forward through DDP (so gradients are averaged); when distributed,
+        the evaluation forward of this rank's slice of the minibatch, gathered whole."""
         if self._ddp is not None and self.is_training:  # type: ignore[attr-defined]
             return self._ddp(self.mb_x, self.mb_task_id)  # type: ignore[attr-defined]
-        return super().forward()  # type: ignore[misc]
+        batch = self.mbatch  # type: ignore[has-type]
+        sliceable = isinstance(batch, (list, tuple)) and all(
+            isinstance(t, torch.Tensor) and len(t) == len(batch[0]) for t in batch
+        )
+        if self.is_training or not is_distributed() or not sliceable:  # type: ignore[attr-defined]
+            return super().forward()  # type: ignore[misc]
+        return self._shard_forward(batch)
+
+    def _shard_forward(self, batch: list | tuple) -> torch.Tensor:
+        world = torch.distributed.get_world_size()
+        rank = torch.distributed.get_rank()
+        n = len(batch[0])
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        ctx = stage_context(self)
+        part: object
+        try:
+            self.mbatch = type(batch)(t[lo:hi] for t in batch)
+            out = super().forward() if hi > lo else None  # type: ignore[misc]
+            tasks = ctx.take_inferred_tasks()
+            part = (None if out is None else out.detach().cpu(), tasks)
+        except Exception as err:  # sent to every rank, which all raise it
+            part = err
+        finally:
+            self.mbatch = batch
+        parts = gather_parts(part, f"evaluating {self._where()}")
+        outs = [p[0] for p in parts if p[0] is not None]  # type: ignore[index]
+        tasks = [p[1] for p in parts if p[0] is not None and p[1] is not None]  # type: ignore[index]
+        if tasks:
+            ctx.inferred_tasks = torch.cat(tasks).to(self.device)  # type: ignore[attr-defined]
+        return torch.cat(outs).to(self.device)  # type: ignore[attr-defined]
 
     def backward(self) -> None:
         """Avalanche's backward, after every rank has said its loss is finite."""
@@ -99,7 +133,8 @@ class DistributedTrainingMixin:
         check_same_state(self.tsn_model, f"after {self._where()}")  # type: ignore[attr-defined]
 
     def make_eval_dataloader(self, **kwargs: Any) -> None:
-        """Avalanche's evaluation loader; when distributed, every rank reads the whole stream."""
+        """Avalanche's evaluation loader; when distributed, every rank reads the whole stream
+        (each runs the model on its slice of each minibatch, see :meth:`forward`)."""
         super().make_eval_dataloader(**kwargs)  # type: ignore[misc]
         if is_distributed() and hasattr(self.dataloader, "distributed_sampling"):  # type: ignore[has-type]
             self.dataloader.distributed_sampling = False  # type: ignore[has-type]

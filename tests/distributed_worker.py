@@ -43,6 +43,7 @@ from avalanche_tsn.distributed import (  # noqa: E402
     check_same_state,
     state_digest,
 )
+from avalanche_tsn.metrics import task_inference_metrics  # noqa: E402
 from avalanche_tsn.models import MultiHeadMLP  # noqa: E402
 
 
@@ -106,9 +107,13 @@ def task_scenario(out: Path) -> dict:
                 result["task0_first"] = strategy.model(x0, 0).clone()
     with torch.no_grad():
         result["task0_last"] = strategy.model(x0, 0).clone()
+    seen: list[int] = []
+    hook = strategy.model.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
     result["metrics"] = {
         k: v for k, v in strategy.eval(bm.test_stream[:3]).items() if "Top1_Acc" in k
     }
+    hook.remove()
+    result["eval_samples"] = sum(seen)
     path = out / "model.tsn"
     result["export_bytes"] = strategy.export(path)
     # every rank loads rank 0's file into a fresh model of its own
@@ -156,7 +161,9 @@ def class_scenario() -> dict:
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
         train_mb_size=16,
         train_epochs=2,
-        evaluator=evaluator(),
+        evaluator=EvaluationPlugin(
+            accuracy_metrics(experience=True, stream=True), *task_inference_metrics(), loggers=[]
+        ),
         task_inference="router",
         task_matching=True,
         memory_size=20,
@@ -166,6 +173,7 @@ def class_scenario() -> dict:
         strategy.train(exp, eval_streams=[])
         result["digests"].append(state_digest(strategy.model))
     result["metrics"] = strategy.eval(bm.test_stream)
+    result["state"] = {k: v.clone() for k, v in strategy.model.state_dict().items()}
     # TSN's plugins on a strategy that does not keep the ranks together: refused
     from avalanche.training import Naive
 

@@ -18,6 +18,7 @@ from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin
 from conftest import blob_stream, mlp
 from distributed_worker import Fault
+from test_task_inference import class_incremental
 
 from avalanche_tsn import TSNModel, TSNStrategy
 from avalanche_tsn.distributed import (
@@ -28,6 +29,8 @@ from avalanche_tsn.distributed import (
     reporting,
     unwrap,
 )
+from avalanche_tsn.metrics import task_inference_metrics
+from avalanche_tsn.models import MultiHeadMLP
 
 HERE = Path(__file__).parent
 
@@ -107,6 +110,31 @@ def test_metrics_are_those_of_a_single_process_evaluation(task_ranks) -> None:
     metrics = {k: v for k, v in alone.eval(bm.test_stream[:3]).items() if "Top1_Acc" in k}
     assert metrics == zero["metrics"]
     assert len(metrics) == 4
+    # each rank ran the model on its half of every evaluation minibatch
+    total = sum(len(e.dataset) for e in bm.test_stream[:3])
+    assert zero["eval_samples"] + one["eval_samples"] == total
+    assert abs(zero["eval_samples"] - one["eval_samples"]) <= 3
+
+
+def test_task_inference_metrics_are_those_of_a_single_process_evaluation(class_ranks) -> None:
+    zero, one = class_ranks
+    assert zero["metrics"] == one["metrics"]
+    model = TSNModel(MultiHeadMLP(12, (16, 16)))
+    model.load_state_dict(zero["state"])
+    alone = TSNStrategy(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        evaluator=EvaluationPlugin(
+            accuracy_metrics(experience=True, stream=True), *task_inference_metrics(), loggers=[]
+        ),
+        task_inference="router",
+    )
+    metrics = alone.eval(class_incremental(separable=False, n_tasks=3).test_stream)
+    wanted = {k: v for k, v in zero["metrics"].items() if "Top1_Acc" in k}
+    assert len(wanted) == 4 and all(metrics[k] == v for k, v in wanted.items())
+    # the task-inference metric read the gathered inferred tasks of whole minibatches
+    inference = [v for k, v in zero["metrics"].items() if k.startswith("TaskInference_Acc")]
+    assert len(inference) == 4 and all(0 < v <= 1 for v in inference)
 
 
 def test_export_written_by_rank_zero_loads_on_every_rank(task_ranks) -> None:
