@@ -13,7 +13,8 @@ This router follows them within TSN's guarantee:
   projections scores the tasks (a softmax over tasks: each task's "mine" evidence is
   weighed against every other task's, as ROW's per-task out-of-distribution heads are);
 - it is fitted again from scratch after every task on the task memory (the samples TSN
-  keeps of each earlier task) plus the new task's training data, each task weighted equally.
+  keeps of each earlier task, with noisy copies of them: :func:`noisy_copies`) plus the new
+  task's training data, each task weighted equally.
 
 The subnetworks themselves are never touched: the router only chooses among their outputs,
 so every task's own predictions stay bit-identical. While a task trains, its subnetwork can
@@ -40,6 +41,7 @@ from avalanche_tsn.validation import check_float, check_int
 __all__ = [
     "TaskRouter",
     "RouterSettings",
+    "noisy_copies",
     "outlier_exposure_loss",
     "DEFAULT_OOD_WEIGHT",
 ]
@@ -61,7 +63,11 @@ class RouterSettings:
     :param steps: full-batch Adam steps per fit, >= 1.
     :param lr: Adam's learning rate, > 0.
     :param weight_decay: Adam's weight decay, >= 0.
-    :param seed: seed of the initial weights.
+    :param seed: seed of the initial weights and of the memory's noisy copies.
+    :param copies: noisy copies of each earlier task's memory sample added to the fit, >= 0
+        (the memory itself is kept; see :func:`noisy_copies`).
+    :param noise: the copies' Gaussian noise, times the memory's own standard deviation,
+        >= 0.
     """
 
     def __init__(
@@ -71,12 +77,16 @@ class RouterSettings:
         lr: float = 3e-3,
         weight_decay: float = 1e-2,
         seed: int = 0,
+        copies: int = 4,
+        noise: float = 0.5,
     ) -> None:
         self.hidden = check_int(hidden, "router hidden", 1)
         self.steps = check_int(steps, "router steps", 1)
         self.lr = check_float(lr, "router lr", 0, low_open=True)
         self.weight_decay = check_float(weight_decay, "router weight_decay", 0)
         self.seed = check_int(seed, "router seed")
+        self.copies = check_int(copies, "router copies", 0)
+        self.noise = check_float(noise, "router noise", 0)
 
 
 class TaskRouter(nn.Module):
@@ -259,6 +269,27 @@ def _logits(w: dict[str, Tensor], standardised: Sequence[Tensor]) -> Tensor:
     z = torch.stack(list(standardised))  # [tasks, n, d]
     hidden = torch.relu(torch.einsum("tnd,thd->nth", z, w["proj_w"]) + w["proj_b"])
     return hidden.flatten(1) @ w["out_w"].T + w["out_b"]
+
+
+def noisy_copies(memory: Tensor, copies: int, noise: float, generator: torch.Generator) -> Tensor:
+    """``memory`` followed by ``copies`` copies of it with Gaussian noise added.
+
+    An earlier task is known to the router by its memory alone (100 samples by default)
+    against the new task's whole training set; noisy copies of the memory, run through every
+    subnetwork, keep the router from fitting those few samples' features exactly (measured:
+    BENCHMARKS.md, "Class-incremental at equal memory"). Nothing more is stored.
+
+    :param memory: one task's memory samples, ``[n, ...]``.
+    :param copies: noisy copies to add (0: ``memory`` as it is).
+    :param noise: the noise's standard deviation, times that of ``memory``'s values.
+    :param generator: a CPU generator (the noise is drawn on the CPU, then moved).
+    """
+    if copies == 0 or len(memory) == 0:
+        return memory
+    scale = noise * float(memory.float().std()) if memory.numel() > 1 else 0.0
+    draws = torch.randn((copies, *memory.shape), generator=generator)
+    noisy = memory.unsqueeze(0) + (scale * draws).to(memory.device, memory.dtype)
+    return torch.cat([memory, noisy.flatten(0, 1)])
 
 
 def outlier_exposure_loss(outputs: Tensor) -> Tensor:

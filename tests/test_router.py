@@ -12,7 +12,7 @@ from avalanche_tsn import TSNStrategy
 from avalanche_tsn.export import export_model, load_compressed
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.models import MultiHeadMLP
-from avalanche_tsn.router import TaskRouter
+from avalanche_tsn.router import RouterSettings, TaskRouter, noisy_copies
 from avalanche_tsn.tiny import to_tiny
 
 
@@ -149,3 +149,20 @@ def test_the_compact_export_carries_the_router_and_loads_routing_the_same():
         loaded.task_inference = "router"
         with torch.no_grad():
             assert torch.equal(loaded(x), out)
+
+
+def test_noisy_copies_keep_the_memory_and_are_seeded() -> None:
+    memory = torch.randn(10, 6)
+    copies = noisy_copies(memory, 4, 0.5, torch.Generator().manual_seed(0))
+    again = noisy_copies(memory, 4, 0.5, torch.Generator().manual_seed(0))
+    assert copies.shape == (50, 6) and torch.equal(copies, again)
+    assert torch.equal(copies[:10], memory)  # the memory itself, first
+    noise = (copies[10:].view(4, 10, 6) - memory).flatten()
+    assert 0.3 < float(noise.std() / memory.std()) < 0.7  # 0.5 of the memory's spread
+    assert noisy_copies(memory, 0, 0.5, torch.Generator()) is memory
+    assert torch.equal(noisy_copies(memory, 2, 0.0, torch.Generator())[10:20], memory)
+    for bad in ({"copies": -1}, {"noise": -0.5}):
+        with pytest.raises(ValueError):
+            RouterSettings(**bad)
+    with pytest.raises(TypeError):
+        RouterSettings(copies=2.5)

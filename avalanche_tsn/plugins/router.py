@@ -14,6 +14,7 @@ from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_mo
 from avalanche_tsn.router import (
     DEFAULT_OOD_WEIGHT,
     RouterSettings,
+    noisy_copies,
     outlier_exposure_loss,
 )
 from avalanche_tsn.similarity import task_features
@@ -29,7 +30,8 @@ class TaskRouterPlugin(SupervisedPlugin, supports_distributed=True):
     outlier-exposure loss of as many earlier tasks' memory samples run through the training
     task's subnetwork. After the task is compressed and frozen, the router is fitted again
     on the task memory of every earlier task and the new task's training data. Needs the
-    task memory (TSNStrategy keeps it with ``task_inference="router"``).
+    task memory (TSNStrategy keeps it with ``task_inference="router"``); the memory of each
+    earlier task enters the fit with noisy copies of it (``settings.copies``, ``.noise``).
 
     :param ood_weight: weight of the outlier-exposure loss, a float >= 0 (0: off).
     :param settings: how the router is fitted.
@@ -82,7 +84,12 @@ class TaskRouterPlugin(SupervisedPlugin, supports_distributed=True):
             )
         data = strategy.experience.dataset.eval()
         current = torch.cat([x for x, _ in strategy_batches(strategy, data, 256)])
-        xs = [current if t == label else model.memory(t).to(current.device) for t in labels]
+        s, g = self.settings, torch.Generator().manual_seed(self.settings.seed)
+        xs = [
+            current if t == label else noisy_copies(model.memory(t), s.copies, s.noise, g)
+            for t in labels
+        ]
+        xs = [x.to(current.device) for x in xs]
         targets = torch.cat([torch.full((len(x),), i) for i, x in enumerate(xs)])
         x = torch.cat(xs)
         features = [task_features(model, t, x) for t in labels]
