@@ -77,7 +77,7 @@ class RouterSettings:
         lr: float = 3e-3,
         weight_decay: float = 1e-2,
         seed: int = 0,
-        copies: int = 4,
+        copies: int = 8,
         noise: float = 0.5,
     ) -> None:
         self.hidden = check_int(hidden, "router hidden", 1)
