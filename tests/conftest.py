@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from avalanche.benchmarks import nc_benchmark
@@ -73,6 +75,22 @@ class SmallConvNet(nn.Module):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_warning_filters(monkeypatch):
+    """Keep pyproject's filters in force: Avalanche's ``@deprecated`` wrapper calls
+    ``warnings.simplefilter("once", DeprecationWarning)`` on every call, which puts its own
+    filter in front of them, and its replay plugins call deprecated functions of their own
+    (``storage_policy.update``), code we do not own."""
+    real = warnings.simplefilter
+
+    def simplefilter(action, category=Warning, *args, **kwargs):
+        if action == "once" and category is DeprecationWarning:
+            return None
+        return real(action, category, *args, **kwargs)
+
+    monkeypatch.setattr(warnings, "simplefilter", simplefilter)
 
 
 def quiet_evaluator():
