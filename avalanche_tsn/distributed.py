@@ -43,9 +43,7 @@ __all__ = [
     "state_digest",
     "check_same_state",
     "broadcast_state",
-    "barrier",
     "gather_parts",
-    "main_process_result",
     "NOT_CARRIED",
     "leave_to_tsn",
 ]
@@ -66,7 +64,7 @@ class DivergenceError(RuntimeError):
 
 def is_distributed() -> bool:
     """Whether ``torch.distributed`` is initialised (``torchrun`` with a process group)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    return DistributedHelper.is_distributed
 
 
 def is_main_process() -> bool:
@@ -117,44 +115,41 @@ def wrap(model: nn.Module) -> DistributedDataParallel:
     )
 
 
-def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if _nccl() else torch.device("cpu")
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
-def _nccl() -> bool:
-    return torch.distributed.get_backend() == "nccl"
+def _fault(where: str, texts: list[str | None], cause: BaseException | None) -> DistributedFault:
+    """The error every rank raises: each failed rank (a text) named with its error."""
+    failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(texts) if m is not None)
+    fault = DistributedFault(f"{where} stopped on every rank ({failed})")
+    fault.__cause__ = cause
+    return fault
 
 
-def agree(error: BaseException | str | None, where: str) -> None:
+def agree(error: BaseException | None, where: str) -> None:
     """Every rank says whether its part of ``where`` went well; if one did not, all raise.
 
     Call it at the same point on every rank. Nothing is gathered when all went well (one
     all-reduce of an integer).
 
-    :param error: this rank's exception or message, or None.
+    :param error: this rank's exception, or None.
     :param where: what was running (in the message).
     :raises DistributedFault: on every rank, naming each failed rank and its error.
     """
     if not is_distributed():
-        if isinstance(error, BaseException):
-            raise error
         if error is not None:
-            raise DistributedFault(f"{where}: {error}")
+            raise error
         return
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=_comm_device())
+    # NCCL reduces CUDA tensors only
+    cuda = DistributedHelper.forced_cuda_comm
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
     torch.distributed.all_reduce(flag)
     if int(flag.item()) == 0:
         return
-    if isinstance(error, BaseException):
-        text: str | None = f"{type(error).__name__}: {error}"
-    else:
-        text = error
-    every = DistributedHelper.gather_all_objects(text)
-    failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(every) if m is not None)
-    fault = DistributedFault(f"{where} stopped on every rank ({failed})")
-    if isinstance(error, BaseException):
-        raise fault from error
-    raise fault
+    texts = DistributedHelper.gather_all_objects(None if error is None else _describe(error))
+    raise _fault(where, texts, error)
 
 
 @contextmanager
@@ -226,7 +221,7 @@ def _broadcast_in_place(tensors: list[Tensor]) -> None:
     flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
     sizes = [f.numel() for f in flat]
     buffer = torch.cat([f.cpu() for f in flat]) if flat else torch.zeros(0, dtype=torch.uint8)
-    buffer = DistributedHelper.broadcast(buffer.to(_comm_device()), src=0).cpu()
+    buffer = DistributedHelper.broadcast(buffer, src=0)  # (moved to CUDA and back for NCCL)
     for t, part in zip(tensors, torch.split(buffer, sizes), strict=True):
         t.detach().copy_(part.clone().view(t.dtype).reshape(t.shape))
 
@@ -252,9 +247,7 @@ def broadcast_state(model: nn.Module, where: str) -> None:
     state = DistributedHelper.broadcast_object(state if is_main_process() else None)
     if not is_main_process():
         model.load_state_dict(state)
-    if DistributedHelper.gather_all_objects(_structure(model)) != [_structure(model)] * len(every):
-        check_same_state(model, where)
-        raise DivergenceError(f"{where}: the ranks' states still differ in structure")
+    check_same_state(model, where)
 
 
 def gather_parts(part: object, where: str) -> list[object]:
@@ -266,29 +259,14 @@ def gather_parts(part: object, where: str) -> list[object]:
     :param part: this rank's result, or the exception computing it raised.
     :param where: what was computed (in the message).
     """
+    failed = isinstance(part, BaseException)
     if not is_distributed():
-        if isinstance(part, BaseException):
-            raise part
+        if failed:
+            raise part  # type: ignore[misc]
         return [part]
-    sent = f"{type(part).__name__}: {part}" if isinstance(part, BaseException) else part
-    every = DistributedHelper.gather_all_objects((isinstance(part, BaseException), sent))
-    failed = "; ".join(f"rank {r}: {m}" for r, (bad, m) in enumerate(every) if bad)
-    if failed:
-        fault = DistributedFault(f"{where} stopped on every rank ({failed})")
-        if isinstance(part, BaseException):
-            raise fault from part
-        raise fault
+    sent = _describe(part) if failed else part  # type: ignore[arg-type]
+    every = DistributedHelper.gather_all_objects((failed, sent))
+    if any(bad for bad, _ in every):
+        texts = [m if bad else None for bad, m in every]
+        raise _fault(where, texts, part if failed else None)  # type: ignore[arg-type]
     return [m for _, m in every]
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op when not distributed)."""
-    DistributedHelper.barrier()
-
-
-def main_process_result(value: object) -> object:
-    """Rank 0's ``value`` on every rank (``value`` itself when not distributed).
-
-    :param value: what this rank has (ignored on ranks other than 0).
-    """
-    return DistributedHelper.broadcast_object(value)

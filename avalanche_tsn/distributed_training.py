@@ -34,6 +34,13 @@ from avalanche_tsn.stages import stage_context
 __all__ = ["DistributedTrainingMixin"]
 
 
+def _sliceable(batch: object) -> bool:
+    """Whether a minibatch is tensors of one length (it can be split by rows)."""
+    return isinstance(batch, (list, tuple)) and all(
+        isinstance(t, torch.Tensor) and len(t) == len(batch[0]) for t in batch
+    )
+
+
 class DistributedTrainingMixin:
     """Strategy methods that train each experience through DDP when distributed.
 
@@ -76,15 +83,14 @@ class DistributedTrainingMixin:
     def forward(self) -> Any:
         """The training forward through DDP (so gradients are averaged); when distributed,
         the evaluation forward of this rank's slice of the minibatch, gathered whole."""
-        if self._ddp is not None and self.is_training:  # type: ignore[attr-defined]
-            return self._ddp(self.mb_x, self.mb_task_id)  # type: ignore[attr-defined]
-        batch = self.mbatch  # type: ignore[has-type]
-        sliceable = isinstance(batch, (list, tuple)) and all(
-            isinstance(t, torch.Tensor) and len(t) == len(batch[0]) for t in batch
-        )
-        if self.is_training or not is_distributed() or not sliceable:  # type: ignore[attr-defined]
+        if self.is_training:  # type: ignore[attr-defined]
+            if self._ddp is not None:
+                return self._ddp(self.mb_x, self.mb_task_id)  # type: ignore[attr-defined]
             return super().forward()  # type: ignore[misc]
-        return self._shard_forward(batch)
+        batch = self.mbatch  # type: ignore[has-type]
+        if is_distributed() and _sliceable(batch):
+            return self._shard_forward(batch)
+        return super().forward()  # type: ignore[misc]
 
     def _shard_forward(self, batch: list | tuple) -> torch.Tensor:
         world = torch.distributed.get_world_size()
@@ -110,14 +116,15 @@ class DistributedTrainingMixin:
         return torch.cat(outs).to(self.device)  # type: ignore[attr-defined]
 
     def backward(self) -> None:
-        """Avalanche's backward, after every rank has said its loss is finite."""
+        """Avalanche's backward, after every rank has reached it.
+
+        A rank whose step failed before (an exception, or the non-finite loss that
+        :class:`~avalanche_tsn.plugins.MaskLearningPlugin` refuses before every backward)
+        reports it here instead (see :meth:`training_epoch`), so no rank enters DDP's
+        gradient all-reduce alone.
+        """
         if self._ddp is not None:
-            loss = self.loss  # type: ignore[attr-defined]
-            bad = None
-            if not bool(torch.isfinite(loss.detach()).all()):
-                it = self.clock.train_epoch_iterations  # type: ignore[attr-defined]
-                bad = f"the loss is not finite ({loss.detach().sum().item()}) at iteration {it}"
-            agree(bad, f"training {self._where()}")
+            agree(None, f"training {self._where()}")
         super().backward()  # type: ignore[misc]
 
     def _after_training_exp(self, **kwargs: Any) -> None:

@@ -64,18 +64,17 @@ def live_weight_ste(weight: Tensor, scores: Tensor, threshold: Tensor) -> Tensor
     return weight * (mask + (a - a.detach()))
 
 
-_COMPILED: dict[str, Callable[..., Tensor]] = {}
+_COMPILED: list[Callable[..., Tensor]] = []
 
 
-def _compiled(mode: str | None) -> Callable[..., Tensor]:
-    key = mode or "default"
-    if key not in _COMPILED:
+def _compiled() -> Callable[..., Tensor]:
+    if not _COMPILED:
         # Symbolic sizes over flat views: one graph for every layer and every task; static
         # shapes would compile once per layer shape and, past dynamo's cache limit (8
         # graphs), silently run eagerly. (Parameters themselves are kept static by dynamo:
         # the caller passes plain views of them.)
-        _COMPILED[key] = torch.compile(live_weight_ste, dynamic=True, fullgraph=True, mode=mode)
-    return _COMPILED[key]
+        _COMPILED.append(torch.compile(live_weight_ste, dynamic=True, fullgraph=True))
+    return _COMPILED[0]
 
 
 class LiveKernel:
@@ -116,10 +115,10 @@ class LiveKernel:
         key = (weight.dtype, weight.device)
         flat = (weight.reshape(-1), scores.reshape(-1), threshold)
         if key in self.compile_seconds:
-            return _compiled(None)(*flat).view(weight.shape)
+            return _compiled()(*flat).view(weight.shape)
         start = time.perf_counter()
         try:
-            out = _compiled(None)(*flat).view(weight.shape)
+            out = _compiled()(*flat).view(weight.shape)
         except Exception as err:  # no compiler, no backend: train eagerly instead
             self.active = "eager"
             self.fallback = f"{type(err).__name__}: {err}".splitlines()[0]

@@ -155,26 +155,20 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search
     evaluations = 1
     accuracy = baseline
 
-    def proposal(layer, at_once: bool = False) -> torch.Tensor | None:
+    def plan(layer, at_once: bool = False) -> tuple[torch.Tensor, float] | None:
+        # the drop proposed for the layer, and the share of its own squared magnitude it takes
         own_idx = _candidates(model, layer, slot, later)
         n_drop = _most(len(own_idx), step, iterations) if at_once else int(len(own_idx) * step)
         if n_drop == 0:
             return None
-        values = layer.bank_weights[layer.bank_of_slot(slot)].flatten()
-        return own_idx[torch.topk(values[own_idx].abs(), n_drop, largest=False).indices]
+        own = layer.bank_weights[layer.bank_of_slot(slot)].flatten()[own_idx].abs()
+        pick = torch.topk(own, n_drop, largest=False).indices
+        energy = own.double().square()
+        return own_idx[pick], float(energy[pick].sum() / energy.sum().clamp_min(1e-30))
 
-    def damage(layer) -> float:
-        idx = proposal(layer)
-        if idx is None:
-            return 0.0
-        values = layer.bank_weights[layer.bank_of_slot(slot)].flatten()
-        own = values[_candidates(model, layer, slot, later)].double().square().sum()
-        return float(values[idx].double().square().sum() / own.clamp_min(1e-30))
-
-    def attempt(group: list, at_once: bool = False) -> bool:
+    def attempt(group: list, plans: dict) -> bool:
         nonlocal evaluations, accuracy
-        drops = [(layer, proposal(layer, at_once)) for layer in group]
-        drops = [(layer, idx) for layer, idx in drops if idx is not None]
+        drops = [(layer, plans[layer][0]) for layer in group if plans[layer] is not None]
         if not drops:
             return False
         for layer, idx in drops:
@@ -191,20 +185,27 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search
     open_layers = list(layers)
     # What every pass would drop if all were accepted, tried first: often it is (one pass
     # instead of one per pass and more), and it is the most any search can drop.
-    at_once = search == "joint" and iterations > 1 and attempt(layers, at_once=True)
+    at_once = (
+        search == "joint"
+        and iterations > 1
+        and attempt(layers, {layer: plan(layer, at_once=True) for layer in layers})
+    )
     for _ in range(0 if at_once else iterations):
         kept_any = False
         if search == "layerwise":
             for layer in layers:
-                kept_any |= attempt([layer])
+                kept_any |= attempt([layer], {layer: plan(layer)})
         else:
-            # Least damaging drops first (the share of the layer's own squared magnitude they
-            # remove): the layers likely to be rejected end up together in the later halves,
-            # so group testing splits fewer groups.
-            pending = [sorted(open_layers, key=damage)]
+            # One plan per layer and pass: a layer's drop changes only once it is accepted,
+            # and an accepted group is not tried again in the pass. Least damaging drops first
+            # (the share of the layer's own squared magnitude they remove): the layers likely
+            # to be rejected end up together in the later halves, so group testing splits
+            # fewer groups.
+            plans = {layer: plan(layer) for layer in open_layers}
+            pending = [sorted(open_layers, key=lambda x: 0.0 if plans[x] is None else plans[x][1])]
             while pending:
                 group = pending.pop()
-                if attempt(group):
+                if attempt(group, plans):
                     kept_any = True
                 elif len(group) > 1:
                     half = len(group) // 2

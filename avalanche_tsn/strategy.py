@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 import torch
 from avalanche.benchmarks import CLExperience
 from avalanche.core import BasePlugin
+from avalanche.distributed import DistributedHelper
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
@@ -27,7 +28,7 @@ from torch.optim import Optimizer
 from avalanche_tsn.activations import check_act_bits, task_accuracy
 from avalanche_tsn.capacity import CapacityReport, capacity_report
 from avalanche_tsn.compute import ComputeReport, compute_report
-from avalanche_tsn.distributed import is_main_process, main_process_result, reporting, unwrap
+from avalanche_tsn.distributed import is_main_process, reporting, unwrap
 from avalanche_tsn.distributed_training import DistributedTrainingMixin
 from avalanche_tsn.export import export_model
 from avalanche_tsn.inference import check_method
@@ -391,7 +392,7 @@ class TSNStrategy(DistributedTrainingMixin, ParamGroupsMixin, TaskRoutingMixin, 
         with reporting("export"):  # (also the barrier: rank 0 has written when it returns)
             if is_main_process():
                 written = export_model(self.tsn_model, path)
-        return int(main_process_result(written))  # type: ignore[call-overload]
+        return int(DistributedHelper.broadcast_object(written))  # rank 0's count everywhere
 
     def compute_report(
         self, input_shape: Sequence[int] | None = None, act_bits: int | None = None

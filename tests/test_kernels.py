@@ -75,7 +75,7 @@ def test_compiled_training_keeps_old_tasks_bit_identical_and_compiles_once(caplo
 
 
 def test_a_kernel_that_cannot_build_falls_back_to_eager(monkeypatch, caplog) -> None:
-    def broken(mode):
+    def broken():
         def fail(*args):
             raise RuntimeError("no C++ compiler\nmore detail")
 
