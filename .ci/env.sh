@@ -2,8 +2,10 @@
 # Source me: builds (or reuses) the project's virtual environment and activates it.
 #
 # The environment is cached under ${AVALANCHE_TSN_CACHE:-~/.cache/avalanche-tsn}, keyed on the
-# hash of pyproject.toml and .ci/constraints.txt (the torch versions CI tests), so nothing is
-# downloaded again unless the dependencies change.
+# hash of pyproject.toml and the constraints file, comments left out (the torch versions it pins), so nothing is
+# downloaded again unless the dependencies change. AVALANCHE_TSN_CONSTRAINTS picks the
+# constraints file: .ci/constraints.txt (default, the oldest end of the torch range) or
+# .ci/constraints-newest.txt (the newest end); .ci/run tests both.
 # It holds the dependencies only: the code is this checkout's, put on PYTHONPATH here, so
 # two clones share the environment without pointing it at each other's code.
 # PYTHON picks the interpreter that creates it (default: python3, 3.10 or newer).
@@ -13,7 +15,13 @@
 set -euo pipefail
 _root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 _py=${PYTHON:-python3}
-_key=$(cat "$_root/pyproject.toml" "$_root/.ci/constraints.txt" | sha256sum | cut -c1-16)
+_constraints=${AVALANCHE_TSN_CONSTRAINTS:-$_root/.ci/constraints.txt}
+if [ ! -f "$_constraints" ]; then
+    echo "AVALANCHE_TSN_CONSTRAINTS: no such file: $_constraints" >&2
+    return 1 2>/dev/null || exit 1
+fi
+# comment lines do not count: editing a comment must not rebuild a 6 GB environment
+_key=$(cat "$_root/pyproject.toml" "$_constraints" | grep -v '^[[:space:]]*#' | sha256sum | cut -c1-16)
 _cache=${AVALANCHE_TSN_CACHE:-$HOME/.cache/avalanche-tsn}
 _venv="$_cache/venv-$_key"
 
@@ -27,7 +35,7 @@ if [ ! -f "$_venv/.complete" ]; then
     "$_py" -m venv "$_venv"
     "$_venv/bin/python" -m pip install -q --upgrade pip
     # the dependencies (and the dev tools) of pyproject.toml, without the project itself
-    "$_venv/bin/python" -m pip install -q -c "$_root/.ci/constraints.txt" -e "$_root[dev]"
+    "$_venv/bin/python" -m pip install -q -c "$_constraints" -e "$_root[dev]"
     "$_venv/bin/python" -m pip uninstall -q -y avalanche-tsn
     touch "$_venv/.complete"
 fi
