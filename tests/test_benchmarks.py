@@ -8,7 +8,7 @@ import pytest
 
 from avalanche_tsn import datasets
 from avalanche_tsn.models import ReducedAlexNet, ReducedResNet18, TinyNet
-from benchmarks import class_incremental, harness
+from benchmarks import class_incremental, harness, router_ceiling
 
 
 def test_harness_smoke_runs_every_strategy(tmp_path):
@@ -245,3 +245,16 @@ def test_class_incremental_comparison_sizes_buffers_to_tsn_bytes(tmp_path):
             assert row["buffer"] == 250
     assert any(r["label"].endswith("(equal bytes)") and r["ACC"] is not None for r in rows)
     assert "| tsn (router) |" in (tmp_path / "results.md").read_text()
+
+
+def test_router_ceiling_reproduces_the_strategys_router_and_metrics():
+    by_seed = router_ceiling.main(
+        ["--seeds", "0", "--subset", "40", "--epochs", "1", "--threads", "1"]
+    )  # fmt: skip
+    rows = by_seed[0]
+    trained = rows["as trained (memory + copies)"]
+    # our own routing of the final model is Avalanche's metric, and refitting the router on
+    # the plugin's inputs gives the router the strategy stored
+    assert trained == pytest.approx(rows["harness figures (Avalanche's metrics)"], abs=1e-6)
+    assert rows["refitted on memory + copies (check)"] == trained
+    assert all(0 <= v <= 1 for pair in rows.values() for v in pair)

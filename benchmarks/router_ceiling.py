@@ -1,0 +1,208 @@
+"""How far the learned task router can go on TSN's frozen subnetworks: the ceiling of issue 26.
+
+Usage::
+
+    python benchmarks/router_ceiling.py --scenario split_fashion_ci --seeds 0,1,2 --threads 2
+
+TinySubNets (Zurek et al., arXiv:2412.10869, 2024) infers a test sample's task on
+class-incremental streams with a router over the frozen subnetworks' features
+(:mod:`avalanche_tsn.router`), fitted on the task memory. This script trains TSN as the
+harness does (``task_inference="router"``), then fits routers on the final model's frozen
+features from other data, to tell the memory's limit from the features' limit:
+
+- ``as trained``: the router the strategy fitted (task memory with noisy copies, plus the last
+  task's training data), with the confidence term inference adds: the strategy's own figure;
+- ``full training data``: every task's whole training set, which no run keeps (a ceiling);
+- the same with a larger router (``hidden=32``, 1000 steps, weight decay 1e-3), on the full
+  training data and on the memory;
+- ``+ Mahalanobis``: the trained router plus each task's standardised Mahalanobis distance to
+  its own class means under its subnetwork (class means and covariance of its full training
+  features, as TPL's likelihood-ratio score uses them; Lin et al., ICLR 2024).
+
+Each row: share of test samples routed to their own task and the stream's accuracy, mean
+(min-max) over seeds (each a class order). The subnetworks are the same in every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from avalanche_tsn._cli import show_defaults  # noqa: E402
+from avalanche_tsn.inference import _widen  # noqa: E402
+from avalanche_tsn.router import RouterSettings, TaskRouter, noisy_copies  # noqa: E402
+from avalanche_tsn.similarity import task_features  # noqa: E402
+from benchmarks import _report, harness  # noqa: E402
+
+LARGE = {"hidden": 32, "steps": 1000, "weight_decay": 1e-3}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """This script's options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--scenario", choices=("split_digits_ci", "split_fashion_ci"), default="split_digits_ci"
+    )
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated; each is a class order")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--subset", type=int, default=None, help="samples per experience (smoke)")
+    p.add_argument("--epochs", type=int, default=None, help="(default: the scenario's)")
+    p.add_argument("--write", default=None, help="Markdown file to update (default: print)")
+    show_defaults(p)
+    return p.parse_args(argv)
+
+
+def _stack(dataset) -> tuple[Tensor, Tensor]:
+    xs, ys = [], []
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=2048):
+        xs.append(batch[0])
+        ys.append(batch[1])
+    return torch.cat(xs), torch.cat(ys)
+
+
+@torch.no_grad()
+def _features(model, label: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    parts = [x[i : i + 2048] for i in range(0, len(x), 2048)]
+    feats = torch.cat([task_features(model, label, p) for p in parts]).float()
+    return feats, torch.cat([model(p, label) for p in parts])
+
+
+def _train(args: argparse.Namespace, seed: int) -> tuple[Any, Any, dict]:
+    """TSN trained by the harness on ``seed``: its model, the stream and the harness's row."""
+    argv = ["--scenario", args.scenario, "--seed", str(seed), "--in-process", "--quiet"]
+    argv += ["--threads", str(args.threads), "--task-inference", "router"]
+    argv += [] if args.subset is None else ["--subset", str(args.subset)]
+    argv += [] if args.epochs is None else ["--epochs", str(args.epochs)]
+    hargs = harness.parse(argv)
+    sc = harness.SCENARIOS[args.scenario]
+    torch.manual_seed(seed)
+    stream = harness._subset(sc.build(hargs), hargs.subset, True)
+    built: list = []
+    build = harness._strategy
+
+    def keep(*a: Any, **kw: Any) -> Any:
+        built.append(build(*a, **kw))
+        return built[-1]
+
+    harness._strategy = keep
+    try:
+        row = harness.run_one("tsn", hargs, stream)
+    finally:
+        harness._strategy = build
+    return built[-1].tsn_model.eval(), stream, row
+
+
+def rows_for_seed(args: argparse.Namespace, seed: int) -> dict[str, tuple[float, float]]:
+    """Each row's (task inference, accuracy) on one seed, plus the harness's own figures."""
+    model, stream, row = _train(args, seed)
+    labels = model.trained_tasks()
+    trains = [_stack(e.dataset.eval()) for e in stream.train_stream]
+    tests = [_stack(e.dataset.eval()) for e in stream.test_stream]
+    x_test = torch.cat([x for x, _ in tests])
+    y_test = torch.cat([y for _, y in tests])
+    t_test = torch.cat([torch.full((len(x),), i) for i, (x, _) in enumerate(tests)])
+    feats, outs = zip(*[_features(model, t, x_test) for t in labels], strict=True)
+    outputs = _widen(list(outs))
+    confidence = torch.log_softmax(outputs.double(), 2).max(2).values
+
+    def figures(score: Tensor) -> tuple[float, float]:
+        best = score.argmax(0)
+        pred = outputs[best, torch.arange(len(best))].argmax(1)
+        return float((best == t_test).float().mean()), float((pred == y_test).float().mean())
+
+    def refit(xs: list[Tensor], settings: RouterSettings) -> Tensor:
+        targets = torch.cat([torch.full((len(x),), i) for i, x in enumerate(xs)])
+        fit = [_features(model, t, torch.cat(xs))[0] for t in labels]
+        router = TaskRouter()
+        router.fit(fit, targets, labels, settings)
+        return torch.log_softmax(router.scores(list(feats)).T.double(), 0)
+
+    def memory(settings: RouterSettings) -> list[Tensor]:
+        # what the plugin fits on: the memory with its noisy copies, the last task's data
+        g = torch.Generator().manual_seed(settings.seed)
+        mem = [noisy_copies(model.memory(t), settings.copies, settings.noise, g) for t in labels]
+        return mem[:-1] + [trains[-1][0]]
+
+    trained = torch.log_softmax(model.task_router.scores(list(feats)).T.double(), 0)
+    full = [x for x, _ in trains]
+    large = RouterSettings(**LARGE)
+    return {
+        "as trained (memory + copies)": figures(trained + confidence),
+        "harness figures (Avalanche's metrics)": (row["task_inference_acc"], row["ACC"]),
+        "refitted on memory + copies (check)": figures(
+            refit(memory(RouterSettings()), RouterSettings()) + confidence
+        ),
+        "full training data (ceiling)": figures(refit(full, RouterSettings()) + confidence),
+        "full training data, larger router": figures(refit(full, large) + confidence),
+        "memory + copies, larger router": figures(refit(memory(large), large) + confidence),
+        "as trained + Mahalanobis": figures(
+            trained + confidence - _mahalanobis(model, labels, trains, feats)
+        ),
+    }
+
+
+def _mahalanobis(model, labels: list[int], trains: list, feats: tuple[Tensor, ...]) -> Tensor:
+    """Each task's Mahalanobis distance to its nearest class mean, standardised on its data."""
+    scores = []
+    for i, label in enumerate(labels):
+        f = _features(model, label, trains[i][0])[0].double()
+        y = trains[i][1]
+        means = torch.stack([f[y == c].mean(0) for c in y.unique()])
+        centred = torch.cat([f[y == c] - m for c, m in zip(y.unique(), means, strict=True)])
+        cov = centred.T @ centred / len(centred)
+        eye = torch.eye(len(cov), dtype=cov.dtype)
+        precision = torch.linalg.inv(cov + 1e-3 * cov.diagonal().mean() * eye)
+
+        def distance(z: Tensor, means: Tensor = means, precision: Tensor = precision) -> Tensor:
+            d = z.double()[:, None, :] - means[None]
+            return torch.einsum("ncd,de,nce->nc", d, precision, d).min(1).values
+
+        own = distance(f)
+        scores.append((distance(feats[i]) - own.mean()) / own.std())
+    return torch.stack(scores)
+
+
+def table(by_seed: dict[int, dict[str, tuple[float, float]]], cmd: str) -> str:
+    """The Markdown table of every row, mean (min-max) over seeds."""
+    names = next(iter(by_seed.values())).keys()
+    spread: Callable[[list[float]], str] = lambda v: (  # noqa: E731
+        f"{100 * statistics.mean(v):.1f} ({100 * min(v):.1f}-{100 * max(v):.1f})"
+    )
+    lines = [
+        f"`{cmd}`, torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU.",
+        "",
+        "| router | task inferred right % | ACC % |",
+        "|---|---|---|",
+    ]
+    for name in names:
+        inf = [rows[name][0] for rows in by_seed.values()]
+        acc = [rows[name][1] for rows in by_seed.values()]
+        lines.append(f"| {name} | {spread(inf)} | {spread(acc)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, float]]]:
+    """Run every seed and print (or write) the table."""
+    args = parse(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        sys.exit(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    torch.set_num_threads(args.threads)
+    by_seed = {seed: rows_for_seed(args, seed) for seed in seeds}
+    cmd = "python benchmarks/router_ceiling.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    _report.publish(table(by_seed, cmd), args.write, f"router_ceiling_{args.scenario}")
+    return by_seed
+
+
+if __name__ == "__main__":
+    main()
