@@ -2,10 +2,11 @@
 # Source me: builds (or reuses) the project's virtual environment and activates it.
 #
 # The environment is cached under ${AVALANCHE_TSN_CACHE:-~/.cache/avalanche-tsn}, keyed on the
-# hash of pyproject.toml and the constraints file, comments left out (the torch versions it pins), so nothing is
-# downloaded again unless the dependencies change. AVALANCHE_TSN_CONSTRAINTS picks the
-# constraints file: .ci/constraints.txt (default, the oldest end of the torch range) or
-# .ci/constraints-newest.txt (the newest end); .ci/run tests both.
+# hash of pyproject.toml and the constraints file (the torch versions it pins), comment lines
+# left out, so nothing is downloaded again unless the dependencies change.
+# AVALANCHE_TSN_CONSTRAINTS picks the constraints file: .ci/constraints.txt (default, the
+# oldest end of the torch range) or .ci/constraints-newest.txt (the newest end); .ci/run tests
+# both.
 # It holds the dependencies only: the code is this checkout's, put on PYTHONPATH here, so
 # two clones share the environment without pointing it at each other's code.
 # PYTHON picks the interpreter that creates it (default: python3, 3.10 or newer).

@@ -42,6 +42,7 @@ __all__ = [
     "TaskRouter",
     "RouterSettings",
     "noisy_copies",
+    "fit_samples",
     "outlier_exposure_loss",
     "DEFAULT_OOD_WEIGHT",
 ]
@@ -290,6 +291,29 @@ def noisy_copies(memory: Tensor, copies: int, noise: float, generator: torch.Gen
     draws = torch.randn((copies, *memory.shape), generator=generator)
     noisy = memory.unsqueeze(0) + (scale * draws).to(memory.device, memory.dtype)
     return torch.cat([memory, noisy.flatten(0, 1)])
+
+
+def fit_samples(
+    samples: Sequence[Tensor], memories: Sequence[bool], settings: RouterSettings
+) -> tuple[Tensor, Tensor]:
+    """The samples a router is fitted on and each one's task index, in the order given.
+
+    Each memory gets ``settings.copies`` noisy copies (:func:`noisy_copies`, drawn in order
+    from one generator seeded by ``settings.seed``); other tasks' samples enter as they are.
+
+    :param samples: each task's samples, ``[n_t, ...]``, in the router's task order.
+    :param memories: for each task, whether its samples are a task memory.
+    :param settings: the router's settings.
+    """
+    if len(samples) != len(memories):
+        raise ValueError(f"one memories flag per task: {len(samples)} tasks, {len(memories)}")
+    g = torch.Generator().manual_seed(settings.seed)
+    xs = [
+        noisy_copies(x, settings.copies, settings.noise, g) if memory else x
+        for x, memory in zip(samples, memories, strict=True)
+    ]
+    targets = torch.cat([torch.full((len(x),), i, dtype=torch.long) for i, x in enumerate(xs)])
+    return torch.cat([x.to(xs[0].device) for x in xs]), targets
 
 
 def outlier_exposure_loss(outputs: Tensor) -> Tensor:

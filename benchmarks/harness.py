@@ -439,10 +439,14 @@ def _model_bits(model: torch.nn.Module, packnet_tasks: int = 0) -> int:
     return bits
 
 
-def run_one(name: str, args: argparse.Namespace, benchmark: Any = None) -> dict[str, Any]:
+def run_one(
+    name: str, args: argparse.Namespace, benchmark: Any = None, strategies: list | None = None
+) -> dict[str, Any]:
     """Train and evaluate one strategy; returns its row of the results.
 
     :param benchmark: the scenario's stream, built here if None.
+    :param strategies: if given, the trained strategy is appended to it (for a caller that
+        studies the trained model further).
     """
     logging.basicConfig(level=logging.WARNING)
     if args.threads is not None:
@@ -452,6 +456,8 @@ def run_one(name: str, args: argparse.Namespace, benchmark: Any = None) -> dict[
         benchmark = _subset(sc.build(args), args.subset, sc.class_incremental)
     n = len(benchmark.train_stream)
     strategy = _strategy(name, sc, args, n)
+    if strategies is not None:
+        strategies.append(strategy)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()

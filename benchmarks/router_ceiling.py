@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from avalanche_tsn._cli import show_defaults  # noqa: E402
 from avalanche_tsn.inference import _widen  # noqa: E402
-from avalanche_tsn.router import RouterSettings, TaskRouter, noisy_copies  # noqa: E402
-from avalanche_tsn.similarity import task_features  # noqa: E402
+from avalanche_tsn.router import RouterSettings, TaskRouter, fit_samples  # noqa: E402
+from avalanche_tsn.similarity import feature_module, task_features  # noqa: E402
 from benchmarks import _report, harness  # noqa: E402
 
 LARGE = {"hidden": 32, "steps": 1000, "weight_decay": 1e-3}
@@ -70,10 +70,8 @@ def _stack(dataset) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def _features(model, label: int, x: Tensor) -> tuple[Tensor, Tensor]:
-    parts = [x[i : i + 2048] for i in range(0, len(x), 2048)]
-    feats = torch.cat([task_features(model, label, p) for p in parts]).float()
-    return feats, torch.cat([model(p, label) for p in parts])
+def _features(model, label: int, x: Tensor) -> Tensor:
+    return torch.cat([task_features(model, label, x[i : i + 2048]) for i in range(0, len(x), 2048)])
 
 
 def _train(args: argparse.Namespace, seed: int) -> tuple[Any, Any, dict]:
@@ -87,18 +85,8 @@ def _train(args: argparse.Namespace, seed: int) -> tuple[Any, Any, dict]:
     torch.manual_seed(seed)
     stream = harness._subset(sc.build(hargs), hargs.subset, True)
     built: list = []
-    build = harness._strategy
-
-    def keep(*a: Any, **kw: Any) -> Any:
-        built.append(build(*a, **kw))
-        return built[-1]
-
-    harness._strategy = keep
-    try:
-        row = harness.run_one("tsn", hargs, stream)
-    finally:
-        harness._strategy = build
-    return built[-1].tsn_model.eval(), stream, row
+    row = harness.run_one("tsn", hargs, stream, strategies=built)
+    return built[0].tsn_model.eval(), stream, row
 
 
 def rows_for_seed(args: argparse.Namespace, seed: int) -> dict[str, tuple[float, float]]:
@@ -110,8 +98,18 @@ def rows_for_seed(args: argparse.Namespace, seed: int) -> dict[str, tuple[float,
     x_test = torch.cat([x for x, _ in tests])
     y_test = torch.cat([y for _, y in tests])
     t_test = torch.cat([torch.full((len(x),), i) for i, (x, _) in enumerate(tests)])
-    feats, outs = zip(*[_features(model, t, x_test) for t in labels], strict=True)
-    outputs = _widen(list(outs))
+    # the inference module's own forward: every task's outputs and features, in one pass
+    feats, outs = [], []
+    for label in labels:
+        hook = feature_module(model).register_forward_pre_hook(
+            lambda _m, a: feats.append(a[0].flatten(1).float())
+        )
+        try:
+            with torch.no_grad():
+                outs.append(model(x_test, label))
+        finally:
+            hook.remove()
+    outputs = _widen(outs)
     confidence = torch.log_softmax(outputs.double(), 2).max(2).values
 
     def figures(score: Tensor) -> tuple[float, float]:
@@ -119,45 +117,46 @@ def rows_for_seed(args: argparse.Namespace, seed: int) -> dict[str, tuple[float,
         pred = outputs[best, torch.arange(len(best))].argmax(1)
         return float((best == t_test).float().mean()), float((pred == y_test).float().mean())
 
-    def refit(xs: list[Tensor], settings: RouterSettings) -> Tensor:
-        targets = torch.cat([torch.full((len(x),), i) for i, x in enumerate(xs)])
-        fit = [_features(model, t, torch.cat(xs))[0] for t in labels]
+    def refit(samples: list[Tensor], memories: list[bool], settings: RouterSettings) -> Tensor:
+        x, targets = fit_samples(samples, memories, settings)
         router = TaskRouter()
-        router.fit(fit, targets, labels, settings)
-        return torch.log_softmax(router.scores(list(feats)).T.double(), 0)
+        router.fit([_features(model, t, x) for t in labels], targets, labels, settings)
+        return torch.log_softmax(router.scores(feats).T.double(), 0)
 
-    def memory(settings: RouterSettings) -> list[Tensor]:
-        # what the plugin fits on: the memory with its noisy copies, the last task's data
-        g = torch.Generator().manual_seed(settings.seed)
-        mem = [noisy_copies(model.memory(t), settings.copies, settings.noise, g) for t in labels]
-        return mem[:-1] + [trains[-1][0]]
-
-    trained = torch.log_softmax(model.task_router.scores(list(feats)).T.double(), 0)
+    # what the plugin fitted on after the last task: the memories, the last task's data
+    memory = [model.memory(t) for t in labels[:-1]] + [trains[-1][0]]
+    is_memory = [True] * (len(labels) - 1) + [False]
     full = [x for x, _ in trains]
-    large = RouterSettings(**LARGE)
+    default, large = RouterSettings(), RouterSettings(**LARGE)
+    trained = torch.log_softmax(model.task_router.scores(feats).T.double(), 0)
     return {
         "as trained (memory + copies)": figures(trained + confidence),
         "harness figures (Avalanche's metrics)": (row["task_inference_acc"], row["ACC"]),
         "refitted on memory + copies (check)": figures(
-            refit(memory(RouterSettings()), RouterSettings()) + confidence
+            refit(memory, is_memory, default) + confidence
         ),
-        "full training data (ceiling)": figures(refit(full, RouterSettings()) + confidence),
-        "full training data, larger router": figures(refit(full, large) + confidence),
-        "memory + copies, larger router": figures(refit(memory(large), large) + confidence),
+        "full training data (ceiling)": figures(
+            refit(full, [False] * len(full), default) + confidence
+        ),
+        "full training data, larger router": figures(
+            refit(full, [False] * len(full), large) + confidence
+        ),
+        "memory + copies, larger router": figures(refit(memory, is_memory, large) + confidence),
         "as trained + Mahalanobis": figures(
             trained + confidence - _mahalanobis(model, labels, trains, feats)
         ),
     }
 
 
-def _mahalanobis(model, labels: list[int], trains: list, feats: tuple[Tensor, ...]) -> Tensor:
+def _mahalanobis(model, labels: list[int], trains: list, feats: list[Tensor]) -> Tensor:
     """Each task's Mahalanobis distance to its nearest class mean, standardised on its data."""
     scores = []
     for i, label in enumerate(labels):
-        f = _features(model, label, trains[i][0])[0].double()
+        f = _features(model, label, trains[i][0]).double()
         y = trains[i][1]
-        means = torch.stack([f[y == c].mean(0) for c in y.unique()])
-        centred = torch.cat([f[y == c] - m for c, m in zip(y.unique(), means, strict=True)])
+        classes = y.unique()
+        means = torch.stack([f[y == c].mean(0) for c in classes])
+        centred = torch.cat([f[y == c] - m for c, m in zip(classes, means, strict=True)])
         cov = centred.T @ centred / len(centred)
         eye = torch.eye(len(cov), dtype=cov.dtype)
         precision = torch.linalg.inv(cov + 1e-3 * cov.diagonal().mean() * eye)

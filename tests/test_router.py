@@ -12,7 +12,7 @@ from avalanche_tsn import TSNStrategy
 from avalanche_tsn.export import export_model, load_compressed
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.models import MultiHeadMLP
-from avalanche_tsn.router import RouterSettings, TaskRouter, noisy_copies
+from avalanche_tsn.router import RouterSettings, TaskRouter, fit_samples, noisy_copies
 from avalanche_tsn.tiny import to_tiny
 
 
@@ -166,3 +166,16 @@ def test_noisy_copies_keep_the_memory_and_are_seeded() -> None:
             RouterSettings(**bad)
     with pytest.raises(TypeError):
         RouterSettings(copies=2.5)
+
+
+def test_fit_samples_copy_only_the_memories_in_task_order() -> None:
+    settings = RouterSettings(copies=3, noise=0.5, seed=4)
+    memory, current = torch.randn(5, 2), torch.randn(7, 2)
+    x, targets = fit_samples([memory, current], [True, False], settings)
+    assert targets.tolist() == [0] * 20 + [1] * 7
+    assert torch.equal(x[:5], memory) and torch.equal(x[20:], current)
+    assert not torch.equal(x[5:10], memory)  # the copies are noisy
+    expected = noisy_copies(memory, 3, 0.5, torch.Generator().manual_seed(4))
+    assert torch.equal(x[:20], expected)  # seeded by the settings
+    with pytest.raises(ValueError, match="one memories flag per task"):
+        fit_samples([memory, current], [True], settings)

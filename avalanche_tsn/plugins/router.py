@@ -14,7 +14,7 @@ from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_mo
 from avalanche_tsn.router import (
     DEFAULT_OOD_WEIGHT,
     RouterSettings,
-    noisy_copies,
+    fit_samples,
     outlier_exposure_loss,
 )
 from avalanche_tsn.similarity import task_features
@@ -84,13 +84,10 @@ class TaskRouterPlugin(SupervisedPlugin, supports_distributed=True):
             )
         data = strategy.experience.dataset.eval()
         current = torch.cat([x for x, _ in strategy_batches(strategy, data, 256)])
-        s, g = self.settings, torch.Generator().manual_seed(self.settings.seed)
-        xs = [
-            current if t == label else noisy_copies(model.memory(t), s.copies, s.noise, g)
-            for t in labels
-        ]
-        xs = [x.to(current.device) for x in xs]
-        targets = torch.cat([torch.full((len(x),), i) for i, x in enumerate(xs)])
-        x = torch.cat(xs)
+        x, targets = fit_samples(
+            [current if t == label else model.memory(t).to(current.device) for t in labels],
+            [t != label for t in labels],
+            self.settings,
+        )
         features = [task_features(model, t, x) for t in labels]
         model.task_router.fit(features, targets.to(features[0].device), labels, self.settings)
