@@ -17,7 +17,11 @@ features from other data, to tell the memory's limit from the features' limit:
   training data and on the memory;
 - ``+ Mahalanobis``: the trained router plus each task's standardised Mahalanobis distance to
   its own class means under its subnetwork (class means and covariance of its full training
-  features, as TPL's likelihood-ratio score uses them; Lin et al., ICLR 2024).
+  features, as TPL's likelihood-ratio score uses them; Lin et al., ICLR 2024);
+- ``joint``: not TSN at all but the harness's Joint row (the same MLP with one 10-way head,
+  trained on every task's data at once), whose task identification is the share of test
+  samples whose predicted class belongs to their own task: what a model that saw all the data
+  together gets, the reference for a task-inference goal.
 
 Each row: share of test samples routed to their own task and the stream's accuracy, mean
 (min-max) over seeds (each a class order). The subnetworks are the same in every row.
@@ -74,13 +78,17 @@ def _features(model, label: int, x: Tensor) -> Tensor:
     return torch.cat([task_features(model, label, x[i : i + 2048]) for i in range(0, len(x), 2048)])
 
 
-def _train(args: argparse.Namespace, seed: int) -> tuple[Any, Any, dict]:
-    """TSN trained by the harness on ``seed``: its model, the stream and the harness's row."""
+def _hargs(args: argparse.Namespace, seed: int) -> argparse.Namespace:
     argv = ["--scenario", args.scenario, "--seed", str(seed), "--in-process", "--quiet"]
     argv += ["--threads", str(args.threads), "--task-inference", "router"]
     argv += [] if args.subset is None else ["--subset", str(args.subset)]
     argv += [] if args.epochs is None else ["--epochs", str(args.epochs)]
-    hargs = harness.parse(argv)
+    return harness.parse(argv)
+
+
+def _train(args: argparse.Namespace, seed: int) -> tuple[Any, Any, dict]:
+    """TSN trained by the harness on ``seed``: its model, the stream and the harness's row."""
+    hargs = _hargs(args, seed)
     sc = harness.SCENARIOS[args.scenario]
     torch.manual_seed(seed)
     stream = harness._subset(sc.build(hargs), hargs.subset, True)
@@ -89,7 +97,22 @@ def _train(args: argparse.Namespace, seed: int) -> tuple[Any, Any, dict]:
     return built[0].tsn_model.eval(), stream, row
 
 
-def rows_for_seed(args: argparse.Namespace, seed: int) -> dict[str, tuple[float, float]]:
+def _joint(args: argparse.Namespace, seed: int, stream, x: Tensor, y: Tensor, t: Tensor):
+    """Joint's (task identification, accuracy) on the test samples, and its harness row's ACC."""
+    built: list = []
+    row = harness.run_one("joint", _hargs(args, seed), stream, strategies=built)
+    model = built[0].model.eval()
+    task_of = torch.full((int(y.max()) + 1,), -1)
+    for i, e in enumerate(stream.train_stream):
+        task_of[list(e.classes_in_this_experience)] = i
+    with torch.no_grad():
+        pred = torch.cat([model(x[i : i + 2048]) for i in range(0, len(x), 2048)]).argmax(1)
+    pred = pred.cpu()
+    inferred = float((task_of[pred] == t).float().mean())
+    return (inferred, float((pred == y).float().mean())), row["ACC"]
+
+
+def rows_for_seed(args: argparse.Namespace, seed: int) -> dict[str, tuple[float | None, float]]:
     """Each row's (task inference, accuracy) on one seed, plus the harness's own figures."""
     model, stream, row = _train(args, seed)
     labels = model.trained_tasks()
@@ -129,6 +152,7 @@ def rows_for_seed(args: argparse.Namespace, seed: int) -> dict[str, tuple[float,
     full = [x for x, _ in trains]
     default, large = RouterSettings(), RouterSettings(**LARGE)
     trained = torch.log_softmax(model.task_router.scores(feats).T.double(), 0)
+    joint, joint_harness = _joint(args, seed, stream, x_test, y_test, t_test)
     return {
         "as trained (memory + copies)": figures(trained + confidence),
         "harness figures (Avalanche's metrics)": (row["task_inference_acc"], row["ACC"]),
@@ -145,6 +169,8 @@ def rows_for_seed(args: argparse.Namespace, seed: int) -> dict[str, tuple[float,
         "as trained + Mahalanobis": figures(
             trained + confidence - _mahalanobis(model, labels, trains, feats)
         ),
+        "joint (not TSN: one model, all data at once)": joint,
+        "joint, harness figure (Avalanche's metric)": (None, joint_harness),
     }
 
 
@@ -170,11 +196,13 @@ def _mahalanobis(model, labels: list[int], trains: list, feats: list[Tensor]) ->
     return torch.stack(scores)
 
 
-def table(by_seed: dict[int, dict[str, tuple[float, float]]], cmd: str) -> str:
+def table(by_seed: dict[int, dict[str, tuple[float | None, float]]], cmd: str) -> str:
     """The Markdown table of every row, mean (min-max) over seeds."""
     names = next(iter(by_seed.values())).keys()
-    spread: Callable[[list[float]], str] = lambda v: (  # noqa: E731
-        f"{100 * statistics.mean(v):.1f} ({100 * min(v):.1f}-{100 * max(v):.1f})"
+    spread: Callable[[list], str] = lambda v: (  # noqa: E731
+        "-"
+        if None in v
+        else f"{100 * statistics.mean(v):.1f} ({100 * min(v):.1f}-{100 * max(v):.1f})"
     )
     lines = [
         f"`{cmd}`, torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU.",
@@ -189,7 +217,7 @@ def table(by_seed: dict[int, dict[str, tuple[float, float]]], cmd: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float, float]]]:
+def main(argv: list[str] | None = None) -> dict[int, dict[str, tuple[float | None, float]]]:
     """Run every seed and print (or write) the table."""
     args = parse(argv)
     try:

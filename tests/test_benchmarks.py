@@ -257,4 +257,11 @@ def test_router_ceiling_reproduces_the_strategys_router_and_metrics():
     # the plugin's inputs gives the router the strategy stored
     assert trained == pytest.approx(rows["harness figures (Avalanche's metrics)"], abs=1e-6)
     assert rows["refitted on memory + copies (check)"] == trained
-    assert all(0 <= v <= 1 for pair in rows.values() for v in pair)
+    # the Joint reference: our accuracy of its model is Avalanche's, and a right class is a
+    # right task, so its task identification is never below its accuracy
+    joint_inferred, joint_acc = rows["joint (not TSN: one model, all data at once)"]
+    assert joint_acc == pytest.approx(
+        rows["joint, harness figure (Avalanche's metric)"][1], abs=1e-6
+    )
+    assert joint_inferred >= joint_acc
+    assert all(0 <= v <= 1 for pair in rows.values() for v in pair if v is not None)
