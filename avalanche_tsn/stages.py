@@ -50,6 +50,9 @@ class StageContext:
     validation_batches: list[tuple[Tensor, Tensor]] | None = None
     #: the last validation pass: (state key, accuracy, the head's inputs or None)
     validation_memo: tuple | None = None
+    #: whether ``validation_batches`` hold the samples hardest first (see
+    #: :mod:`avalanche_tsn.early_stop`); set by :meth:`order_validation`
+    validation_ordered: bool = False
     #: tasks inferred for the last evaluation minibatch; set by the strategy's forward,
     #: taken by the task-inference metric
     inferred_tasks: Tensor | None = None
@@ -62,6 +65,18 @@ class StageContext:
         self.validation = data
         self.validation_batches = None
         self.validation_memo = None
+        self.validation_ordered = False
+
+    def order_validation(self, batches: list[tuple[Tensor, Tensor]]) -> None:
+        """Hold the split's samples in a new order, hardest first (once per experience).
+
+        :param batches: the same samples as ``validation_batches``, reordered.
+        """
+        if self.validation_ordered:
+            raise RuntimeError("the validation split is already ordered for this experience")
+        self.validation_batches = batches
+        self.validation_memo = None
+        self.validation_ordered = True
 
     def require_validation(self, stage: str) -> Any:
         """The validation split, or a RuntimeError naming ``stage`` and what it lacks.

@@ -349,3 +349,81 @@ def test_head_validation_matches_a_full_pass_and_expires_when_the_model_changes(
     stage_context(plain).new_validation(stage_context(strategy).validation)
     validation_accuracy(plain, 0)
     assert head_validation(plain, 0) is None  # no multi-head classifier: no shortcut
+
+
+def test_the_first_full_validation_pass_orders_the_split_hardest_first():
+    from avalanche_tsn.early_stop import margins
+    from avalanche_tsn.plugins.compression import validation_accuracy
+    from avalanche_tsn.stages import stage_context
+
+    strategy, bm = train(MultiHeadMLP(12, (16, 16), 3), tasks=1, prune=False, quantize=False)
+    strategy.experience = bm.train_stream[0]
+    ctx = stage_context(strategy)
+    ctx.new_validation(bm.test_stream[0].dataset.eval())
+    before = validation_accuracy(strategy, 0, floor=1.1)  # stopped early: not ordered
+    assert before < 1.1 and not ctx.validation_ordered
+    unordered = [(x.clone(), y.clone()) for x, y in ctx.validation_batches]
+    acc = validation_accuracy(strategy, 0)
+    assert ctx.validation_ordered
+    ordered = ctx.validation_batches
+    # the same samples, as many a minibatch, in ascending margin
+    assert [len(y) for _, y in ordered] == [len(y) for _, y in unordered]
+    x_old, y_old = (torch.cat(t) for t in zip(*unordered, strict=True))
+    x_new, y_new = (torch.cat(t) for t in zip(*ordered, strict=True))
+    old_rows = sorted(map(tuple, torch.cat([x_old, y_old[:, None]], 1).tolist()))
+    assert old_rows == sorted(map(tuple, torch.cat([x_new, y_new[:, None]], 1).tolist()))
+    with torch.no_grad():
+        m = margins(strategy.model(x_new, 0), y_new)
+    assert bool((m[1:] >= m[:-1]).all()) and bool((m[:3] < m[-3:]).all())
+    # the accuracy does not depend on the order; the memo is for the ordered split
+    assert (
+        validation_accuracy(strategy, 0)
+        == acc
+        == (strategy.model(x_old, 0).argmax(1) == y_old).float().mean().item()
+    )
+    with pytest.raises(RuntimeError, match="already ordered"):
+        ctx.order_validation(ordered)
+
+
+@pytest.mark.parametrize("search", ["joint", "bisect"])
+def test_ordering_the_validation_split_changes_no_pruning_or_quantization_decision(
+    monkeypatch, search
+):
+    from avalanche_tsn.plugins import compression
+
+    def run(ordered: bool):
+        forwards = {"n": 0}
+        full = compression.validation_accuracy
+
+        def counted(strategy, *args, **kwargs):
+            hook = strategy.model.register_forward_hook(
+                lambda *_: forwards.__setitem__("n", forwards["n"] + 1)
+            )
+            try:
+                return full(strategy, *args, **kwargs)
+            finally:
+                hook.remove()
+
+        monkeypatch.setattr(compression, "validation_accuracy", counted)
+        if not ordered:  # equal keys: the stable sort keeps the split's order
+            monkeypatch.setattr(compression, "margins", lambda out, y: torch.zeros(len(y)))
+        torch.manual_seed(0)
+        strategy, bm = train(
+            MultiHeadMLP(12, (16, 16), 3), prune_search=search, prune_max_drop=0.02,
+            quant_max_drop=0.02, eval_mb_size=2, validation_fraction=0.3,
+        )  # fmt: skip
+        monkeypatch.undo()
+        prune = next(p for p in strategy.plugins if type(p).__name__ == "PruningPlugin")
+        quant = next(p for p in strategy.plugins if type(p).__name__ == "QuantizationPlugin")
+        data = [bm.test_stream[t].dataset for t in range(3)]
+        x = torch.stack([d[i][0] for d in data for i in range(len(d))])
+        outputs = [strategy.model(x, t) for t in range(3)]
+        return prune.records, quant.bits, outputs, forwards["n"]
+
+    records, bits, outputs, n = run(ordered=True)
+    records_u, bits_u, outputs_u, n_u = run(ordered=False)
+    assert records == records_u and bits == bits_u
+    assert all(map(torch.equal, outputs, outputs_u))
+    assert any(r.evaluations > 2 for r in records)  # searches that tried and rejected
+    # (seeded case, minibatches of 2: the rejected tries stop sooner, hardest samples first)
+    assert 0 < n < n_u

@@ -13,6 +13,7 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
+from avalanche_tsn.early_stop import margins, reorder
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_model
 from avalanche_tsn.pruning import PruneRecord, check_search, greedy_prune
@@ -122,11 +123,15 @@ def validation_accuracy(
     model.eval()
     correct = seen = 0
     outputs: list[Tensor] = []
+    # the first complete pass of the split orders it hardest first, for later early stops
+    hardness: list[Tensor] | None = None if ctx.validation_ordered else []
     try:
         for x, y in batches:
             out = model(x, task_label)
             if head is not None:
                 outputs.append(out)
+            if hardness is not None:
+                hardness.append(margins(out, y))
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
             if floor is not None and correct + (total - seen) < floor * total:
@@ -141,6 +146,11 @@ def validation_accuracy(
         pairs = zip(outputs, captured, strict=True)
         if all(isinstance(c, Tensor) and torch.equal(o, c) for o, (_, _, c) in pairs):
             features = [(args, kwargs) for args, kwargs, _ in captured]
+    if hardness is not None:
+        order = torch.sort(torch.cat(hardness), stable=True).indices
+        batches, features = reorder(batches, features, order)
+        ctx.order_validation(batches)
+        state = (task_label, id(batches), _state_key(model))
     ctx.validation_memo = (state, correct / total, features)
     return correct / total
 

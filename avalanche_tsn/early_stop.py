@@ -1,0 +1,68 @@
+"""Validation samples in the order that lets a search's early stop come soonest.
+
+TinySubNets (Zurek et al., arXiv:2412.10869, 2024) prunes and quantizes each task greedily,
+keeping a step only if the validation accuracy stays within a margin of the unpruned one.
+A pass that only needs to know whether a floor is reached stops as soon as too many samples
+are wrong (:func:`avalanche_tsn.plugins.compression.validation_accuracy`); how soon depends on
+where the wrong ones are. Samples the unpruned model gets wrong or nearly wrong (the smallest
+margin of the true class over the best other) are the ones a harmful step turns wrong first,
+so they are read first: a rejected step is found after fewer forwards. The accuracy of a
+complete pass, and so every decision, does not depend on the order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["margins", "reorder"]
+
+
+def margins(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Each sample's logit of its true class minus its best other logit (< 0: wrong).
+
+    :param outputs: logits, ``[n, classes]``.
+    :param targets: true classes, ``[n]``.
+    """
+    true = outputs.gather(1, targets[:, None]).squeeze(1)
+    others = outputs.scatter(1, targets[:, None], float("-inf")).max(1).values
+    return (true - others).float()
+
+
+def reorder(
+    batches: Sequence[tuple[Tensor, Tensor]],
+    features: Sequence[tuple[tuple, dict]] | None,
+    order: Tensor,
+) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[tuple, dict]] | None]:
+    """The samples of ``batches`` in ``order``, in minibatches of the first one's size.
+
+    :param batches: inputs and targets, minibatch by minibatch.
+    :param features: for each minibatch, arguments a module received for it (positional,
+        keyword), permuted alike where they are per-sample tensors; None if there are none
+        or if they cannot be permuted (then the caller recomputes them).
+    :param order: a permutation of all the samples, ``[n]``.
+    """
+    size = len(batches[0][1])
+    x = torch.cat([b[0] for b in batches])[order.to(batches[0][0].device)]
+    y = torch.cat([b[1] for b in batches])[order.to(batches[0][1].device)]
+    ordered = list(zip(x.split(size), y.split(size), strict=True))
+    if features is None or any(kwargs for _, kwargs in features):
+        return ordered, None
+    sizes = [len(b[1]) for b in batches]
+    columns: list[list[Any]] = []
+    for i in range(len(features[0][0])):
+        values = [args[i] if len(args) > i else None for args, _ in features]
+        if all(
+            isinstance(v, Tensor) and v.dim() > 0 and len(v) == n
+            for v, n in zip(values, sizes, strict=True)
+        ):
+            whole = torch.cat(values)
+            columns.append(list(whole[order.to(whole.device)].split(size)))
+        elif all(not isinstance(v, Tensor) and v == values[0] for v in values):
+            columns.append([values[0]] * len(ordered))  # the same int task label, say
+        else:
+            return ordered, None
+    return ordered, [(tuple(c[j] for c in columns), {}) for j in range(len(ordered))]
