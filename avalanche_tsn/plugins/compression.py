@@ -146,7 +146,7 @@ def validation_accuracy(
         pairs = zip(outputs, captured, strict=True)
         if all(isinstance(c, Tensor) and torch.equal(o, c) for o, (_, _, c) in pairs):
             features = [(args, kwargs) for args, kwargs, _ in captured]
-    if hardness is not None:
+    if hardness:
         order = torch.sort(torch.cat(hardness), stable=True).indices
         batches, features = reorder(batches, features, order)
         ctx.order_validation(batches)
