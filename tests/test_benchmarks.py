@@ -265,3 +265,22 @@ def test_router_ceiling_reproduces_the_strategys_router_and_metrics():
     )
     assert joint_inferred >= joint_acc
     assert all(0 <= v <= 1 for pair in rows.values() for v in pair if v is not None)
+
+
+def test_time_ratio_times_every_strategy_on_the_same_epochs(tmp_path, monkeypatch):
+    import sys
+
+    from benchmarks import time_ratio
+
+    out = tmp_path / "ratio.json"
+    argv = ["time_ratio.py", "--scenario", "permuted_digits", "--tasks", "1", "--epochs", "2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--repeats", "1", "--json", str(out)])
+    time_ratio.main()
+    r = json.loads(out.read_text())
+    assert r["epochs_timed"] == {kind: 2 for kind in time_ratio.KINDS}
+    med = {k: r[f"{k}_s_per_epoch"]["median"] for k in time_ratio.KINDS}
+    assert all(v > 0 for v in med.values())
+    # the ratio of the medians, up to the rounding of each to 1 ms
+    lo = (med["tsn"] - 5e-4) / (med["naive_tensor"] + 5e-4) - 5e-4
+    hi = (med["tsn"] + 5e-4) / (med["naive_tensor"] - 5e-4) + 5e-4
+    assert lo <= r["ratio_same_minibatches"] <= hi
