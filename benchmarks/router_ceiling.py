@@ -45,6 +45,7 @@ from avalanche_tsn._cli import show_defaults  # noqa: E402
 from avalanche_tsn.inference import _widen  # noqa: E402
 from avalanche_tsn.router import RouterSettings, TaskRouter, fit_samples  # noqa: E402
 from avalanche_tsn.similarity import feature_module, task_features  # noqa: E402
+from avalanche_tsn.streams import experience_classes  # noqa: E402
 from benchmarks import _report, harness  # noqa: E402
 
 LARGE = {"hidden": 32, "steps": 1000, "weight_decay": 1e-3}
@@ -104,7 +105,7 @@ def _joint(args: argparse.Namespace, seed: int, stream, x: Tensor, y: Tensor, t:
     model = built[0].model.eval()
     task_of = torch.full((int(y.max()) + 1,), -1)
     for i, e in enumerate(stream.train_stream):
-        task_of[list(e.classes_in_this_experience)] = i
+        task_of[experience_classes(e)] = i
     with torch.no_grad():
         pred = torch.cat([model(x[i : i + 2048]) for i in range(0, len(x), 2048)]).argmax(1)
     pred = pred.cpu()
