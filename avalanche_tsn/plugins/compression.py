@@ -14,6 +14,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
 from avalanche_tsn.early_stop import margins, reorder
+from avalanche_tsn.layout import channels_last_batches
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_model
 from avalanche_tsn.pruning import PruneRecord, check_search, greedy_prune
@@ -136,21 +137,26 @@ def validation_accuracy(
             seen += len(y)
             if floor is not None and correct + (total - seen) < floor * total:
                 return (correct + total - seen) / total  # an upper bound, below the floor
+        if hook is not None:
+            hook.remove()
+            hook = None
+        # The heads' inputs, kept when the model's output is its head's output, batch by batch.
+        features = None
+        if head is not None and len(captured) == len(outputs):
+            pairs = zip(outputs, captured, strict=True)
+            if all(isinstance(c, Tensor) and torch.equal(o, c) for o, (_, _, c) in pairs):
+                features = [(args, kwargs) for args, kwargs, _ in captured]
+        if hardness:
+            order = torch.sort(torch.cat(hardness), stable=True).indices
+            batches, features = reorder(batches, features, order)
+            # the later passes (most of them) read images in the CPU's faster layout
+            batches, _ = channels_last_batches(batches, lambda x: model(x, task_label))
+            ctx.order_validation(batches)
+            state = (task_label, id(batches), _state_key(model))
     finally:
         model.train(was_training)
         if hook is not None:
             hook.remove()
-    # The heads' inputs, kept when the model's output is its head's output, batch for batch.
-    features = None
-    if head is not None and len(captured) == len(outputs):
-        pairs = zip(outputs, captured, strict=True)
-        if all(isinstance(c, Tensor) and torch.equal(o, c) for o, (_, _, c) in pairs):
-            features = [(args, kwargs) for args, kwargs, _ in captured]
-    if hardness:
-        order = torch.sort(torch.cat(hardness), stable=True).indices
-        batches, features = reorder(batches, features, order)
-        ctx.order_validation(batches)
-        state = (task_label, id(batches), _state_key(model))
     ctx.validation_memo = (state, correct / total, features)
     return correct / total
 

@@ -1,0 +1,66 @@
+"""Validation inputs in the memory layout that the CPU's convolutions read fastest.
+
+TinySubNets (Zurek et al., arXiv:2412.10869, 2024) prunes and quantizes every task with
+repeated validation passes over the same held-out samples. On the CPU a convolutional
+network's forward over channels-last images (NHWC strides, oneDNN's own layout) runs about
+1.3-1.7x faster than over PyTorch's default NCHW strides (BENCHMARKS.md, issue 28), with the
+same values up to floating-point reassociation. A layout is only an order of strides: every
+module sees the same logical tensor, and the layout carries from layer to layer. A model that
+cannot take it (a ``view`` that needs NCHW strides) or whose outputs differ keeps its layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["channels_last_batches"]
+
+log = logging.getLogger(__name__)
+
+
+def _agree(a: object, b: object) -> bool:
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.shape != b.shape:
+        return False
+    scale = float(a.detach().abs().max()) if a.numel() else 0.0
+    # reassociation moves logits by ~1e-7 of their size; a layout-dependent model, by O(1)
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1.0)))
+
+
+def _nhwc(x: Tensor) -> Tensor:
+    """A copy of ``x`` with NHWC strides (written out: for one channel, ``contiguous`` would
+    keep NCHW strides, and the convolutions would keep their default layout)."""
+    n, c, h, w = x.shape
+    out = torch.empty_strided(x.shape, (h * w * c, 1, w * c, c), dtype=x.dtype, device=x.device)
+    return out.copy_(x)
+
+
+def channels_last_batches(
+    batches: Sequence[tuple[Tensor, Tensor]], run: Callable[[Tensor], object]
+) -> tuple[list[tuple[Tensor, Tensor]], bool]:
+    """``batches`` with channels-last image inputs where that is on the CPU and safe.
+
+    Images are 4-D inputs on the CPU; ``run`` (the forward the passes will make) is tried on
+    the first minibatch in both layouts, and the new layout is kept only if it runs and gives
+    the same outputs. Other inputs, and inputs on other devices, are returned as they are.
+
+    :param batches: inputs and targets, minibatch by minibatch (not empty).
+    :param run: the forward of a validation pass, ``run(inputs) -> outputs``.
+    :return: the minibatches to read, and whether their inputs are now channels-last.
+    """
+    first = batches[0][0]
+    if first.dim() != 4 or first.device.type != "cpu":
+        return list(batches), False
+    moved = [(_nhwc(x), y) for x, y in batches]
+    try:
+        same = _agree(run(moved[0][0]), run(first.contiguous()))
+    except RuntimeError as err:  # e.g. x.view(n, -1) after a convolution
+        log.info("validation passes keep NCHW inputs: the model refused NHWC (%s)", err)
+        return list(batches), False
+    if not same:
+        log.info("validation passes keep NCHW inputs: the model's outputs depend on the layout")
+        return list(batches), False
+    return moved, True
