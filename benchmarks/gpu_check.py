@@ -15,7 +15,9 @@ On a machine without CUDA it prints that it skipped and exits 0. With CUDA it:
   ``FloatingPointError``, that no earlier task moved, and that the task then retrains;
 - times single training steps (minibatch 64, deterministic algorithms off) of the plain
   model and of TSN's second task, with and without TSN's per-step finite-loss check, which
-  makes the host wait for the device every step.
+  makes the host wait for the device every step, and with each training kernel of
+  ``--kernels`` (default ``eager,compiled``: whether the compiled kernel, the default
+  ``train_kernel="auto"`` on CUDA, is faster than the eager one there).
 
 It prints one JSON object (and writes it with ``--json``): put its figures in BENCHMARKS.md
 with the date and the device.
@@ -264,22 +266,29 @@ def _steps(args, device: str = "cuda") -> list[dict]:
         ("ReducedAlexNet", lambda: ReducedAlexNet(multihead=False), (3, 32, 32)),
         ("ReducedResNet18", lambda: ReducedResNet18(multihead=False), (3, 32, 32)),
     ]
+    # "tsn" and "tsn_no_check" train eagerly; each other kernel asked for adds "tsn_<kernel>"
+    runs = [("plain", False, True, "eager"), ("tsn", True, True, "eager")]
+    runs += [("tsn_no_check", True, False, "eager")]
+    runs += [(f"tsn_{k}", True, True, k) for k in getattr(args, "kernels", []) if k != "eager"]
     rows = []
     for mb in args.step_mbs:
         for name, make, shape in backbones:
-            times: dict[str, list[float]] = {"plain": [], "tsn": [], "tsn_no_check": []}
-            for _ in range(args.repeats):  # interleaved, so all three see the same machine
-                for key, tsn, check in (("plain", 0, 1), ("tsn", 1, 1), ("tsn_no_check", 1, 0)):
+            times: dict[str, list[float]] = {key: [] for key, *_ in runs}
+            compile_s: list[float] = []
+            for _ in range(args.repeats):  # interleaved, so all of them see the same machine
+                for key, tsn, check, kernel in runs:
                     times[key] += _step_times(
-                        make, shape, bool(tsn), args.steps, mb, device, bool(check)
+                        make, shape, tsn, args.steps, mb, device, check, kernel, compile_s
                     )
             med = {k: statistics.median(v) for k, v in times.items()}
             row = {"backbone": name, "minibatch": mb}
             for key, values in times.items():
                 row[f"{key}_ms_min"] = 1000 * min(values)
                 row[f"{key}_ms_median"] = 1000 * med[key]
-            row["tsn_over_plain"] = med["tsn"] / med["plain"]
-            row["tsn_no_check_over_plain"] = med["tsn_no_check"] / med["plain"]
+                if key != "plain":
+                    row[f"{key}_over_plain"] = med[key] / med["plain"]
+            if compile_s:  # the first model of the process compiles; later ones find it cached
+                row["compile_s_first_step"] = compile_s
             row["plain_kernels"] = _kernels(make, shape, False, mb, device)
             row["tsn_kernels"] = _kernels(make, shape, True, mb, device)
             rows.append(row)
@@ -299,6 +308,12 @@ def main() -> int:
         type=lambda v: [int(x) for x in v.split(",")],
         default=[64, 512],
         help="minibatch sizes of the step timings",
+    )
+    parser.add_argument(
+        "--kernels",
+        type=lambda v: [k for k in v.split(",") if k],
+        default=["eager", "compiled"],
+        help="TSN training kernels of the step timings (avalanche_tsn.kernels)",
     )
     parser.add_argument("--json", help="write the result here too")
     show_defaults(parser)

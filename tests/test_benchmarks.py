@@ -202,8 +202,9 @@ def test_gpu_check_sections_run_on_any_device():
     from benchmarks import gpu_check
 
     args = argparse.Namespace(
-        tasks=2, epochs=1, samples=64, mb=32, steps=1, repeats=1, step_mbs=[16]
-    )
+        tasks=2, epochs=1, samples=64, mb=32, steps=1, repeats=1, step_mbs=[16],
+        kernels=["eager", "compiled"],
+    )  # fmt: skip
     tsn = gpu_check._run("tsn", False, args, "cpu")
     assert tsn["earlier_tasks_bit_identical"] and tsn["export_load_identical"]
     assert 0 < tsn["capacity_percent"] < 100 and tsn["epoch_s_median"] > 0
@@ -212,6 +213,7 @@ def test_gpu_check_sections_run_on_any_device():
     rows = gpu_check._steps(args, "cpu")
     assert [r["backbone"] for r in rows] == ["MLP 784-100-100", "ReducedAlexNet", "ReducedResNet18"]
     assert all(r["tsn_over_plain"] > 0 and r["tsn_no_check_ms_min"] > 0 for r in rows)
+    assert all(r["tsn_compiled_over_plain"] > 0 and r["tsn_compiled_ms_min"] > 0 for r in rows)
 
 
 def test_task_stream_labels_each_pair_and_rejects_mismatched_lists():
