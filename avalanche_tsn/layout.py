@@ -63,4 +63,5 @@ def channels_last_batches(
     if not same:
         log.info("validation passes keep NCHW inputs: the model's outputs depend on the layout")
         return list(batches), False
+    log.debug("validation passes read NHWC inputs")
     return moved, True

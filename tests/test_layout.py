@@ -96,17 +96,21 @@ def test_validation_passes_read_channels_last_images_after_the_first_and_agree()
     from avalanche_tsn.plugins.compression import validation_accuracy
     from avalanche_tsn.stages import stage_context
 
-    for by_view in (False, True):
+    def flat_mlp() -> nn.Module:  # no convolution: nothing to gain, the layout is kept
+        return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    cases = [(_convnet, True), (lambda: _convnet(flatten_by_view=True), False), (flat_mlp, False)]
+    for make, nhwc in cases:
         torch.manual_seed(0)
         bm = _image_stream()
-        strategy = adam_strategy(_convnet(flatten_by_view=by_view), prune=True, quantize=True)
+        strategy = adam_strategy(make(), prune=True, quantize=True)
         strategy.train(bm.train_stream, eval_streams=[])  # prunes and quantizes through it
         strategy.experience = bm.train_stream[1]
         ctx = stage_context(strategy)
         ctx.new_validation(bm.test_stream[1].dataset.eval())
         first = validation_accuracy(strategy, 1)
         assert ctx.validation_ordered
-        assert all(_nhwc(x) != by_view for x, _ in ctx.validation_batches)
+        assert all(_nhwc(x) == nhwc for x, _ in ctx.validation_batches)
         x = torch.cat([x.contiguous() for x, _ in ctx.validation_batches])
         y = torch.cat([y for _, y in ctx.validation_batches])
         with torch.no_grad():
