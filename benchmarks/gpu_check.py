@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from avalanche_tsn._cli import show_defaults
+from avalanche_tsn.kernels import check_kernel
 
 
 def _stream(tasks: int, n: int, seed: int = 0, poison_last: bool = False):
@@ -318,6 +319,11 @@ def main() -> int:
     parser.add_argument("--json", help="write the result here too")
     show_defaults(parser)
     args = parser.parse_args()
+    for kernel in args.kernels:
+        try:
+            check_kernel(kernel)
+        except ValueError as err:
+            parser.error(str(err))
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; skipped")
         return 0
