@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = ["channels_last_batches"]
 
@@ -39,20 +39,24 @@ def _nhwc(x: Tensor) -> Tensor:
 
 
 def channels_last_batches(
-    batches: Sequence[tuple[Tensor, Tensor]], run: Callable[[Tensor], object]
+    batches: Sequence[tuple[Tensor, Tensor]], model: nn.Module, run: Callable[[Tensor], object]
 ) -> tuple[list[tuple[Tensor, Tensor]], bool]:
-    """``batches`` with channels-last image inputs where that is on the CPU and safe.
+    """``batches`` with channels-last image inputs where that is on the CPU, useful and safe.
 
-    Images are 4-D inputs on the CPU; ``run`` (the forward the passes will make) is tried on
-    the first minibatch in both layouts, and the new layout is kept only if it runs and gives
-    the same outputs. Other inputs, and inputs on other devices, are returned as they are.
+    Images are 4-D inputs on the CPU, and only a model with a convolution gains from them;
+    ``run`` (the forward the passes will make) is tried on the first minibatch in both
+    layouts, and the new layout is kept only if it runs and gives the same outputs. Other
+    inputs, inputs on other devices and models without a convolution keep their batches.
 
     :param batches: inputs and targets, minibatch by minibatch (not empty).
+    :param model: the model the passes run.
     :param run: the forward of a validation pass, ``run(inputs) -> outputs``.
     :return: the minibatches to read, and whether their inputs are now channels-last.
     """
     first = batches[0][0]
     if first.dim() != 4 or first.device.type != "cpu":
+        return list(batches), False
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return list(batches), False
     moved = [(_nhwc(x), y) for x, y in batches]
     try:

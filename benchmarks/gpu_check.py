@@ -270,7 +270,7 @@ def _steps(args, device: str = "cuda") -> list[dict]:
     # "tsn" and "tsn_no_check" train eagerly; each other kernel asked for adds "tsn_<kernel>"
     runs = [("plain", False, True, "eager"), ("tsn", True, True, "eager")]
     runs += [("tsn_no_check", True, False, "eager")]
-    runs += [(f"tsn_{k}", True, True, k) for k in getattr(args, "kernels", []) if k != "eager"]
+    runs += [(f"tsn_{k}", True, True, k) for k in args.kernels if k != "eager"]
     rows = []
     for mb in args.step_mbs:
         for name, make, shape in backbones:

@@ -39,7 +39,7 @@ def _nhwc(x: torch.Tensor) -> bool:
 
 def test_images_on_the_cpu_become_channels_last_with_the_same_values_and_outputs():
     model, batches = _convnet(), _batches()
-    moved, changed = channels_last_batches(batches, model)
+    moved, changed = channels_last_batches(batches, model, model)
     assert changed and all(_nhwc(x) for x, _ in moved)
     assert all(torch.equal(x, m) and y is t for (x, y), (m, t) in zip(batches, moved, strict=True))
     with torch.no_grad():
@@ -51,7 +51,7 @@ def test_images_on_the_cpu_become_channels_last_with_the_same_values_and_outputs
 
 def test_one_channel_images_get_channels_last_strides_too():
     conv = nn.Conv2d(1, 4, 3).eval()
-    moved, changed = channels_last_batches(_batches(channels=1), conv)
+    moved, changed = channels_last_batches(_batches(channels=1), conv, conv)
     assert changed and all(x.stride()[1] == 1 for x, _ in moved)
     with torch.no_grad():
         assert conv(moved[0][0]).is_contiguous(memory_format=torch.channels_last)
@@ -59,14 +59,15 @@ def test_one_channel_images_get_channels_last_strides_too():
 
 def test_models_that_refuse_or_depend_on_the_layout_keep_their_inputs():
     batches = _batches()
-    kept, changed = channels_last_batches(batches, _convnet(flatten_by_view=True))
+    by_view = _convnet(flatten_by_view=True)
+    kept, changed = channels_last_batches(batches, by_view, by_view)
     assert not changed and all(x is k for (x, _), (k, _) in zip(batches, kept, strict=True))
 
     def memory_order(x: torch.Tensor) -> torch.Tensor:
         # reads the storage as it lies: the same logical tensor gives other values
         return torch.as_strided(x, (len(x), x[0].numel()), (x[0].numel(), 1)) * 1.0
 
-    kept, changed = channels_last_batches(batches, memory_order)
+    kept, changed = channels_last_batches(batches, _convnet(), memory_order)
     assert not changed and all(x is k for (x, _), (k, _) in zip(batches, kept, strict=True))
 
 
@@ -75,7 +76,7 @@ def test_other_inputs_are_returned_without_running_the_model():
         raise AssertionError("the model must not run for inputs that keep their layout")
 
     flat = [(torch.randn(4, 12), torch.zeros(4, dtype=torch.long))]
-    assert channels_last_batches(flat, never) == (flat, False)
+    assert channels_last_batches(flat, _convnet(), never) == (flat, False)
 
 
 def _image_stream():

@@ -149,9 +149,8 @@ def validation_accuracy(
         if hardness:
             order = torch.sort(torch.cat(hardness), stable=True).indices
             batches, features = reorder(batches, features, order)
-            if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
-                # the later passes (most of them) read images in the CPU's faster layout
-                batches, _ = channels_last_batches(batches, lambda x: model(x, task_label))
+            # the later passes (most of them) read images in the CPU's faster layout
+            batches, _ = channels_last_batches(batches, model, lambda x: model(x, task_label))
             ctx.order_validation(batches)
             state = (task_label, id(batches), _state_key(model))
     finally:
