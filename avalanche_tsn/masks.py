@@ -165,12 +165,19 @@ class _LiveWeight(torch.autograd.Function):
             )
         weight, scores, mask = ctx.saved_tensors
         ctx.used = True
+        if not (grad.is_contiguous() or grad.is_contiguous(memory_format=_layout(grad))):
+            # e.g. broadcast from a sum (stride 0): one element per location before writing
+            grad = grad.contiguous()
         grad_scores = grad * weight if ctx.needs_input_grad[1] else None
         grad_weight = grad.mul_(mask) if ctx.needs_input_grad[0] else None
         if grad_scores is not None:
             # Straight through the top-k (as WSN): d mask / d |score| = 1, times sign(score).
             grad_scores.mul_(torch.sign(scores, out=mask))
         return grad_weight, grad_scores, None, None
+
+
+def _layout(t: Tensor) -> torch.memory_format:
+    return torch.channels_last if t.dim() == 4 else torch.contiguous_format
 
 
 def live_weight(

@@ -111,3 +111,16 @@ def test_compiled_training_with_the_task_router_and_class_incremental_streams() 
     results = strategy.eval(bm.test_stream)
     # separable tasks: the router infers every test sample's task (as with the eager kernel)
     assert results["TaskInference_Acc_Stream/eval_phase/test_stream"] == 1.0
+
+
+@pytest.mark.parametrize("fn", [live_weight, live_weight_ste])
+def test_a_broadcast_gradient_reaches_both_weight_and_scores(fn) -> None:
+    # out.sum() hands the backward a stride-0 gradient, which cannot be written in place
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 5, generator=g).requires_grad_()
+    s = torch.randn(6, 5, generator=g).requires_grad_()
+    t = topk_threshold(s.detach(), 12)
+    fn(w, s, t).sum().backward()
+    mask = s.detach().abs() >= t
+    assert torch.equal(w.grad, mask.float())
+    assert torch.equal(s.grad, w.detach() * torch.sign(s.detach()))
