@@ -89,13 +89,15 @@ def greedy_prune(
     accuracy. ``search="layerwise"`` (the paper's loop) tries the layers one at a time: one
     validation pass per layer and pass. ``search="joint"`` first tries what every pass would
     drop if all were accepted, all layers at once (one pass; accepted, it ends the search
-    with the most any search can drop), then, if that is too much, runs the passes: each
-    tries all layers at once and, when the drop is too large, splits them in halves and tries
-    each (group testing; the layers ordered by the share of their own squared magnitude the
-    drop removes, so that the likely rejected ones share halves): one pass when every layer
-    can be pruned, about
-    ``2 r log(layers / r)`` when ``r`` cannot; a layer whose drop is rejected on its own is
-    not tried again in later passes.
+    with the most any search can drop), then what one pass fewer would, and so on down to
+    one pass: the first accepted is where the passes start (the state they reach when they
+    accept every layer, in one accepted validation pass instead of one each). Each pass
+    then tries all layers at once and, when the drop is too large, splits them in halves and
+    tries each (group testing; the layers ordered by the share of their own squared
+    magnitude the drop removes, so that the likely rejected ones share halves; the first
+    pass starts from the halves, its whole drop having been rejected on the way down): about
+    ``2 r log(layers / r)`` tries when ``r`` layers cannot be pruned further; a layer whose
+    drop is rejected on its own is not tried again in later passes.
     ``search="bisect"`` drops the same fraction of every layer's own weights and bisects
     that fraction between none and the most the other searches can drop
     (``1 - (1 - step) ** iterations``, tried first) to a resolution of that most over
@@ -155,10 +157,11 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search
     evaluations = 1
     accuracy = baseline
 
-    def plan(layer, at_once: bool = False) -> tuple[torch.Tensor, float] | None:
-        # the drop proposed for the layer, and the share of its own squared magnitude it takes
+    def plan(layer, levels: int = 1) -> tuple[torch.Tensor, float] | None:
+        # the drop of ``levels`` more accepted passes of the layer, and the share of its own
+        # squared magnitude it takes (one level: ``step`` of its remaining own weights)
         own_idx = _candidates(model, layer, slot, later)
-        n_drop = _most(len(own_idx), step, iterations) if at_once else int(len(own_idx) * step)
+        n_drop = _most(len(own_idx), step, levels)
         if n_drop == 0:
             return None
         own = layer.bank_weights[layer.bank_of_slot(slot)].flatten()[own_idx].abs()
@@ -183,14 +186,18 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search
         return True
 
     open_layers = list(layers)
-    # What every pass would drop if all were accepted, tried first: often it is (one pass
-    # instead of one per pass and more), and it is the most any search can drop.
-    at_once = (
-        search == "joint"
-        and iterations > 1
-        and attempt(layers, {layer: plan(layer, at_once=True) for layer in layers})
-    )
-    for _ in range(0 if at_once else iterations):
+    # Every layer at once, from what all the passes would drop if all were accepted (often
+    # it is: one pass, and the most any search can drop) down one pass at a time: the passes
+    # start from the first drop accepted. It is the state those passes reach when they accept
+    # every layer, in one validation pass instead of one each; a rejected try usually stops
+    # within the split's first minibatch, an accepted one reads it all.
+    start, descended = 0, search == "joint" and iterations > 1
+    if descended:
+        for levels in range(iterations, 0, -1):
+            if attempt(layers, {layer: plan(layer, levels) for layer in layers}):
+                start = levels
+                break
+    for p in range(start, iterations):
         kept_any = False
         if search == "layerwise":
             for layer in layers:
@@ -202,7 +209,13 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search
             # to be rejected end up together in the later halves, so group testing splits
             # fewer groups.
             plans = {layer: plan(layer) for layer in open_layers}
-            pending = [sorted(open_layers, key=lambda x: 0.0 if plans[x] is None else plans[x][1])]
+            group = sorted(open_layers, key=lambda x: 0.0 if plans[x] is None else plans[x][1])
+            pending = [group]
+            if descended and p == start:
+                # every layer at this pass's drop is the try rejected last on the way down
+                half = len(group) // 2
+                pending = [group[half:], group[:half]] if half else []
+                open_layers = open_layers if half else []
             while pending:
                 group = pending.pop()
                 if attempt(group, plans):

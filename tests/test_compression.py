@@ -140,6 +140,31 @@ def test_joint_search_drops_everything_allowed_in_one_pass_when_it_can():
     assert all(torch.equal(a, b) for a, b in zip(*masks.values(), strict=True))
 
 
+def test_joint_search_starts_its_passes_from_the_largest_drop_every_layer_takes():
+    """Every layer can lose three passes' worth, none a fourth: found from the top down."""
+    strategy, _ = train(tasks=1, prune=False, quantize=False)
+    model = strategy.tsn_model
+    start = _own_counts(model, 0)
+    limits = [n - n * 0.8**3 for n in start]  # 3 accepted drops of 20% (rounded down each)
+
+    def evaluate():
+        dropped = [n0 - n1 for n0, n1 in zip(start, _own_counts(model, 0), strict=True)]
+        return 1.0 if all(d <= lim + 1 for d, lim in zip(dropped, limits, strict=True)) else 0.0
+
+    record = greedy_prune(model, 0, evaluate, iterations=5, step=0.2, max_drop=0.0)
+    layers = len(start)
+    assert layers >= 2
+    # the baseline, five and four passes' drops rejected, three accepted, then the fourth
+    # pass's halves down to single layers (2 * layers - 2 tries), all rejected; passes from
+    # the bottom spend two tries more (five passes' drop, three accepted, the fourth's whole)
+    assert record.evaluations == 1 + 3 + 2 * layers - 2
+    for n0, n1 in zip(start, _own_counts(model, 0), strict=True):
+        n = n0
+        for _ in range(3):
+            n -= int(n * 0.2)
+        assert n1 == n  # each layer's three passes' drop, as the passes from the bottom
+
+
 def test_bisect_search_stops_after_two_passes_when_everything_can_go():
     strategy, _ = train(tasks=1, prune=False, quantize=False)
     model = strategy.tsn_model
