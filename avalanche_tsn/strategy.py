@@ -250,10 +250,10 @@ class TSNStrategy(DistributedTrainingMixin, ParamGroupsMixin, TaskRoutingMixin, 
     :param prune_iterations: pruning passes over the layers.
     :param prune_step: fraction of a layer's own weights dropped per attempt, in (0, 1).
     :param prune_max_drop: largest validation-accuracy drop pruning may cause, in [0, 1).
-    :param prune_search: ``"joint"`` (everything at once first, then all layers at once,
-        split where the drop is too large), ``"layerwise"`` (the paper's loop, one layer at a
-        time) or ``"bisect"`` (one fraction for every layer, bisected); see
-        :func:`avalanche_tsn.pruning.greedy_prune`.
+    :param prune_search: ``"joint"`` (everything at once first, then one pass fewer and so
+        on down; then all layers at once, split where the drop is too large),
+        ``"layerwise"`` (the paper's loop, one layer at a time) or ``"bisect"`` (one
+        fraction for every layer, bisected); see :func:`avalanche_tsn.pruning.greedy_prune`.
     :param quantize: run adaptive k-means quantization of each task's own weights.
     :param quant_min_bits: first bit-width tried, in 1..16.
     :param quant_max_bits: largest bit-width, in ``quant_min_bits``..16.
