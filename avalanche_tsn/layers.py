@@ -351,11 +351,11 @@ class MaskedLayer(_Banks, _OwnedValues, _PerTaskBuffers, KernelUser):
 
     def _clear_caches(self) -> None:
         self._banks: tuple[list[int], int] | None = None
-        self._live_mask_cache: tuple[int, int, Tensor] | None = None
+        self._live_mask_cache: tuple[int, int, Tensor, tuple] | None = None
         self._owned_cache: tuple[tuple, int, tuple[Tensor, Tensor] | None] | None = None
         self._synced_version: int | None = None
         self._workspace: LiveWorkspace | None = None
-        self._eval_cache: OrderedDict[int, tuple[tuple, Tensor]] = OrderedDict()
+        self._eval_cache: OrderedDict[int, tuple[tuple, tuple, tuple]] = OrderedDict()
         self._threshold: Tensor | None = None
         self._threshold_age = 0
 
@@ -406,9 +406,15 @@ class MaskedLayer(_Banks, _OwnedValues, _PerTaskBuffers, KernelUser):
         """Exact boolean mask the current scores select."""
         version = self.scores._version
         cache = self._live_mask_cache
+        # a mask the caller wrote into (its own version moved) is made again
         stale = cache is None or cache[2].device != self.scores.device
-        if stale or cache[0] != version or cache[1] != self.live_keep:
-            cache = (version, self.live_keep, topk_mask(self.scores, self.live_keep))
+        if (
+            stale
+            or (cache[0], cache[1]) != (version, self.live_keep)
+            or not _matches(cache[3], (cache[2],))
+        ):
+            mask = topk_mask(self.scores, self.live_keep)
+            cache = (version, self.live_keep, mask, _fingerprint((mask,)))
             self._live_mask_cache = cache
         return cache[2]
 
@@ -483,16 +489,22 @@ class MaskedLayer(_Banks, _OwnedValues, _PerTaskBuffers, KernelUser):
         """
         parts = (self.bank_weights, self.task_masks, self.slot_bank, self.task_bias)
         hit = self._eval_cache.get(slot)
-        # The entry keeps the very tensors it was made from: same objects, same versions.
-        if hit is not None and _matches(hit[0], parts):
+        # The entry keeps the very tensors it was made from: same objects, same versions; and
+        # what it hands out, unchanged (a caller writing into them makes it stale, not wrong).
+        if hit is not None and _matches(hit[0], parts) and _matches(hit[2], hit[1]):
             self._eval_cache.move_to_end(slot)
             return hit[1]
         with torch.no_grad():
             values = self.bank_weights[self.bank_of_slot(slot)]
             weight = torch.where(self.task_mask(slot), values, values.new_zeros(()))
-            bias = None if self.task_bias is None else self.task_bias[slot]
+            # a copy, not a view: writing into it must not reach the frozen buffer
+            bias = None if self.task_bias is None else self.task_bias[slot].clone()
         if self.eval_cache_size > 0:
-            self._eval_cache[slot] = (_fingerprint(parts), (weight, bias))
+            self._eval_cache[slot] = (
+                _fingerprint(parts),
+                (weight, bias),
+                _fingerprint((weight, bias)),
+            )
             while len(self._eval_cache) > self.eval_cache_size:
                 self._eval_cache.popitem(last=False)
         return weight, bias

@@ -146,6 +146,26 @@ def test_frozen_tasks_select_their_weights_so_non_finite_live_weights_never_leak
         assert torch.isfinite(out).all(), f"task {t} reads a non-finite value"
 
 
+def test_writing_into_what_effective_params_returns_changes_no_trained_task():
+    strategy = make()
+    bm = blob_stream(n_tasks=2, dim=DIM)
+    data = inputs(bm)
+    recorded: dict[int, torch.Tensor] = {}
+    learn(strategy, list(bm.train_stream)[0], data, recorded)
+    layers = [layer for _, layer in strategy.tsn_model.masked_layers()]
+    for layer in layers:
+        weight, bias = layer.effective_params(0)  # cached for the next forward
+        weight.fill_(float("nan"))
+        bias.fill_(float("nan"))
+        layer.live_mask().fill_(True)
+    assert_unchanged(strategy.model, data, recorded, "after writing into effective_params")
+    for layer in layers:
+        assert torch.isfinite(layer.task_bias[0]).all()
+        assert int(layer.live_mask().sum()) == layer.live_keep
+    learn(strategy, list(bm.train_stream)[1], data, recorded)
+    assert_unchanged(strategy.model, data, recorded, "after a later task")
+
+
 def test_end_of_task_refuses_to_freeze_non_finite_weights():
     strategy = make()
     model = strategy.tsn_model
