@@ -360,7 +360,7 @@ class TSNModel(TaskLifeCycleMixin, TaskDispatchMixin, KernelChoice, MultiTaskMod
         self.task_table.store_memory(task_label, x)
 
     def memory(self, task_label: int) -> Tensor:
-        """The memory samples of ``task_label`` (empty if none were kept).
+        """A copy of the memory samples of ``task_label`` (empty if none were kept).
 
         :param task_label: a task label.
         """

@@ -311,14 +311,15 @@ class TaskTable(nn.Module):
         self.memory_len[slot] = len(x)
 
     def memory(self, task_label: int) -> Tensor:
-        """The memory samples of ``task_label`` (empty if none were kept).
+        """A copy of the memory samples of ``task_label`` (empty if none were kept).
 
         :param task_label: a task label.
         """
         slot = self.slot_of(task_label)
         if slot is None or slot >= len(self.memory_len):
             return self.memory_x.new_zeros((0, *self.memory_x.shape[2:]))
-        return self.memory_x[slot, : int(self.memory_len[slot])]
+        # a copy: a caller writing into it must not change what routing reads
+        return self.memory_x[slot, : int(self.memory_len[slot])].clone()
 
     def memory_bits(self) -> int:
         """Bits the task memory takes (float32 samples)."""

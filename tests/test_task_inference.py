@@ -162,3 +162,19 @@ def test_task_labelled_stream_trains_the_same_with_inference() -> None:
     strategy = _strategy(mlp(), "entropy")
     strategy.train(bm.train_stream)
     assert strategy.tsn_model.trained_tasks() == [0, 1, 2]
+
+
+def test_writing_into_a_returned_memory_changes_nothing_stored() -> None:
+    torch.manual_seed(0)
+    bm = class_incremental(separable=True, n_tasks=2)
+    strategy = _strategy(MultiHeadMLP(12, (16, 16)), "memory")
+    for exp in bm.train_stream:
+        strategy.train(exp, eval_streams=[])
+    model = strategy.tsn_model
+    x = torch.stack([e.dataset[i][0] for e in bm.test_stream for i in range(10)])
+    outputs, tasks = strategy.infer(x)
+    kept = model.memory(0)
+    model.memory(0).fill_(float("nan"))
+    assert torch.equal(model.memory(0), kept)
+    again, tasks_again = strategy.infer(x)
+    assert torch.equal(again, outputs) and torch.equal(tasks_again, tasks)
