@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from avalanche_tsn.layers import FREE
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.quantization import accuracy_at_least
 from avalanche_tsn.validation import check_choice
@@ -64,11 +63,10 @@ def _own_count(model: TSNModel, slot: int) -> int:
 
 
 def _set_slot(layer, slot: int, idx: torch.Tensor, owned: bool) -> None:
-    owners = layer.slot_owner(slot)
-    mask = layer.task_mask(slot).flatten()
-    mask[idx] = owned
-    layer.set_task_mask(slot, mask.view(owners.shape))
-    owners.view(-1)[idx] = slot if owned else FREE
+    if owned:
+        layer.reclaim(slot, idx)
+    else:
+        layer.release(slot, idx)
 
 
 @torch.no_grad()
@@ -126,14 +124,13 @@ def greedy_prune(
     for name, layer in model.masked_layers():
         if not bool(torch.isfinite(layer.own_values(slot)).all()):
             raise ValueError(f"task {task_label} owns non-finite weights in {name}; not pruned")
-    saved = [(layer.task_masks[slot].clone(), layer.slot_owner(slot).clone()) for layer in layers]
+    saved = [layer.slot_state(slot) for layer in layers]
     check_search(search)
     try:
         return _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search)
     except BaseException:
-        for layer, (mask, owners) in zip(layers, saved, strict=True):
-            layer.task_masks[slot] = mask
-            layer.slot_owner(slot).copy_(owners)
+        for layer, state in zip(layers, saved, strict=True):
+            layer.restore_slot_state(slot, state)
         raise
 
 
