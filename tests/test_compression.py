@@ -165,6 +165,30 @@ def test_joint_search_starts_its_passes_from_the_largest_drop_every_layer_takes(
         assert n1 == n  # each layer's three passes' drop, as the passes from the bottom
 
 
+def test_release_and_reclaim_check_ownership_and_later_reads_before_changing_anything():
+    strategy, _ = train(tasks=2, prune=False, quantize=False)
+    layer = next(layer for _, layer in strategy.tsn_model.masked_layers())
+    state = [t.clone() for t in layer.slot_state(0)]
+    owner = layer.slot_owner(0).flatten()
+    read_later = (layer.task_mask(1).flatten() & (owner == 0)).nonzero().squeeze(1)
+    only_mine = (~layer.task_mask(1).flatten() & (owner == 0)).nonzero().squeeze(1)
+    not_mine = (owner != 0).nonzero().squeeze(1)
+    assert len(read_later) and len(only_mine) and len(not_mine)
+    mixed = torch.cat([only_mine[:3], read_later[:1]])
+    with pytest.raises(ValueError, match="slot 1 reads"):
+        layer.release(0, mixed)
+    with pytest.raises(ValueError, match="only weights the task in slot 0 owns"):
+        layer.release(0, torch.cat([only_mine[:3], not_mine[:1]]))
+    with pytest.raises(ValueError, match="only free weights"):
+        layer.reclaim(0, only_mine[:3])
+    assert all(torch.equal(a, b) for a, b in zip(state, layer.slot_state(0), strict=True))
+    layer.release(0, only_mine[:3])
+    assert (layer.slot_owner(0).flatten()[only_mine[:3]] == FREE).all()
+    assert not layer.task_mask(0).flatten()[only_mine[:3]].any()
+    layer.reclaim(0, only_mine[:3])
+    assert all(torch.equal(a, b) for a, b in zip(state, layer.slot_state(0), strict=True))
+
+
 def test_bisect_search_stops_after_two_passes_when_everything_can_go():
     strategy, _ = train(tasks=1, prune=False, quantize=False)
     model = strategy.tsn_model
