@@ -9,6 +9,8 @@ output (Avalanche's contract) or, with ``task_inference``, the inferred task's.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 
@@ -73,9 +75,11 @@ class TaskDispatchMixin:
         if task_labels is None:
             # Avalanche's contract (LwF relies on it): every known task's output, as a dict.
             return self.forward_all_tasks(x)
-        if isinstance(task_labels, int):
-            return self.forward_single_task(x, task_labels)
-        labels = task_labels.to(torch.long)
+        if isinstance(task_labels, numbers.Integral) and not isinstance(task_labels, bool):
+            return self.forward_single_task(x, int(task_labels))
+        labels = _checked_labels(task_labels, x)
+        if labels.dim() == 0:
+            return self.forward_single_task(x, int(labels))
         first = labels[:1]
         if bool((labels == first).all()):
             return self.forward_single_task(x, int(first))
@@ -104,3 +108,22 @@ class TaskDispatchMixin:
         result = torch.empty_like(out)
         result[order] = out
         return result
+
+
+def _checked_labels(task_labels: object, x: object) -> Tensor:
+    """``task_labels`` as a long tensor, if it is an integer tensor of one label per sample."""
+    allowed = "an int, an integer tensor with one label per sample, or None"
+    if not isinstance(task_labels, Tensor):
+        raise TypeError(f"task_labels must be {allowed}, got {type(task_labels).__name__}")
+    if (
+        task_labels.is_floating_point()
+        or task_labels.is_complex()
+        or task_labels.dtype == torch.bool
+    ):
+        raise TypeError(f"task_labels must be {allowed}, got a {task_labels.dtype} tensor")
+    n = x.shape[0] if isinstance(x, Tensor) else len(task_labels)
+    if task_labels.dim() > 1 or (task_labels.dim() == 1 and len(task_labels) != n):
+        raise ValueError(
+            f"task_labels must be {allowed}: got shape {tuple(task_labels.shape)} for {n} samples"
+        )
+    return task_labels.to(torch.long)

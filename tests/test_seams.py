@@ -511,3 +511,26 @@ def test_avalanche_class_mappings_are_checked_exactly_without_reading_every_samp
     assert [int(mapped[i][1]) for i in range(len(mapped))] == view.y.tolist()
     reads.clear()
     assert batches.tensor_view(data) is None and reads == [504]  # the user's transform
+
+
+def test_task_labels_that_are_not_integers_one_per_sample_are_refused() -> None:
+    strategy, _ = train_tsn(tasks=2)
+    model = strategy.model.eval()
+    x = torch.randn(4, 12)
+    labels = torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        expected = model(x, labels)
+        for bad, error in (
+            (torch.tensor([0.0, 1.0, 0.0, 1.0]), TypeError),  # would be truncated to ints
+            (torch.tensor([True, False, True, False]), TypeError),
+            (True, TypeError),
+            (1.0, TypeError),
+            ("0", TypeError),
+            (torch.tensor([0, 1]), ValueError),  # would silently drop two samples
+            (torch.zeros(4, 1, dtype=torch.long), ValueError),
+        ):
+            with pytest.raises(error, match="task_labels must be an int, an integer tensor"):
+                model(x, bad)
+        assert torch.equal(model(x, labels), expected)
+        assert torch.equal(model(x, torch.tensor(1)), model(x, 1))
+        assert torch.equal(model(x, labels.to(torch.int32)), expected)
