@@ -288,6 +288,77 @@ class _OwnedValues:
         """
         return self.task_mask(slot) & (self.slot_owner(slot) != slot)
 
+    def task_mask(self, slot: int) -> Tensor:
+        """The boolean mask of the task in ``slot`` (shape of ``weight``).
+
+        :param slot: a task slot.
+        """
+        return unpack_mask(self.task_masks[slot], self.weight.shape)
+
+    def set_task_mask(self, slot: int, mask: Tensor) -> None:
+        """Store the boolean mask of the task in ``slot``.
+
+        :param slot: a task slot.
+        :param mask: a boolean tensor of the shape of ``weight``.
+        """
+        self.task_masks[slot] = pack_mask(mask)
+
+    @torch.no_grad()
+    def release(self, slot: int, idx: Tensor) -> None:
+        """Take weights from the task in ``slot``: out of its mask, free for later tasks.
+
+        Every weight named must be the task's own and read by no later task of its bank
+        (checked before anything changes): what a later task reads stays frozen.
+
+        :param slot: a trained task's slot.
+        :param idx: flat indices into the weight.
+        """
+        owners = self.slot_owner(slot).view(-1)
+        if not bool((owners[idx] == slot).all()):
+            raise ValueError(f"only weights the task in slot {slot} owns can be released")
+        bank = self.bank_of_slot(slot)
+        for later in range(slot + 1, len(self.task_masks)):
+            if self.bank_of_slot(later) == bank and bool(self.task_mask(later).view(-1)[idx].any()):
+                raise ValueError(
+                    f"the task in slot {later} reads weights named; they stay with slot {slot}"
+                )
+        self._assign(slot, idx, FREE)
+
+    @torch.no_grad()
+    def reclaim(self, slot: int, idx: Tensor) -> None:
+        """Give free weights to the task in ``slot`` again (undoes :meth:`release`).
+
+        :param slot: a trained task's slot.
+        :param idx: flat indices of free weights.
+        """
+        if not bool((self.slot_owner(slot).view(-1)[idx] == FREE).all()):
+            raise ValueError("only free weights can be reclaimed")
+        self._assign(slot, idx, slot)
+
+    def _assign(self, slot: int, idx: Tensor, owner: int) -> None:
+        mask = self.task_mask(slot).view(-1)
+        mask[idx] = owner == slot
+        self.set_task_mask(slot, mask.view(self.weight.shape))
+        self.slot_owner(slot).view(-1)[idx] = owner
+
+    def slot_state(self, slot: int) -> tuple[Tensor, Tensor]:
+        """A copy of what :meth:`release` changes: the slot's mask and its bank's ownership.
+
+        :param slot: a trained task's slot.
+        """
+        return self.task_masks[slot].clone(), self.slot_owner(slot).clone()
+
+    @torch.no_grad()
+    def restore_slot_state(self, slot: int, state: tuple[Tensor, Tensor]) -> None:
+        """Put back what :meth:`slot_state` copied.
+
+        :param slot: the slot it was copied from.
+        :param state: the copy.
+        """
+        mask, owners = state
+        self.task_masks[slot] = mask
+        self.slot_owner(slot).copy_(owners)
+
 
 class MaskedLayer(_Banks, _OwnedValues, _PerTaskBuffers, KernelUser):
     """Base of :class:`TSNLinear` and :class:`TSNConv2d`.
@@ -366,76 +437,6 @@ class MaskedLayer(_Banks, _OwnedValues, _PerTaskBuffers, KernelUser):
         return out
 
     # -- masks --------------------------------------------------------------------------
-    def task_mask(self, slot: int) -> Tensor:
-        """The boolean mask of the task in ``slot`` (shape of ``weight``).
-
-        :param slot: a task slot.
-        """
-        return unpack_mask(self.task_masks[slot], self.weight.shape)
-
-    def set_task_mask(self, slot: int, mask: Tensor) -> None:
-        """Store the boolean mask of the task in ``slot``.
-
-        :param slot: a task slot.
-        :param mask: a boolean tensor of the shape of ``weight``.
-        """
-        self.task_masks[slot] = pack_mask(mask)
-
-    @torch.no_grad()
-    def release(self, slot: int, idx: Tensor) -> None:
-        """Take weights from the task in ``slot``: out of its mask, free for later tasks.
-
-        Every weight named must be the task's own and read by no later task of its bank
-        (checked before anything changes): what a later task reads stays frozen.
-
-        :param slot: a trained task's slot.
-        :param idx: flat indices into the weight.
-        """
-        owners = self.slot_owner(slot).view(-1)
-        if not bool((owners[idx] == slot).all()):
-            raise ValueError(f"only weights the task in slot {slot} owns can be released")
-        bank = self.bank_of_slot(slot)
-        for later in range(slot + 1, len(self.task_masks)):
-            if self.bank_of_slot(later) == bank and bool(self.task_mask(later).view(-1)[idx].any()):
-                raise ValueError(
-                    f"the task in slot {later} reads weights named; they stay with slot {slot}"
-                )
-        self._assign(slot, idx, FREE)
-
-    @torch.no_grad()
-    def reclaim(self, slot: int, idx: Tensor) -> None:
-        """Give free weights to the task in ``slot`` again (undoes :meth:`release`).
-
-        :param slot: a trained task's slot.
-        :param idx: flat indices of free weights.
-        """
-        if not bool((self.slot_owner(slot).view(-1)[idx] == FREE).all()):
-            raise ValueError("only free weights can be reclaimed")
-        self._assign(slot, idx, slot)
-
-    def _assign(self, slot: int, idx: Tensor, owner: int) -> None:
-        mask = self.task_mask(slot).view(-1)
-        mask[idx] = owner == slot
-        self.set_task_mask(slot, mask.view(self.weight.shape))
-        self.slot_owner(slot).view(-1)[idx] = owner
-
-    def slot_state(self, slot: int) -> tuple[Tensor, Tensor]:
-        """A copy of what :meth:`release` changes: the slot's mask and its bank's ownership.
-
-        :param slot: a trained task's slot.
-        """
-        return self.task_masks[slot].clone(), self.slot_owner(slot).clone()
-
-    @torch.no_grad()
-    def restore_slot_state(self, slot: int, state: tuple[Tensor, Tensor]) -> None:
-        """Put back what :meth:`slot_state` copied.
-
-        :param slot: the slot it was copied from.
-        :param state: the copy.
-        """
-        mask, owners = state
-        self.task_masks[slot] = mask
-        self.slot_owner(slot).copy_(owners)
 
     def set_live_sparsity(self, sparsity: float) -> None:
         """Set the sparsity of the live (training or untrained) mask.

@@ -183,17 +183,8 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search
         return True
 
     open_layers = list(layers)
-    # Every layer at once, from what all the passes would drop if all were accepted (often
-    # it is: one pass, and the most any search can drop) down one pass at a time: the passes
-    # start from the first drop accepted. It is the state those passes reach when they accept
-    # every layer, in one validation pass instead of one each; a rejected try usually stops
-    # within the split's first minibatch, an accepted one reads it all.
-    start, descended = 0, search == "joint" and iterations > 1
-    if descended:
-        for levels in range(iterations, 0, -1):
-            if attempt(layers, {layer: plan(layer, levels) for layer in layers}):
-                start = levels
-                break
+    descended = search == "joint" and iterations > 1
+    start = _descend(layers, plan, attempt, iterations) if descended else 0
     for p in range(start, iterations):
         kept_any = False
         if search == "layerwise":
@@ -229,6 +220,21 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search
     return _record(
         model, task_label, slot, sparsity_before, own_before, baseline, accuracy, evaluations
     )
+
+
+def _descend(layers: list, plan: Callable, attempt: Callable, iterations: int) -> int:
+    """Passes every layer takes at once, tried from ``iterations`` down (0: not even one).
+
+    What all the passes would drop if all were accepted is tried first (often it is: one
+    pass, and the most any search can drop), then one pass fewer, and so on: the result is
+    the state those passes reach when they accept every layer, in one accepted validation
+    pass instead of one each (a rejected try usually stops within the split's first
+    minibatch; an accepted one reads it all).
+    """
+    for levels in range(iterations, 0, -1):
+        if attempt(layers, {layer: plan(layer, levels) for layer in layers}):
+            return levels
+    return 0
 
 
 def _most(n: int, step: float, iterations: int) -> int:
