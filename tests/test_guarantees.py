@@ -129,12 +129,18 @@ def test_diverging_later_task_stops_with_a_clear_error_and_can_be_retrained(faul
     assert acc["Top1_Acc_Stream/eval_phase/test_stream/Task001"] > 0.6
 
 
-def test_frozen_tasks_select_their_weights_so_non_finite_live_weights_never_leak():
+def first_task_learned():
+    """A strategy that learned the first of two tasks: it, the stream, inputs, outputs."""
     strategy = make()
     bm = blob_stream(n_tasks=2, dim=DIM)
     data = inputs(bm)
     recorded: dict[int, torch.Tensor] = {}
     learn(strategy, list(bm.train_stream)[0], data, recorded)
+    return strategy, bm, data, recorded
+
+
+def test_frozen_tasks_select_their_weights_so_non_finite_live_weights_never_leak():
+    strategy, bm, data, recorded = first_task_learned()
     with torch.no_grad():
         for _, layer in strategy.tsn_model.masked_layers():
             layer.weight.fill_(float("nan"))  # what a diverging later task leaves behind
@@ -147,11 +153,7 @@ def test_frozen_tasks_select_their_weights_so_non_finite_live_weights_never_leak
 
 
 def test_writing_into_what_effective_params_returns_changes_no_trained_task():
-    strategy = make()
-    bm = blob_stream(n_tasks=2, dim=DIM)
-    data = inputs(bm)
-    recorded: dict[int, torch.Tensor] = {}
-    learn(strategy, list(bm.train_stream)[0], data, recorded)
+    strategy, bm, data, recorded = first_task_learned()
     layers = [layer for _, layer in strategy.tsn_model.masked_layers()]
     for layer in layers:
         weight, bias = layer.effective_params(0)  # cached for the next forward
