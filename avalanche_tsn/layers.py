@@ -436,8 +436,7 @@ class MaskedLayer(_Banks, _OwnedValues, _PerTaskBuffers, KernelUser):
         self._clear_caches()
         return out
 
-    # -- masks --------------------------------------------------------------------------
-
+    # -- the live mask ------------------------------------------------------------------
     def set_live_sparsity(self, sparsity: float) -> None:
         """Set the sparsity of the live (training or untrained) mask.
 
