@@ -94,6 +94,11 @@ class CodedLayer(TaskRouted):
                 self.register_buffer(f"centroids_{slot}", torch.zeros(0))
         self.to(layer.weight.device)  # packed on the host, computed with on the layer's device
 
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """The dtype of the layer's float buffers (float32 unless the model was cast)."""
+        return self.get_buffer("centroids_0").dtype
+
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.n_slots:
             raise ValueError("a compressed model runs trained tasks only")
@@ -128,16 +133,17 @@ class CodedLayer(TaskRouted):
         """
         owner = self.slot_owner(slot).flatten()
         mask = self.task_mask(slot).flatten()
-        weight = torch.zeros(self.numel, device=owner.device)
+        # the dtype of the float buffers (the model may have been cast: .double(), .half())
+        weight = torch.zeros(self.numel, device=owner.device, dtype=self.float_dtype)
         for s in torch.unique(owner[mask]).tolist():
             at = owner == s
             b = int(self.task_bits[s])
             values = getattr(self, f"values_{s}")
             if b:
                 codes = torch.from_numpy(_unpacked(values, int(at.sum()), b)).to(owner.device)
-                weight[at] = getattr(self, f"centroids_{s}")[codes]
+                weight[at] = getattr(self, f"centroids_{s}")[codes].to(weight.dtype)
             else:
-                weight[at] = values
+                weight[at] = values.to(weight.dtype)
         weight = torch.where(mask, weight, weight.new_zeros(()))
         return weight.view(self.shape)
 

@@ -534,3 +534,20 @@ def test_task_labels_that_are_not_integers_one_per_sample_are_refused() -> None:
         assert torch.equal(model(x, labels), expected)
         assert torch.equal(model(x, torch.tensor(1)), model(x, 1))
         assert torch.equal(model(x, labels.to(torch.int32)), expected)
+
+
+def test_a_tiny_model_cast_to_double_matches_the_full_model_cast_alike() -> None:
+    import copy
+
+    from avalanche_tsn import to_tiny
+
+    strategy, _ = train_tsn(tasks=2)
+    assert any(int(b) for _, layer in strategy.tsn_model.masked_layers() for b in layer.task_bits)
+    full = copy.deepcopy(strategy.tsn_model).double().eval()
+    tiny = to_tiny(copy.deepcopy(strategy.tsn_model)).double().eval()
+    x = torch.randn(6, 12, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    with torch.no_grad():
+        out = tiny(x, labels)
+        assert out.dtype == torch.float64
+        assert torch.equal(out, full(x, labels))
