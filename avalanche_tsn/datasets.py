@@ -18,7 +18,7 @@ from avalanche.benchmarks import NCScenario, nc_benchmark
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from avalanche_tsn.validation import check_choice
+from avalanche_tsn.validation import check_choice, check_float, check_int
 
 __all__ = [
     "TensorTaskDataset",
@@ -93,11 +93,17 @@ def task_stream(
     )
 
 
+def _check_stream(n_tasks: object, seed: object, classes: int | None = None) -> None:
+    """``n_tasks`` (dividing ``classes`` when given) and ``seed``, checked before any loading."""
+    check_int(n_tasks, "n_tasks", 1)
+    check_int(seed, "seed", 0)
+    if classes is not None and classes % n_tasks:  # type: ignore[operator]
+        raise ValueError(f"n_tasks must divide the {classes} classes, got {n_tasks}")
+
+
 def _permuted_stream(
     x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, n_tasks: int, seed: int
 ) -> NCScenario:
-    if n_tasks < 1:
-        raise ValueError(f"n_tasks must be at least 1, got {n_tasks}")
     rng = np.random.RandomState(seed)
     train, test = [], []
     for _ in range(n_tasks):
@@ -112,8 +118,7 @@ def _digits(seed: int, test_fraction: float) -> tuple[Tensor, Tensor, Tensor, Te
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    check_float(test_fraction, "test_fraction", 0.0, 1.0, low_open=True, high_open=True)
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target)
@@ -132,6 +137,7 @@ def permuted_digits(n_tasks: int = 5, *, seed: int = 0, test_fraction: float = 0
     :param seed: seed of the train/test split and of the permutations.
     :param test_fraction: fraction of the 1,797 images held out for the test stream.
     """
+    _check_stream(n_tasks, seed)
     return _permuted_stream(*_digits(seed, test_fraction), n_tasks, seed)
 
 
@@ -195,6 +201,7 @@ def permuted_fashion_mnist(
     :param standardize: inputs ``(x - 0.1307) / 0.3081`` as the TSN reference code's loader
         makes them (:data:`REFERENCE_NORMALIZATION`), instead of [0, 1].
     """
+    _check_stream(n_tasks, seed)
     x_train, y_train, x_test, y_test = load_fashion_mnist(dataset_root)
     if standardize:
         mean, std = REFERENCE_NORMALIZATION
@@ -206,8 +213,6 @@ def _split(
     x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, n_tasks: int, seed: int,
     task_labels: bool,
 ) -> NCScenario:  # fmt: skip
-    if n_tasks < 1 or 10 % n_tasks:
-        raise ValueError(f"n_tasks must divide the 10 classes, got {n_tasks}")
     return nc_benchmark(
         TensorTaskDataset(x_train, y_train),
         TensorTaskDataset(x_test, y_test),
@@ -235,6 +240,7 @@ def split_fashion_mnist(
         (task-incremental); False: every experience task label 0 and the original class ids
         (class-incremental).
     """
+    _check_stream(n_tasks, seed, 10)
     return _split(*load_fashion_mnist(dataset_root), n_tasks, seed, task_labels)
 
 
@@ -250,6 +256,7 @@ def split_digits(
     :param test_fraction: fraction of the 1,797 images held out for the test stream.
     :param task_labels: as in :func:`split_fashion_mnist`.
     """
+    _check_stream(n_tasks, seed, 10)
     return _split(*_digits(seed, test_fraction), n_tasks, seed, task_labels)
 
 
@@ -374,6 +381,7 @@ def permuted_mnist(n_tasks: int = 10, *, seed: int = 0, dataset_root: str | Path
     :param seed: seed of the permutations.
     :param dataset_root: folder with the MNIST idx files (see :func:`load_mnist`).
     """
+    _check_stream(n_tasks, seed)
     return _permuted_stream(*load_mnist(dataset_root), n_tasks, seed)
 
 
@@ -386,6 +394,7 @@ def split_cifar100(n_tasks: int = 10, *, seed: int = 0, dataset_root: str | Path
     """
     from avalanche.benchmarks.classic import SplitCIFAR100
 
+    _check_stream(n_tasks, seed, 100)
     root = Path(dataset_root)
     _require(root, *_FILES["cifar100"])
     return SplitCIFAR100(
@@ -406,6 +415,7 @@ def split_tiny_imagenet(n_tasks: int = 40, *, seed: int = 0, dataset_root: str |
     """
     from avalanche.benchmarks.classic import SplitTinyImageNet
 
+    _check_stream(n_tasks, seed, 200)
     root = Path(dataset_root)
     _require(root, *_FILES["tiny_imagenet"])
     return SplitTinyImageNet(

@@ -89,3 +89,30 @@ def test_five_datasets_from_their_files(tmp_path, trusted):
     x, y, t = bm.train_stream[2].dataset[0]  # SVHN, resized to 3x32x32
     assert tuple(x.shape) == (3, 32, 32) and 0 <= int(y) < 10 and int(t) == 2
     _harness("five_datasets", tmp_path / "data", tasks=2)
+
+
+@pytest.mark.parametrize(
+    ("builder", "kwargs", "error", "match"),
+    [
+        (datasets.split_digits, {"n_tasks": 5.0}, TypeError, "n_tasks must be an int >= 1"),
+        (datasets.permuted_digits, {"n_tasks": True}, TypeError, "n_tasks must be an int >= 1"),
+        (datasets.permuted_digits, {"n_tasks": 0}, ValueError, "n_tasks must be an int >= 1"),
+        (datasets.split_digits, {"n_tasks": 3}, ValueError, "divide the 10 classes"),
+        (datasets.split_digits, {"seed": 1.5}, TypeError, "seed must be an int >= 0"),
+        (datasets.permuted_digits, {"test_fraction": 1.0}, ValueError, "test_fraction"),
+        # checked before the files are looked for: the argument's error, not a missing file
+        (datasets.split_cifar100, {"n_tasks": 7, "dataset_root": "/nowhere"}, ValueError,
+         "divide the 100 classes"),
+        (datasets.split_tiny_imagenet, {"n_tasks": 3, "dataset_root": "/nowhere"}, ValueError,
+         "divide the 200 classes"),
+        (datasets.permuted_mnist, {"n_tasks": 2.5, "dataset_root": "/nowhere"}, TypeError,
+         "n_tasks must be an int"),
+        (datasets.split_fashion_mnist, {"n_tasks": 4, "dataset_root": "/nowhere"}, ValueError,
+         "divide the 10 classes"),
+    ],
+)  # fmt: skip
+def test_stream_builders_check_their_arguments_before_reading_data(
+    builder, kwargs, error, match
+) -> None:
+    with pytest.raises(error, match=match):
+        builder(**kwargs)
