@@ -95,10 +95,10 @@ def task_stream(
 
 def _check_stream(n_tasks: object, seed: object, classes: int | None = None) -> None:
     """``n_tasks`` (dividing ``classes`` when given) and ``seed``, checked before any loading."""
-    check_int(n_tasks, "n_tasks", 1)
+    tasks = check_int(n_tasks, "n_tasks", 1)
     check_int(seed, "seed", 0)
-    if classes is not None and classes % n_tasks:  # type: ignore[operator]
-        raise ValueError(f"n_tasks must divide the {classes} classes, got {n_tasks}")
+    if classes is not None and classes % tasks:
+        raise ValueError(f"n_tasks must divide the {classes} classes, got {tasks}")
 
 
 def _permuted_stream(
