@@ -29,6 +29,7 @@ nearest-memory rule and Avalanche's rehearsal methods at equal memory (BENCHMARK
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,11 +84,13 @@ class RouterSettings:
     ) -> None:
         self.hidden = check_int(hidden, "router hidden", 1)
         self.steps = check_int(steps, "router steps", 1)
-        self.lr = check_float(lr, "router lr", 0, low_open=True)
-        self.weight_decay = check_float(weight_decay, "router weight_decay", 0)
+        self.lr = check_float(lr, "router lr", 0, math.inf, low_open=True, high_open=True)
+        self.weight_decay = check_float(
+            weight_decay, "router weight_decay", 0, math.inf, high_open=True
+        )
         self.seed = check_int(seed, "router seed")
         self.copies = check_int(copies, "router copies", 0)
-        self.noise = check_float(noise, "router noise", 0)
+        self.noise = check_float(noise, "router noise", 0, math.inf, high_open=True)
 
 
 class TaskRouter(nn.Module):

@@ -115,7 +115,7 @@ class TSNSettings:
         check_bool(self.calibrate_activations, "calibrate_activations")
         check_bool(self.tensor_batches, "tensor_batches")
         check_threshold(self.kl_threshold)
-        check_float(self.ood_weight, "ood_weight", 0)
+        check_float(self.ood_weight, "ood_weight", 0, math.inf, high_open=True)
         check_kernel(self.train_kernel)
         inference = self.task_inference
         if inference is False:

@@ -119,6 +119,7 @@ def test_bad_fit_inputs_are_refused_before_the_router_changes():
         ({"ood_weight": -0.1}, ValueError),
         ({"ood_weight": "0.5"}, TypeError),
         ({"ood_weight": float("nan")}, ValueError),
+        ({"ood_weight": float("inf")}, ValueError),  # every loss would be nan
         ({"task_inference": "routers"}, ValueError),
         ({"task_inference": 1}, TypeError),
     ],
@@ -127,6 +128,12 @@ def test_router_arguments_are_checked_up_front(kwargs, error):
     net = MultiHeadMLP(12, (16, 16))
     with pytest.raises(error):
         TSNStrategy(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["lr", "weight_decay", "noise"])
+def test_router_settings_refuse_infinite_values(name):
+    with pytest.raises(ValueError, match=rf"router {name} must be a float in .*, inf\)"):
+        RouterSettings(**{name: float("inf")})
 
 
 def test_an_unfitted_router_scores_nothing():

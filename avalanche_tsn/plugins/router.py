@@ -7,6 +7,8 @@ their task-identification part, Kim et al., 2022-2023).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
@@ -45,7 +47,7 @@ class TaskRouterPlugin(SupervisedPlugin, supports_distributed=True):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.ood_weight = check_float(ood_weight, "ood_weight", 0)
+        self.ood_weight = check_float(ood_weight, "ood_weight", 0, math.inf, high_open=True)
         if settings is not None and not isinstance(settings, RouterSettings):
             raise TypeError(f"settings must be a RouterSettings, got {type(settings).__name__}")
         self.settings = settings or RouterSettings()
