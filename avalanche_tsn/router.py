@@ -46,6 +46,7 @@ __all__ = [
     "fit_samples",
     "outlier_exposure_loss",
     "DEFAULT_OOD_WEIGHT",
+    "check_ood_weight",
 ]
 
 #: Default weight of the outlier-exposure loss while a task trains with the router. Measured
@@ -53,6 +54,15 @@ __all__ = [
 #: gives 93.3% of test samples routed right, 0.5 96.7%, 2.0 95.8% (with a lower within-task
 #: accuracy); split Fashion-MNIST 79.0%, 81.3%, 77.1%.
 DEFAULT_OOD_WEIGHT = 0.5
+
+
+def check_ood_weight(value: object) -> float:
+    """``value`` if it is a finite float >= 0 (an infinite weight makes every loss nan).
+
+    :param value: the outlier-exposure weight.
+    """
+    return check_float(value, "ood_weight", 0, math.inf, high_open=True)
+
 
 #: the router's learned buffers (``labels`` names the tasks they are for)
 _BUFFERS = ("labels", "mean", "std", "proj_w", "proj_b", "out_w", "out_b")

@@ -46,7 +46,7 @@ from avalanche_tsn.plugins import (
     ValidationSplitPlugin,
 )
 from avalanche_tsn.plugins._common import strategy_batches
-from avalanche_tsn.router import DEFAULT_OOD_WEIGHT
+from avalanche_tsn.router import DEFAULT_OOD_WEIGHT, check_ood_weight
 from avalanche_tsn.similarity import DEFAULT_KL_THRESHOLD, check_threshold
 from avalanche_tsn.stages import StageSpec, assemble_plugins, check_plugins
 from avalanche_tsn.streams import (
@@ -54,7 +54,7 @@ from avalanche_tsn.streams import (
     task_aware,
 )
 from avalanche_tsn.task_routing import TaskRoutingMixin
-from avalanche_tsn.validation import check_bool, check_float
+from avalanche_tsn.validation import check_bool
 
 __all__ = ["TSNStrategy", "TSNSettings", "tsn_recipe", "reject_arguments"]
 
@@ -115,7 +115,7 @@ class TSNSettings:
         check_bool(self.calibrate_activations, "calibrate_activations")
         check_bool(self.tensor_batches, "tensor_batches")
         check_threshold(self.kl_threshold)
-        check_float(self.ood_weight, "ood_weight", 0, math.inf, high_open=True)
+        check_ood_weight(self.ood_weight)
         check_kernel(self.train_kernel)
         inference = self.task_inference
         if inference is False:

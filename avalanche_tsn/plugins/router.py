@@ -7,8 +7,6 @@ their task-identification part, Kim et al., 2022-2023).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
@@ -16,11 +14,11 @@ from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_mo
 from avalanche_tsn.router import (
     DEFAULT_OOD_WEIGHT,
     RouterSettings,
+    check_ood_weight,
     fit_samples,
     outlier_exposure_loss,
 )
 from avalanche_tsn.similarity import task_features
-from avalanche_tsn.validation import check_float
 
 __all__ = ["TaskRouterPlugin"]
 
@@ -47,7 +45,7 @@ class TaskRouterPlugin(SupervisedPlugin, supports_distributed=True):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.ood_weight = check_float(ood_weight, "ood_weight", 0, math.inf, high_open=True)
+        self.ood_weight = check_ood_weight(ood_weight)
         if settings is not None and not isinstance(settings, RouterSettings):
             raise TypeError(f"settings must be a RouterSettings, got {type(settings).__name__}")
         self.settings = settings or RouterSettings()
