@@ -32,14 +32,21 @@ class TaskDispatchMixin:
     _pass_labels: bool
     # (and its _routed(): the masked layers and normalisations, in order)
 
-    def _activate(self, task_label: int) -> None:
+    def route_task(self, task_label: int) -> None:
+        """Run the next forwards of the masked layers and normalisations as ``task_label``.
+
+        What :meth:`forward_single_task` does first; for callers that run the network's
+        stages themselves (:mod:`avalanche_tsn.prefix`).
+
+        :param task_label: a task label (a trained task's frozen slot, else the live one).
+        """
         slot = self.task_table.frozen_slot(task_label)
         active = FREE if slot is None else slot
         for module in self._routed():
             module.route(active)
 
     def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
-        self._activate(task_label)
+        self.route_task(task_label)
         if self._pass_labels:
             return self.net(x, task_label)
         return self.net(x)

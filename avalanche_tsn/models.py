@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from avalanche.models import MultiHeadClassifier, MultiTaskModule
@@ -41,6 +41,17 @@ class MultiHeadMLP(MultiTaskModule):
     def forward(self, x: Tensor, task_labels: Tensor | int) -> Tensor:
         return self.classifier(self.features(x.flatten(1)), task_labels)
 
+    def staged_forward(self, task_labels: Tensor | int) -> tuple[list[Callable], Callable]:
+        """:meth:`forward` as stages run in order and a head (see :mod:`avalanche_tsn.prefix`).
+
+        :param task_labels: the labels the head is given.
+        """
+        return [_flatten, *self.features], lambda h: self.classifier(h, task_labels)
+
+
+def _flatten(x: Tensor) -> Tensor:
+    return x.flatten(1)
+
 
 def _norm(channels: int, dims: int, norm: bool) -> nn.Module:
     if not norm:
@@ -69,6 +80,15 @@ class _HeadedNet(MultiTaskModule):
 
     def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
         return self.forward(x, task_label)
+
+    def staged_forward(self, task_labels: Tensor | int | None) -> tuple[list[Callable], Callable]:
+        """:meth:`forward` as stages run in order and a head (see :mod:`avalanche_tsn.prefix`).
+
+        :param task_labels: the labels the head is given.
+        """
+        if self.multihead:
+            return list(self.features), lambda h: self.classifier(h, task_labels)
+        return list(self.features), self.classifier
 
 
 class ReducedAlexNet(_HeadedNet):

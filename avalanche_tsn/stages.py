@@ -53,6 +53,10 @@ class StageContext:
     #: whether ``validation_batches`` hold the samples hardest first (see
     #: :mod:`avalanche_tsn.early_stop`); set by :meth:`order_validation`
     validation_ordered: bool = False
+    #: the validation passes' stage inputs: a (model, task, route, minibatches) key, its
+    #: :class:`~avalanche_tsn.prefix.PrefixCache` (or None: whole passes), the model and the
+    #: minibatches; read and set by the passes, emptied with the split
+    validation_prefix: tuple | None = None
     #: tasks inferred for the last evaluation minibatch; set by the strategy's forward,
     #: taken by the task-inference metric
     inferred_tasks: Tensor | None = None
@@ -66,6 +70,7 @@ class StageContext:
         self.validation_batches = None
         self.validation_memo = None
         self.validation_ordered = False
+        self.validation_prefix = None
 
     def order_validation(self, batches: list[tuple[Tensor, Tensor]]) -> None:
         """Hold the split's samples in a new order, hardest first (once per experience).
@@ -76,6 +81,7 @@ class StageContext:
             raise RuntimeError("the validation split is already ordered for this experience")
         self.validation_batches = batches
         self.validation_memo = None
+        self.validation_prefix = None
         self.validation_ordered = True
 
     def require_validation(self, stage: str) -> Any:

@@ -17,6 +17,7 @@ from avalanche_tsn.early_stop import margins, reorder
 from avalanche_tsn.layout import channels_last_batches
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_model
+from avalanche_tsn.prefix import PrefixCache, model_cache
 from avalanche_tsn.pruning import PruneRecord, check_search, greedy_prune
 from avalanche_tsn.quantization import adaptive_bits, check_bits, quantize_head, quantize_task
 from avalanche_tsn.stages import stage_context
@@ -95,17 +96,7 @@ def validation_accuracy(
     :param model: the model to evaluate (default: the strategy's).
     """
     ctx = stage_context(strategy)
-    data = ctx.require_validation("measuring validation accuracy")
-    batches = ctx.validation_batches
-    if batches is None:
-        # Small batches: a search that only needs to know whether a floor is reached stops
-        # after the first batch that rules it out.
-        size = min(strategy.eval_mb_size, _FLOOR_BATCH)
-        batches = [
-            (x.to(strategy.device), y.to(strategy.device))
-            for x, y in strategy_batches(strategy, data, size)
-        ]
-        ctx.validation_batches = batches
+    batches = _validation_batches(strategy, ctx)
     total = sum(len(y) for _, y in batches)
     model = strategy.model if model is None else model
     # The same model state gives the same accuracy: searches re-ask for their baselines.
@@ -120,6 +111,7 @@ def validation_accuracy(
         hook = head.register_forward_hook(
             lambda _m, args, kwargs, out: captured.append((args, kwargs, out)), with_kwargs=True
         )
+    cache = _prefix_cache(ctx, model, task_label, batches)
     was_training = model.training
     model.eval()
     correct = seen = 0
@@ -127,8 +119,10 @@ def validation_accuracy(
     # the first complete pass of the split orders it hardest first, for later early stops
     hardness: list[Tensor] | None = None if ctx.validation_ordered else []
     try:
-        for x, y in batches:
-            out = model(x, task_label)
+        if cache is not None:
+            cache.begin()
+        for i, (x, y) in enumerate(batches):
+            out = model(x, task_label) if cache is None else cache.forward(i, x)
             if head is not None:
                 outputs.append(out)
             if hardness is not None:
@@ -137,6 +131,8 @@ def validation_accuracy(
             seen += len(y)
             if floor is not None and correct + (total - seen) < floor * total:
                 return (correct + total - seen) / total  # an upper bound, below the floor
+        if cache is not None:
+            cache.commit()
         if hook is not None:
             hook.remove()
             hook = None
@@ -159,6 +155,33 @@ def validation_accuracy(
             hook.remove()
     ctx.validation_memo = (state, correct / total, features)
     return correct / total
+
+
+def _validation_batches(strategy, ctx) -> list[tuple[Tensor, Tensor]]:
+    data = ctx.require_validation("measuring validation accuracy")
+    if ctx.validation_batches is None:
+        # Small batches: a search that only needs to know whether a floor is reached stops
+        # after the first batch that rules it out.
+        size = min(strategy.eval_mb_size, _FLOOR_BATCH)
+        ctx.validation_batches = [
+            (x.to(strategy.device), y.to(strategy.device))
+            for x, y in strategy_batches(strategy, data, size)
+        ]
+    return ctx.validation_batches
+
+
+def _prefix_cache(
+    ctx, model: torch.nn.Module, task_label: int, batches: list
+) -> PrefixCache | None:
+    # One cache per model, task and minibatches, and only for a trained task: its forward
+    # depends on tensors alone (the live subnetwork's also on its sparsity, an int).
+    route = model.task_table.frozen_slot(task_label) if isinstance(model, TSNModel) else None
+    key = (id(model), task_label, route, id(batches))
+    if ctx.validation_prefix is None or ctx.validation_prefix[0] != key:
+        cache = None if route is None else model_cache(model, task_label, len(batches))
+        # (the model and minibatches are held with it: their ids are not reused meanwhile)
+        ctx.validation_prefix = (key, cache, model, batches)
+    return ctx.validation_prefix[1]
 
 
 def _sole_head(model: torch.nn.Module) -> torch.nn.Module | None:
