@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["channels_last_batches"]
+__all__ = ["channels_last_batches", "layout_key"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,10 @@ def _nhwc(x: Tensor) -> Tensor:
 
 
 def channels_last_batches(
-    batches: Sequence[tuple[Tensor, Tensor]], model: nn.Module, run: Callable[[Tensor], object]
+    batches: Sequence[tuple[Tensor, Tensor]],
+    model: nn.Module,
+    run: Callable[[Tensor], object],
+    known: bool | None = None,
 ) -> tuple[list[tuple[Tensor, Tensor]], bool]:
     """``batches`` with channels-last image inputs where that is on the CPU, useful and safe.
 
@@ -51,6 +54,8 @@ def channels_last_batches(
     :param batches: inputs and targets, minibatch by minibatch (not empty).
     :param model: the model the passes run.
     :param run: the forward of a validation pass, ``run(inputs) -> outputs``.
+    :param known: what an earlier call decided for the same model and input shape (see
+        :func:`layout_key`): then it is applied without a trial.
     :return: the minibatches to read, and whether their inputs are now channels-last.
     """
     first = batches[0][0]
@@ -58,6 +63,8 @@ def channels_last_batches(
         return list(batches), False
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return list(batches), False
+    if known is not None:
+        return ([(_nhwc(x), y) for x, y in batches], True) if known else (list(batches), False)
     moved = [(_nhwc(x), y) for x, y in batches]
     try:
         same = _agree(run(moved[0][0]), run(first.contiguous()))
@@ -69,3 +76,14 @@ def channels_last_batches(
         return list(batches), False
     log.debug("validation passes read NHWC inputs")
     return moved, True
+
+
+def layout_key(model: nn.Module, x: Tensor) -> tuple:
+    """What :func:`channels_last_batches`'s decision depends on: the model's modules, and the
+    inputs' sample shape, dtype and device (not the weights' values).
+
+    :param model: the model the passes run.
+    :param x: a minibatch of its inputs.
+    """
+    modules = tuple(type(m).__qualname__ for m in model.modules())
+    return id(model), modules, tuple(x.shape[1:]), x.dtype, x.device

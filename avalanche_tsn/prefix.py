@@ -16,6 +16,7 @@ backbone runs whole passes, as before.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,14 +60,16 @@ def _state(stage: Stage) -> list[Tensor]:
     return [*stage.parameters(), *stage.buffers()]
 
 
-def _version(t: Tensor) -> int | None:
+def _version(t: object) -> int | None:
+    if not isinstance(t, Tensor):  # (a stage that hands on a tuple, say: not stored)
+        return None
     try:
         return t._version
     except RuntimeError:  # an inference-mode tensor keeps no version counter
         return None
 
 
-def _intact(stored: list[tuple[Tensor, int | None]]) -> bool:
+def _intact(stored: list[tuple[Any, int | None]]) -> bool:
     return all(v is not None and _version(t) == v for t, v in stored)
 
 
@@ -116,7 +119,7 @@ class PrefixCache:
         self._snapshots: list[list[Tensor]] | None = None
         self._start = 0
         self._read = 0
-        self._pending: dict[int, list[tuple[Tensor, int | None]]] = {}
+        self._pending: dict[int, list[tuple[Any, int | None]]] = {}
         #: stages run by the passes so far (what a whole pass each time would multiply)
         self.stage_runs = 0
 

@@ -24,7 +24,7 @@ Order within an experience (each stage's hooks; TSNStrategy's recipe):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -57,6 +57,9 @@ class StageContext:
     #: :class:`~avalanche_tsn.prefix.PrefixCache` (or None: whole passes), the model and the
     #: minibatches; read and set by the passes, emptied with the split
     validation_prefix: tuple | None = None
+    #: whether validation inputs are read channels-last, per
+    #: :func:`~avalanche_tsn.layout.layout_key` (kept across experiences); set by the passes
+    layouts: dict = field(default_factory=dict)
     #: tasks inferred for the last evaluation minibatch; set by the strategy's forward,
     #: taken by the task-inference metric
     inferred_tasks: Tensor | None = None

@@ -118,3 +118,28 @@ def test_validation_passes_read_channels_last_images_after_the_first_and_agree()
             nchw = (strategy.model(x, 1).argmax(1) == y).float().mean().item()
         ctx.validation_memo = None  # a fresh pass over the channels-last split
         assert validation_accuracy(strategy, 1) == first == nchw
+
+
+def test_the_layout_is_tried_once_per_model_and_applied_to_later_experiences(monkeypatch):
+    from avalanche_tsn.plugins import compression
+    from avalanche_tsn.stages import stage_context
+
+    for flatten_by_view, nhwc in ((False, True), (True, False)):
+        torch.manual_seed(0)
+        bm = _image_stream()
+        strategy = adam_strategy(_convnet(flatten_by_view), prune=True, quantize=False)
+        known, layouts = [], []
+        real = compression.channels_last_batches
+
+        def recorded(batches, model, run, known_layout=None):
+            known.append(known_layout)
+            out = real(batches, model, run, known_layout)
+            layouts.append(all(_nhwc(x) for x, _ in out[0]))
+            return out
+
+        monkeypatch.setattr(compression, "channels_last_batches", recorded)
+        strategy.train(bm.train_stream, eval_streams=[])
+        monkeypatch.undo()
+        # the first experience tries both layouts; the second applies that decision
+        assert known == [None, nhwc] and layouts == [nhwc, nhwc]
+        assert all(_nhwc(x) == nhwc for x, _ in stage_context(strategy).validation_batches)

@@ -113,6 +113,33 @@ def test_a_stage_that_writes_into_its_input_is_never_resumed_from():
     assert start == 0 and all(map(torch.equal, outs, expected2))
 
 
+def test_a_stage_input_that_is_not_a_tensor_is_not_stored():
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return self.a(pair[0]) + pair[1]
+
+    torch.manual_seed(0)
+    split, pair, last = nn.Linear(4, 4), Pair(), nn.Linear(4, 2)
+    stages = [split, lambda h: (h, h.relu()), pair, last]
+    batches = list(torch.randn(6, 4).split(3))
+    cache = PrefixCache(stages, lambda h: h, len(batches))
+    _pass(cache, batches)
+    with torch.no_grad():
+        pair.a.weight.add_(0.5)
+        expected = [last(pair((split(x), split(x).relu()))) for x in batches]
+    start, outs = _pass(cache, batches)
+    assert start == 0 and all(map(torch.equal, outs, expected))
+    with torch.no_grad():
+        last.weight.add_(0.5)
+        expected = [last(pair((split(x), split(x).relu()))) for x in batches]
+    start, outs = _pass(cache, batches)
+    assert start == 3 and all(map(torch.equal, outs, expected))
+
+
 def test_over_the_budget_the_earliest_inputs_go_and_outputs_stay_exact():
     net, batches = _net(), list(torch.randn(12, 6).split(4))
     one_point = sum(t.nbytes for t in torch.randn(12, 8).split(4))

@@ -14,7 +14,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
 from avalanche_tsn.early_stop import margins, reorder
-from avalanche_tsn.layout import channels_last_batches
+from avalanche_tsn.layout import channels_last_batches, layout_key
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_model
 from avalanche_tsn.prefix import PrefixCache, model_cache
@@ -146,7 +146,11 @@ def validation_accuracy(
             order = torch.sort(torch.cat(hardness), stable=True).indices
             batches, features = reorder(batches, features, order)
             # the later passes (most of them) read images in the CPU's faster layout
-            batches, _ = channels_last_batches(batches, model, lambda x: model(x, task_label))
+            # (decided once per model and input shape: the trial is two forwards a task)
+            layout = layout_key(model, batches[0][0])
+            batches, ctx.layouts[layout] = channels_last_batches(
+                batches, model, lambda x: model(x, task_label), ctx.layouts.get(layout)
+            )
             ctx.order_validation(batches)
             state = (task_label, id(batches), _state_key(model))
     finally:
