@@ -79,11 +79,12 @@ def channels_last_batches(
 
 
 def layout_key(model: nn.Module, x: Tensor) -> tuple:
-    """What :func:`channels_last_batches`'s decision depends on: the model's modules, and the
-    inputs' sample shape, dtype and device (not the weights' values).
+    """What :func:`channels_last_batches`'s decision depends on: the kinds of modules of the
+    model, and the inputs' sample shape, dtype and device (not the weights' values, nor how
+    many heads a multi-head model has grown).
 
     :param model: the model the passes run.
     :param x: a minibatch of its inputs.
     """
-    modules = tuple(type(m).__qualname__ for m in model.modules())
+    modules = frozenset(type(m) for m in model.modules())
     return id(model), modules, tuple(x.shape[1:]), x.dtype, x.device

@@ -124,10 +124,17 @@ def test_the_layout_is_tried_once_per_model_and_applied_to_later_experiences(mon
     from avalanche_tsn.plugins import compression
     from avalanche_tsn.stages import stage_context
 
-    for flatten_by_view, nhwc in ((False, True), (True, False)):
+    from avalanche_tsn.models import ReducedResNet18
+
+    cases = [
+        (_convnet, True),
+        (lambda: _convnet(flatten_by_view=True), False),
+        (lambda: ReducedResNet18(n_classes=3, nf=4), True),  # a head more each experience
+    ]
+    for make, nhwc in cases:
         torch.manual_seed(0)
         bm = _image_stream()
-        strategy = adam_strategy(_convnet(flatten_by_view), prune=True, quantize=False)
+        strategy = adam_strategy(make(), prune=True, quantize=False)
         known, layouts = [], []
         real = compression.channels_last_batches
 
