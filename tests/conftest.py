@@ -123,6 +123,33 @@ def adam_strategy(model: nn.Module, cls=None, **kw):
     )
 
 
+def image_stream(
+    n_tasks: int, side: int, sizes: tuple[int, int], spread: float, noise: float, seed: int = 0
+):
+    """3-class 3 x side x side image blobs, ``sizes`` (train, test) samples a task."""
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for _ in range(n_tasks):
+        centres = torch.randn(3, 3, side, side, generator=g) * spread
+        parts = []
+        for size in sizes:
+            y = torch.arange(size) % 3
+            x = centres[y] + noise * torch.randn(size, 3, side, side, generator=g)
+            parts.append(TensorTaskDataset(x, y))
+        train.append(parts[0])
+        test.append(parts[1])
+    return task_stream(train, test)
+
+
+def compression_outcome(strategy, x: torch.Tensor) -> tuple[list, dict, list[torch.Tensor]]:
+    """What pruning and quantization decided, and every trained task's outputs for ``x``."""
+    prune = next(p for p in strategy.plugins if type(p).__name__ == "PruningPlugin")
+    quant = next(p for p in strategy.plugins if type(p).__name__ == "QuantizationPlugin")
+    with torch.no_grad():
+        outputs = [strategy.model(x, t) for t in sorted(strategy.model.trained_tasks())]
+    return prune.records, quant.bits, outputs
+
+
 def train_tsn(model=None, tasks: int = 3, dim: int = 12, **kw):
     """Train a TSNStrategy (Adam, 2 epochs) on a blob stream; returns it and the stream."""
     bm = blob_stream(n_tasks=tasks, dim=dim)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import blob_stream, mlp, quiet_evaluator, train_tsn
+from conftest import blob_stream, compression_outcome, mlp, quiet_evaluator, train_tsn
 from torch import nn
 
 from avalanche_tsn import TSNModel, TSNStrategy
@@ -464,12 +464,9 @@ def test_ordering_the_validation_split_changes_no_pruning_or_quantization_decisi
             quant_max_drop=0.02, eval_mb_size=2, validation_fraction=0.3,
         )  # fmt: skip
         monkeypatch.undo()
-        prune = next(p for p in strategy.plugins if type(p).__name__ == "PruningPlugin")
-        quant = next(p for p in strategy.plugins if type(p).__name__ == "QuantizationPlugin")
         data = [bm.test_stream[t].dataset for t in range(3)]
         x = torch.stack([d[i][0] for d in data for i in range(len(d))])
-        outputs = [strategy.model(x, t) for t in range(3)]
-        return prune.records, quant.bits, outputs, forwards["n"]
+        return (*compression_outcome(strategy, x), forwards["n"])
 
     records, bits, outputs, n = run(ordered=True)
     records_u, bits_u, outputs_u, n_u = run(ordered=False)

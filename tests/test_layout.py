@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from conftest import adam_strategy, task_stream
+from conftest import adam_strategy, image_stream
 from torch import nn
 
-from avalanche_tsn.datasets import TensorTaskDataset
 from avalanche_tsn.layout import channels_last_batches
 
 
@@ -80,17 +79,7 @@ def test_other_inputs_are_returned_without_running_the_model():
 
 
 def _image_stream():
-    g = torch.Generator().manual_seed(0)
-    train, test = [], []
-    for _ in range(2):
-        centres = torch.randn(3, 3, 4, 4, generator=g) * 2.0
-        parts = []
-        for size in (60, 30):
-            y = torch.arange(size) % 3
-            parts.append(TensorTaskDataset(centres[y] + 0.5 * torch.randn(size, 3, 4, 4), y))
-        train.append(parts[0])
-        test.append(parts[1])
-    return task_stream(train, test)
+    return image_stream(2, 4, (60, 30), spread=2.0, noise=0.5)
 
 
 def test_validation_passes_read_channels_last_images_after_the_first_and_agree():
@@ -121,10 +110,18 @@ def test_validation_passes_read_channels_last_images_after_the_first_and_agree()
 
 
 def test_the_layout_is_tried_once_per_model_and_applied_to_later_experiences(monkeypatch):
+    from avalanche_tsn.models import ReducedResNet18
     from avalanche_tsn.plugins import compression
     from avalanche_tsn.stages import stage_context
 
-    from avalanche_tsn.models import ReducedResNet18
+    real = compression.channels_last_batches
+    known, layouts = [], []
+
+    def recorded(batches, model, run, known_layout=None):
+        known.append(known_layout)
+        out = real(batches, model, run, known_layout)
+        layouts.append(all(_nhwc(x) for x, _ in out[0]))
+        return out
 
     cases = [
         (_convnet, True),
@@ -133,17 +130,10 @@ def test_the_layout_is_tried_once_per_model_and_applied_to_later_experiences(mon
     ]
     for make, nhwc in cases:
         torch.manual_seed(0)
+        known.clear()
+        layouts.clear()
         bm = _image_stream()
         strategy = adam_strategy(make(), prune=True, quantize=False)
-        known, layouts = [], []
-        real = compression.channels_last_batches
-
-        def recorded(batches, model, run, known_layout=None):
-            known.append(known_layout)
-            out = real(batches, model, run, known_layout)
-            layouts.append(all(_nhwc(x) for x, _ in out[0]))
-            return out
-
         monkeypatch.setattr(compression, "channels_last_batches", recorded)
         strategy.train(bm.train_stream, eval_streams=[])
         monkeypatch.undo()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import adam_strategy, task_stream
+from conftest import adam_strategy, compression_outcome, image_stream
 from torch import nn
 
-from avalanche_tsn.datasets import TensorTaskDataset
 from avalanche_tsn.models import MultiHeadMLP, ReducedAlexNet, ReducedResNet18
 from avalanche_tsn.prefix import PrefixCache, staged_forward
 
@@ -197,18 +196,7 @@ def test_a_forward_without_a_staged_form_is_not_staged():
 
 
 def _images():
-    g = torch.Generator().manual_seed(0)
-    train, test = [], []
-    for _ in range(3):
-        centres = torch.randn(3, 3, 8, 8, generator=g) * 3.0
-        parts = []
-        for size in (240, 60):
-            y = torch.arange(size) % 3
-            x = centres[y] + 1.0 * torch.randn(size, 3, 8, 8, generator=g)
-            parts.append(TensorTaskDataset(x, y))
-        train.append(parts[0])
-        test.append(parts[1])
-    return task_stream(train, test)
+    return image_stream(3, 8, (240, 60), spread=3.0, noise=1.0)
 
 
 @pytest.mark.parametrize("search, passes", [("joint", 3), ("layerwise", 2)])
@@ -233,14 +221,9 @@ def test_pruning_and_quantization_decide_the_same_with_fewer_stage_runs(
         )
         strategy.train(bm.train_stream, eval_streams=[])
         monkeypatch.undo()
-        prune = next(p for p in strategy.plugins if type(p).__name__ == "PruningPlugin")
-        quant = next(p for p in strategy.plugins if type(p).__name__ == "QuantizationPlugin")
-        x = torch.cat(
-            [torch.stack([bm.test_stream[t].dataset[i][0] for i in range(60)]) for t in range(3)]
-        )
-        with torch.no_grad():
-            outputs = [strategy.model(x, t) for t in range(3)]
-        return prune.records, quant.bits, outputs, convs["n"]
+        data = [bm.test_stream[t].dataset for t in range(3)]
+        x = torch.stack([d[i][0] for d in data for i in range(len(d))])
+        return (*compression_outcome(strategy, x), convs["n"])
 
     records, bits, outputs, n = run(cached=True)
     records_w, bits_w, outputs_w, n_w = run(cached=False)
