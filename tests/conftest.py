@@ -141,13 +141,21 @@ def image_stream(
     return task_stream(train, test)
 
 
-def compression_outcome(strategy, x: torch.Tensor) -> tuple[list, dict, list[torch.Tensor]]:
-    """What pruning and quantization decided, and every trained task's outputs for ``x``."""
+def compression_outcome(strategy, bm) -> tuple[list, dict, list[torch.Tensor]]:
+    """What pruning and quantization decided, and every trained task's outputs for all the
+    test samples of ``bm``."""
     prune = next(p for p in strategy.plugins if type(p).__name__ == "PruningPlugin")
     quant = next(p for p in strategy.plugins if type(p).__name__ == "QuantizationPlugin")
+    data = [exp.dataset for exp in bm.test_stream]
+    x = torch.stack([d[i][0] for d in data for i in range(len(d))])
     with torch.no_grad():
         outputs = [strategy.model(x, t) for t in sorted(strategy.model.trained_tasks())]
     return prune.records, quant.bits, outputs
+
+
+def same_outcome(a: tuple, b: tuple) -> bool:
+    """Whether two :func:`compression_outcome` results are equal (outputs bit for bit)."""
+    return a[0] == b[0] and a[1] == b[1] and all(map(torch.equal, a[2], b[2]))
 
 
 def train_tsn(model=None, tasks: int = 3, dim: int = 12, **kw):
