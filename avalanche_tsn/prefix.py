@@ -86,7 +86,8 @@ class PrefixCache:
 
     A pass is :meth:`begin`, :meth:`forward` for its minibatches in order, and, when it read
     them all, :meth:`commit`; a pass stopped early leaves the stored inputs as they were.
-    The caller sets the model's route (the task whose subnetwork runs) before each pass.
+    Whatever else the stages' outputs depend on (a TSN model's route: the task whose
+    subnetwork runs) must be the same for every pass, or set by ``before``.
 
     :param stages: the network's stages, in order.
     :param head: what turns the last stage's output into the model's output.

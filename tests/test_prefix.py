@@ -272,3 +272,31 @@ def test_the_live_subnetwork_always_runs_whole_passes(monkeypatch):
     for task in (1, 0, 1):  # task 1 is not trained: its live subnetwork runs
         compression.validation_accuracy(strategy, task)
     assert made == [0]
+
+
+@pytest.mark.parametrize("family", ["TSNStrategy", "AdaQPacknetStrategy"])  # (WSN: no passes)
+def test_every_strategy_of_the_family_learns_the_same_with_the_cache(monkeypatch, family):
+    import avalanche_tsn
+    from avalanche_tsn.plugins import compression
+
+    cls = getattr(avalanche_tsn, family)
+    made = []
+    real = compression.model_cache
+
+    def run(cached: bool):
+        if not cached:
+            monkeypatch.setattr(compression, "model_cache", lambda *args: None)
+        else:
+            monkeypatch.setattr(compression, "model_cache", lambda *a: made.append(a) or real(*a))
+        torch.manual_seed(0)
+        bm = image_stream(3, 4, (120, 45), spread=1.0, noise=1.0)
+        strategy = adam_strategy(MultiHeadMLP(48, (16, 16), 3), cls=cls)
+        strategy.train(bm.train_stream, eval_streams=[])
+        monkeypatch.undo()
+        x = torch.cat([torch.stack([d[0] for d in e.dataset]) for e in bm.test_stream])
+        with torch.no_grad():
+            outputs = [strategy.model(x, t) for t in range(3)]
+        return outputs, strategy.capacity_report().total_bits
+
+    (outputs, bits), (outputs_w, bits_w) = run(cached=True), run(cached=False)
+    assert made and bits == bits_w and all(map(torch.equal, outputs, outputs_w))
