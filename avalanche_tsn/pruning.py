@@ -94,8 +94,10 @@ def greedy_prune(
     tries each (group testing; the layers ordered by the share of their own squared
     magnitude the drop removes, so that the likely rejected ones share halves; the first
     pass starts from the halves, its whole drop having been rejected on the way down): about
-    ``2 r log(layers / r)`` tries when ``r`` layers cannot be pruned further; a layer whose
-    drop is rejected on its own is not tried again in later passes.
+    ``2 r log(layers / r)`` tries when ``r`` layers cannot be pruned further; once most of a
+    pass's layers resolved so far were rejected on their own, the rest are tried one by one
+    (fewer tries than halving when most fail); a layer whose drop is rejected on its own is
+    not tried again in later passes.
     ``search="bisect"`` drops the same fraction of every layer's own weights and bisects
     that fraction between none and the most the other searches can drop
     (``1 - (1 - step) ** iterations``, tried first) to a resolution of that most over
@@ -204,22 +206,40 @@ def _prune(model, task_label, slot, evaluate, iterations, step, max_drop, search
                 half = len(group) // 2
                 pending = [group[half:], group[:half]] if half else []
                 open_layers = open_layers if half else []
-            while pending:
-                group = pending.pop()
-                if attempt(group, plans):
-                    kept_any = True
-                elif len(group) > 1:
-                    half = len(group) // 2
-                    pending += [group[half:], group[:half]]  # the first half is tried first
-                elif group:
-                    # A layer whose next drop is too much is done: more of its weights would
-                    # only cost more accuracy (the layerwise loop tries it again every pass).
-                    open_layers = [layer for layer in open_layers if layer is not group[0]]
+            kept, retired = _group_test(pending, plans, attempt)
+            kept_any |= kept
+            # A layer whose next drop is too much is done: more of its weights would only
+            # cost more accuracy (the layerwise loop tries it again every pass).
+            open_layers = [layer for layer in open_layers if all(layer is not r for r in retired)]
         if not kept_any:
             break
     return _record(
         model, task_label, slot, sparsity_before, own_before, baseline, accuracy, evaluations
     )
+
+
+def _group_test(pending: list[list], plans: dict, attempt: Callable) -> tuple[bool, list]:
+    """One pass's group testing: whether any drop was kept, and the layers rejected alone.
+
+    A rejected group is split in halves, the first tried first. Once most of the pass's
+    layers resolved so far were rejected on their own (two at least), the rest are tried one
+    by one: with more than half the layers failing, splitting costs more tries than it saves
+    (Hwang's generalised binary splitting tests one by one there).
+    """
+    kept_any, good, retired = False, 0, []
+    while pending:
+        group = pending.pop()
+        if attempt(group, plans):
+            kept_any, good = True, good + len(group)
+        elif len(group) > 1:
+            half = len(group) // 2
+            pending += [group[half:], group[:half]]  # the first half is tried first
+        elif group:
+            retired.append(group[0])
+            if len(retired) >= 2 and len(retired) > good:
+                order = [layer for g in reversed(pending) for layer in g]
+                pending = [[layer] for layer in reversed(order)]
+    return kept_any, retired
 
 
 def _descend(layers: list, plan: Callable, attempt: Callable, iterations: int) -> int:

@@ -172,6 +172,35 @@ def test_joint_search_starts_its_passes_from_the_largest_drop_every_layer_takes(
         assert n1 == n  # each layer's three passes' drop, as the passes from the bottom
 
 
+def test_a_pass_where_most_layers_fail_tries_the_rest_one_by_one():
+    """Eight layers, none of which may lose a fourth pass: after the first two single layers
+    are rejected the others are tried alone, not split in halves (Hwang's rule)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(7):
+        layers += [nn.Linear(12, 12), nn.ReLU()]
+    strategy, _ = train(nn.Sequential(*layers, nn.Linear(12, 3)), tasks=1, prune=False)
+    model = strategy.tsn_model
+    start = _own_counts(model, 0)
+    assert len(start) == 8
+    limits = [n - n * 0.8**3 for n in start]
+
+    def evaluate():
+        dropped = [n0 - n1 for n0, n1 in zip(start, _own_counts(model, 0), strict=True)]
+        return 1.0 if all(d <= lim + 1 for d, lim in zip(dropped, limits, strict=True)) else 0.0
+
+    record = greedy_prune(model, 0, evaluate, iterations=5, step=0.2, max_drop=0.0)
+    # the baseline, five and four passes' drops rejected, three accepted; then the fourth
+    # pass: its first half, that half's first half, its two layers (rejected: two of two),
+    # then the six others one by one (halving to the end: 2 * 8 - 2 = 14 tries, not 10)
+    assert record.evaluations == 1 + 3 + (1 + 1 + 2 + 6)
+    for n0, n1 in zip(start, _own_counts(model, 0), strict=True):
+        n = n0
+        for _ in range(3):
+            n -= int(n * 0.2)
+        assert n1 == n
+
+
 def test_release_and_reclaim_check_ownership_and_later_reads_before_changing_anything():
     strategy, _ = train(tasks=2, prune=False, quantize=False)
     layer = next(layer for _, layer in strategy.tsn_model.masked_layers())
