@@ -87,6 +87,10 @@ class StageContext:
         self.validation_prefix = None
         self.validation_ordered = True
 
+    def drop_validation_cache(self) -> None:
+        """Let go of the validation passes' stored stage inputs (they are rebuilt if needed)."""
+        self.validation_prefix = None
+
     def require_validation(self, stage: str) -> Any:
         """The validation split, or a RuntimeError naming ``stage`` and what it lacks.
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from avalanche_tsn.models import MultiHeadMLP, ReducedAlexNet, ReducedResNet18
 from avalanche_tsn.prefix import PrefixCache, staged_forward
+from avalanche_tsn.stages import stage_context
 
 
 def _net() -> nn.Sequential:
@@ -221,6 +222,7 @@ def test_pruning_and_quantization_decide_the_same_with_fewer_stage_runs(
         )
         strategy.train(bm.train_stream, eval_streams=[])
         monkeypatch.undo()
+        assert stage_context(strategy).validation_prefix is None  # let go after train()
         return compression_outcome(strategy, bm), convs["n"]
 
     outcome, n = run(cached=True)
@@ -234,7 +236,6 @@ def test_pruning_and_quantization_decide_the_same_with_fewer_stage_runs(
 
 def test_passes_as_different_tasks_never_share_stored_inputs():
     from avalanche_tsn.plugins.compression import validation_accuracy
-    from avalanche_tsn.stages import stage_context
 
     torch.manual_seed(0)
     bm = _images()
@@ -258,7 +259,6 @@ def test_the_live_subnetwork_always_runs_whole_passes(monkeypatch):
     from avalanche.models.utils import avalanche_model_adaptation
 
     from avalanche_tsn.plugins import compression
-    from avalanche_tsn.stages import stage_context
 
     torch.manual_seed(0)
     bm = _images()

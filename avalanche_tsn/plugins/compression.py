@@ -79,6 +79,11 @@ class ValidationSplitPlugin(SupervisedPlugin, supports_distributed=True):
         stage_context(strategy).new_validation(data.subset(order[:n_val]).eval())
         strategy.adapted_dataset = data.subset(order[n_val:])
 
+    def after_training(self, strategy, **kwargs) -> None:
+        # the passes' stored stage inputs (up to avalanche_tsn.prefix.BUDGET) are not kept
+        # beyond the train call that made them
+        stage_context(strategy).drop_validation_cache()
+
 
 @torch.no_grad()
 def validation_accuracy(
