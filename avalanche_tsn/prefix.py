@@ -25,7 +25,8 @@ from avalanche_tsn.model import TSNModel
 
 __all__ = ["PrefixCache", "staged_forward", "model_cache", "BUDGET"]
 
-#: Bytes of stored stage inputs a cache may hold (the earliest, largest stages go first).
+#: Bytes of stage inputs a cache keeps between passes (the earliest, largest stages go
+#: first); a pass under way also holds the inputs it replaces, up to twice that.
 BUDGET = 512 * 2**20
 
 Stage = Callable[[Tensor], Tensor]
@@ -71,6 +72,10 @@ def _version(t: object) -> int | None:
 
 def _intact(stored: list[tuple[Any, int | None]]) -> bool:
     return all(v is not None and _version(t) == v for t, v in stored)
+
+
+def _nbytes(stored: list[tuple[Any, int | None]]) -> int:
+    return sum(t.nbytes for t, _ in stored if isinstance(t, Tensor))
 
 
 def _same(now: list[Tensor], then: list[Tensor]) -> bool:
@@ -124,6 +129,11 @@ class PrefixCache:
         #: stages run by the passes so far (what a whole pass each time would multiply)
         self.stage_runs = 0
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of stage inputs held now: stored, and gathered by the pass under way."""
+        return sum(_nbytes(v) for v in (*self._inputs.values(), *self._pending.values()))
+
     def _first_changed(self) -> int:
         if self._snapshots is None:
             return 0
@@ -161,7 +171,23 @@ class PrefixCache:
             self.stage_runs += 1
         if len(self._stages) in self._pending:
             self._pending[len(self._stages)].append((h, _version(h)))
+        if self._read == 1:
+            self._fit_budget()
         return self._head(h)
+
+    def _fit_budget(self) -> None:
+        # From the first minibatch's sizes: the latest points that fit the budget once the
+        # pass is kept are gathered, the others not at all (the copies they replace are kept
+        # until then: a try that is put back resumes from them).
+        held = sum(_nbytes(v) for p, v in self._inputs.items() if p not in self._pending)
+        for point in sorted(self._pending, reverse=True):
+            size = _nbytes(self._pending[point]) * self._n
+            if held + size > self._budget:
+                del self._pending[point]
+                self._inputs.pop(point, None)  # (an older copy: stale once this pass commits)
+                self._dropped.add(point)
+            else:
+                held += size
 
     def commit(self) -> None:
         """The pass read every minibatch: its stage inputs and the stages' state are kept."""
@@ -179,7 +205,7 @@ class PrefixCache:
                 self._dropped.add(point)
         self._pending = {}
         # over the budget, the earliest points go first: they are the largest and save least
-        while sum(t.nbytes for v in self._inputs.values() for t, _ in v) > self._budget:
+        while sum(_nbytes(v) for v in self._inputs.values()) > self._budget:
             point = min(self._inputs)
             del self._inputs[point]
             self._dropped.add(point)

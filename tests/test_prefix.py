@@ -144,12 +144,18 @@ def test_over_the_budget_the_earliest_inputs_go_and_outputs_stay_exact():
     net, batches = _net(), list(torch.randn(12, 6).split(4))
     one_point = sum(t.nbytes for t in torch.randn(12, 8).split(4))
     cache = PrefixCache(list(net), lambda h: h, len(batches), budget=2 * one_point)
+    held = []
+    for stage in net:
+        stage.register_forward_pre_hook(lambda *_: held.append(cache.held_bytes))
     _pass(cache, batches)
+    # chosen from the first minibatch: the pass never gathered what it would not keep
+    assert 0 < max(held) <= 2 * one_point
     assert sorted(cache._inputs) == [5, 6]  # (the two latest of 2, 4, 5, 6)
     with torch.no_grad():
         net[4].weight.add_(0.1)
     start, outs = _pass(cache, batches)
     assert start == 0 and _same_as_whole(net, outs, batches)
+    assert cache.held_bytes <= 2 * one_point
 
 
 def _image_net_cases() -> list[tuple[nn.Module, torch.Tensor]]:
