@@ -130,6 +130,11 @@ class PrefixCache:
         self.stage_runs = 0
 
     @property
+    def stored_points(self) -> list[int]:
+        """The stages (``len(stages)``: the head) whose inputs are stored, in order."""
+        return sorted(self._inputs)
+
+    @property
     def held_bytes(self) -> int:
         """Bytes of stage inputs held now: stored, and gathered by the pass under way."""
         return sum(_nbytes(v) for v in (*self._inputs.values(), *self._pending.values()))

@@ -38,6 +38,7 @@ def test_a_pass_resumes_at_the_first_changed_stage_with_the_whole_forwards_outpu
     cache = PrefixCache(list(net), lambda h: h, len(batches))
     start, outs = _pass(cache, batches)
     assert start == 0 and cache.stage_runs == 6 * 3 and _same_as_whole(net, outs, batches)
+    assert cache.stored_points == [2, 4, 5, 6]  # in front of each stage with state, and the head
     with torch.no_grad():
         net[4].weight[0, 0] += 1.0  # the fifth stage changes
     runs = cache.stage_runs
@@ -150,7 +151,7 @@ def test_over_the_budget_the_earliest_inputs_go_and_outputs_stay_exact():
     _pass(cache, batches)
     # chosen from the first minibatch: the pass never gathered what it would not keep
     assert 0 < max(held) <= 2 * one_point
-    assert sorted(cache._inputs) == [5, 6]  # (the two latest of 2, 4, 5, 6)
+    assert cache.stored_points == [5, 6]  # (the two latest of 2, 4, 5, 6)
     with torch.no_grad():
         net[4].weight.add_(0.1)
     start, outs = _pass(cache, batches)
