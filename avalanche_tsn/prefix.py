@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from avalanche_tsn.model import TSNModel
+from avalanche_tsn.validation import check_int
 
 __all__ = ["PrefixCache", "staged_forward", "model_cache", "BUDGET"]
 
@@ -109,11 +110,11 @@ class PrefixCache:
         before: Callable[[], None] | None = None,
         budget: int | None = None,
     ) -> None:
+        self._n = check_int(n_batches, "n_batches", 1)
+        self._budget = BUDGET if budget is None else check_int(budget, "budget", 0)
         self._stages = list(stages)
         self._before = before
-        self._budget = BUDGET if budget is None else budget
         self._head = head
-        self._n = n_batches
         # only a stage with state can change: inputs are stored in front of those (and in
         # front of the head, index len(stages))
         self._points = [i for i, s in enumerate(self._stages) if _state(s)]

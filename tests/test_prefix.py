@@ -63,6 +63,18 @@ def test_a_pass_resumes_at_the_first_changed_stage_with_the_whole_forwards_outpu
         cache.commit()
 
 
+def test_a_cache_refuses_a_count_or_budget_that_is_not_an_int_in_range():
+    stages = list(_net())
+    for kwargs, error in (
+        ({"n_batches": 0}, ValueError),
+        ({"n_batches": 2.0}, TypeError),
+        ({"n_batches": 2, "budget": -1}, ValueError),
+        ({"n_batches": 2, "budget": 1.5}, TypeError),
+    ):
+        with pytest.raises(error, match="n_batches|budget"):
+            PrefixCache(stages, lambda h: h, **kwargs)
+
+
 def test_changes_the_cache_cannot_trust_make_it_run_again():
     net, batches = _net(), list(torch.randn(12, 6).split(4))
     cache = PrefixCache(list(net), lambda h: h, len(batches))
