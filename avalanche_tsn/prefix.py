@@ -218,13 +218,18 @@ class PrefixCache:
 
 
 def model_cache(model: nn.Module, task_label: int, n_batches: int) -> PrefixCache | None:
-    """A cache for passes of a TSN ``model`` as ``task_label``, or None if it has no stages.
+    """A cache for passes of a TSN ``model`` as a trained ``task_label``, or None.
+
+    None for another model, a task not trained (its live subnetwork), or a backbone without
+    stages.
 
     :param model: the model the passes run (a :class:`~avalanche_tsn.model.TSNModel`).
     :param task_label: the task whose subnetwork runs.
     :param n_batches: minibatches of a complete pass.
     """
-    if not isinstance(model, TSNModel):
+    # only a trained task: its forward depends on tensors alone (the live subnetwork's also
+    # on its sparsity, an int no tensor comparison sees)
+    if not isinstance(model, TSNModel) or model.task_table.frozen_slot(task_label) is None:
         return None
     split = staged_forward(model.net, task_label)
     if split is None:

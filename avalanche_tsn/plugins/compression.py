@@ -182,12 +182,11 @@ def _validation_batches(strategy, ctx) -> list[tuple[Tensor, Tensor]]:
 def _prefix_cache(
     ctx, model: torch.nn.Module, task_label: int, batches: list
 ) -> PrefixCache | None:
-    # One cache per model, task and minibatches, and only for a trained task: its forward
-    # depends on tensors alone (the live subnetwork's also on its sparsity, an int).
+    # one cache per model, task, route and minibatches (see avalanche_tsn.prefix)
     route = model.task_table.frozen_slot(task_label) if isinstance(model, TSNModel) else None
     key = (id(model), task_label, route, id(batches))
     if ctx.validation_prefix is None or ctx.validation_prefix[0] != key:
-        cache = None if route is None else model_cache(model, task_label, len(batches))
+        cache = model_cache(model, task_label, len(batches))
         # (the model and minibatches are held with it: their ids are not reused meanwhile)
         ctx.validation_prefix = (key, cache, model, batches)
     return ctx.validation_prefix[1]
