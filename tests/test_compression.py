@@ -451,8 +451,9 @@ def test_the_first_full_validation_pass_orders_the_split_hardest_first():
     acc = validation_accuracy(strategy, 0)
     assert ctx.validation_ordered
     ordered = ctx.validation_batches
-    # the same samples, as many a minibatch, in ascending margin
-    assert [len(y) for _, y in ordered] == [len(y) for _, y in unordered]
+    # the same samples in ascending margin, minibatches growing to the split's size
+    assert [len(y) for _, y in unordered] == [16, 16, 16]
+    assert [len(y) for _, y in ordered] == [4, 4, 8, 16, 16]
     x_old, y_old = (torch.cat(t) for t in zip(*unordered, strict=True))
     x_new, y_new = (torch.cat(t) for t in zip(*ordered, strict=True))
     old_rows = sorted(map(tuple, torch.cat([x_old, y_old[:, None]], 1).tolist()))
@@ -468,6 +469,21 @@ def test_the_first_full_validation_pass_orders_the_split_hardest_first():
     )
     with pytest.raises(RuntimeError, match="already ordered"):
         ctx.order_validation(ordered)
+
+
+def test_ordered_minibatches_grow_to_the_split_size_and_cover_every_sample():
+    from avalanche_tsn.early_stop import ramp
+
+    assert ramp(200, 64) == [16, 16, 32, 64, 64, 8]
+    assert ramp(20, 64) == [16, 4] and ramp(16, 64) == [16] and ramp(0, 64) == []
+    assert ramp(7, 3) == [3, 3, 1] and ramp(9, 5) == [1, 1, 3, 4]
+    for n in range(0, 40):
+        for size in range(1, 12):
+            sizes = ramp(n, size)
+            assert sum(sizes) == n and all(0 < s <= size for s in sizes)
+            # the first three end where the first full minibatch would have ended
+            if size >= 4 and n >= size:
+                assert sum(sizes[:3]) == size
 
 
 @pytest.mark.parametrize("search", ["joint", "bisect"])

@@ -82,7 +82,7 @@ def _image_stream():
     return image_stream(2, 4, (60, 30), spread=2.0, noise=0.5)
 
 
-def test_validation_passes_read_channels_last_images_after_the_first_and_agree():
+def test_validation_passes_read_channels_last_images_and_agree():
     from avalanche_tsn.plugins.compression import validation_accuracy
     from avalanche_tsn.stages import stage_context
 
@@ -140,3 +140,41 @@ def test_the_layout_is_tried_once_per_model_and_applied_to_later_experiences(mon
         # the first experience tries both layouts; the second applies that decision
         assert known == [None, nhwc] and layouts == [nhwc, nhwc]
         assert all(_nhwc(x) == nhwc for x, _ in stage_context(strategy).validation_batches)
+
+
+def test_the_first_pass_reads_the_chosen_layout_and_the_trial_keeps_batch_norm_statistics():
+    from avalanche_tsn.plugins.compression import validation_accuracy
+    from avalanche_tsn.stages import stage_context
+
+    torch.manual_seed(0)
+    bm = _image_stream()
+    strategy = adam_strategy(_convnet(), prune=False, quantize=False)
+    strategy.train(bm.train_stream[0], eval_streams=[])
+    strategy.experience = bm.train_stream[0]
+    ctx = stage_context(strategy)
+    ctx.new_validation(bm.test_stream[0].dataset.eval())
+    ctx.layouts.clear()  # a model seen for the first time: the layouts are tried
+    model = strategy.model
+    model.train()  # as a plugin finds it after training
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs: list[bool] = []
+    modes: list[bool] = []
+
+    def seen(module: nn.Module, args: tuple) -> None:
+        inputs.append(_nhwc(args[0]))
+        modes.append(module.training)
+
+    hook = model.register_forward_pre_hook(seen)
+    try:
+        validation_accuracy(strategy, 0)
+    finally:
+        hook.remove()
+    after = model.state_dict()
+    # every forward ran in evaluation mode (batch norm's statistics kept), and the model is
+    # left in the mode it was in
+    assert not any(modes) and model.training
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # the trial's two forwards (NHWC, then NCHW), then every minibatch of the first pass
+    n = sum(len(y) for _, y in ctx.validation_batches)
+    passes = -(-n // min(strategy.eval_mb_size, 64))
+    assert inputs == [True, False] + [True] * passes and passes > 1

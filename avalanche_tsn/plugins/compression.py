@@ -101,9 +101,9 @@ def validation_accuracy(
     :param model: the model to evaluate (default: the strategy's).
     """
     ctx = stage_context(strategy)
-    batches = _validation_batches(strategy, ctx)
-    total = sum(len(y) for _, y in batches)
     model = strategy.model if model is None else model
+    batches = _validation_batches(strategy, ctx, model, task_label)
+    total = sum(len(y) for _, y in batches)
     # The same model state gives the same accuracy: searches re-ask for their baselines.
     state = (task_label, id(batches), _state_key(model))
     memo = ctx.validation_memo
@@ -150,12 +150,6 @@ def validation_accuracy(
         if hardness:
             order = torch.sort(torch.cat(hardness), stable=True).indices
             batches, features = reorder(batches, features, order)
-            # the later passes (most of them) read images in the CPU's faster layout
-            # (decided once per model and input shape: the trial is two forwards a task)
-            layout = layout_key(model, batches[0][0])
-            batches, ctx.layouts[layout] = channels_last_batches(
-                batches, model, lambda x: model(x, task_label), ctx.layouts.get(layout)
-            )
             ctx.order_validation(batches)
             state = (task_label, id(batches), _state_key(model))
     finally:
@@ -166,16 +160,29 @@ def validation_accuracy(
     return correct / total
 
 
-def _validation_batches(strategy, ctx) -> list[tuple[Tensor, Tensor]]:
+def _validation_batches(strategy, ctx, model, task_label: int) -> list[tuple[Tensor, Tensor]]:
     data = ctx.require_validation("measuring validation accuracy")
     if ctx.validation_batches is None:
         # Small batches: a search that only needs to know whether a floor is reached stops
         # after the first batch that rules it out.
         size = min(strategy.eval_mb_size, _FLOOR_BATCH)
-        ctx.validation_batches = [
+        batches = [
             (x.to(strategy.device), y.to(strategy.device))
             for x, y in strategy_batches(strategy, data, size)
         ]
+        if batches:
+            # every pass, the first included, reads images in the CPU's faster layout
+            # (decided once per model and input shape: the trial is two forwards)
+            layout = layout_key(model, batches[0][0])
+            was_training = model.training
+            model.eval()  # the trial's forwards, as the passes' (batch norm's statistics kept)
+            try:
+                batches, ctx.layouts[layout] = channels_last_batches(
+                    batches, model, lambda x: model(x, task_label), ctx.layouts.get(layout)
+                )
+            finally:
+                model.train(was_training)
+        ctx.validation_batches = batches
     return ctx.validation_batches
 
 
