@@ -6,8 +6,11 @@ A pass that only needs to know whether a floor is reached stops as soon as too m
 are wrong (:func:`avalanche_tsn.plugins.compression.validation_accuracy`); how soon depends on
 where the wrong ones are. Samples the unpruned model gets wrong or nearly wrong (the smallest
 margin of the true class over the best other) are the ones a harmful step turns wrong first,
-so they are read first: a rejected step is found after fewer forwards. The accuracy of a
-complete pass, and so every decision, does not depend on the order.
+so they are read first: a rejected step is found after fewer forwards. Later passes learn
+which samples the search's steps actually turn wrong: those a pass finds wrong after the
+first minibatch are brought into it (:func:`promote`), and the first minibatches are small
+(:func:`ramp`). The accuracy of a complete pass, and so every decision, does not depend on
+the order.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["margins", "reorder", "ramp"]
+__all__ = ["margins", "reorder", "ramp", "promote"]
 
 
 def ramp(n: int, size: int) -> list[int]:
@@ -53,23 +56,50 @@ def margins(outputs: Tensor, targets: Tensor) -> Tensor:
     return (true - others).float()
 
 
+def promote(missed: Tensor, front: int, n: int) -> Tensor | None:
+    """A new order of the ``n`` samples that brings those a pass got wrong after the first
+    ``front`` into them, or None if there are none to bring.
+
+    A step a search rejects turns wrong mostly the same few samples as the steps before it,
+    not always the ones the unpruned model found hardest: each wrong sample read after the
+    front takes the place of a front sample the pass got right (the last of those first, the
+    easiest), so the next rejection is found in the first minibatch. The other samples keep
+    their places.
+
+    :param missed: for the samples the pass read, in order, whether it got each wrong.
+    :param front: the first minibatch's size.
+    :param n: samples in all (``len(missed)`` or more: a pass stopped early read fewer).
+    """
+    late = missed[front:].nonzero().squeeze(1) + front
+    right = (~missed[:front]).nonzero().squeeze(1).flip(0)
+    k = min(len(late), len(right))
+    if k == 0:
+        return None
+    order = torch.arange(n, device=missed.device)
+    order[late[:k]] = right[:k]
+    order[right[:k]] = late[:k]
+    return order
+
+
 def reorder(
     batches: Sequence[tuple[Tensor, Tensor]],
     features: Sequence[tuple[tuple, dict]] | None,
     order: Tensor,
+    sizes: list[int] | None = None,
 ) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[tuple, dict]] | None]:
-    """The samples of ``batches`` in ``order``, in minibatches growing to the first one's
-    size (see :func:`ramp`).
+    """The samples of ``batches`` in ``order``, in minibatches of ``sizes`` (default: growing
+    to the first one's size, see :func:`ramp`).
 
     :param batches: inputs and targets, minibatch by minibatch.
     :param features: for each minibatch, arguments a module received for it (positional,
         keyword), permuted alike where they are per-sample tensors; None if there are none
         or if they cannot be permuted (then the caller recomputes them).
     :param order: a permutation of all the samples, ``[n]``.
+    :param sizes: the new minibatches' sizes (summing to ``n``).
     """
     x = torch.cat([b[0] for b in batches])[order.to(batches[0][0].device)]
     y = torch.cat([b[1] for b in batches])[order.to(batches[0][1].device)]
-    size = ramp(len(y), len(batches[0][1]))
+    size = ramp(len(y), len(batches[0][1])) if sizes is None else sizes
     ordered = list(zip(x.split(size), y.split(size), strict=True))
     if features is None or any(kwargs for _, kwargs in features):
         return ordered, None

@@ -87,6 +87,17 @@ class StageContext:
         self.validation_prefix = None
         self.validation_ordered = True
 
+    def promote_validation(self, batches: list[tuple[Tensor, Tensor]]) -> None:
+        """Hold the ordered split's samples in a new order (a pass found new hard ones).
+
+        :param batches: the same samples as ``validation_batches``, reordered.
+        """
+        if not self.validation_ordered:
+            raise RuntimeError("the validation split is not ordered yet: order it first")
+        self.validation_batches = batches
+        self.validation_memo = None
+        self.validation_prefix = None
+
     def drop_validation_cache(self) -> None:
         """Let go of the validation passes' stored stage inputs (they are rebuilt if needed)."""
         self.validation_prefix = None

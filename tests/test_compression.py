@@ -486,13 +486,84 @@ def test_ordered_minibatches_grow_to_the_split_size_and_cover_every_sample():
                 assert sum(sizes[:3]) == size
 
 
+def test_a_pass_brings_the_samples_it_got_wrong_after_the_first_minibatch_into_it():
+    from avalanche_tsn.early_stop import promote
+    from avalanche_tsn.plugins.compression import head_validation, validation_accuracy
+    from avalanche_tsn.stages import StageContext, stage_context
+
+    missed = torch.tensor([0, 1, 0, 0, 0, 1, 0, 1, 1, 0], dtype=torch.bool)  # 10 of 12 read
+    expected = torch.arange(12)
+    for late, right in ((5, 3), (7, 2), (8, 0)):  # the front's last right ones give way
+        expected[late], expected[right] = right, late
+    assert torch.equal(promote(missed, 4, 12), expected)
+    assert promote(torch.tensor([True, True, False, False]), 2, 4) is None  # none late
+    assert promote(torch.tensor([True, True, True, False]), 2, 4) is None  # no room
+    assert torch.equal(
+        promote(torch.tensor([True, False, True, True]), 2, 4),
+        expected[:0].new_tensor([0, 2, 1, 3]),
+    )
+
+    strategy, bm = train(
+        MultiHeadMLP(12, (16, 16), 3), tasks=1, prune=False, quantize=False, eval_mb_size=8
+    )
+    strategy.experience = bm.train_stream[0]
+    ctx = stage_context(strategy)
+    ctx.new_validation(bm.test_stream[0].dataset.eval())
+    validation_accuracy(strategy, 0)  # orders the split
+    ordered = ctx.validation_batches
+    model, slot = strategy.model, strategy.model.slot_of(0)
+    for _, layer in model.masked_layers():  # most of the task's weights dropped, as a try
+        own = layer.own_mask(slot).flatten().nonzero().squeeze(1)
+        layer.release(slot, own[: len(own) * 3 // 4])
+
+    def wrong_ones(batches: list) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = (torch.cat(t) for t in zip(*batches, strict=True))
+        with torch.no_grad():
+            return model(x, 0).argmax(1) != y, torch.cat([x, y[:, None]], 1)
+
+    wrong, rows = wrong_ones(ordered)
+    sizes = [len(y) for _, y in ordered]
+    front, n = sizes[0], len(wrong)
+    # a pass stopped at the first later minibatch with a wrong one brings what it found
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    first = int(wrong[:front].sum())
+    two = next(int(wrong[:e].sum()) for e in ends[1:] if int(wrong[:e].sum()) > first)
+    assert first < front
+    floor = 1 - (two - 0.5) / n
+    assert validation_accuracy(strategy, 0, floor) < floor
+    stopped = ctx.validation_batches
+    assert stopped is not ordered and [len(y) for _, y in stopped] == sizes
+    assert int(wrong_ones(stopped)[0][:front].sum()) == min(front, two)
+    # a complete pass brings every wrong one it found, as many as the front holds
+    acc = validation_accuracy(strategy, 0)
+    promoted = ctx.validation_batches
+    assert acc == (n - int(wrong.sum())) / n
+    assert [len(y) for _, y in promoted] == sizes
+    wrong_now, rows_now = wrong_ones(promoted)
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, rows_now.tolist()))
+    assert int(wrong_now[:front].sum()) == min(front, int(wrong.sum()))
+    with pytest.raises(RuntimeError, match="not ordered"):
+        StageContext().promote_validation(promoted)
+    # the heads' inputs were kept in the new order: the head alone gives the same accuracy
+    fast = head_validation(strategy, 0)
+    assert fast is not None and fast() == acc
+    head, seen = model.classifier_heads()[0], []
+    hook = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    with torch.no_grad():
+        for x, _ in promoted:
+            model(x, 0)
+    hook.remove()
+    kept = [args[0] for args, _ in ctx.validation_memo[2]]
+    assert len(kept) == len(seen) and all(map(torch.equal, kept, seen))
+
+
 @pytest.mark.parametrize("search", ["joint", "bisect"])
 def test_ordering_the_validation_split_changes_no_pruning_or_quantization_decision(
     monkeypatch, search
 ):
     from avalanche_tsn.plugins import compression
 
-    def run(ordered: bool):
+    def run(ordered: bool, promoted: bool):
         forwards = {"n": 0}
         full = compression.validation_accuracy
 
@@ -510,6 +581,8 @@ def test_ordering_the_validation_split_changes_no_pruning_or_quantization_decisi
         monkeypatch.setattr(compression, "validation_accuracy", counted)
         if not ordered:  # equal keys: the stable sort keeps the split's order
             monkeypatch.setattr(compression, "margins", lambda out, y: torch.zeros(len(y)))
+        if not promoted:
+            monkeypatch.setattr(compression, "promote", lambda *_: None)
         torch.manual_seed(0)
         strategy, bm = train(
             MultiHeadMLP(12, (16, 16), 3), prune_search=search, prune_max_drop=0.02,
@@ -518,9 +591,11 @@ def test_ordering_the_validation_split_changes_no_pruning_or_quantization_decisi
         monkeypatch.undo()
         return compression_outcome(strategy, bm), forwards["n"]
 
-    outcome, n = run(ordered=True)
-    outcome_u, n_u = run(ordered=False)
-    assert same_outcome(outcome, outcome_u)
+    outcome, n = run(ordered=True, promoted=True)
+    outcome_o, n_o = run(ordered=True, promoted=False)
+    outcome_u, n_u = run(ordered=False, promoted=False)
+    assert same_outcome(outcome, outcome_u) and same_outcome(outcome_o, outcome_u)
     assert any(r.evaluations > 2 for r in outcome[0])  # searches that tried and rejected
-    # (seeded case, minibatches of 2: the rejected tries stop sooner, hardest samples first)
-    assert 0 < n < n_u
+    # (seeded case, minibatches of 2: the rejected tries stop sooner, hardest samples first;
+    # bringing the samples found wrong to the front is tested on its own below)
+    assert 0 < n <= n_o < n_u

@@ -13,7 +13,7 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
-from avalanche_tsn.early_stop import margins, reorder
+from avalanche_tsn.early_stop import margins, promote, reorder
 from avalanche_tsn.layout import channels_last_batches, layout_key
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_model
@@ -121,6 +121,7 @@ def validation_accuracy(
     model.eval()
     correct = seen = 0
     outputs: list[Tensor] = []
+    missed: list[Tensor] = []
     # the first complete pass of the split orders it hardest first, for later early stops
     hardness: list[Tensor] | None = None if ctx.validation_ordered else []
     try:
@@ -132,9 +133,11 @@ def validation_accuracy(
                 outputs.append(out)
             if hardness is not None:
                 hardness.append(margins(out, y))
-            correct += int((out.argmax(1) == y).sum())
+            missed.append(out.argmax(1) != y)
+            correct += len(y) - int(missed[-1].sum())
             seen += len(y)
             if floor is not None and correct + (total - seen) < floor * total:
+                _promote(ctx, batches, None, missed)
                 return (correct + total - seen) / total  # an upper bound, below the floor
         if cache is not None:
             cache.commit()
@@ -151,13 +154,28 @@ def validation_accuracy(
             order = torch.sort(torch.cat(hardness), stable=True).indices
             batches, features = reorder(batches, features, order)
             ctx.order_validation(batches)
-            state = (task_label, id(batches), _state_key(model))
+        else:
+            batches, features = _promote(ctx, batches, features, missed)
+        state = (task_label, id(batches), state[2])
     finally:
         model.train(was_training)
         if hook is not None:
             hook.remove()
     ctx.validation_memo = (state, correct / total, features)
     return correct / total
+
+
+def _promote(ctx, batches: list, features: list | None, missed: list[Tensor]) -> tuple:
+    # the samples a pass of the ordered split got wrong after its first minibatch move into
+    # it (see avalanche_tsn.early_stop.promote); the next pass starts afresh from the input
+    if not ctx.validation_ordered:
+        return batches, features
+    order = promote(torch.cat(missed), len(batches[0][1]), sum(len(y) for _, y in batches))
+    if order is None:
+        return batches, features
+    batches, features = reorder(batches, features, order, [len(y) for _, y in batches])
+    ctx.promote_validation(batches)
+    return batches, features
 
 
 def _validation_batches(strategy, ctx, model, task_label: int) -> list[tuple[Tensor, Tensor]]:
