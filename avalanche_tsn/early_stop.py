@@ -25,10 +25,11 @@ __all__ = ["margins", "reorder", "ramp", "promote"]
 
 
 def ramp(n: int, size: int) -> list[int]:
-    """Minibatch sizes for ``n`` samples read hardest first: a quarter of ``size``, then
-    a half, then ``size`` (a rejected step is mostly found among the first few samples, and
-    a smaller minibatch costs about proportionally less; the later ones keep the forwards
-    few).
+    """Minibatch sizes for ``n`` samples read hardest first: a quarter of ``size`` twice,
+    then the half left of the first ``size``, then ``size`` (a rejected step is mostly
+    found among the first few samples, and a smaller minibatch costs about proportionally
+    less; the first three end where a first full minibatch would, and the later ones keep
+    the forwards few).
 
     :param n: samples.
     :param size: the largest minibatch, at least 1.

@@ -92,7 +92,10 @@ def validation_accuracy(
     """Accuracy of ``strategy.model`` (or ``model``) on the held-out split, as ``task_label``.
 
     The split is read once per experience (with the strategy's own minibatch conventions)
-    and kept on the strategy's device, so repeated evaluations cost only forwards.
+    and kept on the strategy's device, so repeated evaluations cost only forwards. Passes
+    reorder its samples so that early stops come sooner (hardest first, then the samples
+    they found wrong; see :mod:`avalanche_tsn.early_stop`): a complete pass's accuracy does
+    not depend on the order.
 
     :param strategy: a strategy with a :class:`ValidationSplitPlugin`.
     :param task_label: the task whose subnetwork runs.
