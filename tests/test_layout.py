@@ -176,5 +176,5 @@ def test_the_first_pass_reads_the_chosen_layout_and_the_trial_keeps_batch_norm_s
     assert all(torch.equal(before[k], after[k]) for k in before)
     # the trial's two forwards (NHWC, then NCHW), then every minibatch of the first pass
     n = sum(len(y) for _, y in ctx.validation_batches)
-    passes = -(-n // min(strategy.eval_mb_size, 64))
-    assert inputs == [True, False] + [True] * passes and passes > 1
+    minibatches = -(-n // min(strategy.eval_mb_size, 64))
+    assert inputs == [True, False] + [True] * minibatches and minibatches > 1
