@@ -8,9 +8,10 @@ where the wrong ones are. Samples the unpruned model gets wrong or nearly wrong 
 margin of the true class over the best other) are the ones a harmful step turns wrong first,
 so they are read first: a rejected step is found after fewer forwards. Later passes learn
 which samples the search's steps actually turn wrong: those a pass finds wrong after the
-first minibatch are brought into it (:func:`promote`), and the first minibatches are small
-(:func:`ramp`). The accuracy of a complete pass, and so every decision, does not depend on
-the order.
+first minibatch are brought into it (:func:`promote`; where the first minibatch holds more
+samples than the floor lets be wrong, so that it can decide a rejection), and the first
+minibatches are small (:func:`ramp`). The accuracy of a complete pass, and so every
+decision, does not depend on the order.
 """
 
 from __future__ import annotations

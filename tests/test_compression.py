@@ -504,7 +504,7 @@ def test_a_pass_brings_the_samples_it_got_wrong_after_the_first_minibatch_into_i
     )
 
     strategy, bm = train(
-        MultiHeadMLP(12, (16, 16), 3), tasks=1, prune=False, quantize=False, eval_mb_size=8
+        MultiHeadMLP(12, (16, 16), 3), tasks=1, prune=False, quantize=False, eval_mb_size=64
     )
     strategy.experience = bm.train_stream[0]
     ctx = stage_context(strategy)
@@ -512,38 +512,38 @@ def test_a_pass_brings_the_samples_it_got_wrong_after_the_first_minibatch_into_i
     validation_accuracy(strategy, 0)  # orders the split
     ordered = ctx.validation_batches
     model, slot = strategy.model, strategy.model.slot_of(0)
-    for _, layer in model.masked_layers():  # most of the task's weights dropped, as a try
-        own = layer.own_mask(slot).flatten().nonzero().squeeze(1)
-        layer.release(slot, own[: len(own) * 3 // 4])
+    layer = next(model.masked_layers())[1]
+    own = layer.own_mask(slot).flatten().nonzero().squeeze(1)
+    unpruned = layer.slot_state(slot)
+
+    def drop(share: float) -> None:  # a share of the layer's own weights dropped, as a try
+        layer.restore_slot_state(slot, unpruned)
+        layer.release(slot, own[: int(len(own) * share)])
 
     def wrong_ones(batches: list) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = (torch.cat(t) for t in zip(*batches, strict=True))
         with torch.no_grad():
             return model(x, 0).argmax(1) != y, torch.cat([x, y[:, None]], 1)
 
-    wrong, rows = wrong_ones(ordered)
     sizes = [len(y) for _, y in ordered]
-    front, n = sizes[0], len(wrong)
-    # a pass stopped at the first later minibatch with a wrong one brings what it found
-    ends = torch.tensor(sizes).cumsum(0).tolist()
-    first = int(wrong[:front].sum())
-    two = next(int(wrong[:e].sum()) for e in ends[1:] if int(wrong[:e].sum()) > first)
-    assert first < front
-    floor = 1 - (two - 0.5) / n
-    assert validation_accuracy(strategy, 0, floor) < floor
-    stopped = ctx.validation_batches
-    assert stopped is not ordered and [len(y) for _, y in stopped] == sizes
-    assert int(wrong_ones(stopped)[0][:front].sum()) == min(front, two)
-    # a complete pass brings every wrong one it found, as many as the front holds
-    acc = validation_accuracy(strategy, 0)
+    front, n, ends = sizes[0], sum(sizes), torch.tensor(sizes).cumsum(0).tolist()
+    drop(0.6)
+    wrong, rows = wrong_ones(ordered)
+    total_wrong = int(wrong.sum())
+    # (seeded case: fewer wrong ones than the front holds, all of them after it)
+    assert int(wrong[:front].sum()) == 0 < total_wrong < front
+    # a floor the first minibatch cannot decide (more may be wrong than it holds): no move
+    assert validation_accuracy(strategy, 0, 1 - (front + 0.5) / n) == 1 - total_wrong / n
+    assert ctx.validation_batches is ordered
+    # a complete pass brings every wrong one it found into the front
+    ctx.validation_memo = None  # (the same state: a fresh pass, not the memo)
+    acc = validation_accuracy(strategy, 0, 1 - (total_wrong + 0.5) / n)
     promoted = ctx.validation_batches
-    assert acc == (n - int(wrong.sum())) / n
+    assert acc == (n - total_wrong) / n and promoted is not ordered
     assert [len(y) for _, y in promoted] == sizes
     wrong_now, rows_now = wrong_ones(promoted)
     assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, rows_now.tolist()))
-    assert int(wrong_now[:front].sum()) == min(front, int(wrong.sum()))
-    with pytest.raises(RuntimeError, match="not ordered"):
-        StageContext().promote_validation(promoted)
+    assert int(wrong_now[:front].sum()) == total_wrong
     # the heads' inputs were kept in the new order: the head alone gives the same accuracy
     fast = head_validation(strategy, 0)
     assert fast is not None and fast() == acc
@@ -555,6 +555,19 @@ def test_a_pass_brings_the_samples_it_got_wrong_after_the_first_minibatch_into_i
     hook.remove()
     kept = [args[0] for args, _ in ctx.validation_memo[2]]
     assert len(kept) == len(seen) and all(map(torch.equal, kept, seen))
+    # a pass stopped at the first later minibatch with a wrong one brings what it found
+    drop(0.75)
+    wrong, _ = wrong_ones(promoted)
+    first = int(wrong[:front].sum())
+    two = next(int(wrong[:e].sum()) for e in ends[1:] if int(wrong[:e].sum()) > first)
+    assert first < front  # (seeded case: room in the front)
+    floor = 1 - (first + 0.5) / n
+    assert validation_accuracy(strategy, 0, floor) < floor
+    stopped = ctx.validation_batches
+    assert stopped is not promoted and [len(y) for _, y in stopped] == sizes
+    assert int(wrong_ones(stopped)[0][:front].sum()) == min(front, two) > first
+    with pytest.raises(RuntimeError, match="not ordered"):
+        StageContext().promote_validation(promoted)
 
 
 @pytest.mark.parametrize("search", ["joint", "bisect"])
