@@ -79,8 +79,8 @@ def channels_last_batches(
 
 
 def layout_key(model: nn.Module, x: Tensor) -> tuple:
-    """What :func:`channels_last_batches`'s decision depends on: the kinds of modules of the
-    model, and the inputs' sample shape, dtype and device (not the weights' values, nor how
+    """What :func:`channels_last_batches`'s decision depends on: the model, the kinds of its
+    modules, and the inputs' sample shape, dtype and device (not the weights' values, nor how
     many heads a multi-head model has grown).
 
     :param model: the model the passes run.

@@ -82,9 +82,7 @@ class StageContext:
         """
         if self.validation_ordered:
             raise RuntimeError("the validation split is already ordered for this experience")
-        self.validation_batches = batches
-        self.validation_memo = None
-        self.validation_prefix = None
+        self._hold_validation(batches)
         self.validation_ordered = True
 
     def promote_validation(self, batches: list[tuple[Tensor, Tensor]]) -> None:
@@ -94,6 +92,10 @@ class StageContext:
         """
         if not self.validation_ordered:
             raise RuntimeError("the validation split is not ordered yet: order it first")
+        self._hold_validation(batches)
+
+    def _hold_validation(self, batches: list[tuple[Tensor, Tensor]]) -> None:
+        # what was remembered of the minibatches in their old order no longer applies
         self.validation_batches = batches
         self.validation_memo = None
         self.validation_prefix = None

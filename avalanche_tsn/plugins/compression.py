@@ -140,7 +140,7 @@ def validation_accuracy(
             correct += len(y) - int(missed[-1].sum())
             seen += len(y)
             if floor is not None and correct + (total - seen) < floor * total:
-                _promote(ctx, batches, None, missed, floor)
+                _promote(ctx, batches, None, missed, floor, total)
                 return (correct + total - seen) / total  # an upper bound, below the floor
         if cache is not None:
             cache.commit()
@@ -158,7 +158,7 @@ def validation_accuracy(
             batches, features = reorder(batches, features, order)
             ctx.order_validation(batches)
         else:
-            batches, features = _promote(ctx, batches, features, missed, floor)
+            batches, features = _promote(ctx, batches, features, missed, floor, total)
         state = (task_label, id(batches), state[2])
     finally:
         model.train(was_training)
@@ -169,13 +169,12 @@ def validation_accuracy(
 
 
 def _promote(
-    ctx, batches: list, features: list | None, missed: list[Tensor], floor: float | None
+    ctx, batches: list, features: list | None, missed: list[Tensor], floor: float | None, total: int
 ) -> tuple:
     # the samples a pass of the ordered split got wrong after its first minibatch move into
     # it (see avalanche_tsn.early_stop.promote); the next passes start afresh from the input
     # until one reads the whole split. Only where the first minibatch can hold a rejection:
     # more samples than the floor lets be wrong (a low accuracy's wrong ones fill it anyway).
-    total = sum(len(y) for _, y in batches)
     if not ctx.validation_ordered or floor is None or len(batches[0][1]) <= total * (1 - floor):
         return batches, features
     order = promote(torch.cat(missed), len(batches[0][1]), total)
