@@ -9,9 +9,11 @@ margin of the true class over the best other) are the ones a harmful step turns 
 so they are read first: a rejected step is found after fewer forwards. Later passes learn
 which samples the search's steps actually turn wrong: those a pass finds wrong after the
 first minibatch are brought into it (:func:`promote`; where the first minibatch holds more
-samples than the floor lets be wrong, so that it can decide a rejection), and the first
-minibatches are small (:func:`ramp`). The accuracy of a complete pass, and so every
-decision, does not depend on the order.
+samples than the floor lets be wrong, so that it can decide a rejection; only the
+minibatches whose samples changed run again from the input: :func:`moved_batches`), and the
+first minibatches are small but hold every sample the unpruned model gets wrong
+(:func:`ramp`). The accuracy of a complete pass, and so every decision, does not depend on
+the order.
 """
 
 from __future__ import annotations
@@ -22,23 +24,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["margins", "reorder", "ramp", "promote"]
+__all__ = ["margins", "reorder", "ramp", "promote", "moved_batches"]
 
 
-def ramp(n: int, size: int) -> list[int]:
-    """Minibatch sizes for ``n`` samples read hardest first: a quarter of ``size`` twice,
-    then the half left of the first ``size``, then ``size`` (a rejected step is mostly
-    found among the first few samples, and a smaller minibatch costs about proportionally
-    less; the first three end where a first full minibatch would, and the later ones keep
-    the forwards few).
+def ramp(n: int, size: int, lead: int = 0) -> list[int]:
+    """Minibatch sizes for ``n`` samples read hardest first: ``lead`` samples and a quarter
+    of ``size``, a quarter, then the half left of the first ``size``, then ``size`` (a
+    rejected step is mostly found among the first few samples, and a smaller minibatch costs
+    about proportionally less; the first three end where a first full minibatch after the
+    lead would, and the later ones keep the forwards few).
 
     :param n: samples.
     :param size: the largest minibatch, at least 1.
+    :param lead: samples read before the ramp's first quarter, in the same minibatch (those
+        the unpruned model gets wrong, which a step's rejection counts first: the first
+        minibatch can then decide it), at least 0.
     """
     sizes: list[int] = []
     quarter = size // 4
-    for part in (quarter, quarter, size - 2 * quarter) if quarter else ():
-        if n > 0:
+    parts = (lead + quarter, quarter, size - 2 * quarter) if quarter else (lead,)
+    for part in parts:
+        if n > 0 and part > 0:
             sizes.append(min(part, n))
             n -= sizes[-1]
     while n > 0:
@@ -81,6 +87,17 @@ def promote(missed: Tensor, front: int, n: int) -> Tensor | None:
     order[late[:k]] = right[:k]
     order[right[:k]] = late[:k]
     return order
+
+
+def moved_batches(order: Tensor, sizes: Sequence[int]) -> list[int]:
+    """The positions of the minibatches (of ``sizes``) that ``order`` gives other samples.
+
+    :param order: a permutation of all the samples, ``[n]``.
+    :param sizes: the minibatches' sizes, summing to ``n``.
+    """
+    moved = (order != torch.arange(len(order), device=order.device)).nonzero().squeeze(1)
+    ends = torch.tensor(sizes, device=order.device).cumsum(0)
+    return torch.searchsorted(ends, moved, right=True).unique().tolist()
 
 
 def reorder(

@@ -15,7 +15,7 @@ backbone runs whole passes, as before.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -123,6 +123,10 @@ class PrefixCache:
         # by a stage or anyone else, makes the point unusable)
         self._inputs: dict[int, list[tuple[Tensor, int | None]]] = {}
         self._dropped: set[int] = set()
+        # minibatches whose samples changed since their inputs were stored: they run from
+        # their input until a complete pass stores them again (see forget)
+        self._stale: set[int] = set()
+        self._refresh: dict[int, list[tuple[int, tuple[Any, int | None]]]] = {}
         self._snapshots: list[list[Tensor]] | None = None
         self._start = 0
         self._read = 0
@@ -157,8 +161,23 @@ class PrefixCache:
         usable = [p for p in self._inputs if p <= changed and _intact(self._inputs[p])]
         self._start = max(usable, default=0)
         self._pending = {p: [] for p in self._points if p > self._start and p not in self._dropped}
+        self._refresh = {}
         self._read = 0
         return self._start
+
+    def forget(self, indices: Iterable[int]) -> None:
+        """The samples of minibatches ``indices`` changed: their stored inputs are not used.
+
+        Each of them runs every stage from its new input until a complete pass stores its
+        inputs again; the other minibatches' inputs still serve (a minibatch's stage outputs
+        depend on its own samples, in their places, and the stages' state).
+
+        :param indices: positions of the changed minibatches in a pass.
+        """
+        indices = set(indices)
+        if any(not 0 <= i < self._n for i in indices):
+            raise ValueError(f"minibatch indices must lie in [0, {self._n}), got {indices}")
+        self._stale |= indices
 
     def forward(self, index: int, x: Tensor) -> Tensor:
         """The model's output for minibatch ``index`` of the pass, whose input is ``x``.
@@ -169,14 +188,22 @@ class PrefixCache:
         if self._before is not None:
             self._before()
         self._read += 1
-        h = x if self._start == 0 else self._inputs[self._start][index][0]
-        for i in range(self._start, len(self._stages)):
+        stale = index in self._stale
+        first = 0 if stale else self._start
+        h = x if first == 0 else self._inputs[self._start][index][0]
+        for i in range(first, len(self._stages)):
+            if stale and i <= self._start and i in self._inputs:
+                # stages before the first changed one are as stored: what a commit keeps
+                self._refresh.setdefault(index, []).append((i, (h, _version(h))))
             if i in self._pending:
                 self._pending[i].append((h, _version(h)))
             h = self._stages[i](h)
             self.stage_runs += 1
-        if len(self._stages) in self._pending:
-            self._pending[len(self._stages)].append((h, _version(h)))
+        end = len(self._stages)
+        if stale and end <= self._start and end in self._inputs:
+            self._refresh.setdefault(index, []).append((end, (h, _version(h))))
+        if end in self._pending:
+            self._pending[end].append((h, _version(h)))
         if self._read == 1:
             self._fit_budget()
         return self._head(h)
@@ -203,6 +230,13 @@ class PrefixCache:
             self._snapshots = [[] for _ in self._stages]
         for i in range(self._start, len(self._stages)):
             self._snapshots[i] = [t.detach().clone() for t in _state(self._stages[i])]
+        for index, entries in self._refresh.items():
+            for point, entry in entries:
+                if point in self._inputs:
+                    self._inputs[point][index] = entry
+        # every minibatch was read: the stale ones are stored again up to the pass's start
+        # (refreshed above), and beyond it as all the others (below)
+        self._stale, self._refresh = set(), {}
         for point, stored in self._pending.items():
             if _intact(stored):
                 self._inputs[point] = stored

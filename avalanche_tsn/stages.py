@@ -53,9 +53,9 @@ class StageContext:
     #: whether ``validation_batches`` hold the samples hardest first (see
     #: :mod:`avalanche_tsn.early_stop`); set by :meth:`order_validation`
     validation_ordered: bool = False
-    #: the validation passes' stage inputs: a (model, task, route, minibatches) key, its
+    #: the validation passes' stage inputs: a (model, task, route) key, its
     #: :class:`~avalanche_tsn.prefix.PrefixCache` (or None: whole passes), the model and the
-    #: minibatches; read and set by the passes, emptied with the split
+    #: minibatches it is for; read and set by the passes, emptied with the split
     validation_prefix: tuple | None = None
     #: whether validation inputs are read channels-last, per
     #: :func:`~avalanche_tsn.layout.layout_key` (kept across experiences); set by the passes
@@ -85,14 +85,29 @@ class StageContext:
         self._hold_validation(batches)
         self.validation_ordered = True
 
-    def promote_validation(self, batches: list[tuple[Tensor, Tensor]]) -> None:
+    def promote_validation(
+        self, batches: list[tuple[Tensor, Tensor]], changed: Sequence[int]
+    ) -> None:
         """Hold the ordered split's samples in a new order (a pass found new hard ones).
 
+        The minibatches keep their sizes and only those at positions ``changed`` hold other
+        samples: the passes' stored stage inputs of the others still serve.
+
         :param batches: the same samples as ``validation_batches``, reordered.
+        :param changed: the positions of the minibatches whose samples changed.
         """
         if not self.validation_ordered:
             raise RuntimeError("the validation split is not ordered yet: order it first")
+        old = self.validation_batches or []
+        if [len(y) for _, y in batches] != [len(y) for _, y in old]:
+            raise ValueError("a promoted split must keep the minibatches' sizes")
+        prefix = self.validation_prefix
         self._hold_validation(batches)
+        if prefix is not None:
+            key, cache, model, _ = prefix
+            if cache is not None:
+                cache.forget(changed)
+            self.validation_prefix = (key, cache, model, batches)
 
     def _hold_validation(self, batches: list[tuple[Tensor, Tensor]]) -> None:
         # what was remembered of the minibatches in their old order no longer applies

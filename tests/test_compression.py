@@ -484,6 +484,35 @@ def test_ordered_minibatches_grow_to_the_split_size_and_cover_every_sample():
             # the first three end where the first full minibatch would have ended
             if size >= 4 and n >= size:
                 assert sum(sizes[:3]) == size
+    # a lead (the samples the unpruned model got wrong) joins the first minibatch
+    assert ramp(200, 64, lead=10) == [26, 16, 32, 64, 62]
+    assert ramp(20, 64, lead=30) == [20] and ramp(7, 3, lead=2) == [2, 3, 2]
+    for n in range(0, 40):
+        for lead in range(0, 12):
+            sizes = ramp(n, 8, lead)
+            assert sum(sizes) == n and sizes[:1] == [min(n, lead + 2)][: len(sizes)]
+            if n >= lead + 8:
+                assert sum(sizes[:3]) == lead + 8 and all(s <= 8 for s in sizes[1:])
+
+
+def test_the_first_ordered_minibatch_holds_the_samples_the_pass_got_wrong():
+    from avalanche_tsn.plugins.compression import validation_accuracy
+    from avalanche_tsn.stages import stage_context
+
+    strategy, bm = train(MultiHeadMLP(12, (16, 16), 3), tasks=2, prune=False, quantize=False)
+    strategy.experience = bm.train_stream[0]
+    ctx = stage_context(strategy)
+    # task 1's samples read as task 0: many wrong
+    ctx.new_validation(bm.test_stream[1].dataset.eval())
+    acc = validation_accuracy(strategy, 0)
+    x, y = (torch.cat(t) for t in zip(*ctx.validation_batches, strict=True))
+    with torch.no_grad():
+        wrong = strategy.model(x, 0).argmax(1) != y
+    n_wrong = int(wrong.sum())
+    assert 0 < n_wrong < len(y) - 4 and acc == 1 - n_wrong / len(y)
+    sizes = [len(b) for _, b in ctx.validation_batches]
+    assert sizes[0] == n_wrong + 4 and sum(sizes[:3]) == n_wrong + 16
+    assert bool(wrong[:n_wrong].all()) and not bool(wrong[n_wrong:].any())
 
 
 def test_a_pass_brings_the_samples_it_got_wrong_after_the_first_minibatch_into_it():
@@ -540,6 +569,8 @@ def test_a_pass_brings_the_samples_it_got_wrong_after_the_first_minibatch_into_i
     acc = validation_accuracy(strategy, 0, 1 - (total_wrong + 0.5) / n)
     promoted = ctx.validation_batches
     assert acc == (n - total_wrong) / n and promoted is not ordered
+    # the stored stage inputs carry over, for the minibatches that kept their samples
+    assert ctx.validation_prefix is not None and ctx.validation_prefix[3] is promoted
     assert [len(y) for _, y in promoted] == sizes
     wrong_now, rows_now = wrong_ones(promoted)
     assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, rows_now.tolist()))
@@ -567,7 +598,61 @@ def test_a_pass_brings_the_samples_it_got_wrong_after_the_first_minibatch_into_i
     assert stopped is not promoted and [len(y) for _, y in stopped] == sizes
     assert int(wrong_ones(stopped)[0][:front].sum()) == min(front, two) > first
     with pytest.raises(RuntimeError, match="not ordered"):
-        StageContext().promote_validation(promoted)
+        StageContext().promote_validation(promoted, [0])
+    with pytest.raises(ValueError, match="sizes"):
+        ctx.promote_validation(promoted[1:], [0])
+    assert ctx.validation_batches is stopped
+
+
+def test_a_promoted_split_resumes_from_stored_inputs_where_its_samples_stayed():
+    from avalanche_tsn.early_stop import moved_batches, reorder
+    from avalanche_tsn.plugins.compression import validation_accuracy
+    from avalanche_tsn.prefix import staged_forward
+    from avalanche_tsn.stages import stage_context
+
+    strategy, bm = train(
+        MultiHeadMLP(12, (16, 16), 3), tasks=1, prune=False, quantize=False, eval_mb_size=64
+    )
+    strategy.experience = bm.train_stream[0]
+    ctx = stage_context(strategy)
+    ctx.new_validation(bm.test_stream[0].dataset.eval())
+    validation_accuracy(strategy, 0)  # orders the split
+    ctx.validation_memo = None  # (the same state: a fresh pass, which stores its inputs)
+    validation_accuracy(strategy, 0)
+    ordered = ctx.validation_batches
+    sizes = [len(y) for _, y in ordered]
+    order = torch.arange(sum(sizes))
+    order[0], order[-1] = len(order) - 1, 0  # the first and last samples change places
+    batches, _ = reorder(ordered, None, order, sizes)
+    ctx.promote_validation(batches, moved_batches(order, sizes))
+    cache = ctx.validation_prefix[1]
+    model, slot = strategy.model, strategy.model.slot_of(0)
+    layer = list(model.masked_layers())[-1][1]  # only the last masked layer changes
+    own = layer.own_mask(slot).flatten().nonzero().squeeze(1)
+    layer.release(slot, own[: len(own) // 2])
+    runs = cache.stage_runs
+    acc = validation_accuracy(strategy, 0)
+    head, seen = model.classifier_heads()[0], []
+    hook = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    with torch.no_grad():
+        whole = [model(x, 0) for x, _ in batches]
+    hook.remove()
+    # the heads' inputs are those of the samples in their new places, and so the accuracy
+    kept = [args[0] for args, _ in ctx.validation_memo[2]]
+    assert len(kept) == len(seen) and all(map(torch.equal, kept, seen))
+    y = torch.cat([b for _, b in batches])
+    assert acc == int((torch.cat(whole).argmax(1) == y).sum()) / len(y)
+    # the minibatches that kept their samples resumed after the unchanged stages
+    assert 0 < cache.stage_runs - runs < len(batches) * len(staged_forward(model.net, 0)[0])
+
+
+def test_a_new_order_names_the_minibatches_whose_samples_changed():
+    from avalanche_tsn.early_stop import moved_batches
+
+    order = torch.tensor([0, 1, 5, 3, 4, 2, 6])
+    assert moved_batches(order, [2, 2, 3]) == [1, 2]
+    assert moved_batches(torch.arange(7), [2, 2, 3]) == []
+    assert moved_batches(torch.tensor([1, 0, 2, 3]), [2, 2]) == [0]
 
 
 @pytest.mark.parametrize("search", ["joint", "bisect"])

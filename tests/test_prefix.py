@@ -63,6 +63,33 @@ def test_a_pass_resumes_at_the_first_changed_stage_with_the_whole_forwards_outpu
         cache.commit()
 
 
+def test_minibatches_given_other_samples_run_whole_until_a_complete_pass_stores_them():
+    net, batches = _net(), list(torch.randn(12, 6).split(4))
+    cache = PrefixCache(list(net), lambda h: h, len(batches))
+    _pass(cache, batches)
+    with torch.no_grad():
+        net[4].weight.add_(0.1)  # stages 0-3 as stored
+    moved = [batches[0].flip(0), batches[1], torch.randn(4, 6)]  # minibatches 0 and 2 change
+    cache.forget([0, 2])
+    runs = cache.stage_runs
+    # a stopped pass reads the changed one from its input and stores nothing
+    start, outs = _pass(cache, moved[:1], commit=False)
+    assert start == 4 and cache.stage_runs - runs == 6 and _same_as_whole(net, outs, moved[:1])
+    runs = cache.stage_runs
+    start, outs = _pass(cache, moved)
+    # the unchanged minibatch resumes at stage 4, the two changed ones run every stage
+    assert start == 4 and cache.stage_runs - runs == 2 + 6 + 6
+    assert _same_as_whole(net, outs, moved)
+    # stored again, before and after the pass's start: the next passes resume for all three
+    with torch.no_grad():
+        net[2].weight.add_(0.1)
+    runs = cache.stage_runs
+    start, outs = _pass(cache, moved)
+    assert start == 2 and cache.stage_runs - runs == 3 * 4 and _same_as_whole(net, outs, moved)
+    with pytest.raises(ValueError, match="minibatch indices"):
+        cache.forget([3])
+
+
 def test_a_cache_refuses_a_count_or_budget_that_is_not_an_int_in_range():
     stages = list(_net())
     for kwargs, error in (

@@ -13,7 +13,7 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
-from avalanche_tsn.early_stop import margins, promote, reorder
+from avalanche_tsn.early_stop import margins, moved_batches, promote, ramp, reorder
 from avalanche_tsn.layout import channels_last_batches, layout_key
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.plugins._common import current_task, strategy_batches, tsn_model
@@ -155,7 +155,9 @@ def validation_accuracy(
                 features = [(args, kwargs) for args, kwargs, _ in captured]
         if hardness:
             order = torch.sort(torch.cat(hardness), stable=True).indices
-            batches, features = reorder(batches, features, order)
+            # the samples this pass got wrong lead the first minibatch (see ramp)
+            sizes = ramp(total, len(batches[0][1]), lead=total - correct)
+            batches, features = reorder(batches, features, order, sizes)
             ctx.order_validation(batches)
         else:
             batches, features = _promote(ctx, batches, features, missed, floor, total)
@@ -172,16 +174,18 @@ def _promote(
     ctx, batches: list, features: list | None, missed: list[Tensor], floor: float | None, total: int
 ) -> tuple:
     # the samples a pass of the ordered split got wrong after its first minibatch move into
-    # it (see avalanche_tsn.early_stop.promote); the next passes start afresh from the input
-    # until one reads the whole split. Only where the first minibatch can hold a rejection:
-    # more samples than the floor lets be wrong (a low accuracy's wrong ones fill it anyway).
+    # it (see avalanche_tsn.early_stop.promote); the minibatches that changed run from the
+    # input until a pass reads the whole split, the others resume from their stored stage
+    # inputs. Only where the first minibatch can hold a rejection: more samples than the
+    # floor lets be wrong.
     if not ctx.validation_ordered or floor is None or len(batches[0][1]) <= total * (1 - floor):
         return batches, features
     order = promote(torch.cat(missed), len(batches[0][1]), total)
     if order is None:
         return batches, features
-    batches, features = reorder(batches, features, order, [len(y) for _, y in batches])
-    ctx.promote_validation(batches)
+    sizes = [len(y) for _, y in batches]
+    batches, features = reorder(batches, features, order, sizes)
+    ctx.promote_validation(batches, moved_batches(order, sizes))
     return batches, features
 
 
@@ -216,8 +220,9 @@ def _prefix_cache(
 ) -> PrefixCache | None:
     # one cache per model, task, route and minibatches (see avalanche_tsn.prefix)
     route = model.task_table.frozen_slot(task_label) if isinstance(model, TSNModel) else None
-    key = (id(model), task_label, route, id(batches))
-    if ctx.validation_prefix is None or ctx.validation_prefix[0] != key:
+    key = (id(model), task_label, route)
+    prefix = ctx.validation_prefix
+    if prefix is None or prefix[0] != key or prefix[3] is not batches:
         cache = model_cache(model, task_label, len(batches))
         # (the model and minibatches are held with it: their ids are not reused meanwhile)
         ctx.validation_prefix = (key, cache, model, batches)
