@@ -123,10 +123,9 @@ class PrefixCache:
         # by a stage or anyone else, makes the point unusable)
         self._inputs: dict[int, list[tuple[Tensor, int | None]]] = {}
         self._dropped: set[int] = set()
-        # minibatches whose samples changed since their inputs were stored: they run from
-        # their input until a complete pass stores them again (see forget)
-        self._stale: set[int] = set()
-        self._refresh: dict[int, list[tuple[int, tuple[Any, int | None]]]] = {}
+        # minibatches whose samples changed since their inputs were stored (see forget), and
+        # the last point up to which their stored inputs were computed again since (-1: none)
+        self._stale: dict[int, int] = {}
         self._snapshots: list[list[Tensor]] | None = None
         self._start = 0
         self._read = 0
@@ -161,15 +160,15 @@ class PrefixCache:
         usable = [p for p in self._inputs if p <= changed and _intact(self._inputs[p])]
         self._start = max(usable, default=0)
         self._pending = {p: [] for p in self._points if p > self._start and p not in self._dropped}
-        self._refresh = {}
         self._read = 0
         return self._start
 
     def forget(self, indices: Iterable[int]) -> None:
         """The samples of minibatches ``indices`` changed: their stored inputs are not used.
 
-        Each of them runs every stage from its new input until a complete pass stores its
-        inputs again; the other minibatches' inputs still serve (a minibatch's stage outputs
+        Each of them runs from its new input, its inputs stored again as passes compute them
+        (those before a pass's first changed stage at once, the others when a complete pass
+        is kept); the other minibatches' inputs still serve (a minibatch's stage outputs
         depend on its own samples, in their places, and the stages' state).
 
         :param indices: positions of the changed minibatches in a pass.
@@ -177,7 +176,7 @@ class PrefixCache:
         indices = set(indices)
         if any(not 0 <= i < self._n for i in indices):
             raise ValueError(f"minibatch indices must lie in [0, {self._n}), got {indices}")
-        self._stale |= indices
+        self._stale.update((i, -1) for i in indices)
 
     def forward(self, index: int, x: Tensor) -> Tensor:
         """The model's output for minibatch ``index`` of the pass, whose input is ``x``.
@@ -188,25 +187,34 @@ class PrefixCache:
         if self._before is not None:
             self._before()
         self._read += 1
-        stale = index in self._stale
-        first = 0 if stale else self._start
-        h = x if first == 0 else self._inputs[self._start][index][0]
-        for i in range(first, len(self._stages)):
-            if stale and i <= self._start and i in self._inputs:
-                # stages before the first changed one are as stored: what a commit keeps
-                self._refresh.setdefault(index, []).append((i, (h, _version(h))))
+        valid = self._stale.get(index)
+        first = self._start if valid is None else self._resume(index, min(valid, self._start))
+        h = x if first == 0 else self._inputs[first][index][0]
+        end = len(self._stages)
+        for i in range(first, end + 1):
+            if valid is not None and valid < i <= self._start and i in self._inputs:
+                # stages before the pass's first changed one are as when the inputs were
+                # stored: what it computes there is what a complete pass would store
+                self._inputs[i][index] = (h, _version(h))
             if i in self._pending:
                 self._pending[i].append((h, _version(h)))
-            h = self._stages[i](h)
-            self.stage_runs += 1
-        end = len(self._stages)
-        if stale and end <= self._start and end in self._inputs:
-            self._refresh.setdefault(index, []).append((end, (h, _version(h))))
-        if end in self._pending:
-            self._pending[end].append((h, _version(h)))
+            if i < end:
+                h = self._stages[i](h)
+                self.stage_runs += 1
+        if valid is not None:
+            self._stale[index] = max(valid, self._start)
         if self._read == 1:
             self._fit_budget()
         return self._head(h)
+
+    def _resume(self, index: int, last: int) -> int:
+        # the latest point up to ``last`` whose stored input of minibatch ``index`` is intact
+        points = [p for p in self._inputs if p <= last]
+        for p in sorted(points, reverse=True):
+            t, v = self._inputs[p][index]
+            if v is not None and _version(t) == v:
+                return p
+        return 0
 
     def _fit_budget(self) -> None:
         # From the first minibatch's sizes: the latest points that fit the budget once the
@@ -230,13 +238,9 @@ class PrefixCache:
             self._snapshots = [[] for _ in self._stages]
         for i in range(self._start, len(self._stages)):
             self._snapshots[i] = [t.detach().clone() for t in _state(self._stages[i])]
-        for index, entries in self._refresh.items():
-            for point, entry in entries:
-                if point in self._inputs:
-                    self._inputs[point][index] = entry
-        # every minibatch was read: the stale ones are stored again up to the pass's start
-        # (refreshed above), and beyond it as all the others (below)
-        self._stale, self._refresh = set(), {}
+        # every minibatch was read: the changed ones are stored again up to the pass's start
+        # (as they were read) and beyond it (below), as all the others
+        self._stale = {}
         for point, stored in self._pending.items():
             if _intact(stored):
                 self._inputs[point] = stored

@@ -67,19 +67,32 @@ def test_minibatches_given_other_samples_run_whole_until_a_complete_pass_stores_
     net, batches = _net(), list(torch.randn(12, 6).split(4))
     cache = PrefixCache(list(net), lambda h: h, len(batches))
     _pass(cache, batches)
+    stored = net[4].weight.clone()
     with torch.no_grad():
         net[4].weight.add_(0.1)  # stages 0-3 as stored
     moved = [batches[0].flip(0), batches[1], torch.randn(4, 6)]  # minibatches 0 and 2 change
     cache.forget([0, 2])
     runs = cache.stage_runs
-    # a stopped pass reads the changed one from its input and stores nothing
+    # a stopped pass reads the changed one from its input; its inputs up to the pass's
+    # start (stages 0-3 are as stored) are stored again at once
+    seen = []
+    hook = net[4].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     start, outs = _pass(cache, moved[:1], commit=False)
+    hook.remove()
     assert start == 4 and cache.stage_runs - runs == 6 and _same_as_whole(net, outs, moved[:1])
+    seen[0].zero_()  # a hook that kept its input writes into it: that one is not used again
+    with torch.no_grad():
+        net[4].weight.copy_(stored)  # stages 0-4 as stored: the next pass starts at stage 5
+        net[5].weight.add_(0.1)
     runs = cache.stage_runs
     start, outs = _pass(cache, moved)
-    # the unchanged minibatch resumes at stage 4, the two changed ones run every stage
-    assert start == 4 and cache.stage_runs - runs == 2 + 6 + 6
+    # the unchanged one resumes at stage 5, the first at 2 (stored again that far, its
+    # input of stage 4 written into), the other changed one runs every stage
+    assert start == 5 and cache.stage_runs - runs == 4 + 1 + 6
     assert _same_as_whole(net, outs, moved)
+    runs = cache.stage_runs
+    start, outs = _pass(cache, moved)  # nothing changed: only the head runs, for all three
+    assert start == 6 and cache.stage_runs == runs and _same_as_whole(net, outs, moved)
     # stored again, before and after the pass's start: the next passes resume for all three
     with torch.no_grad():
         net[2].weight.add_(0.1)
