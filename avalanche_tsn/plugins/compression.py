@@ -147,12 +147,7 @@ def validation_accuracy(
         if hook is not None:
             hook.remove()
             hook = None
-        # The heads' inputs, kept when the model's output is its head's output, batch by batch.
-        features = None
-        if head is not None and len(captured) == len(outputs):
-            pairs = zip(outputs, captured, strict=True)
-            if all(isinstance(c, Tensor) and torch.equal(o, c) for o, (_, _, c) in pairs):
-                features = [(args, kwargs) for args, kwargs, _ in captured]
+        features = _head_inputs(outputs, captured) if head is not None else None
         if hardness:
             order = torch.sort(torch.cat(hardness), stable=True).indices
             # the samples this pass got wrong lead the first minibatch (see ramp)
@@ -168,6 +163,16 @@ def validation_accuracy(
             hook.remove()
     ctx.validation_memo = (state, correct / total, features)
     return correct / total
+
+
+def _head_inputs(outputs: list[Tensor], captured: list[tuple[tuple, dict, Tensor]]) -> list | None:
+    # the head's inputs, minibatch by minibatch, if the model's output was its head's output
+    if len(captured) != len(outputs):
+        return None
+    pairs = zip(outputs, captured, strict=True)
+    if not all(isinstance(c, Tensor) and torch.equal(o, c) for o, (_, _, c) in pairs):
+        return None
+    return [(args, kwargs) for args, kwargs, _ in captured]
 
 
 def _promote(
