@@ -174,6 +174,8 @@ class PrefixCache:
         :param indices: positions of the changed minibatches in a pass.
         """
         indices = set(indices)
+        if any(type(i) is not int for i in indices):
+            raise TypeError(f"minibatch indices must be ints, got {sorted(map(repr, indices))}")
         if any(not 0 <= i < self._n for i in indices):
             raise ValueError(f"minibatch indices must lie in [0, {self._n}), got {indices}")
         self._stale.update((i, -1) for i in indices)

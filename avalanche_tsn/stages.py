@@ -102,12 +102,11 @@ class StageContext:
         if [len(y) for _, y in batches] != [len(y) for _, y in old]:
             raise ValueError("a promoted split must keep the minibatches' sizes")
         prefix = self.validation_prefix
+        if prefix is not None and prefix[1] is not None:
+            prefix[1].forget(changed)  # (checks ``changed`` first)
         self._hold_validation(batches)
         if prefix is not None:
-            key, cache, model, _ = prefix
-            if cache is not None:
-                cache.forget(changed)
-            self.validation_prefix = (key, cache, model, batches)
+            self.validation_prefix = (*prefix[:3], batches)
 
     def _hold_validation(self, batches: list[tuple[Tensor, Tensor]]) -> None:
         # what was remembered of the minibatches in their old order no longer applies

@@ -601,6 +601,8 @@ def test_a_pass_brings_the_samples_it_got_wrong_after_the_first_minibatch_into_i
         StageContext().promote_validation(promoted, [0])
     with pytest.raises(ValueError, match="sizes"):
         ctx.promote_validation(promoted[1:], [0])
+    with pytest.raises(ValueError, match="minibatch indices"):
+        ctx.promote_validation(promoted, [len(promoted)])
     assert ctx.validation_batches is stopped
 
 

@@ -101,6 +101,8 @@ def test_minibatches_given_other_samples_run_whole_until_a_complete_pass_stores_
     assert start == 2 and cache.stage_runs - runs == 3 * 4 and _same_as_whole(net, outs, moved)
     with pytest.raises(ValueError, match="minibatch indices"):
         cache.forget([3])
+    with pytest.raises(TypeError, match="minibatch indices"):
+        cache.forget([1.0])
 
 
 def test_a_cache_refuses_a_count_or_budget_that_is_not_an_int_in_range():

@@ -223,7 +223,8 @@ def _validation_batches(strategy, ctx, model, task_label: int) -> list[tuple[Ten
 def _prefix_cache(
     ctx, model: torch.nn.Module, task_label: int, batches: list
 ) -> PrefixCache | None:
-    # one cache per model, task, route and minibatches (see avalanche_tsn.prefix)
+    # one cache per model, task, route and minibatches (see avalanche_tsn.prefix; a
+    # promotion hands it on to the reordered minibatches: StageContext.promote_validation)
     route = model.task_table.frozen_slot(task_label) if isinstance(model, TSNModel) else None
     key = (id(model), task_label, route)
     prefix = ctx.validation_prefix
