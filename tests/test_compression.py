@@ -515,10 +515,25 @@ def test_the_first_ordered_minibatch_holds_the_samples_the_pass_got_wrong():
     assert bool(wrong[:n_wrong].all()) and not bool(wrong[n_wrong:].any())
 
 
+def _ordered_split():
+    """A trained task with its test set as the validation split, read once (so ordered)."""
+    from avalanche_tsn.plugins.compression import validation_accuracy
+    from avalanche_tsn.stages import stage_context
+
+    strategy, bm = train(
+        MultiHeadMLP(12, (16, 16), 3), tasks=1, prune=False, quantize=False, eval_mb_size=64
+    )
+    strategy.experience = bm.train_stream[0]
+    ctx = stage_context(strategy)
+    ctx.new_validation(bm.test_stream[0].dataset.eval())
+    validation_accuracy(strategy, 0)
+    return strategy, ctx
+
+
 def test_a_pass_brings_the_samples_it_got_wrong_after_the_first_minibatch_into_it():
     from avalanche_tsn.early_stop import promote
     from avalanche_tsn.plugins.compression import head_validation, validation_accuracy
-    from avalanche_tsn.stages import StageContext, stage_context
+    from avalanche_tsn.stages import StageContext
 
     missed = torch.tensor([0, 1, 0, 0, 0, 1, 0, 1, 1, 0], dtype=torch.bool)  # 10 of 12 read
     expected = torch.arange(12)
@@ -532,13 +547,7 @@ def test_a_pass_brings_the_samples_it_got_wrong_after_the_first_minibatch_into_i
         torch.tensor([0, 2, 1, 3]),
     )
 
-    strategy, bm = train(
-        MultiHeadMLP(12, (16, 16), 3), tasks=1, prune=False, quantize=False, eval_mb_size=64
-    )
-    strategy.experience = bm.train_stream[0]
-    ctx = stage_context(strategy)
-    ctx.new_validation(bm.test_stream[0].dataset.eval())
-    validation_accuracy(strategy, 0)  # orders the split
+    strategy, ctx = _ordered_split()
     ordered = ctx.validation_batches
     model, slot = strategy.model, strategy.model.slot_of(0)
     layer = next(model.masked_layers())[1]
@@ -610,15 +619,8 @@ def test_a_promoted_split_resumes_from_stored_inputs_where_its_samples_stayed():
     from avalanche_tsn.early_stop import moved_batches, reorder
     from avalanche_tsn.plugins.compression import validation_accuracy
     from avalanche_tsn.prefix import staged_forward
-    from avalanche_tsn.stages import stage_context
 
-    strategy, bm = train(
-        MultiHeadMLP(12, (16, 16), 3), tasks=1, prune=False, quantize=False, eval_mb_size=64
-    )
-    strategy.experience = bm.train_stream[0]
-    ctx = stage_context(strategy)
-    ctx.new_validation(bm.test_stream[0].dataset.eval())
-    validation_accuracy(strategy, 0)  # orders the split
+    strategy, ctx = _ordered_split()
     ctx.validation_memo = None  # (the same state: a fresh pass, which stores its inputs)
     validation_accuracy(strategy, 0)
     ordered = ctx.validation_batches
