@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from avalanche_tsn import datasets
 from avalanche_tsn.models import ReducedAlexNet, ReducedResNet18, TinyNet
@@ -286,3 +287,30 @@ def test_time_ratio_times_every_strategy_on_the_same_epochs(tmp_path, monkeypatc
     lo = (med["tsn"] - 5e-4) / (med["naive_tensor"] + 5e-4) - 5e-4
     hi = (med["tsn"] + 5e-4) / (med["naive_tensor"] - 5e-4) + 5e-4
     assert lo <= r["ratio_same_minibatches"] <= hi
+    assert r["flush_denormal"] is False
+
+
+def test_time_ratio_flushes_subnormals_only_while_it_times(tmp_path, monkeypatch):
+    import sys
+
+    from benchmarks import time_ratio
+
+    seen = []
+    real_run = time_ratio.run
+
+    def run(*args):
+        seen.append((torch.tensor(1e-40) * 1).item())  # 0 while subnormals are flushed
+        return real_run(*args)
+
+    monkeypatch.setattr(time_ratio, "run", run)
+    out = tmp_path / "ratio.json"
+    argv = ["time_ratio.py", "--scenario", "permuted_digits", "--tasks", "1", "--epochs", "1"]
+    monkeypatch.setattr(
+        sys, "argv", [*argv, "--repeats", "1", "--flush-denormal", "--json", str(out)]
+    )
+    time_ratio.main()
+    assert (torch.tensor(1e-40) * 1).item() != 0  # off again afterwards
+    supported = json.loads(out.read_text())["flush_denormal"]
+    assert supported is torch.set_flush_denormal(False)  # True where the CPU can flush
+    assert len(seen) == len(time_ratio.KINDS)
+    assert all((v == 0) is supported for v in seen)
