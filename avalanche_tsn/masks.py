@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "topk_threshold",
     "live_weight",
     "LiveWorkspace",
+    "FusedPasses",
     "check_sparsity",
     "pack_mask",
     "unpack_mask",
@@ -141,16 +143,22 @@ class _LiveWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, scores, threshold, workspace):  # type: ignore[override]
+    def forward(ctx, weight, scores, threshold, workspace, fused):  # type: ignore[override]
         ctx.used = False
         buffers = None if workspace is None else workspace.take(weight)
-        if buffers is None:
+        ctx.fused = None
+        if fused is not None:
+            mask, out = buffers or (torch.empty_like(weight), torch.empty_like(weight))
+            if fused.forward(weight, scores, threshold, mask, out):
+                ctx.fused = fused
+        if ctx.fused is None and buffers is None:
             mask = _at_least(scores.abs().to(weight.dtype), threshold)
             out = weight * mask
-        else:
+        elif ctx.fused is None:
             mask, out = buffers
             _at_least(torch.abs(scores, out=mask), threshold)
             torch.mul(weight, mask, out=out)
+        if buffers is not None:
             workspace.lend(ctx)
             out = out.detach()  # a new tensor object over the buffer, for autograd to own
         ctx.save_for_backward(weight, scores, mask)
@@ -168,20 +176,42 @@ class _LiveWeight(torch.autograd.Function):
         if not (grad.is_contiguous() or grad.is_contiguous(memory_format=_layout(grad))):
             # e.g. broadcast from a sum (stride 0): one element per location before writing
             grad = grad.contiguous()
+        if ctx.fused is not None and all(ctx.needs_input_grad[:2]) and grad.is_contiguous():
+            grad_scores = ctx.fused.backward(grad, weight, scores, mask)
+            if grad_scores is not None:
+                return grad, grad_scores, None, None, None
         grad_scores = grad * weight if ctx.needs_input_grad[1] else None
         grad_weight = grad.mul_(mask) if ctx.needs_input_grad[0] else None
         if grad_scores is not None:
             # Straight through the top-k (as WSN): d mask / d |score| = 1, times sign(score).
             grad_scores.mul_(torch.sign(scores, out=mask))
-        return grad_weight, grad_scores, None, None
+        return grad_weight, grad_scores, None, None, None
 
 
 def _layout(t: Tensor) -> torch.memory_format:
     return torch.channels_last if t.dim() == 4 else torch.contiguous_format
 
 
+class FusedPasses(Protocol):
+    """One forward and one backward pass for the live weight (the compiled kernels)."""
+
+    def forward(
+        self, weight: Tensor, scores: Tensor, threshold: Tensor, mask: Tensor, out: Tensor
+    ) -> bool:
+        """Write the 0/1 mask and ``weight * mask`` into ``mask`` and ``out`` (False: not run)."""
+        ...
+
+    def backward(self, grad: Tensor, weight: Tensor, scores: Tensor, mask: Tensor) -> Tensor | None:
+        """The scores' gradient; ``grad`` becomes the weight's, in place (None: not run)."""
+        ...
+
+
 def live_weight(
-    weight: Tensor, scores: Tensor, threshold: Tensor, workspace: LiveWorkspace | None = None
+    weight: Tensor,
+    scores: Tensor,
+    threshold: Tensor,
+    workspace: LiveWorkspace | None = None,
+    fused: FusedPasses | None = None,
 ) -> Tensor:
     """The live mask (``|scores| >= threshold``) over the weights, straight through to scores.
 
@@ -189,8 +219,10 @@ def live_weight(
     :param scores: the layer's scores.
     :param threshold: the mask threshold, from :func:`topk_threshold`.
     :param workspace: buffers reused from step to step (None: fresh tensors every time).
+    :param fused: compiled passes that do the forward's and the backward's elementwise work
+        in one pass each, with the same values (None, or where they do not run: eager ops).
     """
-    return _LiveWeight.apply(weight, scores, threshold, workspace)
+    return _LiveWeight.apply(weight, scores, threshold, workspace, fused)
 
 
 def packed_size(numel: int) -> int:

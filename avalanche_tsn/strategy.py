@@ -284,9 +284,10 @@ class TSNStrategy(DistributedTrainingMixin, ParamGroupsMixin, TaskRoutingMixin, 
         tensors (same samples, same order as Avalanche's loader; see
         :mod:`avalanche_tsn.batches`); other data always use Avalanche's loader.
     :param train_kernel: how the live subnetwork's masked weights are computed in training:
-        ``"compiled"`` (one fused ``torch.compile`` kernel for the forward and one for the
-        backward of each layer; eager, with a warning, where it cannot build), ``"eager"``, or
-        ``"auto"`` (compiled on CUDA, eager on the CPU, where it measured no faster; see
+        ``"compiled"`` (each layer's elementwise work in one ``torch.compile`` pass forward
+        and one backward, the eager values bit for bit; eager, with a warning, where it
+        cannot build), ``"eager"``, or ``"auto"`` (compiled on CUDA and, on the CPU, for
+        layers of 524,288 weights or more, below which eager measured faster; see
         :mod:`avalanche_tsn.kernels`). Trained tasks are bit-identical whichever runs.
     :param base_kwargs: passed on to :class:`SupervisedTemplate`.
     """
