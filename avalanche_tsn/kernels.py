@@ -72,38 +72,33 @@ def live_weight_ste(weight: Tensor, scores: Tensor, threshold: Tensor) -> Tensor
     return weight * (mask + (a - a.detach()))
 
 
-def fused_forward(
-    weight: Tensor, scores: Tensor, threshold: Tensor, mask: Tensor, out: Tensor
-) -> None:
-    """Write the live mask (0/1) and the effective weight into ``mask`` and ``out``.
+def fused_forward(weight: Tensor, scores: Tensor, threshold: Tensor, out: Tensor) -> None:
+    """Write the effective weight ``weight * (|scores| >= threshold)`` into ``out``.
 
     The forward of :func:`avalanche_tsn.masks.live_weight` as one pure function, for
-    ``torch.compile`` to make one pass of it (eagerly: three).
+    ``torch.compile`` to make one pass of it (eagerly: three, and a stored mask).
 
     :param weight: the weights, flat.
     :param scores: the layer's scores, flat.
     :param threshold: the mask threshold (a 0-dim tensor).
-    :param mask: written: ``|scores| >= threshold`` as 0/1 values of ``weight``'s dtype.
-    :param out: written: ``weight * mask``.
+    :param out: written: the effective weight.
     """
-    keep = (scores.abs() >= threshold).to(weight.dtype)
-    mask.copy_(keep)
-    out.copy_(weight * keep)
+    out.copy_(weight * (scores.abs() >= threshold).to(weight.dtype))
 
 
-def fused_backward(grad: Tensor, weight: Tensor, scores: Tensor, mask: Tensor) -> Tensor:
+def fused_backward(grad: Tensor, weight: Tensor, scores: Tensor, threshold: Tensor) -> Tensor:
     """The scores' straight-through gradient; ``grad`` becomes the weight's (``grad * mask``).
 
     The backward of :func:`avalanche_tsn.masks.live_weight` as one pure function (eagerly:
-    four passes and a new tensor).
+    four passes and a new tensor); the mask is recomputed from the scores the forward read.
 
     :param grad: the effective weight's gradient, flat; overwritten.
     :param weight: the weights, flat.
     :param scores: the layer's scores, flat.
-    :param mask: the forward's 0/1 mask, flat.
+    :param threshold: the mask threshold (a 0-dim tensor).
     """
     grad_scores = grad * weight * torch.sign(scores)
-    grad.mul_(mask)
+    grad.mul_((scores.abs() >= threshold).to(grad.dtype))
     return grad_scores
 
 
@@ -200,31 +195,30 @@ class LiveKernel:
         )
         return True, result
 
-    def forward(
-        self, weight: Tensor, scores: Tensor, threshold: Tensor, mask: Tensor, out: Tensor
-    ) -> bool:
-        """Write the live mask and effective weight in one compiled pass (False: fell back).
+    def forward(self, weight: Tensor, scores: Tensor, threshold: Tensor, out: Tensor) -> bool:
+        """Write the effective weight in one compiled pass (False: fell back, nothing written).
 
         :param weight: the weights.
         :param scores: the layer's scores.
         :param threshold: the mask threshold.
-        :param mask: the mask's buffer, shaped like ``weight``.
         :param out: the effective weight's buffer, shaped like ``weight``.
         """
-        return self.compiled and self._run(0, weight, scores, threshold, mask, out)[0]
+        return self.compiled and self._run(0, weight, scores, threshold, out)[0]
 
-    def backward(self, grad: Tensor, weight: Tensor, scores: Tensor, mask: Tensor) -> Tensor | None:
+    def backward(
+        self, grad: Tensor, weight: Tensor, scores: Tensor, threshold: Tensor
+    ) -> Tensor | None:
         """The scores' gradient in one compiled pass; ``grad`` becomes the weight's (None:
         fell back, nothing written).
 
         :param grad: the effective weight's gradient (contiguous).
         :param weight: the weights.
         :param scores: the layer's scores.
-        :param mask: the forward's mask.
+        :param threshold: the mask threshold.
         """
         if not self.compiled:
             return None
-        done, grad_scores = self._run(1, grad, weight, scores, mask)
+        done, grad_scores = self._run(1, grad, weight, scores, threshold)
         return grad_scores.view(grad.shape) if done and grad_scores is not None else None
 
 

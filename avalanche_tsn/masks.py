@@ -115,13 +115,31 @@ class LiveWorkspace:
 
         :param like: the weight the buffers are for.
         """
-        ctx = None if self._ctx is None else self._ctx()
-        if (ctx is not None and not ctx.used) or threading.get_ident() != self._thread:
+        if not self._free():
             return None
-        mask, wanted = self.mask, (like.shape, like.dtype, like.device)
-        if mask is None or (mask.shape, mask.dtype, mask.device) != wanted:
-            self.mask, self.out = torch.empty_like(like), torch.empty_like(like)
-        return self.mask, self.out
+        return self._buffer("mask", like), self._buffer("out", like)
+
+    def take_out(self, like: Tensor) -> Tensor | None:
+        """The effective weight's buffer alone (the compiled passes keep no mask), or None.
+
+        :param like: the weight the buffer is for.
+        """
+        return self._buffer("out", like) if self._free() else None
+
+    def _free(self) -> bool:
+        ctx = None if self._ctx is None else self._ctx()
+        return (ctx is None or ctx.used) and threading.get_ident() == self._thread
+
+    def _buffer(self, name: str, like: Tensor) -> Tensor:
+        buffer = getattr(self, name)
+        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (
+            like.shape,
+            like.dtype,
+            like.device,
+        ):
+            buffer = torch.empty_like(like)
+            setattr(self, name, buffer)
+        return buffer
 
     def lend(self, ctx) -> None:
         """Record the graph node that reads the buffers until its backward has run.
@@ -145,23 +163,29 @@ class _LiveWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, scores, threshold, workspace, fused):  # type: ignore[override]
         ctx.used = False
-        buffers = None if workspace is None else workspace.take(weight)
         ctx.fused = None
+        mask = None
         if fused is not None:
-            mask, out = buffers or (torch.empty_like(weight), torch.empty_like(weight))
-            if fused.forward(weight, scores, threshold, mask, out):
+            # the compiled passes keep no mask: the backward recomputes it from the scores
+            out = None if workspace is None else workspace.take_out(weight)
+            lent = out is not None
+            out = torch.empty_like(weight) if out is None else out
+            if fused.forward(weight, scores, threshold, out):
                 ctx.fused = fused
-        if ctx.fused is None and buffers is None:
-            mask = _at_least(scores.abs().to(weight.dtype), threshold)
-            out = weight * mask
-        elif ctx.fused is None:
-            mask, out = buffers
-            _at_least(torch.abs(scores, out=mask), threshold)
-            torch.mul(weight, mask, out=out)
-        if buffers is not None:
+        if ctx.fused is None:
+            buffers = None if workspace is None else workspace.take(weight)
+            lent = buffers is not None
+            if buffers is None:
+                mask = _at_least(scores.abs().to(weight.dtype), threshold)
+                out = weight * mask
+            else:
+                mask, out = buffers
+                _at_least(torch.abs(scores, out=mask), threshold)
+                torch.mul(weight, mask, out=out)
+        if lent:
             workspace.lend(ctx)
             out = out.detach()  # a new tensor object over the buffer, for autograd to own
-        ctx.save_for_backward(weight, scores, mask)
+        ctx.save_for_backward(weight, scores, threshold, mask)
         return out
 
     @staticmethod
@@ -171,15 +195,17 @@ class _LiveWeight(torch.autograd.Function):
                 "a second backward through a TSN live weight (retain_graph=True) is not "
                 "supported; run the forward again"
             )
-        weight, scores, mask = ctx.saved_tensors
+        weight, scores, threshold, mask = ctx.saved_tensors
         ctx.used = True
         if not (grad.is_contiguous() or grad.is_contiguous(memory_format=_layout(grad))):
             # e.g. broadcast from a sum (stride 0): one element per location before writing
             grad = grad.contiguous()
         if ctx.fused is not None and all(ctx.needs_input_grad[:2]) and grad.is_contiguous():
-            grad_scores = ctx.fused.backward(grad, weight, scores, mask)
+            grad_scores = ctx.fused.backward(grad, weight, scores, threshold)
             if grad_scores is not None:
                 return grad, grad_scores, None, None, None
+        if mask is None:  # the compiled forward kept none; the scores are those it read
+            mask = _at_least(scores.abs().to(weight.dtype), threshold)
         grad_scores = grad * weight if ctx.needs_input_grad[1] else None
         grad_weight = grad.mul_(mask) if ctx.needs_input_grad[0] else None
         if grad_scores is not None:
@@ -195,13 +221,13 @@ def _layout(t: Tensor) -> torch.memory_format:
 class FusedPasses(Protocol):
     """One forward and one backward pass for the live weight (the compiled kernels)."""
 
-    def forward(
-        self, weight: Tensor, scores: Tensor, threshold: Tensor, mask: Tensor, out: Tensor
-    ) -> bool:
-        """Write the 0/1 mask and ``weight * mask`` into ``mask`` and ``out`` (False: not run)."""
+    def forward(self, weight: Tensor, scores: Tensor, threshold: Tensor, out: Tensor) -> bool:
+        """Write ``weight * (|scores| >= threshold)`` into ``out`` (False: not run)."""
         ...
 
-    def backward(self, grad: Tensor, weight: Tensor, scores: Tensor, mask: Tensor) -> Tensor | None:
+    def backward(
+        self, grad: Tensor, weight: Tensor, scores: Tensor, threshold: Tensor
+    ) -> Tensor | None:
         """The scores' gradient; ``grad`` becomes the weight's, in place (None: not run)."""
         ...
 
