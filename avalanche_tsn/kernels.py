@@ -169,8 +169,9 @@ class LiveKernel:
         return self.compiled and weight.numel() >= self.min_weights and weight.is_contiguous()
 
     def _run(self, which: int, *tensors: Tensor) -> tuple[bool, Tensor | None]:
+        # tensors[1] is the weight or the scores: the layer's dtype and device either way
         key = (tensors[1].dtype, tensors[1].device)
-        # views, never copies: the passes write into mask, out and grad
+        # views, never copies: the passes write into out and grad
         flat = [t.detach().view(-1) if t.dim() else t.detach() for t in tensors]
         if (key, which) in self._ready:
             return True, _compiled()[which](*flat)
@@ -182,16 +183,15 @@ class LiveKernel:
             self.fallback = f"{type(err).__name__}: {err}".splitlines()[0]
             log.warning("TSN training kernel: compiling failed (%s); eager", self.fallback)
             return False, None
+        seconds = time.perf_counter() - start
         self._ready.add((key, which))
-        self.compile_seconds[key] = self.compile_seconds.get(key, 0.0) + (
-            time.perf_counter() - start
-        )
+        self.compile_seconds[key] = self.compile_seconds.get(key, 0.0) + seconds
         log.info(
             "TSN training kernel: compiled the %s pass for %s weights on %s in %.1f s",
             ("forward", "backward")[which],
             str(key[0]).removeprefix("torch."),
             key[1],
-            time.perf_counter() - start,
+            seconds,
         )
         return True, result
 
