@@ -157,7 +157,9 @@ class _LiveWeight(torch.autograd.Function):
 
     Weight-sized temporaries are avoided (see :class:`LiveWorkspace`): the backward also
     reuses the incoming gradient (only the effective weight's consumer produced it) and the
-    saved mask, so a second backward through the same graph is refused.
+    saved mask, so a second backward through the same graph is refused. With ``fused`` (the
+    compiled passes of :mod:`avalanche_tsn.kernels`) no mask is kept: the backward recomputes
+    it from the scores, which autograd's version check guarantees are those the forward read.
     """
 
     @staticmethod

@@ -185,3 +185,18 @@ def test_two_compiled_forwards_before_one_backward_keep_their_own_buffers() -> N
     assert torch.equal(w.grad, mask1.float() + mask2.float())
     sign = torch.sign(s.detach())
     assert torch.equal(s.grad, w.detach() * sign + 2 * (w.detach() * sign))
+
+
+def test_frozen_scores_take_the_compiled_forward_and_the_eager_backward() -> None:
+    # Ada-QPacknet fixes the mask: the scores get no gradient, the weights get grad * mask
+    g = torch.Generator().manual_seed(4)
+    w0, s0 = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    t = topk_threshold(s0, 16)
+    grads = []
+    for fused in (None, LiveKernel("compiled", "cpu")):
+        w = w0.clone().requires_grad_()
+        out = live_weight(w, s0.clone(), t, LiveWorkspace(), fused)
+        out.backward(torch.ones_like(out))
+        grads.append(w.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert torch.equal(grads[1], (s0.abs() >= t).float())
