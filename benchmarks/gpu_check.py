@@ -17,7 +17,11 @@ On a machine without CUDA it prints that it skipped and exits 0. With CUDA it:
   model and of TSN's second task, with and without TSN's per-step finite-loss check, which
   makes the host wait for the device every step, and with each training kernel of
   ``--kernels`` (default ``eager,compiled``: whether the compiled kernel, the default
-  ``train_kernel="auto"`` on CUDA, is faster than the eager one there).
+  ``train_kernel="auto"`` on CUDA, is faster than the eager one there);
+- times one masked linear layer's forward and backward, eager against compiled, from 256 to
+  2,097,152 weights (``scale.layer_sweep``, minibatch 64): where on CUDA a compiled call's
+  host cost stops outweighing the launches it saves (the CPU's threshold,
+  ``kernels.CPU_AUTO_MIN_WEIGHTS``, came from the same sweep).
 
 It prints one JSON object (and writes it with ``--json``): put its figures in BENCHMARKS.md
 with the date and the device.
@@ -330,6 +334,10 @@ def main() -> int:
     # cuBLAS reads this when it starts; the deterministic runs below need it.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     steps = _steps(args)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from scale import layer_sweep
+
+    layers = layer_sweep(device="cuda")
     torch.use_deterministic_algorithms(True)
     runs = [_run(kind, amp, args) for amp in (False, True) for kind in ("naive", "tsn")]
     diverge = _diverge(args)
@@ -349,6 +357,7 @@ def main() -> int:
         "diverging_task": diverge,
         "amp_multihead": amp_multihead,
         "steps": steps,
+        "layer_sweep": layers,
     }
     print(json.dumps(summary, indent=2))
     if args.json:

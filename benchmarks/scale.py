@@ -11,6 +11,9 @@ Rows (issue 11):
 - ``train``: one training step (zero_grad, forward, loss, backward, optimizer step) of TSN's
   second task (the first one frozen) against the same step of the plain model, SGD with
   momentum, minibatch 64: MLP 784-100-100, ReducedAlexNet, ReducedResNet18 (20 filters).
+- ``layers``: forward and backward of one masked linear layer with its matrix product
+  (minibatch 64), the eager live weight against the compiled passes, by layer size: where
+  ``train_kernel="auto"``'s size threshold comes from (``gpu_check.py`` runs it on CUDA).
 - ``compress``: pruning + quantization time as a % of training time, ReducedResNet18 on
   split Fashion-MNIST (3x32x32), 2 epochs a task; with the ACC and capacity they reach, for
   each pruning search (``--searches``) over ``--compress-seeds``.
@@ -46,6 +49,8 @@ from avalanche_tsn import TSNModel, load_compressed
 from avalanche_tsn._cli import show_defaults
 from avalanche_tsn.capacity import capacity_report
 from avalanche_tsn.export import export_model
+from avalanche_tsn.kernels import LiveKernel
+from avalanche_tsn.masks import LiveWorkspace, live_weight, topk_threshold
 from avalanche_tsn.models import ReducedAlexNet, ReducedResNet18, single_head
 from avalanche_tsn.quantization import quantize_task
 
@@ -218,6 +223,97 @@ def row_train(args) -> list[str]:
 
 def _resnet18() -> nn.Module:
     return ReducedResNet18(nf=64, multihead=False)
+
+
+#: the layer sweep's linear layers (out x in features): 256 to 2,097,152 weights
+LAYER_SIZES = (
+    (16, 16),
+    (100, 100),
+    (100, 784),
+    (256, 900),
+    (512, 1024),
+    (1024, 1024),
+    (2048, 1024),
+)
+
+
+def _layer_step(layer: tuple, fused: LiveKernel | None, workspace: LiveWorkspace) -> None:
+    x, w, s, b, threshold = layer
+    y = nn.functional.linear(x, live_weight(w, s, threshold, workspace, fused), b)
+    y.sum().backward()
+    w.grad = s.grad = b.grad = None
+
+
+def layer_sweep(
+    sizes: tuple[tuple[int, int], ...] = LAYER_SIZES,
+    mb: int = 64,
+    device: str = "cpu",
+    repeats: int = 5,
+    budget: float = 2e7,
+) -> list[dict]:
+    """Microseconds of one masked linear layer's forward and backward, eager and compiled.
+
+    Each size runs ``min(2000, budget / weights)`` calls a repeat (at least 5), the two
+    kernels alternating; the device is synchronised around each repeat.
+
+    :param sizes: (out, in) features of each layer.
+    :param mb: minibatch size.
+    :param device: where it runs.
+    :param repeats: timed repeats of each kernel.
+    :param budget: weights times calls a repeat.
+    """
+    kernel = LiveKernel("compiled", device)
+    rows = []
+    for out_f, in_f in sizes:
+        g = torch.Generator().manual_seed(0)
+        w = nn.Parameter((torch.randn(out_f, in_f, generator=g) * 0.05).to(device))
+        s = nn.Parameter(torch.randn(out_f, in_f, generator=g).to(device))
+        b = nn.Parameter(torch.zeros(out_f, device=device))
+        x = torch.randn(mb, in_f, generator=g).to(device)
+        threshold = topk_threshold(s.detach(), max(1, w.numel() // 2))
+        layer = (x, w, s, b, threshold)
+        calls = min(2000, max(5, int(budget // w.numel())))
+        paths = {"eager": (None, LiveWorkspace()), "compiled": (kernel, LiveWorkspace())}
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        for fused, workspace in paths.values():
+            for _ in range(3):  # the first compiled call compiles
+                _layer_step(layer, fused, workspace)
+        for _ in range(repeats):
+            for k, (fused, workspace) in paths.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    _layer_step(layer, fused, workspace)
+                _sync(device)
+                times[k].append((time.perf_counter() - t0) / calls * 1e6)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append(
+            {
+                "weights": out_f * in_f,
+                **{f"{k}_us_min": min(v) for k, v in times.items()},
+                **{f"{k}_us_median": med[k] for k in times},
+                "compiled_over_eager": med["compiled"] / med["eager"],
+                "fallback": kernel.fallback,
+            }
+        )
+    return rows
+
+
+def row_layers(args) -> list[str]:
+    lines = [
+        "| weights (out x in) | eager us (min / median) | compiled us (min / median) | "
+        "compiled / eager |",
+        "|---|---|---|---|",
+    ]
+    for (out_f, in_f), r in zip(LAYER_SIZES, layer_sweep(repeats=args.repeats), strict=True):
+        lines.append(
+            f"| {r['weights']:,} ({out_f}x{in_f}) | {r['eager_us_min']:.0f} / "
+            f"{r['eager_us_median']:.0f} | {r['compiled_us_min']:.0f} / "
+            f"{r['compiled_us_median']:.0f} | {r['compiled_over_eager']:.2f} |"
+        )
+        if r["fallback"]:
+            lines.append(f"(compiling failed, both columns eager: {r['fallback']})")
+    return lines
 
 
 def row_io(args) -> list[str]:
@@ -452,6 +548,7 @@ def row_compress(args) -> list[str]:
 
 ROWS = {
     "train": ("Training step, TSN against the plain model", row_train),
+    "layers": ("A masked layer's passes, eager against compiled, by size", row_layers),
     "io": ("Capacity report, export and load against torch.save", row_io),
     "state": ("State dict against the capacity report", row_state),
     "mixed": ("Minibatches that mix tasks", row_mixed),

@@ -215,6 +215,12 @@ def test_gpu_check_sections_run_on_any_device():
     assert [r["backbone"] for r in rows] == ["MLP 784-100-100", "ReducedAlexNet", "ReducedResNet18"]
     assert all(r["tsn_over_plain"] > 0 and r["tsn_no_check_ms_min"] > 0 for r in rows)
     assert all(r["tsn_compiled_over_plain"] > 0 and r["tsn_compiled_ms_min"] > 0 for r in rows)
+    from benchmarks import scale
+
+    sweep = scale.layer_sweep(((4, 4), (8, 16)), mb=4, device="cpu", repeats=2, budget=64)
+    assert [r["weights"] for r in sweep] == [16, 128]
+    assert all(r["fallback"] is None and r["compiled_over_eager"] > 0 for r in sweep)
+    assert all(0 < r["eager_us_min"] <= r["eager_us_median"] for r in sweep)
 
 
 def test_task_stream_labels_each_pair_and_rejects_mismatched_lists():
