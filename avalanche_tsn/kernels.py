@@ -8,7 +8,7 @@ that is seven passes over the weight (a kernel each on a GPU). :func:`fused_forw
 :func:`fused_backward` are the same work as pure functions, which Inductor compiles into one
 pass each (C++ on the CPU, Triton on CUDA); the eager autograd function
 (:func:`avalanche_tsn.masks.live_weight`) runs them with detached tensors, so the values are
-the eager path's bit for bit and no AOTAutograd wrapper runs per call.
+the eager path's bit for bit and the compiled graphs hold no backward of their own.
 :func:`live_weight_ste` is the estimator written as one differentiable function (``m + (a -
 a.detach())``, which is ``m`` in value and has ``d/ds = sign(s)``): the reference the
 tests hold both paths to.
@@ -110,7 +110,7 @@ def _compiled() -> tuple[Callable[..., None], Callable[..., Tensor]]:
         # Symbolic sizes over flat views: one graph each for every layer and every task;
         # static shapes would compile once per layer size and, past dynamo's cache limit (8
         # graphs), silently run eagerly. No autograd inside: the caller's autograd.Function
-        # runs them with detached tensors, so no AOTAutograd wrapper costs time per call.
+        # runs them with detached tensors: inference graphs, nothing saved for a backward.
         _COMPILED.append(
             (
                 torch.compile(fused_forward, dynamic=True, fullgraph=True),
