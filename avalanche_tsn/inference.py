@@ -77,7 +77,8 @@ def memory_statistics(model: TSNModel) -> dict[int, tuple[Tensor, Tensor]]:
                 f"task {label} has fewer than 2 memory samples: the 'memory' method needs a "
                 "task memory (memory_size >= 2)"
             )
-        feats = task_features(model, label, memory.to(model.task_table.memory_x.device)).double()
+        device = model.task_table.samples.lengths.device
+        feats = task_features(model, label, memory.to(device)).double()
         gaps = torch.cdist(feats, feats)
         off = ~torch.eye(len(feats), dtype=torch.bool, device=feats.device)
         spread = gaps[off].median()

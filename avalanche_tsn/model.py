@@ -367,7 +367,7 @@ class TSNModel(TaskLifeCycleMixin, TaskDispatchMixin, KernelChoice, MultiTaskMod
         return self.task_table.memory(task_label)
 
     def memory_bits(self) -> int:
-        """Bits the task memory takes (float32 samples)."""
+        """Bits the task memory stores (lossless 8- or 16-bit codes where the data allow)."""
         return self.task_table.memory_bits()
 
     @property
@@ -394,7 +394,7 @@ class TSNModel(TaskLifeCycleMixin, TaskDispatchMixin, KernelChoice, MultiTaskMod
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         # 0.4 and older kept the task table's buffers on the model itself
-        for name in TaskTable.BUFFERS:
+        for name in (*TaskTable.BUFFERS, *TaskTable.LEGACY_BUFFERS):
             if prefix + name in state_dict:
                 state_dict[f"{prefix}task_table.{name}"] = state_dict.pop(prefix + name)
         labels = state_dict.get(f"{prefix}task_table.task_labels_by_slot")

@@ -105,8 +105,8 @@ class TaskRoutingMixin:
         stats = None
         if method == "memory":
             # trained tasks' memories never change; a loaded state dict replaces the buffer
-            memory = self.tsn_model.task_table.memory_x
-            key = (tuple(self.tsn_model.trained_tasks()), id(memory), memory._version)
+            revision = self.tsn_model.task_table.samples.revision()
+            key = (tuple(self.tsn_model.trained_tasks()), revision)
             if self._inference_stats is None or self._inference_stats[0] != key:
                 self._inference_stats = (key, memory_statistics(self.tsn_model))
             stats = self._inference_stats[1]

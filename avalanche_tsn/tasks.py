@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from avalanche_tsn.masks import check_sparsity
 from avalanche_tsn.quantization import store_centroids
+from avalanche_tsn.task_memory import TaskMemory
 
 __all__ = ["TaskTable", "uncalibrated", "calibrated"]
 
@@ -52,15 +53,15 @@ class TaskTable(nn.Module):
 
     #: Buffers whose first dimension is the slot.
     BUFFERS = ("task_labels_by_slot", "slot_frozen", "slot_sparsity", "head_bits")
-    BUFFERS += ("head_centroids", "memory_x", "memory_len", "act_range")
+    BUFFERS += ("head_centroids", "act_range")
+    #: Buffers of 0.6 and older, read into their new owners on loading.
+    LEGACY_BUFFERS = ("memory_x", "memory_len")
 
     task_labels_by_slot: Tensor
     slot_frozen: Tensor
     slot_sparsity: Tensor
     head_bits: Tensor
     head_centroids: Tensor
-    memory_x: Tensor  # up to M input samples per slot, zero-padded (task similarity)
-    memory_len: Tensor
     act_range: Tensor  # (min, max) input of each masked layer; (inf, -inf) uncalibrated
 
     def __init__(self, n_layers: int, device: torch.device | str | None = None) -> None:
@@ -72,9 +73,9 @@ class TaskTable(nn.Module):
         # Codebook of each task's head weights (bits 0: float32, not quantized).
         self.register_buffer("head_bits", torch.zeros(0, dtype=torch.int16, device=device))
         self.register_buffer("head_centroids", torch.zeros(0, 0, device=device))
-        self.register_buffer("memory_x", torch.zeros(0, device=device))
-        self.register_buffer("memory_len", torch.zeros(0, dtype=torch.long, device=device))
         self.register_buffer("act_range", torch.zeros(0, n_layers, 2, device=device))
+        #: each slot's memory samples (task similarity, the task router), coded losslessly
+        self.samples = TaskMemory(device)
         self._cache: tuple[dict[int, int], frozenset[int]] | None = None
 
     # -- queries ---------------------------------------------------------------------------
@@ -204,10 +205,9 @@ class TaskTable(nn.Module):
             raise RuntimeError(f"task table corrupt: open slot {slot} is not the last")
         for name in self.BUFFERS:
             buf = getattr(self, name)
-            if name == "memory_x" and buf.dim() < 2:
-                continue  # no memory kept yet
             if buf.shape[0] > slot:
                 setattr(self, name, buf[:slot].clone())
+        self.samples.drop(slot)
         self._cache = None
         return label, slot
 
@@ -283,32 +283,19 @@ class TaskTable(nn.Module):
     def store_memory(self, task_label: int, x: Tensor) -> None:
         """Keep ``x`` (a few input samples) as the memory of ``task_label``.
 
-        :param task_label: a task that started training.
-        :param x: the samples, ``[m, *input_shape]``.
+        Stored losslessly in 8 or 16 bits where the samples allow
+        (:mod:`avalanche_tsn.task_memory`).
+
+        :param task_label: a task that has started training.
+        :param x: the samples, ``[n, ...]``, the same sample shape as earlier memories.
         """
         slot = self.slot_of(task_label)
         if slot is None:
             raise ValueError(f"task {task_label} never started training")
-        x = x.detach().to(self.memory_len.device, torch.float32)
-        n_slots = len(self)
-        if self.memory_x.dim() == 1:  # first memory: fix the sample shape
-            self.memory_x = x.new_zeros((n_slots, len(x), *x.shape[1:]))
-        if tuple(self.memory_x.shape[2:]) != tuple(x.shape[1:]):
-            raise ValueError(
-                f"memory samples of task {task_label} have shape {tuple(x.shape[1:])}, earlier "
-                f"ones {tuple(self.memory_x.shape[2:])}"
-            )
-        rows, width = self.memory_x.shape[:2]
-        if rows < n_slots or width < len(x):
-            grown = x.new_zeros((max(rows, n_slots), max(width, len(x)), *x.shape[1:]))
-            grown[:rows, :width] = self.memory_x
-            self.memory_x = grown
-        if len(self.memory_len) < n_slots:
-            extra = self.memory_len.new_zeros(n_slots - len(self.memory_len))
-            self.memory_len = torch.cat([self.memory_len, extra])
-        self.memory_x[slot].zero_()
-        self.memory_x[slot, : len(x)] = x
-        self.memory_len[slot] = len(x)
+        try:
+            self.samples.store(slot, x, len(self))
+        except ValueError as e:
+            raise ValueError(f"task {task_label}: {e}") from None
 
     def memory(self, task_label: int) -> Tensor:
         """A copy of the memory samples of ``task_label`` (empty if none were kept).
@@ -316,25 +303,34 @@ class TaskTable(nn.Module):
         :param task_label: a task label.
         """
         slot = self.slot_of(task_label)
-        if slot is None or slot >= len(self.memory_len):
-            return self.memory_x.new_zeros((0, *self.memory_x.shape[2:]))
-        # a copy: a caller writing into it must not change what routing reads
-        return self.memory_x[slot, : int(self.memory_len[slot])].clone()
+        # a new tensor: a caller writing into it must not change what routing reads
+        return self.samples.get(len(self) if slot is None else slot)
 
     def memory_bits(self) -> int:
-        """Bits the task memory takes (float32 samples)."""
-        if self.memory_x.dim() < 2:
-            return 0
-        per_sample = int(torch.tensor(self.memory_x.shape[2:]).prod())
-        return 32 * per_sample * int(self.memory_len.sum())
+        """Bits the task memory stores (its codes and each task's levels)."""
+        return self.samples.bits()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         if prefix + "task_labels_by_slot" in state_dict and prefix + "act_range" not in state_dict:
             # saved before activation ranges existed (0.2 and older): none calibrated
             n = len(state_dict[prefix + "task_labels_by_slot"])
             state_dict[prefix + "act_range"] = uncalibrated(n, self.n_layers)
+        if prefix + "memory_x" in state_dict:
+            _legacy_memory(state_dict, prefix)
         for name in self.BUFFERS:
             if prefix + name in state_dict:
                 setattr(self, name, getattr(self, name).new_zeros(state_dict[prefix + name].shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._cache = None
+
+
+def _legacy_memory(state_dict: dict, prefix: str) -> None:
+    """A state dict of 0.6 and older (float32 ``memory_x``) in the task memory's keys."""
+    x, lengths = state_dict.pop(prefix + "memory_x"), state_dict.pop(prefix + "memory_len")
+    if x.dim() < 2:  # no memory kept
+        x = torch.zeros(0, dtype=torch.uint8)
+    rows = len(lengths)
+    state_dict[prefix + "samples.codes"] = x
+    state_dict[prefix + "samples.levels"] = torch.zeros(rows, 0)
+    state_dict[prefix + "samples.n_levels"] = torch.zeros(rows, dtype=torch.long)
+    state_dict[prefix + "samples.lengths"] = lengths

@@ -10,8 +10,11 @@ TSN (task inference by the router, and by the nearest-memory rule for reference)
 ``--memory-size`` samples per task; the rehearsal baselines (Replay, ER-ACE, DER, iCaRL)
 run twice: with the same number of stored samples as TSN, and with the same stored bytes
 (their float32 model plus buffer equal to TSN's compressed model, task memory and router;
-DER's buffer also holds logits). Naive and Joint bound the range. Every run is the harness's
-(``benchmarks/harness.py``: same backbone, epochs, minibatch and optimizer); the table gives
+DER's buffer also holds logits). Every store of samples, TSN's memory and the baselines'
+buffers alike, is counted as the task memory stores it: lossless codes into the training
+data's distinct values (8 bits a value for 8-bit images; ``avalanche_tsn.task_memory``).
+Naive and Joint bound the range. Every run is the harness's (``benchmarks/harness.py``:
+same backbone, epochs, minibatch and optimizer); the table gives
 mean (min-max) of the final stream accuracy, TSN's task-inference accuracy, stored bytes and
 forwards per test sample. TSN's forgetting of each task's own predictions is checked, not
 assumed: the harness's accuracy matrix of each task under its true label would show it.
@@ -31,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from avalanche_tsn._cli import show_defaults  # noqa: E402
+from avalanche_tsn.task_memory import code_bits, coded_bytes  # noqa: E402
 from benchmarks import harness  # noqa: E402
 
 BASELINES = ("replay", "er_ace", "der", "icarl")
@@ -74,14 +78,17 @@ def run_seed(ours: argparse.Namespace, rest: list[str], seed: int) -> list[dict[
     stored = sum(tsn["stored_bytes"].values())
     n_tasks = len(benchmark.train_stream)
     same_samples = ours.memory_size * n_tasks
-    sample_bytes = 4 * benchmark.train_stream[0].dataset[0][0].numel()
+    numel, levels = harness.sample_levels(benchmark)
+    # a buffer's samples coded as TSN's memory codes its own (the same bytes per value)
+    bits = code_bits(levels, same_samples * numel)
+    table = coded_bytes(same_samples, numel, levels) - same_samples * numel * bits // 8
     for name in BASELINES:
         row = harness.run_one(name, _args(ours, rest, seed, replay_size=same_samples), benchmark)
         rows.append(row | {"label": f"{name} (equal samples)", "buffer": same_samples})
         # the buffer whose bytes, with the model's (and DER's logits), equal TSN's
         model_bytes = row["stored_bytes"]["model"]
-        per_sample = sample_bytes + (row["stored_bytes"]["other"] // same_samples)
-        size = (stored - model_bytes) // per_sample
+        per_sample = numel * bits // 8 + row["stored_bytes"]["other"] // same_samples
+        size = (stored - model_bytes - table) // per_sample
         label = f"{name} (equal bytes)"
         if size < 1:  # its float32 model alone takes more than TSN stores: no run
             empty = {"model": model_bytes, "samples": 0, "other": 0}

@@ -68,6 +68,7 @@ from avalanche_tsn.plugins import (
 )
 from avalanche_tsn.pruning import SEARCHES
 from avalanche_tsn.router import DEFAULT_OOD_WEIGHT
+from avalanche_tsn.task_memory import coded_bytes
 
 STRATEGIES = (
     "tsn", "wsn", "adaqpacknet", "naive", "ewc", "lwf", "si", "replay", "packnet", "joint",
@@ -364,12 +365,18 @@ def _rehearsal(name: str, model: torch.nn.Module, args: argparse.Namespace, comm
     )
 
 
-def stored_bytes(name: str, strategy: Any, args: argparse.Namespace, sample_bytes: int) -> dict:
+def stored_bytes(
+    name: str, strategy: Any, args: argparse.Namespace, samples: tuple[int, int]
+) -> dict:
     """What a strategy stores after the stream, in bytes: model, samples, the rest.
 
-    Float32 everywhere (samples as the datasets hold them); labels are not counted for anyone.
-    TSN: its capacity (compressed model), its task memory and its task router; the others:
-    the float32 model and their buffer (DER's also keeps each sample's logits).
+    Samples are counted for everyone as TSN's task memory stores them (lossless codes into
+    the data's distinct values: :func:`avalanche_tsn.task_memory.coded_bytes`), models and
+    logits in float32; labels are not counted for anyone. TSN: its capacity (compressed
+    model), its task memory and its task router; the others: the float32 model and their
+    buffer (DER's also keeps each sample's logits).
+
+    :param samples: values per sample and the training data's distinct values.
     """
     if name in ("tsn", "wsn", "adaqpacknet"):
         model = strategy.tsn_model
@@ -381,7 +388,21 @@ def stored_bytes(name: str, strategy: Any, args: argparse.Namespace, sample_byte
     net = strategy.model
     buffer = args.replay_size if name in REHEARSAL else 0
     logits = 4 * buffer * _outputs(net) if name == "der" else 0
-    return {"model": _model_bits(net) // 8, "samples": buffer * sample_bytes, "other": logits}
+    stored = coded_bytes(buffer, *samples)
+    return {"model": _model_bits(net) // 8, "samples": stored, "other": logits}
+
+
+def sample_levels(benchmark: Any) -> tuple[int, int]:
+    """Values per sample and distinct values (bit patterns) in the training stream's samples.
+
+    :param benchmark: an Avalanche benchmark.
+    """
+    patterns = set()
+    for exp in benchmark.train_stream:
+        for batch in torch.utils.data.DataLoader(exp.dataset.eval(), batch_size=4096):
+            x = batch[0].to(torch.float32).contiguous()
+            patterns.update(torch.unique(x.view(torch.int32)).tolist())
+    return benchmark.train_stream[0].dataset[0][0].numel(), len(patterns)
 
 
 def _outputs(net: torch.nn.Module) -> int:
@@ -497,8 +518,9 @@ def run_one(
         row["note"] = f"Naive with Avalanche's ReplayPlugin, buffer of {args.replay_size} samples"
     elif name in REHEARSAL:
         row["note"] = f"Avalanche's {type(strategy).__name__}, buffer of {args.replay_size} samples"
-    sample = benchmark.train_stream[0].dataset[0][0]
-    row["stored_bytes"] = stored_bytes(name, strategy, args, 4 * sample.numel())
+    # the data's levels matter only to a buffer's bytes (TSN counts its own memory)
+    levels = sample_levels(benchmark) if name in REHEARSAL else (0, 0)
+    row["stored_bytes"] = stored_bytes(name, strategy, args, levels)
     inferred = name == "tsn" and sc.class_incremental
     # forwards of the network per test sample: one per trained task when TSN infers tasks
     row["inference_forwards"] = len(strategy.tsn_model.trained_tasks()) if inferred else 1

@@ -49,7 +49,8 @@ def test_the_task_table_opens_freezes_and_drops_in_order():
     table.store_memory(7, torch.ones(6, 3))
     assert table.drop_open() == (7, 2)
     assert len(table) == 2 and table.drop_open() is None
-    assert table.memory_x.shape[0] == 2 and torch.equal(table.memory(3), torch.full((4, 3), 3.0))
+    assert table.samples.codes.shape[0] == 2
+    assert torch.equal(table.memory(3), torch.full((4, 3), 3.0))
     assert bool(calibrated(table.act_range).all())
 
 
@@ -88,21 +89,29 @@ def test_restore_checks_every_list_before_filling_an_empty_table():
 
 
 def test_the_model_keeps_its_task_records_in_the_table_and_reads_old_state_dicts():
-    strategy, bm = train_tsn(tasks=2)
+    strategy, bm = train_tsn(tasks=2, memory_size=16, task_inference="memory")
     model = strategy.model
     keys = list(model.state_dict())
     assert "task_table.task_labels_by_slot" in keys and "task_labels_by_slot" not in keys
     assert all(k.startswith(("net.", "task_table.", "task_router.")) for k in keys)
-    # a 0.4 state dict held the records on the model itself
+    # a 0.4 state dict held the records on the model itself, the memory as float32 samples
     old = {
         (k.split(".", 1)[1] if k.startswith("task_table.") else k): v
         for k, v in model.state_dict().items()
+        if not k.startswith("task_table.samples.")
     }
+    memories = [model.memory(t) for t in (0, 1)]
+    assert [len(m) for m in memories] == [16, 16]
+    old["memory_x"] = torch.stack(memories)
+    old["memory_len"] = torch.tensor([16, 16])
     fresh = TSNModel(mlp())
     fresh.load_state_dict(old)
     assert fresh.trained_tasks() == model.trained_tasks() == [0, 1]
     assert fresh.known_train_tasks_labels == {0, 1}
-    assert _same(_state(fresh), _state(model))
+    kept = lambda state: {k: v for k, v in state.items() if ".samples." not in k}  # noqa: E731
+    assert _same(kept(_state(fresh)), kept(_state(model)))
+    assert all(torch.equal(fresh.memory(t), m) for t, m in zip((0, 1), memories, strict=True))
+    assert fresh.memory_bits() == 32 * 2 * 16 * 12  # kept as the float32 it was stored in
     x = torch.randn(32, 12)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x, 1), model.eval()(x, 1))

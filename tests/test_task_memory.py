@@ -1,0 +1,159 @@
+"""The task memory's lossless codes: exact round trips, widths, widening, loading, counting."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import train_tsn
+
+from avalanche_tsn.task_memory import TaskMemory, code_bits, coded_bytes, level_codes
+from avalanche_tsn.tasks import TaskTable
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32)
+
+
+def _eight_bit(n: int, seed: int = 0) -> torch.Tensor:
+    """Samples as ToTensor makes them from 8-bit images: k / 255 in float32."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, 4, 4), generator=g).float().div(255)
+
+
+def test_levels_are_bit_patterns_and_decode_bit_for_bit():
+    nan_a = torch.tensor([0x7FC00001], dtype=torch.int32).view(torch.float32)
+    nan_b = torch.tensor([0x7FC00002], dtype=torch.int32).view(torch.float32)
+    x = torch.cat([torch.tensor([0.0, -0.0, 1.5, 1.5, float("inf")]), nan_a, nan_b])
+    levels, codes = level_codes(x)
+    assert len(levels) == 6  # -0.0 and 0.0 apart, the two NaN payloads apart
+    assert torch.equal(_bits(levels[codes]), _bits(x))
+
+
+@pytest.mark.parametrize(
+    "levels, values, bits",
+    [(17, 64 * 100, 8), (256, 784 * 100, 8), (257, 10_000, 16), (768, 3072 * 10, 16),
+     (65_537, 10**6, 32), (100, 100, 32), (5_000, 8_000, 32)],
+)  # fmt: skip
+def test_code_width_is_the_smallest_that_stores_fewer_bits(levels, values, bits):
+    assert code_bits(levels, values) == bits
+    stored = coded_bytes(values // 4, 4, levels)
+    assert stored <= 4 * values  # never more than float32
+    if bits < 32:
+        assert stored == values * bits // 8 + 4 * levels
+
+
+def test_memory_stores_eight_bit_data_in_one_byte_a_value_exactly():
+    memory = TaskMemory()
+    xs = [_eight_bit(30, 0), _eight_bit(20, 1)]
+    for slot, x in enumerate(xs):
+        memory.store(slot, x, n_slots=2)
+    assert memory.codes.dtype == torch.uint8 and memory.bits_per_value() == 8
+    for slot, x in enumerate(xs):
+        assert torch.equal(_bits(memory.get(slot)), _bits(x))
+    levels = sum(len(torch.unique(x)) for x in xs)
+    assert memory.bits() == 8 * 16 * 50 + 32 * levels
+
+
+def test_a_wider_slot_widens_the_others_without_changing_them():
+    memory = TaskMemory()
+    small = _eight_bit(10)
+    memory.store(0, small, n_slots=1)
+    g = torch.Generator().manual_seed(1)
+    many = torch.randint(0, 1000, (1000, 1, 4, 4), generator=g).float() / 7  # 1000 levels
+    memory.store(1, many, n_slots=2)
+    assert memory.codes.dtype == torch.int16
+    noise = torch.randn(5, 1, 4, 4, generator=g)  # every value distinct: float32 is smaller
+    memory.store(2, noise, n_slots=3)
+    assert memory.codes.dtype == torch.float32 and memory.bits() == 32 * 16 * 1015
+    for slot, x in enumerate((small, many, noise)):
+        assert torch.equal(_bits(memory.get(slot)), _bits(x))
+
+
+def test_bad_memory_changes_nothing():
+    table = TaskTable(n_layers=1)
+    table.open(0, 0.5)
+    table.store_memory(0, _eight_bit(8))
+    before = {k: v.clone() for k, v in table.state_dict().items()}
+    with pytest.raises(ValueError, match=r"task 0: memory samples have shape \(16,\)"):
+        table.store_memory(0, torch.zeros(8, 16))
+    with pytest.raises(ValueError, match="never started training"):
+        table.store_memory(3, _eight_bit(8))
+    after = table.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_dropping_the_open_task_drops_its_memory_only():
+    table = TaskTable(n_layers=1)
+    xs = [_eight_bit(6, s) for s in range(2)]
+    for label, x in enumerate(xs):
+        table.open(label, 0.5)
+        table.store_memory(label, x)
+        if label == 0:
+            table.freeze(0)
+    assert table.drop_open() == (1, 1)
+    assert len(table.samples.lengths) == 1 and len(table.memory(1)) == 0
+    assert torch.equal(table.memory(0), xs[0])
+
+
+@pytest.mark.parametrize("kind", ["uint8", "int16", "float32"])
+def test_state_dict_round_trip_keeps_codes_and_samples(kind):
+    memory = TaskMemory()
+    g = torch.Generator().manual_seed(2)
+    span = {"uint8": 200, "int16": 3000, "float32": None}[kind]
+    x = torch.randn(2000, 8, generator=g)
+    if span is not None:
+        x = torch.randint(0, span, (2000, 8), generator=g).float() / 3
+    memory.store(0, x, n_slots=1)
+    assert str(memory.codes.dtype) == f"torch.{kind}"
+    buf = io.BytesIO()
+    torch.save(memory.state_dict(), buf)
+    buf.seek(0)
+    loaded = TaskMemory()
+    loaded.load_state_dict(torch.load(buf, weights_only=True))
+    assert loaded.codes.dtype == memory.codes.dtype and loaded.bits() == memory.bits()
+    assert torch.equal(_bits(loaded.get(0)), _bits(x))
+
+
+def test_a_trained_model_checkpoint_restores_its_coded_memory_and_routing():
+    strategy, bm = train_tsn(tasks=2, memory_size=16, task_inference="memory")
+    model = strategy.tsn_model
+    memories = [model.memory(t) for t in (0, 1)]
+    stored = model.task_table.samples
+    levels = int(stored.n_levels.sum())
+    width = stored.bits_per_value()
+    # the report counts what is stored: codes where they are smaller, else float32
+    assert model.memory_bits() == 2 * 16 * 12 * width + (32 * levels if width < 32 else 0)
+    assert strategy.capacity_report().memory_bits == model.memory_bits()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh, _ = train_tsn(tasks=1, memory_size=16, task_inference="memory")
+    fresh.tsn_model.load_state_dict(torch.load(buf, weights_only=True))
+    for t, m in zip((0, 1), memories, strict=True):
+        assert torch.equal(_bits(fresh.tsn_model.memory(t)), _bits(m))
+    x = torch.stack([e.dataset[i][0] for e in bm.test_stream for i in range(len(e.dataset))])
+    assert torch.equal(fresh.infer(x)[1], strategy.infer(x)[1])
+
+
+def test_the_router_trains_on_eight_bit_digits_with_a_memory_of_one_byte_a_value():
+    from conftest import adam_strategy
+
+    from avalanche_tsn.datasets import permuted_digits
+    from avalanche_tsn.models import MultiHeadMLP
+
+    bm = permuted_digits(2, seed=0)
+    strategy = adam_strategy(MultiHeadMLP(64, (16,), 10), memory_size=20, task_inference="router")
+    strategy.train(bm.train_stream, eval_streams=[])
+    model = strategy.tsn_model
+    stored = model.task_table.samples
+    assert stored.codes.dtype == torch.uint8  # the digits' 17 levels
+    for exp in bm.train_stream:
+        rows = {tuple(_bits(x).tolist()) for x, *_ in exp.dataset}
+        memory = model.memory(exp.task_label)
+        # every kept sample is one of the task's training samples, bit for bit
+        assert len(memory) == 20 and all(tuple(_bits(m).tolist()) in rows for m in memory)
+    assert model.memory_bits() == 2 * 20 * 64 * 8 + 32 * int(stored.n_levels.sum())
+    assert int(stored.n_levels.max()) <= 17
+    assert strategy.capacity_report().memory_bits == model.memory_bits()
