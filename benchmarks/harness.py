@@ -343,8 +343,12 @@ def _rehearsal(name: str, model: torch.nn.Module, args: argparse.Namespace, comm
     """ER-ACE, DER or iCaRL as Avalanche 0.6 builds them, with a --replay-size buffer.
 
     They read minibatches with their own loaders (the buffer's included), so no tensor fetch.
+    Avalanche's ER-ACE and DER replay nothing while their buffer holds fewer samples than one
+    memory minibatch, and their class-balanced buffer rounds each class's share down (fewer
+    samples than classes lost): the memory minibatch is the training minibatch, or the buffer
+    less one sample per class where that is smaller.
     """
-    mb = common["train_mb_size"]
+    mb = min(common["train_mb_size"], max(1, args.replay_size - _outputs(model)))
     if name == "er_ace":
         return ER_ACE(
             model=model, mem_size=args.replay_size, batch_size_mem=mb, eval_every=0, **common

@@ -324,3 +324,15 @@ def test_time_ratio_flushes_subnormals_only_while_it_times(tmp_path, monkeypatch
     assert supported is torch.set_flush_denormal(False)  # True where the CPU can flush
     assert len(seen) == len(time_ratio.KINDS)
     assert all((v == 0) is supported for v in seen)
+
+
+@pytest.mark.parametrize("replay, expected", [(20, 10), (125, 115), (200, 128), (8, 1)])
+def test_er_ace_and_der_replay_from_a_buffer_smaller_than_a_minibatch(replay, expected):
+    # Avalanche's ER-ACE and DER skip replay while the buffer holds fewer samples than one
+    # memory minibatch: an equal-bytes buffer of 125 samples at minibatch 128 was Naive
+    argv = ["--scenario", "split_digits_ci", "--replay-size", str(replay), "--mb", "128"]
+    args = harness.parse(argv)
+    sc = harness.SCENARIOS["split_digits_ci"]
+    for name in ("er_ace", "der"):
+        strategy = harness._strategy(name, sc, args, 5)
+        assert strategy.batch_size_mem == expected <= strategy.train_mb_size
