@@ -152,8 +152,10 @@ class TaskMemory(nn.Module):
             )
         if not 0 <= slot < n_slots:
             raise ValueError(f"slot must lie in [0, {n_slots}), got {slot}")
+        # no samples need no width of their own
         n_new = len(torch.unique(x.view(torch.int32))) if x.numel() else 0
-        bits = max(code_bits(n_new, x.numel()), self.bits_per_value() if shape is not None else 8)
+        bits = code_bits(n_new, x.numel()) if x.numel() else 8
+        bits = max(bits, self.bits_per_value() if shape is not None else 8)
         self._reshape(n_slots, len(x), tuple(x.shape[1:]), bits)
         codes, levels = _encode(x, bits)
         if len(levels) > self.levels.shape[1]:

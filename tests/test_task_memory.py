@@ -71,6 +71,17 @@ def test_a_wider_slot_widens_the_others_without_changing_them():
         assert torch.equal(_bits(memory.get(slot)), _bits(x))
 
 
+def test_an_empty_memory_keeps_the_others_coded():
+    memory = TaskMemory()
+    x = _eight_bit(12)
+    memory.store(0, x, n_slots=2)
+    memory.store(1, x[:0], n_slots=2)
+    assert memory.codes.dtype == torch.uint8 and len(memory.get(1)) == 0
+    assert torch.equal(memory.get(0), x) and memory.bits() == 8 * 16 * 12 + 32 * int(
+        memory.n_levels[0]
+    )
+
+
 def test_bad_memory_changes_nothing():
     table = TaskTable(n_layers=1)
     table.open(0, 0.5)
