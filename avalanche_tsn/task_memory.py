@@ -15,8 +15,6 @@ the memory can tell the difference, and :meth:`TaskMemory.bits` counts what is s
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -198,21 +196,10 @@ class TaskMemory(nn.Module):
             if len(samples):
                 self.store(s, samples, rows)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         # shapes and the code dtype follow what was stored
         for name in ("codes", "levels", "n_levels", "lengths"):
             value = state_dict.get(prefix + name)
             if value is not None:
                 setattr(self, name, torch.zeros_like(value, device=self.lengths.device))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
