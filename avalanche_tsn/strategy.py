@@ -264,7 +264,8 @@ class TSNStrategy(DistributedTrainingMixin, ParamGroupsMixin, TaskRoutingMixin, 
     :param kl_threshold: largest divergence at which a task shares its closest task's bank, a
         float >= 0 (see :mod:`avalanche_tsn.similarity`).
     :param memory_size: samples kept per task for task matching or task inference
-        (``"router"``, ``"memory"``), at least 2.
+        (``"router"``, ``"memory"``), at least 2; stored losslessly in one byte a value for
+        8-bit data (see :mod:`avalanche_tsn.task_memory`).
     :param new_bank_below: open a fresh backbone copy (a bank) for a task whose bank has less
         than this fraction of free weights in some layer, in (0, 1); None never does.
     :param calibrate_activations: after each task, record every masked layer's input range
