@@ -153,7 +153,8 @@ def task_scenario(out: Path) -> dict:
 
 
 def class_scenario() -> dict:
-    bm = class_incremental(separable=False, n_tasks=3)
+    # inputs on a grid: the task memory is coded (8-bit codes travel between the ranks)
+    bm = class_incremental(separable=False, n_tasks=3, grid=0.25)
     # a model the user wrapped themselves, the way Avalanche's examples do
     model = DistributedHelper.wrap_model(MultiHeadMLP(12, (16, 16)))
     strategy = TSNStrategy(
@@ -174,6 +175,7 @@ def class_scenario() -> dict:
         result["digests"].append(state_digest(strategy.model))
     result["metrics"] = strategy.eval(bm.test_stream)
     result["state"] = {k: v.clone() for k, v in strategy.model.state_dict().items()}
+    result["memory_bits"] = strategy.tsn_model.task_table.samples.bits_per_value()
     # TSN's plugins on a strategy that does not keep the ranks together: refused
     from avalanche.training import Naive
 

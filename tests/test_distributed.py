@@ -69,6 +69,7 @@ def test_ranks_hold_the_same_state_after_every_task(task_ranks, class_ranks) -> 
             assert a == b
     # the tasks changed the state: equal hashes are not those of an untouched model
     assert task_ranks[0]["digests"][0] != task_ranks[0]["digests"][-1]
+    assert [r["memory_bits"] for r in class_ranks] == [8, 8]  # coded memories kept together
     assert task_ranks[0]["after_faults"] == task_ranks[1]["after_faults"]
 
 

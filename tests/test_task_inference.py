@@ -16,11 +16,14 @@ from avalanche_tsn.metrics import task_inference_metrics
 from avalanche_tsn.models import MultiHeadMLP
 
 
-def class_incremental(separable: bool, n_tasks: int = 3, dim: int = 12, seed: int = 0):
+def class_incremental(
+    separable: bool, n_tasks: int = 3, dim: int = 12, seed: int = 0, grid: float | None = None
+):
     """Two classes per experience, global class ids, every experience task label 0.
 
     ``separable``: each task's inputs live on their own block of features (zero elsewhere),
     so its task is trivially recognisable; else all tasks share the whole input space.
+    ``grid``: inputs rounded to multiples of it (few distinct values, as 8-bit data have).
     """
     g = torch.Generator().manual_seed(seed)
     block = dim // n_tasks
@@ -35,9 +38,8 @@ def class_incremental(separable: bool, n_tasks: int = 3, dim: int = 12, seed: in
     def data(n: int) -> TensorTaskDataset:
         y = torch.arange(n) % (2 * n_tasks)
         noise = 0.3 * torch.randn(n, dim, generator=g)
-        return TensorTaskDataset(
-            centres[y] + (noise * (centres[y] != 0) if separable else noise), y
-        )
+        x = centres[y] + (noise * (centres[y] != 0) if separable else noise)
+        return TensorTaskDataset(x if grid is None else torch.round(x / grid) * grid, y)
 
     return nc_benchmark(
         data(100 * n_tasks), data(40 * n_tasks), n_experiences=n_tasks, task_labels=False,
