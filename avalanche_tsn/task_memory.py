@@ -110,13 +110,13 @@ class TaskMemory(nn.Module):
         """Changes whenever the stored samples change (for caches of what is derived)."""
         return id(self.codes), self.codes._version
 
-    def get(self, slot: int) -> Tensor:
+    def get(self, slot: int | None) -> Tensor:
         """The samples kept in ``slot`` as float32, bit for bit as stored (a new tensor).
 
-        :param slot: a slot index.
+        :param slot: a slot index; None (or a slot with no memory): no samples.
         """
         shape = self.sample_shape() or ()
-        if self.codes.dim() < 2 or slot >= len(self.lengths):
+        if self.codes.dim() < 2 or slot is None or slot >= len(self.lengths):
             return torch.zeros((0, *shape), device=self.codes.device)
         rows = self.codes[slot, : int(self.lengths[slot])]
         if self.bits_per_value() == 32:

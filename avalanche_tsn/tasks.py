@@ -302,9 +302,8 @@ class TaskTable(nn.Module):
 
         :param task_label: a task label.
         """
-        slot = self.slot_of(task_label)
         # a new tensor: a caller writing into it must not change what routing reads
-        return self.samples.get(len(self) if slot is None else slot)
+        return self.samples.get(self.slot_of(task_label))
 
     def memory_bits(self) -> int:
         """Bits the task memory stores (its codes and each task's levels)."""
