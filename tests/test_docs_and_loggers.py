@@ -38,6 +38,23 @@ def _run_example(name: str, *args: str, monkeypatch, capsys) -> str:
     return capsys.readouterr().out
 
 
+def test_class_incremental_example_infers_tasks_and_keeps_the_first_task(monkeypatch, capsys):
+    out = _run_example(
+        "class_incremental.py", "--epochs", "1", "--threads", "1",
+        monkeypatch=monkeypatch, capsys=capsys,
+    )  # fmt: skip
+    acc = float(re.search(r"ACC ([\d.]+)%", out).group(1))
+    inferred = float(re.search(r"task inferred right for ([\d.]+)%", out).group(1))
+    # a sample sent to another task's head cannot get its class: accuracy <= inference
+    assert 50 < acc <= inferred <= 100
+    assert "first task's outputs bit-identical after the last task: True" in out
+    stored = re.search(r"task memory ([\d.]+) KiB \(100 samples a task, 8-bit values\)", out)
+    # 5 tasks x 100 samples x 64 one-byte values, plus each task's 17 levels at most (the
+    # figure printed to 0.1 KiB)
+    kib = float(stored.group(1))
+    assert 5 * 100 * 64 / 1024 < kib <= (5 * 100 * 64 + 5 * 17 * 4) / 1024 + 0.05
+
+
 def test_checkpoint_example_resumes_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, capsys):
     def run(*args):
         return _run_example(

@@ -242,8 +242,13 @@ def test_harness_and_examples_without_data_exit_2_with_the_message_alone(
     err = capsys.readouterr().err
     assert stop.value.code == 2 and ": MNIST idx files not found" in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
-    for example in ("permuted_mnist.py", "split_cifar100.py", "tiny_imagenet.py"):
-        monkeypatch.setattr(sys, "argv", [example, "--dataset-root", str(tmp_path)])
+    for example, *extra in (
+        ("permuted_mnist.py",),
+        ("split_cifar100.py",),
+        ("tiny_imagenet.py",),
+        ("class_incremental.py", "--dataset", "fashion_mnist"),
+    ):
+        monkeypatch.setattr(sys, "argv", [example, *extra, "--dataset-root", str(tmp_path)])
         with pytest.raises(SystemExit) as stop:
             runpy.run_path(str(root / "examples" / example), run_name="__main__")
         err = capsys.readouterr().err
