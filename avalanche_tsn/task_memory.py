@@ -167,6 +167,10 @@ class TaskMemory(nn.Module):
         self.n_levels[slot] = len(levels)
         self.lengths[slot] = len(x)
 
+    def clear(self) -> None:
+        """Forget every slot's samples (a model that no longer needs them releases them)."""
+        self.drop(0)
+
     def drop(self, slot: int) -> None:
         """Forget slot ``slot`` and every slot after it (the task table dropped them).
 

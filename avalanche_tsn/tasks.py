@@ -305,6 +305,10 @@ class TaskTable(nn.Module):
         # a new tensor: a caller writing into it must not change what routing reads
         return self.samples.get(self.slot_of(task_label))
 
+    def release_memory(self) -> None:
+        """Forget every task's memory samples (an inference-only model that never reads them)."""
+        self.samples.clear()
+
     def memory_bits(self) -> int:
         """Bits the task memory stores (its codes and each task's levels)."""
         return self.samples.bits()

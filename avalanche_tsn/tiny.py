@@ -14,6 +14,8 @@ only what inference reads, so its resident memory follows the capacity figure:
 - per quantized head, its codes packed at its bit-width and its codebook
   (:class:`CodedLinear`); normalisation statistics, biases and heads that were not quantized
   as they are.
+- the task memory (samples kept for training) only where tasks are inferred by it (the
+  ``"memory"`` rule; :func:`to_tiny`'s ``keep_memory``): the router reads its own weights.
 
 A forward rebuilds the task's weight of each layer from these (one unpack of the ownership map
 and of the codes it reads), runs the layer and drops the weight again; the values are exactly
@@ -226,7 +228,7 @@ class TinyTSN(TSNModel):
 
 
 @torch.no_grad()
-def to_tiny(model: TSNModel) -> TinyTSN:
+def to_tiny(model: TSNModel, keep_memory: bool | None = None) -> TinyTSN:
     """Turn ``model`` into its compressed runnable form, in place, and return it.
 
     Every masked layer becomes a :class:`CodedLayer` and every quantized head a
@@ -235,9 +237,15 @@ def to_tiny(model: TSNModel) -> TinyTSN:
     which only evaluates its trained tasks, with the same predictions as before.
 
     :param model: a full TSN model with no task in training.
-    :raises TypeError: for anything but a full ``TSNModel`` (a TinyTSN included).
+    :param keep_memory: keep the task memory (samples kept for training); None (default):
+        only where the model infers tasks by it (``task_inference == "memory"``); the router
+        and the entropy rule never read it.
+    :raises TypeError: for anything but a full ``TSNModel`` (a TinyTSN included), or a
+        ``keep_memory`` that is not a bool or None.
     """
     require_full(model, "to_tiny")
+    if keep_memory is not None and not isinstance(keep_memory, bool):
+        raise TypeError(f"keep_memory must be a bool or None, got {type(keep_memory).__name__}")
     if model.open_task() is not None:
         raise ValueError("a task is still in training: finish or abandon it first")
     if not model.trained_tasks():
@@ -260,6 +268,8 @@ def to_tiny(model: TSNModel) -> TinyTSN:
                     _replace(head, name, CodedLinear(m, book, b))
     for head in model.classifier_heads():
         head.requires_grad_(False)
+    if not (model.task_inference == "memory" if keep_memory is None else keep_memory):
+        model.task_table.release_memory()
     model.eval()
     model.__class__ = TinyTSN  # the converted type: what needs float weights refuses
     return model  # type: ignore[return-value]

@@ -168,3 +168,46 @@ def test_the_router_trains_on_eight_bit_digits_with_a_memory_of_one_byte_a_value
     assert model.memory_bits() == 2 * 20 * 64 * 8 + 32 * int(stored.n_levels.sum())
     assert int(stored.n_levels.max()) <= 17
     assert strategy.capacity_report().memory_bits == model.memory_bits()
+
+
+def test_the_tiny_model_keeps_the_memory_only_where_it_routes_by_it():
+    from test_task_inference import class_incremental
+
+    from avalanche_tsn.models import MultiHeadMLP
+    from avalanche_tsn.tiny import resident_bytes, to_tiny
+
+    def trained(method: str):
+        from conftest import adam_strategy
+
+        torch.manual_seed(0)
+        bm = class_incremental(separable=False, grid=0.25)
+        strategy = adam_strategy(MultiHeadMLP(12, (16, 16)), task_inference=method)
+        for exp in bm.train_stream:
+            strategy.train(exp, eval_streams=[])
+        x = torch.stack([e.dataset[i][0] for e in bm.test_stream for i in range(len(e.dataset))])
+        return strategy, x
+
+    strategy, x = trained("router")
+    out, _ = strategy.infer(x)
+    model = strategy.tsn_model
+    assert model.memory_bits() > 0 and model.task_table.samples.bits_per_value() == 8
+    with pytest.raises(TypeError, match="keep_memory must be a bool or None"):
+        to_tiny(model, keep_memory=1)  # type: ignore[arg-type]
+    assert type(model).__name__ == "TSNModel" and model.memory_bits() > 0  # nothing changed
+    full_bytes = resident_bytes(model)
+    tiny = to_tiny(model)  # the router never reads the memory: released
+    assert tiny.memory_bits() == 0 and resident_bytes(tiny) < full_bytes
+    with torch.no_grad():
+        assert torch.equal(tiny(x), out)
+    strategy, x = trained("memory")
+    out, _ = strategy.infer(x)
+    memories = [strategy.tsn_model.memory(t) for t in strategy.tsn_model.trained_tasks()]
+    tiny = to_tiny(strategy.tsn_model)  # the memory rule reads it: kept, bit for bit
+    assert all(
+        torch.equal(_bits(tiny.memory(t)), _bits(m))
+        for t, m in zip(tiny.trained_tasks(), memories, strict=True)
+    )
+    with torch.no_grad():
+        assert torch.equal(tiny(x), out)
+    strategy, _ = trained("router")
+    assert to_tiny(strategy.tsn_model, keep_memory=True).memory_bits() > 0
