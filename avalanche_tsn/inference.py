@@ -75,7 +75,8 @@ def memory_statistics(model: TSNModel) -> dict[int, tuple[Tensor, Tensor]]:
         if len(memory) < 2:
             raise ValueError(
                 f"task {label} has fewer than 2 memory samples: the 'memory' method needs a "
-                "task memory (memory_size >= 2)"
+                "task memory (memory_size >= 2; a tiny model keeps it with "
+                "to_tiny(..., keep_memory=True))"
             )
         device = model.task_table.samples.lengths.device
         feats = task_features(model, label, memory.to(device)).double()

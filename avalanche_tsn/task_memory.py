@@ -68,11 +68,11 @@ def coded_bytes(n_samples: int, sample_numel: int, n_levels: int) -> int:
     return n_samples * sample_numel * bits // 8 + table
 
 
-def _encode(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """``x`` as codes of ``bits`` bits and its levels (float32 values and no levels at 32)."""
+def _encode(x: Tensor, levels: Tensor, codes: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """``x`` (its :func:`level_codes`) as codes of ``bits`` bits and its levels (float32
+    values and no levels at 32)."""
     if bits == 32:
         return x.clone(), x.new_zeros(0)
-    levels, codes = level_codes(x)
     codes = codes - _OFFSET16 if bits == 16 else codes
     return codes.to(_DTYPES[bits]), levels
 
@@ -150,12 +150,12 @@ class TaskMemory(nn.Module):
             )
         if not 0 <= slot < n_slots:
             raise ValueError(f"slot must lie in [0, {n_slots}), got {slot}")
+        levels, codes = level_codes(x)
         # no samples need no width of their own
-        n_new = len(torch.unique(x.view(torch.int32))) if x.numel() else 0
-        bits = code_bits(n_new, x.numel()) if x.numel() else 8
+        bits = code_bits(len(levels), x.numel()) if x.numel() else 8
         bits = max(bits, self.bits_per_value() if shape is not None else 8)
         self._reshape(n_slots, len(x), tuple(x.shape[1:]), bits)
-        codes, levels = _encode(x, bits)
+        codes, levels = _encode(x, levels, codes, bits)
         if len(levels) > self.levels.shape[1]:
             wider = self.levels.new_zeros((len(self.levels), len(levels)))
             wider[:, : self.levels.shape[1]] = self.levels
@@ -178,7 +178,7 @@ class TaskMemory(nn.Module):
         """
         for name in ("codes", "levels", "n_levels", "lengths"):
             buf = getattr(self, name)
-            if buf.dim() >= 1 and buf.shape[0] > slot and (name != "codes" or buf.dim() >= 2):
+            if buf.shape[0] > slot:
                 setattr(self, name, buf[:slot].clone())
 
     def _reshape(self, n_slots: int, width: int, shape: tuple[int, ...], bits: int) -> None:

@@ -20,6 +20,7 @@ import math
 import multiprocessing as mp
 import resource
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ from avalanche_tsn.plugins import (
 )
 from avalanche_tsn.pruning import SEARCHES
 from avalanche_tsn.router import DEFAULT_OOD_WEIGHT
-from avalanche_tsn.task_memory import coded_bytes
+from avalanche_tsn.task_memory import coded_bytes, level_codes
 
 STRATEGIES = (
     "tsn", "wsn", "adaqpacknet", "naive", "ewc", "lwf", "si", "replay", "packnet", "joint",
@@ -396,19 +397,26 @@ def stored_bytes(
     return {"model": _model_bits(net) // 8, "samples": stored, "other": logits}
 
 
+#: sample_levels of each benchmark (a pass over its training data, once per benchmark)
+_LEVELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def sample_levels(benchmark: Any) -> tuple[int, int]:
     """Values per sample and distinct values (bit patterns) in the training stream's samples.
 
     :param benchmark: an Avalanche benchmark.
     """
+    if benchmark in _LEVELS:
+        return _LEVELS[benchmark]
     patterns: set[int] = set()
     for exp in benchmark.train_stream:
         for batch in torch.utils.data.DataLoader(exp.dataset.eval(), batch_size=4096):
-            x = batch[0].to(torch.float32).contiguous()
-            patterns.update(torch.unique(x.view(torch.int32)).tolist())
+            levels = level_codes(batch[0].to(torch.float32).contiguous())[0]
+            patterns.update(levels.view(torch.int32).tolist())
             if len(patterns) > 1 << 16:  # float32 values then: no need to count further
                 break
-    return benchmark.train_stream[0].dataset[0][0].numel(), len(patterns)
+    _LEVELS[benchmark] = benchmark.train_stream[0].dataset[0][0].numel(), len(patterns)
+    return _LEVELS[benchmark]
 
 
 def _outputs(net: torch.nn.Module) -> int:
