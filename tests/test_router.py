@@ -158,6 +158,33 @@ def test_the_compact_export_carries_the_router_and_loads_routing_the_same():
             assert torch.equal(loaded(x), out)
 
 
+@pytest.mark.parametrize("method", ["router", "memory"])
+def test_an_avalanche_checkpoint_mid_stream_resumes_as_an_uninterrupted_run(tmp_path, method):
+    from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
+
+    def run(path, crash_after):
+        torch.manual_seed(0)
+        bm = class_incremental(separable=False, n_tasks=3)
+        strategy = _strategy(MultiHeadMLP(12, (16, 16)), method)
+        strategy, start = maybe_load_checkpoint(strategy, str(path))
+        for exp in list(bm.train_stream)[start:]:
+            torch.manual_seed(exp.current_experience)
+            strategy.train(exp, eval_streams=[])
+            save_checkpoint(strategy, str(path))
+            if exp.current_experience == crash_after:
+                return None
+        return strategy.infer(_test_x(bm)), strategy.tsn_model.memory(0)
+
+    (out, tasks), memory = run(tmp_path / "full.pkl", crash_after=-1)
+    assert run(tmp_path / "cut.pkl", crash_after=1) is None
+    (out_resumed, tasks_resumed), memory_resumed = run(tmp_path / "cut.pkl", crash_after=-1)
+    # the third task trained after the resume: its outlier exposure, memory and routing
+    # read the restored memory and router exactly
+    assert torch.equal(tasks, tasks_resumed) and torch.equal(out, out_resumed)
+    assert torch.equal(memory, memory_resumed)
+    assert len(set(tasks.tolist())) == 3
+
+
 def test_noisy_copies_keep_the_memory_and_are_seeded() -> None:
     memory = torch.randn(10, 6)
     copies = noisy_copies(memory, 4, 0.5, torch.Generator().manual_seed(0))
