@@ -51,12 +51,14 @@ from avalanche_tsn.huffman import (
     read_code_v1,
     unpair_symbols,
 )
+from avalanche_tsn.inference import INFERENCE_METHODS
 from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm, module_device
 from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.quantization import small_codes_of
 from avalanche_tsn.router import TaskRouter
+from avalanche_tsn.task_memory import decode_samples, encode_samples
 from avalanche_tsn.tasks import calibrated, uncalibrated
-from avalanche_tsn.tiny import to_tiny
+from avalanche_tsn.tiny import keeps_memory, to_tiny
 from avalanche_tsn.validation import check_bool
 
 __all__ = ["export_model", "load_compressed", "pack_codes", "unpack_codes", "MAGIC"]
@@ -132,6 +134,8 @@ _NUMPY = {
     torch.uint8: np.uint8,
 }
 _DTYPES = {str(k): k for k in _NUMPY}
+#: the task memory's code widths and the dtypes their codes are written in
+_MEMORY_DTYPES = {8: torch.uint8, 16: torch.int16, 32: torch.float32}
 
 
 def _head_entries(head: nn.Module) -> tuple[list[str], list[str]]:
@@ -163,14 +167,22 @@ def _architecture(module: nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
+def export_model(
+    model: TSNModel, path: str | PathLike | BinaryIO, *, keep_memory: bool | None = None
+) -> int:
     """Write the trained tasks of ``model`` to a compact file.
+
+    The file also holds how the model infers tasks (``model.task_inference``), its fitted
+    router, and, where asked, its task memory, coded as the model stores it.
 
     :param model: the TSN model.
     :param path: a file path or a writable binary file.
+    :param keep_memory: write the task memory; None (default): only where the model infers
+        tasks by it (``task_inference == "memory"``), as :func:`~avalanche_tsn.tiny.to_tiny`.
     :return: bytes written.
     """
     require_full(model, "export")
+    keep = keeps_memory(model, keep_memory)
     enc = ModelEncoding.of(model)
     tasks = enc.labels
     if not tasks:
@@ -213,16 +225,12 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
     header["act_range"] = [r.tolist() if bool(calibrated(r).all()) else None for r in enc.act_range]
     for hname, heads in _named_heads(model):
         header["heads"][hname] = _write_heads(w, heads, enc)
-    router = model.task_router
-    # Optional (files without it load with an unfitted router): the class-incremental router.
-    if router.fitted_tasks() and sorted(router.fitted_tasks()) == sorted(tasks):
-        learned = router.learned()
-        header["router"] = {
-            "labels": router.fitted_tasks(),
-            "shapes": {k: list(v.shape) for k, v in learned.items()},
-        }
-        for value in learned.values():
-            w.tensor(value.float())
+    _write_router(w, header, model.task_router, tasks)
+    if keep:
+        _write_memory(w, header, model, tasks)
+    # Optional (files without it load with task_inference None): how tasks are inferred.
+    if model.task_inference is not None:
+        header["task_inference"] = model.task_inference
     head_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head_bytes)) + head_bytes + w.buf.getvalue()
     data = body + _CRC.pack(zlib.crc32(body))
@@ -231,6 +239,31 @@ def export_model(model: TSNModel, path: str | PathLike | BinaryIO) -> int:
     else:
         path.write(data)
     return len(data)
+
+
+def _write_router(w: _Writer, header: dict[str, Any], router: TaskRouter, tasks: list[int]) -> None:
+    """The class-incremental router, if fitted for every task (optional: files without it
+    load with an unfitted router)."""
+    if router.fitted_tasks() and sorted(router.fitted_tasks()) == sorted(tasks):
+        learned = router.learned()
+        header["router"] = {
+            "labels": router.fitted_tasks(),
+            "shapes": {k: list(v.shape) for k, v in learned.items()},
+        }
+        for value in learned.values():
+            w.tensor(value.float())
+
+
+def _write_memory(w: _Writer, header: dict[str, Any], model: TSNModel, tasks: list[int]) -> None:
+    """Each task's memory samples, coded per task (optional: files without it load with none)."""
+    entries = []
+    shape = model.task_table.samples.sample_shape()
+    for label in tasks:
+        bits, codes, levels = encode_samples(model.memory(label))
+        entries.append([len(codes), bits, len(levels)])
+        w.tensor(codes)
+        w.tensor(levels)
+    header["memory"] = {"shape": list(shape or ()), "tasks": entries}
 
 
 def _write_heads(w: _Writer, heads: MultiHeadClassifier, enc: ModelEncoding) -> dict[str, Any]:
@@ -389,6 +422,10 @@ def _decode(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[str, Any
             active = None if au is None else r.tensor((au[0],), _dtype(au[1]))
             heads[(hname, key)] = (int(spec["out"]), state, active, book, slot)
     router = _decode_router(header, r, tasks)
+    memory = _decode_memory(header, r, tasks)
+    inference = header.get("task_inference")
+    if inference is not None and inference not in INFERENCE_METHODS:
+        raise ValueError(f"corrupt export file: unknown task_inference {inference!r}")
     if r.pos != len(r.data):
         raise ValueError("corrupt export file: unexpected trailing data")
     act_range = uncalibrated(len(tasks), len(shapes))
@@ -409,6 +446,8 @@ def _decode(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[str, Any
         "norms": norms,
         "heads": heads,
         "router": router,
+        "memory": memory,
+        "task_inference": inference,
     }
 
 
@@ -425,6 +464,23 @@ def _decode_router(
     checked = TaskRouter()
     checked.restore(labels, {k: r.tensor(tuple(v)) for k, v in spec["shapes"].items()})
     return labels, checked.learned()
+
+
+def _decode_memory(header: dict[str, Any], r: _Reader, tasks: list[int]) -> list[Tensor] | None:
+    """Each task's memory samples (float32, as stored), or None where the file has none."""
+    spec = header.get("memory")
+    if spec is None:
+        return None
+    shape = tuple(int(d) for d in spec["shape"])
+    if len(spec["tasks"]) != len(tasks) or any(d < 1 for d in shape):
+        raise ValueError("corrupt export file: the memory does not match the tasks")
+    samples = []
+    for n, bits, n_levels in spec["tasks"]:
+        if bits not in _MEMORY_DTYPES or n < 0 or n_levels < 0:
+            raise ValueError(f"corrupt export file: memory entry {[n, bits, n_levels]}")
+        codes = r.tensor((n, *shape), _MEMORY_DTYPES[bits])
+        samples.append(decode_samples(bits, codes, r.tensor((n_levels,))))
+    return samples
 
 
 def _decode_layers(
@@ -579,6 +635,11 @@ def _apply(decoded: dict[str, Any], tsn: TSNModel) -> TSNModel:
         mh.max_class_label = max(mh.max_class_label, out)
     if decoded["router"] is not None:
         tsn.task_router.restore(*decoded["router"])
+    if decoded["memory"] is not None:
+        for label, samples in zip(tasks, decoded["memory"], strict=True):
+            if len(samples):
+                tsn.store_memory(label, samples.to(dev))
+    tsn.task_inference = decoded["task_inference"]
     return tsn.eval()
 
 

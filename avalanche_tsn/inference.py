@@ -76,7 +76,8 @@ def memory_statistics(model: TSNModel) -> dict[int, tuple[Tensor, Tensor]]:
             raise ValueError(
                 f"task {label} has fewer than 2 memory samples: the 'memory' method needs a "
                 "task memory (memory_size >= 2; a tiny model keeps it with "
-                "to_tiny(..., keep_memory=True))"
+                "to_tiny(..., keep_memory=True), an export with export_model(..., "
+                "keep_memory=True))"
             )
         device = model.task_table.samples.lengths.device
         feats = task_features(model, label, memory.to(device)).double()

@@ -54,6 +54,7 @@ from avalanche_tsn.streams import (
     task_aware,
 )
 from avalanche_tsn.task_routing import TaskRoutingMixin
+from avalanche_tsn.tiny import keeps_memory
 from avalanche_tsn.validation import check_bool
 
 __all__ = ["TSNStrategy", "TSNSettings", "tsn_recipe", "reject_arguments"]
@@ -382,18 +383,21 @@ class TSNStrategy(DistributedTrainingMixin, ParamGroupsMixin, TaskRoutingMixin, 
         """Memory the trained tasks need for inference, against the dense model."""
         return capacity_report(self.tsn_model)
 
-    def export(self, path: str | PathLike | BinaryIO) -> int:
+    def export(self, path: str | PathLike | BinaryIO, *, keep_memory: bool | None = None) -> int:
         """Write the trained tasks to a compact file (see :func:`avalanche_tsn.load_compressed`).
 
         Under ``torch.distributed`` only rank 0 writes (every rank waits for it).
 
         :param path: a file path or a writable binary file.
+        :param keep_memory: write the task memory; None (default): only where tasks are
+            inferred by it (``task_inference="memory"``).
         :return: bytes written (rank 0's count on every rank).
         """
+        keeps_memory(self.tsn_model, keep_memory)  # refused on every rank, before any work
         written = 0
         with reporting("export"):  # (also the barrier: rank 0 has written when it returns)
             if is_main_process():
-                written = export_model(self.tsn_model, path)
+                written = export_model(self.tsn_model, path, keep_memory=keep_memory)
         return int(DistributedHelper.broadcast_object(written))  # rank 0's count everywhere
 
     def compute_report(
@@ -424,11 +428,7 @@ class TSNStrategy(DistributedTrainingMixin, ParamGroupsMixin, TaskRoutingMixin, 
         """
         check_act_bits(act_bits)
         exps = _aware([experiences] if isinstance(experiences, CLExperience) else experiences)
-        if self.task_inference is not None:
-            # class-incremental: each experience is its classes' task, not its own label 0
-            labels = [self._trained_label_of(e) for e in exps]
-        else:
-            labels = check_stream(exps)
+        labels = self._evaluated_labels(exps)
         untrained = [t for t in labels if not self.tsn_model.is_trained(t)]
         if untrained:
             raise ValueError(f"experiences hold tasks not trained yet: {untrained}")

@@ -18,7 +18,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TaskMemory", "level_codes", "code_bits", "coded_bytes"]
+__all__ = [
+    "TaskMemory",
+    "level_codes",
+    "code_bits",
+    "coded_bytes",
+    "encode_samples",
+    "decode_samples",
+]
 
 #: code width in bits -> the dtype holding the codes (16-bit codes are offset into int16)
 _DTYPES = {8: torch.uint8, 16: torch.int16, 32: torch.float32}
@@ -77,6 +84,42 @@ def _encode(x: Tensor, levels: Tensor, codes: Tensor, bits: int) -> tuple[Tensor
     return codes.to(_DTYPES[bits]), levels
 
 
+def encode_samples(x: Tensor, min_bits: int = 8) -> tuple[int, Tensor, Tensor]:
+    """``x`` coded as the task memory codes one task's samples: ``(bits, codes, levels)``.
+
+    :param x: the samples (stored as float32).
+    :param min_bits: the narrowest width to use (8; 16 or 32 to match a wider memory).
+    :return: the code width (8, 16 or 32), the codes (``uint8``, ``int16`` offset by
+        ``-2**15``, or the float32 values themselves at 32) and the levels (empty at 32).
+    """
+    x = x.detach().to(torch.float32).contiguous()
+    levels, codes = level_codes(x)
+    # no samples need no width of their own
+    bits = max(code_bits(len(levels), x.numel()) if x.numel() else 8, min_bits)
+    codes, levels = _encode(x, levels, codes, bits)
+    return bits, codes, levels
+
+
+def decode_samples(bits: int, codes: Tensor, levels: Tensor) -> Tensor:
+    """The float32 samples of :func:`encode_samples`'s output, bit for bit.
+
+    :param bits: the code width: 8, 16 or 32.
+    :param codes: the codes (or float32 values at 32).
+    :param levels: the levels the codes index (any padding after them is never read).
+    :raises ValueError: for another width, or a code that indexes no level.
+    """
+    if bits not in _DTYPES or codes.dtype != _DTYPES[bits]:
+        raise ValueError(
+            f"memory codes of {bits} bits must be {_DTYPES.get(bits)}, got {codes.dtype}"
+        )
+    if bits == 32:
+        return codes.clone()
+    index = codes.long() + (_OFFSET16 if bits == 16 else 0)
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(levels)):
+        raise ValueError(f"memory codes index {len(levels)} levels out of range")
+    return levels[index]
+
+
 class TaskMemory(nn.Module):
     """Every task slot's memory samples, coded losslessly; owned by the task table.
 
@@ -119,10 +162,7 @@ class TaskMemory(nn.Module):
         if self.codes.dim() < 2 or slot is None or slot >= len(self.lengths):
             return torch.zeros((0, *shape), device=self.codes.device)
         rows = self.codes[slot, : int(self.lengths[slot])]
-        if self.bits_per_value() == 32:
-            return rows.clone()
-        index = rows.long() + (_OFFSET16 if self.bits_per_value() == 16 else 0)
-        return self.levels[slot][index]
+        return decode_samples(self.bits_per_value(), rows, self.levels[slot])
 
     def bits(self) -> int:
         """Bits the memory stores: each sample's codes plus each slot's levels (float32)."""
@@ -150,12 +190,8 @@ class TaskMemory(nn.Module):
             )
         if not 0 <= slot < n_slots:
             raise ValueError(f"slot must lie in [0, {n_slots}), got {slot}")
-        levels, codes = level_codes(x)
-        # no samples need no width of their own
-        bits = code_bits(len(levels), x.numel()) if x.numel() else 8
-        bits = max(bits, self.bits_per_value() if shape is not None else 8)
+        bits, codes, levels = encode_samples(x, self.bits_per_value() if shape is not None else 8)
         self._reshape(n_slots, len(x), tuple(x.shape[1:]), bits)
-        codes, levels = _encode(x, levels, codes, bits)
         if len(levels) > self.levels.shape[1]:
             wider = self.levels.new_zeros((len(self.levels), len(levels)))
             wider[:, : self.levels.shape[1]] = self.levels

@@ -17,7 +17,12 @@ from avalanche.benchmarks import CLExperience
 from avalanche_tsn.inference import infer_tasks, memory_statistics
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.stages import stage_context
-from avalanche_tsn.streams import experience_classes, experience_task_labels, relabelled
+from avalanche_tsn.streams import (
+    check_stream,
+    experience_classes,
+    experience_task_labels,
+    relabelled,
+)
 
 __all__ = ["TaskRoutingMixin"]
 
@@ -79,6 +84,13 @@ class TaskRoutingMixin:
             f"{classes}, which no trained task was trained on as a whole (tasks and their "
             f"classes: {known}); evaluate it with strategy.eval, which infers each sample's task"
         )
+
+    def _evaluated_labels(self, exps: Sequence[CLExperience]) -> list[int]:
+        """The trained task each experience is evaluated as: its own label, or with task
+        inference the task trained on its classes (not its own label 0)."""
+        if self.task_inference is not None:
+            return [self._trained_label_of(e) for e in exps]
+        return check_stream(exps)
 
     def forward(self):
         """The model's output for the current minibatch, each sample run as its own task.

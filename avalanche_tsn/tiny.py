@@ -40,7 +40,7 @@ from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.quantization import small_codes_of
 from avalanche_tsn.routing import FREE, TaskRouted
 
-__all__ = ["CodedLayer", "CodedLinear", "TinyTSN", "to_tiny", "resident_bytes"]
+__all__ = ["CodedLayer", "CodedLinear", "TinyTSN", "to_tiny", "keeps_memory", "resident_bytes"]
 
 
 def _packed(values: np.ndarray, bits: int) -> Tensor:
@@ -227,6 +227,19 @@ class TinyTSN(TSNModel):
     store_memory = set_head_codebook = _refuse  # type: ignore[assignment]
 
 
+def keeps_memory(model: TSNModel, keep_memory: bool | None) -> bool:
+    """Whether a compact form of ``model`` keeps its task memory (samples kept for training).
+
+    :param model: the TSN model.
+    :param keep_memory: True or False decides; None: only where the model infers tasks by the
+        memory (``task_inference == "memory"``): the router and the entropy rule never read it.
+    :raises TypeError: for anything but a bool or None.
+    """
+    if keep_memory is not None and not isinstance(keep_memory, bool):
+        raise TypeError(f"keep_memory must be a bool or None, got {type(keep_memory).__name__}")
+    return model.task_inference == "memory" if keep_memory is None else keep_memory
+
+
 @torch.no_grad()
 def to_tiny(model: TSNModel, keep_memory: bool | None = None) -> TinyTSN:
     """Turn ``model`` into its compressed runnable form, in place, and return it.
@@ -244,8 +257,7 @@ def to_tiny(model: TSNModel, keep_memory: bool | None = None) -> TinyTSN:
         ``keep_memory`` that is not a bool or None.
     """
     require_full(model, "to_tiny")
-    if keep_memory is not None and not isinstance(keep_memory, bool):
-        raise TypeError(f"keep_memory must be a bool or None, got {type(keep_memory).__name__}")
+    keep = keeps_memory(model, keep_memory)
     if model.open_task() is not None:
         raise ValueError("a task is still in training: finish or abandon it first")
     if not model.trained_tasks():
@@ -268,7 +280,7 @@ def to_tiny(model: TSNModel, keep_memory: bool | None = None) -> TinyTSN:
                     _replace(head, name, CodedLinear(m, book, b))
     for head in model.classifier_heads():
         head.requires_grad_(False)
-    if not (model.task_inference == "memory" if keep_memory is None else keep_memory):
+    if not keep:
         model.task_table.release_memory()
     model.eval()
     model.__class__ = TinyTSN  # the converted type: what needs float weights refuses

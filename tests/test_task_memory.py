@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -171,23 +172,10 @@ def test_the_router_trains_on_eight_bit_digits_with_a_memory_of_one_byte_a_value
 
 
 def test_the_tiny_model_keeps_the_memory_only_where_it_routes_by_it():
-    from test_task_inference import class_incremental
 
-    from avalanche_tsn.models import MultiHeadMLP
     from avalanche_tsn.tiny import resident_bytes, to_tiny
 
-    def trained(method: str):
-        from conftest import adam_strategy
-
-        torch.manual_seed(0)
-        bm = class_incremental(separable=False, grid=0.25)
-        strategy = adam_strategy(MultiHeadMLP(12, (16, 16)), task_inference=method)
-        for exp in bm.train_stream:
-            strategy.train(exp, eval_streams=[])
-        x = torch.stack([e.dataset[i][0] for e in bm.test_stream for i in range(len(e.dataset))])
-        return strategy, x
-
-    strategy, x = trained("router")
+    strategy, x = _trained_ci("router")
     out, _ = strategy.infer(x)
     model = strategy.tsn_model
     assert model.memory_bits() > 0 and model.task_table.samples.bits_per_value() == 8
@@ -199,7 +187,7 @@ def test_the_tiny_model_keeps_the_memory_only_where_it_routes_by_it():
     assert tiny.memory_bits() == 0 and resident_bytes(tiny) < full_bytes
     with torch.no_grad():
         assert torch.equal(tiny(x), out)
-    strategy, x = trained("memory")
+    strategy, x = _trained_ci("memory")
     out, _ = strategy.infer(x)
     memories = [strategy.tsn_model.memory(t) for t in strategy.tsn_model.trained_tasks()]
     tiny = to_tiny(strategy.tsn_model)  # the memory rule reads it: kept, bit for bit
@@ -209,5 +197,157 @@ def test_the_tiny_model_keeps_the_memory_only_where_it_routes_by_it():
     )
     with torch.no_grad():
         assert torch.equal(tiny(x), out)
-    strategy, _ = trained("router")
+    strategy, _ = _trained_ci("router")
     assert to_tiny(strategy.tsn_model, keep_memory=True).memory_bits() > 0
+
+
+def _trained_ci(method: str):
+    """A class-incremental run on inputs on a grid (an 8-bit coded memory), and its test x."""
+    from conftest import adam_strategy
+    from test_task_inference import class_incremental
+
+    from avalanche_tsn.models import MultiHeadMLP
+
+    torch.manual_seed(0)
+    bm = class_incremental(separable=False, grid=0.25)
+    strategy = adam_strategy(MultiHeadMLP(12, (16, 16)), task_inference=method)
+    for exp in bm.train_stream:
+        strategy.train(exp, eval_streams=[])
+    x = torch.stack([e.dataset[i][0] for e in bm.test_stream for i in range(len(e.dataset))])
+    return strategy, x
+
+
+def _same_memories(a, b) -> bool:
+    return a.trained_tasks() == b.trained_tasks() and all(
+        torch.equal(_bits(a.memory(t)), _bits(b.memory(t))) for t in a.trained_tasks()
+    )
+
+
+@pytest.mark.parametrize("dequantize", [True, False])
+def test_the_export_of_a_memory_routed_model_carries_its_memory_and_routes_the_same(dequantize):
+    from avalanche_tsn.export import export_model, load_compressed
+    from avalanche_tsn.models import MultiHeadMLP
+
+    strategy, x = _trained_ci("memory")
+    model = strategy.tsn_model
+    out, _ = strategy.infer(x)
+    with_memory, without = io.BytesIO(), io.BytesIO()
+    size = strategy.export(with_memory)  # the memory rule reads the memory: written
+    smaller = export_model(model, without, keep_memory=False)
+    assert model.task_table.samples.bits_per_value() == 8
+    # the 8-bit codes and each task's levels, and a few bytes of header
+    assert model.memory_bits() // 8 <= size - smaller <= model.memory_bits() // 8 + 200
+    with_memory.seek(0)
+    loaded = load_compressed(with_memory, MultiHeadMLP(12, (16, 16)), dequantize=dequantize)
+    assert loaded.task_inference == "memory"  # the file says how its tasks are inferred
+    assert _same_memories(loaded, model) and loaded.memory_bits() == model.memory_bits()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+    without.seek(0)
+    bare = load_compressed(without, MultiHeadMLP(12, (16, 16)), dequantize=dequantize)
+    assert bare.memory_bits() == 0
+    with pytest.raises(ValueError, match=re.escape("export_model(..., keep_memory=True)")):
+        bare(x)
+
+
+def test_a_router_models_export_leaves_the_memory_out_unless_asked():
+    from avalanche_tsn.export import export_model, load_compressed
+    from avalanche_tsn.models import MultiHeadMLP
+
+    strategy, x = _trained_ci("router")
+    model = strategy.tsn_model
+    out, _ = strategy.infer(x)
+    buf = io.BytesIO()
+    for bad in (1, "yes"):  # refused before anything is written
+        with pytest.raises(TypeError, match="keep_memory must be a bool or None"):
+            strategy.export(buf, keep_memory=bad)
+        with pytest.raises(TypeError, match="keep_memory must be a bool or None"):
+            export_model(model, buf, keep_memory=bad)
+    assert buf.getvalue() == b""
+    files = {}
+    for keep in (None, True):
+        files[keep] = io.BytesIO()
+        export_model(model, files[keep], keep_memory=keep)
+        files[keep].seek(0)
+    default = load_compressed(files[None], MultiHeadMLP(12, (16, 16)))
+    kept = load_compressed(files[True], MultiHeadMLP(12, (16, 16)))
+    assert default.task_inference == kept.task_inference == "router"
+    assert default.memory_bits() == 0
+    assert _same_memories(kept, model) and kept.memory_bits() == model.memory_bits()
+    with torch.no_grad():
+        assert torch.equal(default(x), out) and torch.equal(kept(x), out)
+
+
+def _memory_file_edits():
+    from test_guarantees import _DELETE, _set
+
+    def last_code_past_its_levels(header, payload):
+        n_levels = header["memory"]["tasks"][-1][2]
+        at = len(payload) - 4 * n_levels - 1  # the last task's last code, before its levels
+        return payload[:at] + bytes([255]) + payload[at + 1 :]
+
+    return [
+        (_set(["memory", "tasks", 0, 1], 12), None),
+        (_set(["memory", "tasks", 0, 0], -1), None),
+        (_set(["memory", "tasks"], []), None),
+        (_set(["memory", "shape"], [0]), None),
+        (_set(["memory", "shape"], [13]), None),
+        (_set(["task_inference"], "oracle"), None),
+        (_set(["memory"], _DELETE), None),  # its codes are then trailing data
+        (None, last_code_past_its_levels),
+    ]
+
+
+@pytest.fixture(scope="module")
+def memory_export() -> bytes:
+    strategy, _ = _trained_ci("memory")
+    buf = io.BytesIO()
+    strategy.export(buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("edit", range(8))
+def test_a_corrupt_memory_in_an_export_is_refused_before_the_model_changes(memory_export, edit):
+    import json
+    import struct
+    import zlib
+
+    from test_guarantees import _rewrite
+
+    from avalanche_tsn.export import load_compressed
+    from avalanche_tsn.models import MultiHeadMLP
+
+    data = memory_export
+    edit_header, edit_payload = _memory_file_edits()[edit]
+    start = struct.calcsize("<4sHI")
+    header = json.loads(zlib.decompress(data[start : start + struct.unpack_from("<4sHI", data)[2]]))
+    assert header["memory"]["tasks"][-1][1] == 8 and header["memory"]["tasks"][-1][2] < 255
+    payload_edit = None if edit_payload is None else (lambda p: edit_payload(header, p))
+    corrupt = _rewrite(data, edit_header, payload_edit)
+    model = MultiHeadMLP(12, (16, 16))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="corrupt"):
+        load_compressed(io.BytesIO(corrupt), model)
+    assert type(model.features[0]) is torch.nn.Linear  # not even wrapped
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_encode_samples_round_trips_each_width_and_decode_refuses_bad_codes() -> None:
+    from avalanche_tsn.task_memory import decode_samples, encode_samples
+
+    few = torch.tensor([[0.0, -0.0, 0.5], [1.0, 0.5, 0.0]]).repeat(40, 1)
+    few.view(torch.int32)[1::2, 2] = 0x7FC00001  # a NaN with a payload
+    many = torch.arange(3000.0).view(1000, 3).repeat(4, 1)  # 3000 levels in 12000 values
+    noise = torch.randn(50, 3)
+    for x, bits in ((few, 8), (many, 16), (noise, 32), (few, 16), (torch.zeros(0, 3), 8)):
+        min_bits = bits if x is few and bits == 16 else 8
+        width, codes, levels = encode_samples(x, min_bits)
+        assert width == bits and codes.shape == x.shape
+        assert torch.equal(_bits(decode_samples(width, codes, levels)), _bits(x))
+    width, codes, levels = encode_samples(few)
+    with pytest.raises(ValueError, match="out of range"):
+        decode_samples(width, codes, levels[:2])
+    with pytest.raises(ValueError, match="must be torch.uint8"):
+        decode_samples(8, codes.to(torch.int16), levels)
+    with pytest.raises(ValueError, match="memory codes of 12 bits"):
+        decode_samples(12, codes, levels)
