@@ -201,20 +201,21 @@ def test_the_tiny_model_keeps_the_memory_only_where_it_routes_by_it():
     assert to_tiny(strategy.tsn_model, keep_memory=True).memory_bits() > 0
 
 
-def _trained_ci(method: str):
-    """A class-incremental run on inputs on a grid (an 8-bit coded memory), and its test x."""
+def _trained_ci(method: str, n_tasks: int = 3, stream: bool = False, **kwargs):
+    """A class-incremental run on inputs on a grid (an 8-bit coded memory), and its test x;
+    with ``n_tasks`` > 3 only the first 3 train (and ``stream`` returns the stream too)."""
     from conftest import adam_strategy
     from test_task_inference import class_incremental
 
     from avalanche_tsn.models import MultiHeadMLP
 
     torch.manual_seed(0)
-    bm = class_incremental(separable=False, grid=0.25)
-    strategy = adam_strategy(MultiHeadMLP(12, (16, 16)), task_inference=method)
-    for exp in bm.train_stream:
+    bm = class_incremental(separable=False, n_tasks=n_tasks, grid=0.25)
+    strategy = adam_strategy(MultiHeadMLP(12, (16, 16)), task_inference=method, **kwargs)
+    for exp in list(bm.train_stream)[:3]:
         strategy.train(exp, eval_streams=[])
     x = torch.stack([e.dataset[i][0] for e in bm.test_stream for i in range(len(e.dataset))])
-    return strategy, x
+    return (strategy, x, bm) if stream else (strategy, x)
 
 
 def _same_memories(a, b) -> bool:
@@ -351,3 +352,43 @@ def test_encode_samples_round_trips_each_width_and_decode_refuses_bad_codes() ->
         decode_samples(8, codes.to(torch.int16), levels)
     with pytest.raises(ValueError, match="memory codes of 12 bits"):
         decode_samples(12, codes, levels)
+
+
+@pytest.mark.parametrize("method", ["router", "entropy"])
+def test_training_further_from_an_export_needs_the_memory_where_a_stage_reads_it(method, caplog):
+    from conftest import adam_strategy
+
+    from avalanche_tsn.export import export_model, load_compressed
+    from avalanche_tsn.models import MultiHeadMLP
+
+    # the router and task matching read every trained task's memory while a task trains
+    strategy, x, bm = _trained_ci(method, n_tasks=4, stream=True, task_matching=True)
+    fourth = list(bm.train_stream)[3]
+    files = {}
+    for keep in (False, True):
+        files[keep] = io.BytesIO()
+        export_model(strategy.tsn_model, files[keep], keep_memory=keep)
+        files[keep].seek(0)
+    bare = load_compressed(files[False], MultiHeadMLP(12, (16, 16)))
+    with torch.no_grad():
+        before = {t: bare(x, t) for t in bare.trained_tasks()}
+    further = adam_strategy(bare, task_inference=method, task_matching=True)
+    if method == "router":  # refused before any work: nothing opened, nothing changed
+        with pytest.raises(ValueError, match=r"tasks \[0, 1, 2\] keep no memory.*keep_memory=True"):
+            further.train(fourth, eval_streams=[])
+        assert bare.open_task() is None and bare.trained_tasks() == [0, 1, 2]
+    else:  # task matching alone compares with what it has, and says what it lacks
+        with caplog.at_level("WARNING", logger="avalanche_tsn.plugins.similarity"):
+            further.train(fourth, eval_streams=[])
+        assert "tasks [0, 1, 2] keep no memory" in caplog.text
+    kept = load_compressed(files[True], MultiHeadMLP(12, (16, 16)))
+    caplog.clear()
+    further = adam_strategy(kept, task_inference=method, task_matching=True)
+    with caplog.at_level("WARNING", logger="avalanche_tsn.plugins.similarity"):
+        further.train(fourth, eval_streams=[])
+    assert "keep no memory" not in caplog.text
+    assert kept.trained_tasks() == [0, 1, 2, 3]
+    if method == "router":
+        assert kept.task_router.fitted_tasks() == [0, 1, 2, 3]
+    with torch.no_grad():  # the earlier tasks, bit for bit as exported
+        assert all(torch.equal(kept(x, t), before[t]) for t in before)

@@ -54,6 +54,17 @@ class TaskRouterPlugin(SupervisedPlugin, supports_distributed=True):
         self._draws = torch.Generator()
         self._label = 0
 
+    def before_training(self, strategy, **kwargs) -> None:
+        # before any work: the outlier exposure and the fit read every trained task's memory
+        model = tsn_model(strategy)
+        missing = [t for t in model.trained_tasks() if len(model.memory(t)) < 2]
+        if missing:
+            raise ValueError(
+                f"tasks {missing} keep no memory: the router is fitted on every trained task's "
+                "memory (train them with task_inference='router' or 'memory', memory_size >= 2; "
+                "to train further from an export, write it with keep_memory=True)"
+            )
+
     def before_training_exp(self, strategy, **kwargs) -> None:
         model = tsn_model(strategy)
         earlier = [model.memory(t) for t in model.trained_tasks()]
@@ -76,12 +87,6 @@ class TaskRouterPlugin(SupervisedPlugin, supports_distributed=True):
         model = tsn_model(strategy)
         label = current_task(strategy)
         labels = model.trained_tasks()
-        missing = [t for t in labels if t != label and len(model.memory(t)) < 2]
-        if missing:
-            raise ValueError(
-                f"tasks {missing} keep no memory: the router is fitted on the task memory "
-                "(train them with task_inference='router' or 'memory', memory_size >= 2)"
-            )
         data = strategy.experience.dataset.eval()
         current = torch.cat([x for x, _ in strategy_batches(strategy, data, 256)])
         x, targets = fit_samples(

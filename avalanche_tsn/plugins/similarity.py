@@ -64,6 +64,13 @@ class TaskSimilarityPlugin(SupervisedPlugin, supports_distributed=True):
         idx = torch.randperm(len(data), generator=g)[: self.memory_size].tolist()
         x = torch.cat([x for x, _ in strategy_batches(strategy, data.subset(idx), len(idx))])
         earlier = [t for t in model.trained_tasks() if len(model.memory(t)) >= 2]
+        if len(earlier) < len(model.trained_tasks()):
+            # (trained without task matching, or loaded from an export without the memory)
+            log.warning(
+                "task %d: tasks %s keep no memory and are not compared with it",
+                label,
+                sorted(set(model.trained_tasks()) - set(earlier)),
+            )
         divergences = {t: task_divergence(model, x, t) for t in earlier}
         banks = {t: model.bank_of(t) for t in earlier}
         bank = choose_bank(divergences, banks, self.kl_threshold, model.n_banks)
