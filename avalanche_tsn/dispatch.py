@@ -4,7 +4,8 @@ TinySubNets (Zurek et al., arXiv:2412.10869, 2024), step 6. The model reads the 
 its task table (a trained task's frozen slot, else the live subnetwork) and tells each routed
 module by a call (:class:`~avalanche_tsn.routing.TaskRouted`); a minibatch that mixes tasks
 runs the network once, sorted by task. Without task labels it returns every known task's
-output (Avalanche's contract) or, with ``task_inference``, the inferred task's.
+output (Avalanche's contract) or, with ``task_inference`` and no task in training, the
+inferred task's.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class TaskDispatchMixin:
 
         With ``task_labels=None`` it returns every known task's output (see
         :meth:`forward_all_tasks`), as Avalanche's multi-task models do, or, when
-        ``task_inference`` is set, the output of each sample's inferred task.
+        ``task_inference`` is set and no task is in training, the output of each sample's
+        inferred task (while a task trains, plugins such as LwF rely on the dict).
 
         :param x: the inputs.
         :param task_labels: one task label per sample, an int for all, or None.
@@ -77,7 +79,7 @@ class TaskDispatchMixin:
         self.__dict__["sample_shape"] = tuple(x.shape[1:])
         # (getattr: a model pickled whole before 0.3 has no such attribute)
         method = getattr(self, "task_inference", None)
-        if task_labels is None and method is not None:
+        if task_labels is None and method is not None and self.task_table.open_task() is None:
             return infer_tasks(self, x, method)[0]
         if task_labels is None:
             # Avalanche's contract (LwF relies on it): every known task's output, as a dict.

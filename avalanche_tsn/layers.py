@@ -545,7 +545,9 @@ class MaskedLayer(_Banks, _OwnedValues, _PerTaskBuffers, KernelUser):
                 self._workspace = LiveWorkspace()
             weight = train_weight(self.kernel, self.weight, self.scores, threshold, self._workspace)
             return weight, self.bias
-        weight = self.weight.detach()
+        # Evaluation with autograd on (EWC's importances, saliency): the same values, and
+        # gradients reach the live weights as with any module in eval mode
+        weight = self.weight if torch.is_grad_enabled() else self.weight.detach()
         return torch.where(self.live_mask(), weight, weight.new_zeros(())), self.bias
 
     def frozen_params(self, slot: int) -> tuple[Tensor, Tensor | None]:

@@ -212,6 +212,79 @@ def test_lwf_plugin_runs_on_tsn_and_changes_no_trained_task():
         recorded.update(outputs(strategy.model, inputs, [exp.task_label]))
 
 
+def test_lwf_with_task_inference_gets_every_task_while_one_trains_and_routing_after():
+    from test_task_inference import _strategy, class_incremental
+
+    class Seen(SupervisedPlugin):
+        """What ``model(x)`` without task labels gives while a task trains."""
+
+        def __init__(self):
+            super().__init__()
+            self.kinds: set[type] = set()
+
+        def after_training_epoch(self, strategy, **kwargs):
+            with torch.no_grad():
+                self.kinds.add(type(strategy.model(strategy.mb_x)))
+
+    torch.manual_seed(0)
+    bm = class_incremental(separable=False, n_tasks=3)
+    x = torch.stack([e.dataset[i][0] for e in bm.test_stream for i in range(8)])
+    seen = Seen()
+    strategy = _strategy(MultiHeadMLP(12, (16, 16)), "router", plugins=[LwFPlugin(), seen])
+    recorded: dict[int, torch.Tensor] = {}
+    for exp in bm.train_stream:
+        strategy.train(exp, eval_streams=[])
+        assert same(strategy.model, [(x, t) for t in recorded], recorded)
+        recorded.update(
+            outputs(strategy.model, [(x, exp.current_experience)], [exp.current_experience])
+        )
+    # while a task trains: Avalanche's contract (LwF's teacher and student read it)
+    assert seen.kinds == {dict}
+    with torch.no_grad():  # trained, no task open: each sample's inferred task
+        routed = strategy.model.eval()(x)
+    assert isinstance(routed, torch.Tensor) and torch.equal(routed, strategy.infer(x)[0])
+
+
+def test_ewc_on_a_model_whose_every_parameter_is_masked_trains_and_changes_no_trained_task():
+    from conftest import blob_stream, mlp
+
+    # EWC computes its importances in eval mode with autograd on: the task in training must
+    # give gradients there as any module does (without a bias or a head, nothing else does)
+    bm = blob_stream(n_tasks=3, dim=12)
+    net = mlp(12, 16, 3, bias=False)
+    strategy = tsn(net, plugins=[EWCPlugin(ewc_lambda=0.1)])
+    inputs = probe(bm.test_stream)
+    recorded: dict[int, torch.Tensor] = {}
+    for exp in bm.train_stream:
+        strategy.train(exp, eval_streams=[])
+        assert same(strategy.model, inputs, recorded)
+        recorded.update(outputs(strategy.model, inputs, [exp.task_label]))
+    ewc = next(p for p in strategy.plugins if isinstance(p, EWCPlugin))
+    assert any(float(imp.data.abs().sum()) > 0 for imp in ewc.importances[0].values())
+
+
+def test_the_task_in_training_gives_gradients_in_eval_mode_with_the_same_outputs():
+    from conftest import blob_stream, mlp
+
+    class Check(SupervisedPlugin):
+        def after_training_epoch(self, strategy, **kwargs):
+            model, x = strategy.model, strategy.mb_x
+            model.eval()
+            with torch.no_grad():
+                expected = model(x, 0)
+            out = model(x, 0)
+            out.sum().backward()
+            layer = next(iter(model.masked_layers()))[1]
+            self.ok = torch.equal(out, expected) and bool(layer.weight.grad.abs().sum() > 0)
+            model.zero_grad()
+            model.train()
+
+    check = Check()
+    strategy = tsn(mlp(12, 16, 3, bias=False), epochs=1, plugins=[check])
+    strategy.train(blob_stream(n_tasks=1, dim=12).train_stream[0], eval_streams=[])
+    assert check.ok
+
+
 # -- 3. a strategy rebuilt around the same model ----------------------------------------
 
 
