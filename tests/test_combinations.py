@@ -1,7 +1,8 @@
 """Options, strategies, plugins and optimizers drawn together at random: every guarantee holds.
 
-Each seed draws one combination (TSN, WSN or Ada-QPacknet; a model; an optimizer; one of
-Avalanche's plugins; TSN's options; task- or class-incremental with each task-inference
+Each seed draws one combination (TSN, WSN or Ada-QPacknet; a model, multi-head or one head
+for all tasks; an optimizer and a loss; one of Avalanche's plugins, and early stopping;
+periodic evaluation; TSN's options; task- or class-incremental with each task-inference
 method) and checks, on 3 tasks of small synthetic data: earlier tasks bit-identical after
 each later one; mixed-task minibatches; quantized activations; a state dict, the compact
 export (both forms) and the tiny model predicting and routing identically; a fourth task
@@ -23,6 +24,7 @@ import pytest
 import torch
 from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
 from avalanche.training.plugins import (
+    EarlyStoppingPlugin,
     EWCPlugin,
     LwFPlugin,
     ReplayPlugin,
@@ -88,16 +90,25 @@ def draw(seed: int) -> dict[str, Any]:
     if c["strategy"] != "tsn":
         drop = _NOT_WSN if c["strategy"] == "wsn" else _NOT_ADAQ
         kw = {k: v for k, v in kw.items() if k not in drop and not k.startswith(("prune", "quant"))}
+    # drawn last, so that the draws above stay those the seeds below were chosen for
+    if ci and rng.random() < 0.4:  # one head of all the classes, masked per task
+        c["model"] = rng.choice(["mlp", "conv"])
+    if rng.random() < 0.2:
+        kw["memory_size"] = 2
+    kw["eval_every"] = rng.choice([-1, 0, 1])
+    c["label_smoothing"] = rng.choice([0.0, 0.1])
+    c["early_stopping"] = rng.random() < 0.2
     c["kw"] = kw
     return c
 
 
 def _model(c: dict[str, Any]) -> torch.nn.Module:
+    out = 8 if c["ci"] else 3  # class-incremental: 8 classes in all
     return {
-        "mlp": lambda: mlp(12, 16, 3),
-        "mlp_nobias": lambda: mlp(12, 16, 3, bias=False),
+        "mlp": lambda: mlp(12, 16, out),
+        "mlp_nobias": lambda: mlp(12, 16, out, bias=False),
         "multihead": lambda: MultiHeadMLP(12, (16, 16)),
-        "conv": lambda: SmallConvNet(3),
+        "conv": lambda: SmallConvNet(out),
     }[c["model"]]()
 
 
@@ -116,7 +127,9 @@ def _strategy(c: dict[str, Any], model: torch.nn.Module):
         train_epochs=2,
         eval_mb_size=64,
         evaluator=quiet_evaluator(),
-        plugins=PLUGINS[c["plugin"]](),
+        plugins=PLUGINS[c["plugin"]]()
+        + ([EarlyStoppingPlugin(1, "test_stream")] if c["early_stopping"] else []),
+        criterion=torch.nn.CrossEntropyLoss(label_smoothing=c["label_smoothing"]),
         **c["kw"],
     )
 
@@ -145,7 +158,8 @@ def _train_three(c: dict[str, Any], seed: int, checks: list[str]):
     strategy = _strategy(c, _model(c))
     xs, history = _probes(bm), []
     for exp in list(bm.train_stream)[:3]:
-        strategy.train(exp, eval_streams=[])
+        # (periodic evaluation and early stopping read the test stream)
+        strategy.train(exp, eval_streams=[list(bm.test_stream)[:3]])
         now = _outputs(strategy.tsn_model, xs, c["ci"])
         if history and not _same(now, history[-1]):
             checks.append(f"an earlier task changed after task {exp.current_experience}")
