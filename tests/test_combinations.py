@@ -292,10 +292,9 @@ def test_the_draws_cover_each_strategy_plugin_and_inference_method():
     assert {c["strategy"] for c in draws} == set(STRATEGIES)
     assert {c["plugin"] for c in draws} == set(PLUGINS)
     assert {c["optimizer"] for c in draws} == set(OPTIMIZERS)
-    assert {c["kw"].get("task_inference") for c in draws} == {
-        None,
-        "router",
-        "memory",
-        "entropy",
-        True,
-    }
+    methods = {c["kw"].get("task_inference") for c in draws}
+    assert methods == {None, "router", "memory", "entropy", True}
+    assert {c["model"] for c in draws if c["ci"]} >= {"mlp", "conv", "multihead"}
+    assert {c["kw"]["eval_every"] for c in draws} == {-1, 0, 1}
+    assert any(c["early_stopping"] for c in draws) and any(c["label_smoothing"] for c in draws)
+    assert any(c["kw"]["memory_size"] == 2 for c in draws)
