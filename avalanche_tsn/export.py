@@ -472,7 +472,8 @@ def _decode_memory(header: dict[str, Any], r: _Reader, tasks: list[int]) -> list
     if spec is None:
         return None
     shape = tuple(int(d) for d in spec["shape"])
-    if len(spec["tasks"]) != len(tasks) or any(d < 1 for d in shape):
+    held = any(entry[0] for entry in spec["tasks"])
+    if len(spec["tasks"]) != len(tasks) or any(d < 1 for d in shape) or (held and not shape):
         raise ValueError("corrupt export file: the memory does not match the tasks")
     samples = []
     for n, bits, n_levels in spec["tasks"]:

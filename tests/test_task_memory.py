@@ -293,6 +293,7 @@ def _memory_file_edits():
         (_set(["memory", "tasks"], []), None),
         (_set(["memory", "shape"], [0]), None),
         (_set(["memory", "shape"], [13]), None),
+        (_set(["memory", "shape"], []), None),
         (_set(["task_inference"], "oracle"), None),
         (_set(["memory"], _DELETE), None),  # its codes are then trailing data
         (None, last_code_past_its_levels),
@@ -307,7 +308,7 @@ def memory_export() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("edit", range(8))
+@pytest.mark.parametrize("edit", range(9))
 def test_a_corrupt_memory_in_an_export_is_refused_before_the_model_changes(memory_export, edit):
     import json
     import struct
