@@ -2,14 +2,15 @@
 
 Each seed draws one combination (TSN, WSN or Ada-QPacknet; a model, multi-head or one head
 for all tasks; an optimizer and a loss; one of Avalanche's plugins, and early stopping;
-periodic evaluation; TSN's options; task- or class-incremental with each task-inference
-method) and checks, on 3 tasks of small synthetic data: earlier tasks bit-identical after
-each later one; mixed-task minibatches; quantized activations; a state dict, the compact
-export (both forms) and the tiny model predicting and routing identically; a fourth task
-trained on the loaded export; an Avalanche checkpoint resumed mid-stream. Three seeds run in
-the default suite; ``-m slow`` runs 60 more. The sweep found four bugs, fixed in 0.8.0: LwF with
-task inference, EWC on models of masked layers only, routing by the memory after export, and
-training on from an export without the memory.
+periodic evaluation; minibatch sizes and epochs; TSN's options, one sparsity per task
+included; task- or class-incremental with each task-inference method; a task whose training
+fails once and is abandoned) and checks, on 3 tasks of small synthetic data: earlier tasks
+bit-identical after each later one and after the failure; mixed-task minibatches; quantized
+activations; a state dict, the compact export (both forms) and the tiny model predicting and
+routing identically; a fourth task trained on the loaded export; an Avalanche checkpoint
+resumed mid-stream. Four seeds run in the default suite; ``-m slow`` runs 60 more. The sweep
+found four bugs, fixed in 0.8.0: LwF with task inference, EWC on models of masked layers
+only, routing by the memory after export, and training on from an export without the memory.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from avalanche.training.plugins import (
     EWCPlugin,
     LwFPlugin,
     ReplayPlugin,
+    SupervisedPlugin,
     SynapticIntelligencePlugin,
 )
 from conftest import SmallConvNet, blob_stream, mlp, quiet_evaluator
@@ -98,6 +100,17 @@ def draw(seed: int) -> dict[str, Any]:
     kw["eval_every"] = rng.choice([-1, 0, 1])
     c["label_smoothing"] = rng.choice([0.0, 0.1])
     c["early_stopping"] = rng.random() < 0.2
+    kw["train_mb_size"] = rng.choice([7, 16])
+    kw["train_epochs"] = rng.choice([1, 2])
+    kw["eval_mb_size"] = rng.choice([1, 5, 64])
+    if c["strategy"] != "adaq" and rng.random() < 0.3:  # one sparsity per task
+        kw["sparsity"] = [rng.choice([0.2, 0.5, 0.8]) for _ in range(4)]
+    if c["strategy"] == "tsn" and rng.random() < 0.3:
+        kw.update(quant_min_bits=2, quant_max_bits=rng.choice([2, 3]))
+        kw.update(prune_iterations=rng.choice([1, 2]), prune_step=rng.choice([0.1, 0.5]))
+    if ci and rng.random() < 0.3:
+        kw["ood_weight"] = 0.0
+    c["interrupt"] = rng.random() < 0.3  # the second task fails once, is abandoned, retrains
     c["kw"] = kw
     return c
 
@@ -123,9 +136,6 @@ def _strategy(c: dict[str, Any], model: torch.nn.Module):
     return STRATEGIES[c["strategy"]](
         model=model,
         optimizer=OPTIMIZERS[c["optimizer"]](model.parameters()),
-        train_mb_size=16,
-        train_epochs=2,
-        eval_mb_size=64,
         evaluator=quiet_evaluator(),
         plugins=PLUGINS[c["plugin"]]()
         + ([EarlyStoppingPlugin(1, "test_stream")] if c["early_stopping"] else []),
@@ -158,6 +168,8 @@ def _train_three(c: dict[str, Any], seed: int, checks: list[str]):
     strategy = _strategy(c, _model(c))
     xs, history = _probes(bm), []
     for exp in list(bm.train_stream)[:3]:
+        if c["interrupt"] and exp.current_experience == 1:
+            _interrupted(strategy, exp, xs, c["ci"], history[-1], checks)
         # (periodic evaluation and early stopping read the test stream)
         strategy.train(exp, eval_streams=[list(bm.test_stream)[:3]])
         now = _outputs(strategy.tsn_model, xs, c["ci"])
@@ -166,6 +178,31 @@ def _train_three(c: dict[str, Any], seed: int, checks: list[str]):
         history.append(now)
     strategy.eval(list(bm.test_stream)[:3])
     return strategy, bm, xs, history[-1]
+
+
+class _Interrupt(SupervisedPlugin):
+    """Fails the training at its third iteration (as a crash or a KeyboardInterrupt would)."""
+
+    def after_training_iteration(self, strategy, **kwargs):
+        if strategy.clock.train_exp_iterations == 2:
+            raise RuntimeError("interrupted")
+
+
+def _interrupted(strategy, exp, xs, ci: bool, before, checks: list[str]) -> None:
+    """Train ``exp`` until it fails, then abandon the task: earlier tasks never move."""
+    interrupt = _Interrupt()
+    strategy.plugins.append(interrupt)
+    try:
+        strategy.train(exp, eval_streams=[])
+        checks.append("the interrupted training ran to its end")
+    except RuntimeError:
+        pass
+    finally:
+        strategy.plugins.remove(interrupt)
+    if not _same(_outputs(strategy.tsn_model, xs, ci), before):
+        checks.append("an interrupted task changed an earlier one")
+    if strategy.abandon_task() != exp.current_experience:
+        checks.append("abandon_task did not name the interrupted task")
 
 
 def _check_reports(c, strategy, bm, xs, final, checks: list[str]) -> str:
@@ -274,10 +311,11 @@ def _quiet():
         yield
 
 
-@pytest.mark.parametrize("seed", [8, 21, 22])
+@pytest.mark.parametrize("seed", [8, 21, 22, 39])
 def test_drawn_combinations_keep_every_guarantee(seed, tmp_path):
     # draws that met the bugs the sweep found: 21 LwF with the memory rule (and its export's
-    # routing), 22 EWC on a model without biases or heads; 8 Ada-QPacknet with the router
+    # routing), 22 EWC on a model without biases or heads; 8 Ada-QPacknet with the router;
+    # 39 one head for all classes, LwF and the router, a task interrupted and abandoned
     assert sweep(seed, tmp_path) == []
 
 
@@ -298,3 +336,5 @@ def test_the_draws_cover_each_strategy_plugin_and_inference_method():
     assert {c["kw"]["eval_every"] for c in draws} == {-1, 0, 1}
     assert any(c["early_stopping"] for c in draws) and any(c["label_smoothing"] for c in draws)
     assert any(c["kw"]["memory_size"] == 2 for c in draws)
+    assert any(c["interrupt"] for c in draws) and any(c["kw"]["eval_mb_size"] == 1 for c in draws)
+    assert any(isinstance(c["kw"].get("sparsity"), list) for c in draws)
