@@ -56,7 +56,7 @@ from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm, module_device
 from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.quantization import small_codes_of
 from avalanche_tsn.router import TaskRouter
-from avalanche_tsn.task_memory import decode_samples, encode_samples
+from avalanche_tsn.task_memory import CODE_DTYPES, decode_samples, encode_samples
 from avalanche_tsn.tasks import calibrated, uncalibrated
 from avalanche_tsn.tiny import keeps_memory, to_tiny
 from avalanche_tsn.validation import check_bool
@@ -134,8 +134,6 @@ _NUMPY = {
     torch.uint8: np.uint8,
 }
 _DTYPES = {str(k): k for k in _NUMPY}
-#: the task memory's code widths and the dtypes their codes are written in
-_MEMORY_DTYPES = {8: torch.uint8, 16: torch.int16, 32: torch.float32}
 
 
 def _head_entries(head: nn.Module) -> tuple[list[str], list[str]]:
@@ -477,9 +475,9 @@ def _decode_memory(header: dict[str, Any], r: _Reader, tasks: list[int]) -> list
         raise ValueError("corrupt export file: the memory does not match the tasks")
     samples = []
     for n, bits, n_levels in spec["tasks"]:
-        if bits not in _MEMORY_DTYPES or n < 0 or n_levels < 0:
+        if bits not in CODE_DTYPES or n < 0 or n_levels < 0:
             raise ValueError(f"corrupt export file: memory entry {[n, bits, n_levels]}")
-        codes = r.tensor((n, *shape), _MEMORY_DTYPES[bits])
+        codes = r.tensor((n, *shape), CODE_DTYPES[bits])
         samples.append(decode_samples(bits, codes, r.tensor((n_levels,))))
     return samples
 

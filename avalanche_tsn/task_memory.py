@@ -25,10 +25,11 @@ __all__ = [
     "coded_bytes",
     "encode_samples",
     "decode_samples",
+    "CODE_DTYPES",
 ]
 
 #: code width in bits -> the dtype holding the codes (16-bit codes are offset into int16)
-_DTYPES = {8: torch.uint8, 16: torch.int16, 32: torch.float32}
+CODE_DTYPES = {8: torch.uint8, 16: torch.int16, 32: torch.float32}
 _OFFSET16 = 1 << 15
 
 
@@ -81,7 +82,7 @@ def _encode(x: Tensor, levels: Tensor, codes: Tensor, bits: int) -> tuple[Tensor
     if bits == 32:
         return x.clone(), x.new_zeros(0)
     codes = codes - _OFFSET16 if bits == 16 else codes
-    return codes.to(_DTYPES[bits]), levels
+    return codes.to(CODE_DTYPES[bits]), levels
 
 
 def encode_samples(x: Tensor, min_bits: int = 8) -> tuple[int, Tensor, Tensor]:
@@ -108,9 +109,9 @@ def decode_samples(bits: int, codes: Tensor, levels: Tensor) -> Tensor:
     :param levels: the levels the codes index (any padding after them is never read).
     :raises ValueError: for another width, or a code that indexes no level.
     """
-    if bits not in _DTYPES or codes.dtype != _DTYPES[bits]:
+    if bits not in CODE_DTYPES or codes.dtype != CODE_DTYPES[bits]:
         raise ValueError(
-            f"memory codes of {bits} bits must be {_DTYPES.get(bits)}, got {codes.dtype}"
+            f"memory codes of {bits} bits must be {CODE_DTYPES.get(bits)}, got {codes.dtype}"
         )
     if bits == 32:
         return codes.clone()
@@ -226,7 +227,7 @@ class TaskMemory(nn.Module):
             return
         old = [self.get(s) for s in range(len(self.lengths))]
         dev = self.lengths.device
-        self.codes = torch.zeros((rows, width, *shape), dtype=_DTYPES[bits], device=dev)
+        self.codes = torch.zeros((rows, width, *shape), dtype=CODE_DTYPES[bits], device=dev)
         self.levels = torch.zeros((rows, 0), device=dev)
         self.n_levels = torch.zeros(rows, dtype=torch.long, device=dev)
         lengths = self.lengths

@@ -406,16 +406,20 @@ def sample_levels(benchmark: Any) -> tuple[int, int]:
 
     :param benchmark: an Avalanche benchmark.
     """
-    if benchmark in _LEVELS:
-        return _LEVELS[benchmark]
-    patterns: set[int] = set()
-    for exp in benchmark.train_stream:
-        for batch in torch.utils.data.DataLoader(exp.dataset.eval(), batch_size=4096):
-            levels = level_codes(batch[0].to(torch.float32).contiguous())[0]
-            patterns.update(levels.view(torch.int32).tolist())
+    if benchmark not in _LEVELS:
+        patterns: set[int] = set()
+        batches = (
+            batch[0]
+            for exp in benchmark.train_stream
+            for batch in torch.utils.data.DataLoader(exp.dataset.eval(), batch_size=4096)
+        )
+        for x in batches:
+            patterns.update(
+                level_codes(x.to(torch.float32).contiguous())[0].view(torch.int32).tolist()
+            )
             if len(patterns) > 1 << 16:  # float32 values then: no need to count further
                 break
-    _LEVELS[benchmark] = benchmark.train_stream[0].dataset[0][0].numel(), len(patterns)
+        _LEVELS[benchmark] = benchmark.train_stream[0].dataset[0][0].numel(), len(patterns)
     return _LEVELS[benchmark]
 
 
