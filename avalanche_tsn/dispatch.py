@@ -69,8 +69,10 @@ class TaskDispatchMixin:
 
         With ``task_labels=None`` it returns every known task's output (see
         :meth:`forward_all_tasks`), as Avalanche's multi-task models do, or, when
-        ``task_inference`` is set and no task is in training, the output of each sample's
-        inferred task (while a task trains, plugins such as LwF rely on the dict).
+        ``task_inference`` is set, a task is trained and none is in training, the output of
+        each sample's inferred task (while a task trains, plugins such as LwF rely on the
+        dict; before the first task there is no task to infer, and tools such as Avalanche's
+        MAC metric still call the model).
 
         :param x: the inputs.
         :param task_labels: one task label per sample, an int for all, or None.
@@ -79,8 +81,10 @@ class TaskDispatchMixin:
         self.__dict__["sample_shape"] = tuple(x.shape[1:])
         # (getattr: a model pickled whole before 0.3 has no such attribute)
         method = getattr(self, "task_inference", None)
-        if task_labels is None and method is not None and self.task_table.open_task() is None:
-            return infer_tasks(self, x, method)[0]
+        if task_labels is None and method is not None:
+            table = self.task_table
+            if table.open_task() is None and table.trained_tasks():
+                return infer_tasks(self, x, method)[0]
         if task_labels is None:
             # Avalanche's contract (LwF relies on it): every known task's output, as a dict.
             return self.forward_all_tasks(x)

@@ -31,6 +31,8 @@ from weakref import WeakKeyDictionary
 from avalanche.core import BasePlugin
 from torch import Tensor
 
+from avalanche_tsn.plugin_support import check_plugin
+
 __all__ = ["StageSpec", "StageContext", "stage_context", "check_plugins", "assemble_plugins"]
 
 
@@ -177,7 +179,8 @@ class StageSpec:
 def check_plugins(plugins: object) -> list[BasePlugin]:
     """A copy of the user's plugin list, every item checked.
 
-    :param plugins: None, or a list or tuple of Avalanche plugins.
+    :param plugins: None, or a list or tuple of Avalanche plugins, none of those TSN refuses
+        (:func:`~avalanche_tsn.plugin_support.check_plugin`).
     """
     if plugins is None:
         return []
@@ -188,6 +191,7 @@ def check_plugins(plugins: object) -> list[BasePlugin]:
     for p in plugins:
         if not isinstance(p, BasePlugin):
             raise TypeError(f"plugins must hold Avalanche plugins only, got a {type(p).__name__}")
+        check_plugin(p)
     return list(plugins)
 
 

@@ -7,11 +7,9 @@ a new user takes: task labels that live on the dataset, Avalanche's multi-task m
 ``MultiTaskModule`` contract, strategies rebuilt around a model, tools that look for
 ``nn.Linear``.
 
-Not applicable until task-agnostic inference exists (they need class-incremental streams,
-whose experiences all carry task label 0): the class-incremental runs of Naive, Cumulative,
-GDumb, CWR*, AGEM/GEM, LwF, replay and SLDA in test_strategies.py, the class-incremental
-optimizer-group test (test_optimizer_groups_clf_cil), and test_strategies_accuracy.py's
-class-incremental accuracy checks.
+The class-incremental runs of those tests (Avalanche's one-head ``SimpleMLP`` on
+``get_fast_benchmark(use_task_labels=False)``), with TSN and task inference in Naive's place,
+and every other plugin of Avalanche 0.6, are in ``test_avalanche_plugins.py``.
 """
 
 from __future__ import annotations

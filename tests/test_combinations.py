@@ -27,7 +27,9 @@ from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
 from avalanche.training.plugins import (
     EarlyStoppingPlugin,
     EWCPlugin,
+    FromScratchTrainingPlugin,
     LwFPlugin,
+    MASPlugin,
     ReplayPlugin,
     SupervisedPlugin,
     SynapticIntelligencePlugin,
@@ -55,6 +57,8 @@ PLUGINS = {
     "lwf": lambda: [LwFPlugin()],
     "ewc": lambda: [EWCPlugin(ewc_lambda=0.1)],
     "si": lambda: [SynapticIntelligencePlugin(si_lambda=0.001)],
+    "mas": lambda: [MASPlugin(lambda_reg=0.1)],
+    "scratch": lambda: [FromScratchTrainingPlugin()],
 }
 #: TSN's options that WSN and Ada-QPacknet refuse (they have stages of their own)
 _NOT_WSN = ("task_matching",)
@@ -111,6 +115,8 @@ def draw(seed: int) -> dict[str, Any]:
     if ci and rng.random() < 0.3:
         kw["ood_weight"] = 0.0
     c["interrupt"] = rng.random() < 0.3  # the second task fails once, is abandoned, retrains
+    if rng.random() < 0.2:  # Avalanche's plugins added after the seeds above were chosen
+        c["plugin"] = rng.choice(["mas", "scratch"])
     c["kw"] = kw
     return c
 

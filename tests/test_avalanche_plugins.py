@@ -1,0 +1,268 @@
+"""Every training plugin of Avalanche 0.6 beside TSN: it runs with every trained task kept
+bit for bit, on task-labelled streams and on class-incremental ones with task inference, or
+it is refused when the strategy is built, naming the plugin and why, before the model is
+touched (GEM and A-GEM crashed mid-training, GDumb silently trained a fresh model, MIR, LFL,
+BiC, RAR, CoPE, generative replay and online EWC failed mid-stream where Naive runs).
+
+The class-incremental runs are Avalanche's own ``test_strategies.py`` and
+``test_optimizer.py`` scenario (``get_fast_benchmark(use_task_labels=False)``, a one-head
+``SimpleMLP``), with TSN and ``task_inference=True`` in Naive's place.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import avalanche.training.plugins as avalanche_plugins
+import pytest
+import torch
+from avalanche.models import MTSimpleMLP, SimpleMLP
+from avalanche.training.plugins import (
+    AGEMPlugin,
+    BiCPlugin,
+    CoPEPlugin,
+    CWRStarPlugin,
+    EarlyStoppingPlugin,
+    EWCPlugin,
+    FeatureDistillationPlugin,
+    FromScratchTrainingPlugin,
+    GDumbPlugin,
+    GEMPlugin,
+    GenerativeReplayPlugin,
+    GSS_greedyPlugin,
+    LFLPlugin,
+    LRSchedulerPlugin,
+    LwFPlugin,
+    MASPlugin,
+    MIRPlugin,
+    RARPlugin,
+    ReplayPlugin,
+    RWalkPlugin,
+    SynapticIntelligencePlugin,
+)
+from conftest import fast_benchmark, quiet_evaluator
+from torch import nn
+
+from avalanche_tsn import TSNStrategy, WSNStrategy
+from avalanche_tsn.plugin_support import REFUSED_PLUGINS
+
+#: plugins that run beside TSN: a factory taking the model and the optimizer
+RUNS = {
+    ReplayPlugin: lambda m, o: ReplayPlugin(mem_size=10),
+    LwFPlugin: lambda m, o: LwFPlugin(),
+    EWCPlugin: lambda m, o: EWCPlugin(0.1),
+    SynapticIntelligencePlugin: lambda m, o: SynapticIntelligencePlugin(0.001),
+    MASPlugin: lambda m, o: MASPlugin(),
+    RWalkPlugin: lambda m, o: RWalkPlugin(),
+    CWRStarPlugin: lambda m, o: CWRStarPlugin(m, cwr_layer_name="classifier"),
+    FromScratchTrainingPlugin: lambda m, o: FromScratchTrainingPlugin(),
+    LRSchedulerPlugin: lambda m, o: LRSchedulerPlugin(torch.optim.lr_scheduler.StepLR(o, 1)),
+    EarlyStoppingPlugin: lambda m, o: EarlyStoppingPlugin(1, "test_stream"),
+}
+REFUSED = {
+    GDumbPlugin: lambda: GDumbPlugin(mem_size=40),
+    GEMPlugin: lambda: GEMPlugin(patterns_per_experience=4, memory_strength=0.5),
+    AGEMPlugin: lambda: AGEMPlugin(patterns_per_experience=4, sample_size=4),
+    LFLPlugin: lambda: LFLPlugin(lambda_e=0.1),
+    FeatureDistillationPlugin: FeatureDistillationPlugin,
+    MIRPlugin: lambda: MIRPlugin(mem_size=20, subsample=10, batch_size_mem=4),
+    RARPlugin: lambda: RARPlugin(batch_size_mem=4, mem_size=20),
+    GSS_greedyPlugin: lambda: GSS_greedyPlugin(mem_size=20, mem_strength=2, input_size=[6]),
+    BiCPlugin: lambda: BiCPlugin(mem_size=20),
+    CoPEPlugin: lambda: CoPEPlugin(mem_size=20, n_classes=10, p_size=10),
+    GenerativeReplayPlugin: GenerativeReplayPlugin,
+}
+#: not training plugins of a classifier's strategy (the evaluator; the generator's own)
+NOT_TRAINING = {"SupervisedPlugin", "EvaluationPlugin", "TrainGeneratorAfterExpPlugin"}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Avalanche's deprecations, per plugin
+        yield
+
+
+def test_every_avalanche_training_plugin_is_classified():
+    names = {n for n in dir(avalanche_plugins) if n.endswith("Plugin")} - NOT_TRAINING
+    assert {cls.__name__ for cls in [*RUNS, *REFUSED]} == names
+    assert set(REFUSED) == set(REFUSED_PLUGINS)
+
+
+def _strategy(ci: bool, plugin_of, cls=TSNStrategy):
+    model = SimpleMLP(input_size=6, hidden_size=10) if ci else MTSimpleMLP(6, hidden_size=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    kw = {"task_inference": True, "memory_size": 10} if ci else {}
+    return model, cls(
+        model=model,
+        optimizer=opt,
+        train_mb_size=16,
+        train_epochs=2,  # RWalk scores after 10 iterations; before, its penalty is 0 / 0 (NaN)
+        eval_mb_size=50,
+        plugins=[plugin_of(model, opt)],
+        evaluator=quiet_evaluator(),
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("ci", [False, True], ids=["task_labels", "task_inference"])
+@pytest.mark.parametrize("plugin", list(RUNS), ids=lambda c: c.__name__)
+def test_a_plugin_that_runs_keeps_every_trained_task_bit_identical(plugin, ci):
+    if plugin is CWRStarPlugin and not ci:
+        pytest.skip("Avalanche's CWR* finds no 'classifier' layer in MTSimpleMLP, with Naive too")
+    if plugin is RWalkPlugin and not ci:
+        pytest.skip("Avalanche's RWalk fails on multi-head models (KeyError), with Naive too")
+    torch.manual_seed(0)
+    bm = fast_benchmark(task_labels=not ci)
+    _, strategy = _strategy(ci, RUNS[plugin])
+    probes = [exp.dataset.eval()[0][0][None] for exp in bm.test_stream][:3]
+    outputs: list[torch.Tensor] = []  # each trained task's output on its probe, when trained
+    for i, exp in enumerate(list(bm.train_stream)[:3]):
+        strategy.train(exp, eval_streams=[bm.test_stream] if plugin is EarlyStoppingPlugin else [])
+        trained = strategy.tsn_model.trained_tasks()
+        assert len(trained) == i + 1 and trained[-1] == (i if ci else exp.task_label)
+        strategy.tsn_model.eval()
+        with torch.no_grad():
+            now = [strategy.tsn_model(probes[j], t) for j, t in enumerate(trained)]
+        assert all(torch.equal(a, b) for a, b in zip(outputs, now[:i], strict=True)), i
+        outputs.append(now[i])
+    results = strategy.eval(list(bm.test_stream)[:3])
+    assert any(k.startswith("Top1_Acc_Stream") for k in results)
+
+
+@pytest.mark.parametrize("ci", [False, True], ids=["task_labels", "task_inference"])
+@pytest.mark.parametrize("plugin", list(REFUSED), ids=lambda c: c.__name__)
+def test_a_refused_plugin_is_named_before_the_model_is_touched(plugin, ci):
+    model = SimpleMLP(input_size=6, hidden_size=10) if ci else MTSimpleMLP(6, hidden_size=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for cls in (TSNStrategy, WSNStrategy):
+        with pytest.raises(TypeError, match=f"plugins holds {plugin.__name__}, which TSN cannot"):
+            _strategy(ci, lambda m, o: REFUSED[plugin](), cls)
+    with pytest.raises(TypeError, match="remove it|use ReplayPlugin"):
+        TSNStrategy(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            plugins=[REFUSED[plugin]()],
+        )
+    assert type(model.features[0]) is nn.Linear  # not wrapped
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+
+
+def test_online_ewc_is_refused_naming_the_mode_and_separate_ewc_runs():
+    make = lambda m, o: EWCPlugin(0.1, mode="online", decay_factor=0.5)  # noqa: E731
+    with pytest.raises(ValueError, match="mode='online'.*allowed: 'separate'"):
+        _strategy(False, make)
+    _, strategy = _strategy(False, lambda m, o: EWCPlugin(0.1, mode="separate"))
+    assert any(isinstance(p, EWCPlugin) for p in strategy.plugins)
+
+
+def test_a_refused_plugin_on_a_strategy_rebuilt_mid_stream_loses_nothing():
+    bm = fast_benchmark(task_labels=True)
+    model, strategy = _strategy(False, lambda m, o: ReplayPlugin(mem_size=10))
+    for exp in list(bm.train_stream)[:2]:
+        strategy.train(exp, eval_streams=[])
+    state = {k: v.clone() for k, v in strategy.tsn_model.state_dict().items()}
+    with pytest.raises(TypeError, match="GDumbPlugin"):
+        TSNStrategy(
+            model=strategy.tsn_model,
+            optimizer=torch.optim.SGD(strategy.tsn_model.parameters(), lr=0.1),
+            plugins=[GDumbPlugin(mem_size=40)],
+        )
+    now = strategy.tsn_model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in now)
+    strategy.train(bm.train_stream[2], eval_streams=[])  # the old strategy trains on
+    assert strategy.tsn_model.trained_tasks() == [0, 1, 2]
+
+
+def test_optimizer_groups_on_a_class_incremental_stream_as_avalanche_tests_them():
+    # Avalanche's test_optimizer_groups_clf_cil with TSN and task inference in Naive's place:
+    # each parameter stays in its group (its scores join it); new ones are placed
+    bm = fast_benchmark(task_labels=False)
+    model = SimpleMLP(input_size=6, hidden_size=10)
+    heads = [p for n, p in model.named_parameters() if "classifier" in n]
+    body = [p for n, p in model.named_parameters() if "classifier" not in n]
+    opt = torch.optim.SGD([{"params": heads, "lr": 0.1}, {"params": body, "lr": 0.05}])
+    strategy = TSNStrategy(
+        model=model,
+        optimizer=opt,
+        train_mb_size=16,
+        train_epochs=1,
+        task_inference=True,
+        memory_size=10,
+        evaluator=quiet_evaluator(),
+    )
+    for exp in list(bm.train_stream)[:3]:
+        strategy.train(exp, eval_streams=[])
+        group_of = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
+        for name, p in strategy.tsn_model.named_parameters():
+            if not p.requires_grad:
+                continue
+            assert id(p) in group_of, name
+            assert group_of[id(p)] == (0 if "classifier" in name else 1), name
+
+
+def _every_metric():
+    from avalanche.evaluation import metrics as m
+    from avalanche.training.plugins import EvaluationPlugin
+
+    return EvaluationPlugin(
+        m.accuracy_metrics(minibatch=True, epoch=True, experience=True, stream=True),
+        m.loss_metrics(minibatch=True, epoch=True, experience=True, stream=True),
+        m.forgetting_metrics(experience=True, stream=True),
+        m.bwt_metrics(experience=True, stream=True),
+        m.forward_transfer_metrics(experience=True, stream=True),
+        m.confusion_matrix_metrics(num_classes=10, save_image=False, stream=True),
+        m.timing_metrics(epoch=True, experience=True),
+        m.MAC_metrics(minibatch=True, epoch=True, experience=True),
+        m.class_accuracy_metrics(experience=True, stream=True),
+        m.amca_metrics(),
+        m.topk_acc_metrics(top_k=2, experience=True, stream=True),
+        m.labels_repartition_metrics(on_train=True, on_eval=True),
+        m.mean_scores_metrics(on_train=True, on_eval=True),
+        loggers=[],
+    )
+
+
+@pytest.mark.parametrize("ci", [False, True], ids=["task_labels", "task_inference"])
+def test_avalanche_metrics_all_at_once_with_periodic_evaluation(ci):
+    # Avalanche's MAC metric calls model(x) without task labels, also before the first task
+    # (periodic evaluation runs then): with task inference that raised "no trained task"
+    torch.manual_seed(0)
+    bm = fast_benchmark(task_labels=not ci)
+    model = SimpleMLP(input_size=6, hidden_size=10) if ci else MTSimpleMLP(6, hidden_size=10)
+    strategy = TSNStrategy(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        train_mb_size=16,
+        train_epochs=1,
+        eval_every=0,
+        evaluator=_every_metric(),
+        **({"task_inference": True, "memory_size": 10} if ci else {}),
+    )
+    for exp in list(bm.train_stream)[:3]:
+        strategy.train(exp, eval_streams=[list(bm.test_stream)[:3]])
+    results = strategy.eval(list(bm.test_stream)[:3])
+    for name in ("Top1_Acc_Stream", "StreamBWT", "StreamForwardTransfer", "ConfusionMatrix"):
+        assert any(k.startswith(name) for k in results), name
+    if not ci:  # task labels: nothing forgotten; with inference, routing may change
+        assert results["StreamBWT/eval_phase/test_stream"] == 0.0
+
+
+def test_model_without_labels_before_the_first_task_returns_every_known_task():
+    model = SimpleMLP(input_size=6, hidden_size=10)
+    strategy = TSNStrategy(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        train_mb_size=16,
+        train_epochs=1,
+        task_inference=True,
+        memory_size=10,
+        evaluator=quiet_evaluator(),
+    )
+    x = torch.randn(4, 6)
+    out = strategy.tsn_model.eval()(x)
+    assert isinstance(out, dict)  # nothing to infer yet: Avalanche's multi-task contract
+    strategy.train(fast_benchmark(task_labels=False).train_stream[0], eval_streams=[])
+    routed = strategy.tsn_model.eval()(x)
+    assert isinstance(routed, torch.Tensor) and torch.equal(routed, strategy.tsn_model(x, 0))
