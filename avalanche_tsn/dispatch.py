@@ -71,8 +71,8 @@ class TaskDispatchMixin:
         :meth:`forward_all_tasks`), as Avalanche's multi-task models do, or, when
         ``task_inference`` is set, a task is trained and none is in training, the output of
         each sample's inferred task (while a task trains, plugins such as LwF rely on the
-        dict; before the first task there is no task to infer, and tools such as Avalanche's
-        MAC metric still call the model).
+        dict; before the first task there is no task to infer, and tools that summarise a
+        model, or a periodic evaluation's metrics, still call it).
 
         :param x: the inputs.
         :param task_labels: one task label per sample, an int for all, or None.

@@ -12,6 +12,7 @@ refused when the strategy is built, before any work, with the reason and what to
 from __future__ import annotations
 
 from avalanche.core import BasePlugin
+from avalanche.evaluation.metrics import EpochMAC, ExperienceMAC, MinibatchMAC
 from avalanche.training.plugins import (
     AGEMPlugin,
     BiCPlugin,
@@ -27,7 +28,7 @@ from avalanche.training.plugins import (
     RARPlugin,
 )
 
-__all__ = ["REFUSED_PLUGINS", "check_plugin"]
+__all__ = ["REFUSED_PLUGINS", "check_plugin", "check_evaluator"]
 
 _FROZEN = "TSN keeps every earlier task in a frozen subnetwork, which cannot forget"
 _REPLAY = "use ReplayPlugin to rehearse samples"
@@ -79,3 +80,22 @@ def check_plugin(plugin: BasePlugin) -> None:
             "positions when it freezes a task's head; use mode='separate' (allowed: "
             f"'separate'), or no EWC: {_FROZEN}"
         )
+
+
+def check_evaluator(evaluator: object) -> None:
+    """Raise if ``evaluator`` holds a metric that would measure a TSN model wrongly.
+
+    Avalanche's MAC metric recognises layers by their class name (``Linear``, ``Conv2d``), so
+    it does not see TSN's masked layers and counts the heads alone. A factory of an evaluator
+    is not called here (Avalanche calls it when the strategy is built).
+
+    :param evaluator: the strategy's ``evaluator`` argument.
+    :raises TypeError: for an evaluation plugin holding Avalanche's MAC metric.
+    """
+    for metric in getattr(evaluator, "metrics", ()):
+        if isinstance(metric, MinibatchMAC | EpochMAC | ExperienceMAC):
+            raise TypeError(
+                f"evaluator holds Avalanche's {type(metric).__name__}, which counts layers by "
+                "their class name and misses TSN's masked layers (TSNLinear, TSNConv2d); "
+                "remove it and use strategy.compute_report() for MACs and BOPs per task"
+            )

@@ -31,7 +31,7 @@ from weakref import WeakKeyDictionary
 from avalanche.core import BasePlugin
 from torch import Tensor
 
-from avalanche_tsn.plugin_support import check_plugin
+from avalanche_tsn.plugin_support import check_evaluator, check_plugin
 
 __all__ = ["StageSpec", "StageContext", "stage_context", "check_plugins", "assemble_plugins"]
 
@@ -176,12 +176,15 @@ class StageSpec:
     user_enables: bool = False
 
 
-def check_plugins(plugins: object) -> list[BasePlugin]:
-    """A copy of the user's plugin list, every item checked.
+def check_plugins(plugins: object, evaluator: object = None) -> list[BasePlugin]:
+    """A copy of the user's plugin list, every item checked, and the evaluator checked.
 
     :param plugins: None, or a list or tuple of Avalanche plugins, none of those TSN refuses
         (:func:`~avalanche_tsn.plugin_support.check_plugin`).
+    :param evaluator: the strategy's evaluator, or a factory of one (see
+        :func:`~avalanche_tsn.plugin_support.check_evaluator`).
     """
+    check_evaluator(evaluator)
     if plugins is None:
         return []
     if not isinstance(plugins, list | tuple):

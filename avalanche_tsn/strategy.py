@@ -331,7 +331,7 @@ class TSNStrategy(DistributedTrainingMixin, ParamGroupsMixin, TaskRoutingMixin, 
         **base_kwargs: Any,
     ) -> None:
         _check_model_and_optimizer(model, optimizer)
-        user_plugins = check_plugins(plugins)
+        user_plugins = check_plugins(plugins, evaluator)
         # every TSNSettings field is an argument of the same name
         named = {f.name for f in fields(TSNSettings)}
         settings = TSNSettings(**{k: v for k, v in locals().items() if k in named}).checked(
