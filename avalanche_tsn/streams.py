@@ -12,7 +12,7 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
-from avalanche.benchmarks import CLExperience
+from avalanche.benchmarks import CLExperience, OnlineCLExperience
 from avalanche.benchmarks.utils.flat_data import ConstantSequence
 
 __all__ = [
@@ -130,11 +130,22 @@ def check_stream(experiences: Iterable[CLExperience]) -> list[int]:
 
     :param experiences: the experiences (e.g. a whole stream).
     :return: their task labels, in order.
-    :raises ValueError: naming the first experience that has no single task label, or that
-        repeats an earlier one's (a stream without task labels labels every experience 0).
+    :raises ValueError: naming the first experience that has no single task label, that
+        repeats an earlier one's (a stream without task labels labels every experience 0), or
+        that is a fragment of an online stream.
     """
     seen: dict[int, str] = {}
     for experience in experiences:
+        if isinstance(experience, OnlineCLExperience) and not (
+            experience.is_first_subexp and experience.is_last_subexp
+        ):
+            raise ValueError(
+                f"{_name(experience)} is a fragment of an online stream "
+                f"({experience.subexp_size} samples, from split_online_stream); TSN learns a "
+                "task from its whole experience (trained, then pruned, quantized and frozen), "
+                "so train it on the original experiences (the stream the online one was split "
+                "from)"
+            )
         labels = experience_task_labels(experience)
         if len(labels) != 1:
             found = f"task labels {labels}" if labels else "no task labels"

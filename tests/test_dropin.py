@@ -287,3 +287,28 @@ def test_no_other_module_reads_avalanche_internals():
         if internals.search(line)
     ]
     assert found == []
+
+
+# an online stream's fragments trained one by one as tasks: the first was pruned, quantized
+# and frozen after its 40 samples, the second refused as "already learned"
+@pytest.mark.parametrize("ci", [False, True], ids=["task_labels", "task_inference"])
+def test_online_stream_fragments_are_refused_before_any_work_and_whole_ones_train(ci):
+    from avalanche.benchmarks.scenarios.online import split_online_stream
+    from avalanche.models import SimpleMLP
+    from conftest import fast_benchmark
+
+    bm = fast_benchmark(task_labels=not ci)
+    model = SimpleMLP(input_size=6, hidden_size=10)
+    kw = {"task_inference": True, "memory_size": 10} if ci else {}
+    strategy = _adam(TSNStrategy, model, **kw)
+    before = _state(strategy.tsn_model)
+    fragments = split_online_stream(bm.train_stream, experience_size=40)
+    first = next(iter(fragments))
+    with pytest.raises(ValueError, match=r"fragment of an online stream \(40 samples"):
+        strategy.train(first, eval_streams=[])
+    assert strategy.tsn_model.trained_tasks() == [] and strategy.tsn_model.open_task() is None
+    now = _state(strategy.tsn_model)
+    assert now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in now)
+    for exp in split_online_stream(list(bm.train_stream)[:2], experience_size=1000):
+        strategy.train(exp, eval_streams=[])  # one fragment each: a whole experience
+    assert len(strategy.tsn_model.trained_tasks()) == 2
