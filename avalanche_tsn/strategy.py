@@ -55,7 +55,7 @@ from avalanche_tsn.streams import (
 )
 from avalanche_tsn.task_routing import TaskRoutingMixin
 from avalanche_tsn.tiny import keeps_memory
-from avalanche_tsn.validation import check_bool
+from avalanche_tsn.validation import check_bool, check_int
 
 __all__ = ["TSNStrategy", "TSNSettings", "tsn_recipe", "reject_arguments"]
 
@@ -112,6 +112,8 @@ class TSNSettings:
         :param user_plugins: the user's plugins (a MaskLearningPlugin there sets the
             sparsity itself).
         """
+        check_bool(self.prune, "prune")
+        check_bool(self.quantize, "quantize")
         check_bool(self.task_matching, "task_matching")
         check_bool(self.calibrate_activations, "calibrate_activations")
         check_bool(self.tensor_batches, "tensor_batches")
@@ -152,11 +154,25 @@ def _the(cls: type, plugins: Sequence[BasePlugin]) -> Any:
     return next(p for p in plugins if isinstance(p, cls))
 
 
-def _check_model_and_optimizer(model: object, optimizer: object) -> None:
+def _check_arguments(
+    model: object,
+    optimizer: object,
+    mb_size: object,
+    epochs: object,
+    eval_mb: object,
+    every: object,
+) -> None:
+    # Avalanche's own arguments: its template takes any value and fails (or trains nothing)
+    # later, after TSN has opened the task
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+    check_int(mb_size, "train_mb_size", 1)
+    check_int(epochs, "train_epochs", 1)
+    if eval_mb is not None:
+        check_int(eval_mb, "eval_mb_size (or None)", 1)
+    check_int(every, "eval_every (-1 off, 0 after each experience, k every k epochs)", -1)
 
 
 def tsn_recipe(s: TSNSettings) -> list[StageSpec]:
@@ -330,7 +346,7 @@ class TSNStrategy(DistributedTrainingMixin, ParamGroupsMixin, TaskRoutingMixin, 
         train_kernel: str = "auto",
         **base_kwargs: Any,
     ) -> None:
-        _check_model_and_optimizer(model, optimizer)
+        _check_arguments(model, optimizer, train_mb_size, train_epochs, eval_mb_size, eval_every)
         user_plugins = check_plugins(plugins, evaluator)
         # every TSNSettings field is an argument of the same name
         named = {f.name for f in fields(TSNSettings)}

@@ -457,6 +457,13 @@ def test_tensor_batches_false_keeps_avalanches_loader_for_the_stages_reads() -> 
         ("calibrate_activations", "yes", None),
         ("task_inference", 1, "oracle"),
         ("tensor_batches", 1, None),
+        # accepted as anything until 0.8.0 ("no" turned pruning on; 0.5 epochs failed mid-task)
+        ("prune", "no", None),
+        ("quantize", 0, None),
+        ("train_mb_size", 8.0, 0),
+        ("train_epochs", 0.5, 0),
+        ("eval_mb_size", "64", 0),
+        ("eval_every", None, -2),
     ],
 )
 def test_each_argument_refuses_a_type_with_type_error_and_a_value_with_value_error(
