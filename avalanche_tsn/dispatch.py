@@ -94,6 +94,11 @@ class TaskDispatchMixin:
         if labels.dim() == 0:
             return self.forward_single_task(x, int(labels))
         first = labels[:1]
+        if len(first) == 0:  # (the heads' widths differ: no task, no output shape)
+            raise ValueError(
+                "task_labels is an empty tensor, so no task's output can be chosen for the empty "
+                "minibatch; pass its task label as an int"
+            )
         if bool((labels == first).all()):
             return self.forward_single_task(x, int(first))
         return self._forward_mixed(x, labels)

@@ -165,6 +165,14 @@ def _architecture(module: nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def _check_file(path: object, method: str) -> None:
+    if not isinstance(path, str | PathLike) and not callable(getattr(path, method, None)):
+        raise TypeError(
+            f"path must be a file path (str or os.PathLike) or a binary file with a {method} "
+            f"method, got {type(path).__name__}"
+        )
+
+
 def export_model(
     model: TSNModel, path: str | PathLike | BinaryIO, *, keep_memory: bool | None = None
 ) -> int:
@@ -180,6 +188,7 @@ def export_model(
     :return: bytes written.
     """
     require_full(model, "export")
+    _check_file(path, "write")
     keep = keeps_memory(model, keep_memory)
     enc = ModelEncoding.of(model)
     tasks = enc.labels
@@ -349,6 +358,7 @@ def load_compressed(
         the file gives the same predictions as the model that was exported.
     """
     check_bool(dequantize, "dequantize")
+    _check_file(path, "read")
     data = Path(path).read_bytes() if isinstance(path, (str, PathLike)) else path.read()
     header, r = _parse(data)
     net = model.net if isinstance(model, TSNModel) else model

@@ -558,3 +558,28 @@ def test_a_tiny_model_cast_to_double_matches_the_full_model_cast_alike() -> None
         out = tiny(x, labels)
         assert out.dtype == torch.float64
         assert torch.equal(out, full(x, labels))
+
+
+# 7 (this session's API fuzz): a path of the wrong type failed deep in the writer with an
+# AttributeError; an empty label tensor with an empty minibatch, with "only one element tensors"
+def test_export_and_load_refuse_a_path_of_the_wrong_type_before_any_work(tmp_path) -> None:
+    from avalanche_tsn.export import export_model, load_compressed
+
+    strategy, _ = train_tsn(tasks=2)
+    with pytest.raises(TypeError, match="path must be a file path .* write method, got int"):
+        export_model(strategy.tsn_model, 123)
+    with pytest.raises(TypeError, match="path must be a file path .* write method, got int"):
+        strategy.export(123)
+    fresh = mlp()
+    with pytest.raises(TypeError, match="path must be a file path .* read method, got list"):
+        load_compressed([b"TSN"], fresh)
+    assert type(fresh[0]) is torch.nn.Linear  # not wrapped
+    assert export_model(strategy.tsn_model, tmp_path / "m.tsn") > 0  # a PathLike is a path
+
+
+def test_an_empty_label_tensor_is_refused_naming_the_int_to_pass() -> None:
+    strategy, _ = train_tsn(tasks=2)
+    model = strategy.tsn_model.eval()
+    assert model(torch.zeros(0, 12), 1).shape == (0, 3)
+    with pytest.raises(ValueError, match="task_labels is an empty tensor.*as an int"):
+        model(torch.zeros(0, 12), torch.zeros(0, dtype=torch.long))
