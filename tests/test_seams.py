@@ -457,7 +457,7 @@ def test_tensor_batches_false_keeps_avalanches_loader_for_the_stages_reads() -> 
         ("calibrate_activations", "yes", None),
         ("task_inference", 1, "oracle"),
         ("tensor_batches", 1, None),
-        # accepted as anything until 0.8.0 ("no" turned pruning on; 0.5 epochs failed mid-task)
+        # accepted as anything before 0.8.1 ("no" turned pruning on; 0.5 epochs failed mid-task)
         ("prune", "no", None),
         ("quantize", 0, None),
         ("train_mb_size", 8.0, 0),
