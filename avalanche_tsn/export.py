@@ -164,7 +164,6 @@ def _architecture(module: nn.Module) -> dict[str, Any]:
     return {"layers": layers, "norms": norms, "heads": heads}
 
 
-@torch.no_grad()
 def _check_file(path: object, method: str) -> None:
     if not isinstance(path, str | PathLike) and not callable(getattr(path, method, None)):
         raise TypeError(
@@ -173,6 +172,7 @@ def _check_file(path: object, method: str) -> None:
         )
 
 
+@torch.no_grad()
 def export_model(
     model: TSNModel, path: str | PathLike | BinaryIO, *, keep_memory: bool | None = None
 ) -> int:
