@@ -47,6 +47,34 @@ class TaskRoutingMixin:
     def _init_routing(self) -> None:
         self.task_classes = {}
         self._inference_stats = None
+        #: inside ``train`` (its periodic evaluations included)
+        self._in_train = False
+        #: the task an evaluated experience runs as without inference (see ``forward``)
+        self._eval_as: int | None = None
+
+    def train(self, *args, **kwargs):
+        """Avalanche's ``train``, remembering that it runs (periodic evaluation reads it)."""
+        self._in_train = True
+        try:
+            return super().train(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._in_train = False
+
+    def _before_eval_exp(self, **kwargs) -> None:
+        # A periodic evaluation while a task trains: that task cannot be inferred before its
+        # router is fitted, so the experience of its classes runs as that task (early stopping
+        # reads its accuracy); every other experience is inferred as after training.
+        self._eval_as = None
+        open_task = self.tsn_model.open_task()
+        if (
+            self.task_inference is not None
+            and open_task is not None
+            and self.__dict__.get("_in_train")
+        ):  # (absent: pickled before 0.8.1)
+            mine = set(experience_classes(self.experience))  # type: ignore[attr-defined]
+            if mine and mine <= set(self.task_classes.get(open_task, ())):
+                self._eval_as = open_task
+        super()._before_eval_exp(**kwargs)  # type: ignore[misc]
 
     def _route_training(self, exps: Sequence[CLExperience]) -> list[CLExperience]:
         """Without task labels, each experience relabelled as a task of its own."""
@@ -98,12 +126,15 @@ class TaskRoutingMixin:
         The minibatch's task labels are used whether the experience has task labels or not
         (Avalanche would call the model without them then). With ``task_inference``,
         evaluation infers each sample's task instead (the stage context's ``inferred_tasks``
-        keeps them for the task-inference metric).
+        keeps them for the task-inference metric), except, in a periodic evaluation while a
+        task trains, on the experience of that task's classes, which runs as that task.
         """
         model = self.tsn_model
         if self.task_inference is None or self.is_training or not model.trained_tasks():
             # (before any task is trained there is nothing to infer: the untrained network)
             return model(self.mb_x, self.mb_task_id)
+        if getattr(self, "_eval_as", None) is not None:  # (absent: pickled before 0.8.1)
+            return model(self.mb_x, self._eval_as)
         outputs, tasks = self.infer(self.mb_x)
         stage_context(self).inferred_tasks = tasks
         return outputs
