@@ -10,6 +10,7 @@ mapping for :class:`~avalanche_tsn.strategy.TSNStrategy`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from avalanche.benchmarks import CLExperience
@@ -52,7 +53,7 @@ class TaskRoutingMixin:
         #: the task an evaluated experience runs as without inference (see ``forward``)
         self._eval_as: int | None = None
 
-    def train(self, *args, **kwargs):
+    def train(self, *args: Any, **kwargs: Any) -> Any:
         """Avalanche's ``train``, remembering that it runs (periodic evaluation reads it)."""
         self._in_train = True
         try:
@@ -60,7 +61,7 @@ class TaskRoutingMixin:
         finally:
             self._in_train = False
 
-    def _before_eval_exp(self, **kwargs) -> None:
+    def _before_eval_exp(self, **kwargs: Any) -> None:
         # A periodic evaluation while a task trains: that task cannot be inferred before its
         # router is fitted, so the experience of its classes runs as that task (early stopping
         # reads its accuracy); every other experience is inferred as after training.
