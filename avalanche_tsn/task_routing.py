@@ -73,7 +73,14 @@ class TaskRoutingMixin:
             and self.__dict__.get("_in_train")
         ):  # (absent: pickled before 0.8.1)
             mine = set(experience_classes(self.experience))  # type: ignore[attr-defined]
-            if mine and mine <= set(self.task_classes.get(open_task, ())):
+            others = (set(c) for t, c in self.task_classes.items() if t != open_task)
+            # (classes another task also holds, as in a stream whose experiences all hold
+            # classes 0 and 1, leave the experience to inference)
+            if (
+                mine
+                and mine <= set(self.task_classes.get(open_task, ()))
+                and not any(mine & c for c in others)
+            ):
                 self._eval_as = open_task
         super()._before_eval_exp(**kwargs)  # type: ignore[misc]
 

@@ -328,3 +328,43 @@ def test_early_stopping_on_a_class_incremental_stream_sees_the_task_in_training_
     y = torch.tensor([int(data[i][1]) for i in range(len(data))])
     routed = float((strategy.infer(x)[0].argmax(1) == y).float().mean())
     assert final["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp002"] == pytest.approx(routed)
+
+
+def test_periodic_evaluation_infers_an_experience_whose_classes_other_tasks_hold_too():
+    # a stream whose experiences all hold classes 0 and 1: the experience of the task in
+    # training cannot be told from the others by its classes, so it is inferred as they are
+    from avalanche.benchmarks import nc_benchmark
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+
+    from avalanche_tsn.metrics import task_inference_metrics
+
+    g = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(4, 6, generator=g)
+
+    def data(n):
+        y = torch.arange(n) % 4
+        x = centres[y] + torch.randn(n, 6, generator=g)
+        return _make_taskaware_tensor_classification_dataset(x, y)
+
+    bm = nc_benchmark(
+        data(400), data(200), 2, task_labels=False, shuffle=False,
+        class_ids_from_zero_in_each_exp=True,
+    )  # fmt: skip
+    assert [e.classes_in_this_experience for e in bm.train_stream] == [[0, 1], [0, 1]]
+    model = MultiHeadMLP(6, (16,))
+    evaluator = EvaluationPlugin(*task_inference_metrics(), loggers=[])
+    strategy = TSNStrategy(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+        train_mb_size=16,
+        train_epochs=3,
+        eval_every=1,
+        task_inference=True,
+        memory_size=20,
+        evaluator=evaluator,
+    )
+    for exp in bm.train_stream:
+        strategy.train(exp, eval_streams=[bm.test_stream])
+    history = evaluator.get_all_metrics()
+    # inferred at each of task 1's 3 periodic evaluations and after it: 4 values
+    assert len(history["TaskInference_Acc_Exp/eval_phase/test_stream/Exp001"][1]) == 4
