@@ -101,6 +101,17 @@ def _is_maskable(module: nn.Module) -> bool:
 
 def _check_model(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """The layers of ``module`` to replace; raises for an unsupported model, changing nothing."""
+    for where, m in module.named_modules():
+        # torch.compile's wrapper (OptimizedModule) keeps the module as ``_orig_mod``
+        if isinstance(getattr(m, "_orig_mod", None), nn.Module) and type(m).__name__ == (
+            "OptimizedModule"
+        ):
+            raise TypeError(
+                f"model{' (at ' + where + ')' if where else ''} is compiled by torch.compile; "
+                "TSN routes each sample to its task's subnetwork in Python, which a compiled "
+                "module does not trace: pass the module as it was before torch.compile (its "
+                "_orig_mod); TSN compiles each masked layer's work itself (train_kernel)"
+            )
     if isinstance(module, TaskBatchNorm | nn.BatchNorm1d | nn.BatchNorm2d):
         raise ValueError(
             f"model has no maskable layer: {type(module).__name__} alone is a normalisation; "

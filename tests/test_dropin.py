@@ -312,3 +312,23 @@ def test_online_stream_fragments_are_refused_before_any_work_and_whole_ones_trai
     for exp in split_online_stream(list(bm.train_stream)[:2], experience_size=1000):
         strategy.train(exp, eval_streams=[])  # one fragment each: a whole experience
     assert len(strategy.tsn_model.trained_tasks()) == 2
+
+
+# a model compiled by torch.compile was wrapped in place under the compiled wrapper and failed
+# inside dynamo at the first training step, after TSN had opened the task
+@pytest.mark.parametrize("where", ["whole", "block"])
+def test_a_model_compiled_by_torch_compile_is_refused_before_it_is_wrapped(where):
+    from conftest import mlp
+
+    net = mlp(6, 16, 2)
+    if where == "block":
+        net[2] = torch.compile(net[2])
+        model = net
+    else:
+        model = torch.compile(net)
+    with pytest.raises(TypeError, match=r"compiled by torch.compile.*_orig_mod"):
+        _adam(TSNStrategy, model)
+    with pytest.raises(TypeError, match="compiled by torch.compile"):
+        TSNModel(model)
+    assert type(net[0]) is nn.Linear  # nothing converted
+    _adam(TSNStrategy, net if where == "whole" else mlp(6, 16, 2))  # the module itself runs
