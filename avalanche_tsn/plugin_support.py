@@ -32,15 +32,17 @@ __all__ = ["REFUSED_PLUGINS", "check_plugin", "check_evaluator"]
 
 _FROZEN = "TSN keeps every earlier task in a frozen subnetwork, which cannot forget"
 _REPLAY = "use ReplayPlugin to rehearse samples"
+_PROJECTS = (
+    "it projects each step's gradient against earlier tasks' memory gradients, and those "
+    f"tasks' outputs have no gradient: {_FROZEN}; remove it"
+)
 
 #: Avalanche plugins TSN's strategies refuse, with the reason and what to do instead
 REFUSED_PLUGINS: dict[type[BasePlugin], str] = {
     GDumbPlugin: "it trains a fresh copy of the initial model at every experience, which would "
     "discard every task TSN has learned; remove it",
-    GEMPlugin: "it projects each step's gradient against earlier tasks' memory gradients, and "
-    f"those tasks' outputs have no gradient: {_FROZEN}; remove it",
-    AGEMPlugin: "it projects each step's gradient against earlier tasks' memory gradients, and "
-    f"those tasks' outputs have no gradient: {_FROZEN}; remove it",
+    GEMPlugin: _PROJECTS,
+    AGEMPlugin: _PROJECTS,
     LFLPlugin: "it pulls the features toward the previous model's through "
     f"BaseModel.get_features, which a task-routed model does not have; {_FROZEN}; remove it",
     FeatureDistillationPlugin: "it distils the features a model leaves on `model.features`, "

@@ -70,8 +70,8 @@ class TaskRoutingMixin:
         if (
             self.task_inference is not None
             and open_task is not None
-            and self.__dict__.get("_in_train")
-        ):  # (absent: pickled before 0.8.1)
+            and getattr(self, "_in_train", False)  # (absent: pickled before 0.8.1)
+        ):
             mine = set(experience_classes(self.experience))  # type: ignore[attr-defined]
             others = (set(c) for t, c in self.task_classes.items() if t != open_task)
             # (classes another task also holds, as in a stream whose experiences all hold
