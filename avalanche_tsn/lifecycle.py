@@ -19,7 +19,7 @@ from avalanche_tsn.heads import freeze_head
 from avalanche_tsn.layers import MaskedLayer, TaskBatchNorm
 from avalanche_tsn.masks import check_sparsity
 from avalanche_tsn.tasks import TaskTable
-from avalanche_tsn.validation import check_int
+from avalanche_tsn.validation import check_float32, check_int
 
 __all__ = ["TaskLifeCycleMixin", "LOW_FREE_FRACTION"]
 
@@ -60,6 +60,8 @@ class TaskLifeCycleMixin:
         if self.is_trained(task_label):
             raise ValueError(f"task {task_label} is already trained; its subnetwork is frozen")
         check_sparsity(sparsity)
+        # a cast after wrapping (model.double()) would fail inside the first training step
+        check_float32(self, "model")
         check_int(
             bank, f"bank (an existing bank, or {self.n_banks} for a new one)", 0, self.n_banks
         )

@@ -55,7 +55,7 @@ from avalanche_tsn.streams import (
 )
 from avalanche_tsn.task_routing import TaskRoutingMixin
 from avalanche_tsn.tiny import keeps_memory
-from avalanche_tsn.validation import check_bool, check_int
+from avalanche_tsn.validation import check_bool, check_float32, check_int
 
 __all__ = ["TSNStrategy", "TSNSettings", "tsn_recipe", "reject_arguments"]
 
@@ -166,6 +166,7 @@ def _check_arguments(
     # later, after TSN has opened the task
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_float32(model, "model")
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
     check_int(mb_size, "train_mb_size", 1)
@@ -496,6 +497,7 @@ class TSNStrategy(DistributedTrainingMixin, ParamGroupsMixin, TaskRoutingMixin, 
             check_stream(stream)
         labels = check_stream(experiences)
         model = self.tsn_model
+        check_float32(model, "model")
         done = len(model.trained_tasks())
         for i, (exp, label) in enumerate(zip(experiences, labels, strict=True)):
             index = getattr(exp, "current_experience", i)

@@ -159,7 +159,8 @@ def check_stream(experiences: Iterable[CLExperience]) -> list[int]:
             raise ValueError(
                 f"{_name(experience)} has task label {label}, as {seen[label]} does; TSN needs "
                 "a distinct task label per experience (a stream without task labels gives "
-                "every experience label 0)"
+                "every experience label 0: pass task_inference=True to TSNStrategy to learn "
+                "each experience as a task of its own and infer the task of each test sample)"
             )
         seen[label] = _name(experience)
     return list(seen)

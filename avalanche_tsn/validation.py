@@ -11,7 +11,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["check_int", "check_float", "check_bool", "check_shape", "check_choice"]
+import torch
+from torch import nn
+
+__all__ = [
+    "check_int",
+    "check_float",
+    "check_bool",
+    "check_shape",
+    "check_choice",
+    "check_float32",
+]
 
 
 def check_int(value: object, name: str, low: int | None = None, high: int | None = None) -> int:
@@ -116,6 +126,31 @@ def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return value
+
+
+def check_float32(module: nn.Module, name: str) -> None:
+    """Raise a TypeError naming the first floating-point tensor of ``module`` that is not float32.
+
+    TSN keeps every task's frozen values, codebooks and statistics in float32 and trains the
+    live subnetwork against them; a model cast to another precision would fail inside a
+    training step, after its task was opened. Mixed precision goes through ``torch.autocast``,
+    which leaves the stored values float32.
+
+    :param module: the model, checked before any of it changes.
+    :param name: what to call it in the error.
+    :raises TypeError: if a parameter or buffer has a floating-point dtype other than float32.
+    """
+    for kind, tensors in (
+        ("parameter", module.named_parameters()),
+        ("buffer", module.named_buffers()),
+    ):
+        for where, tensor in tensors:
+            if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                raise TypeError(
+                    f"{name} {kind} {where} is {tensor.dtype}; TSN trains and stores float32 "
+                    f"models: cast it with {name}.float() (for mixed precision, train under "
+                    "torch.autocast, which keeps the stored values float32)"
+                )
 
 
 def _interval(low: int | None, high: int | None, kind: str) -> str:

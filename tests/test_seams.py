@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import mlp, quiet_evaluator, train_tsn
+from conftest import blob_stream, mlp, quiet_evaluator, train_tsn
 
 from avalanche_tsn import TSNStrategy
 from avalanche_tsn.validation import check_bool, check_float, check_int, check_shape
@@ -583,3 +583,72 @@ def test_an_empty_label_tensor_is_refused_naming_the_int_to_pass() -> None:
     assert model(torch.zeros(0, 12), 1).shape == (0, 3)
     with pytest.raises(ValueError, match="task_labels is an empty tensor.*as an int"):
         model(torch.zeros(0, 12), torch.zeros(0, dtype=torch.long))
+
+
+# 8 (eighth session): a model in another precision failed inside the first training step
+# (its task already open) with a dtype mismatch or numpy's "unsupported ScalarType BFloat16",
+# where Naive trains it; a model cast after a task failed at the next task alike.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_model_in_another_precision_is_refused_before_it_is_wrapped(dtype) -> None:
+    net = mlp().to(dtype)
+    before = _state(net)
+    with pytest.raises(TypeError, match=rf"model parameter 0.weight is {dtype}.*model.float\(\)"):
+        TSNStrategy(
+            model=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+            evaluator=quiet_evaluator(),
+        )
+    assert type(net[0]) is torch.nn.Linear  # not wrapped
+    assert _same(before, _state(net))
+
+
+def test_a_model_cast_after_a_task_is_refused_before_the_next_opens_and_float_resumes() -> None:
+    strategy, bm = train_tsn(tasks=2)
+    model = strategy.tsn_model.eval()
+    x = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(8)])
+    with torch.no_grad():
+        expected = model(x, 0)
+    model.double()
+    state = _state(model)
+    stream = blob_stream(n_tasks=3)
+    with pytest.raises(TypeError, match="model parameter .* is torch.float64"):
+        strategy.train(stream.train_stream[2])
+    assert _same(state, _state(model))
+    assert model.open_task() is None and model.trained_tasks() == [0, 1]
+    assert strategy.experience is None  # refused before Avalanche's loop took the experience
+    with pytest.raises(TypeError, match="is torch.float64"):  # the model's own transition too
+        model.begin_task(2, 0.5)
+    model.float()  # float32 -> float64 -> float32 is exact
+    strategy.train(stream.train_stream[2])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, 0), expected)
+
+
+def test_training_under_autocast_keeps_the_stored_values_float32_and_old_tasks_bit_identical():
+    stream = blob_stream(n_tasks=3)
+    net = mlp()
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
+        train_mb_size=16,
+        train_epochs=2,
+        evaluator=quiet_evaluator(),
+    )
+    model = strategy.tsn_model
+    x = torch.stack([stream.test_stream[0].dataset[i][0] for i in range(8)])
+    seen = []
+    for exp in stream.train_stream:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            strategy.train(exp)
+        model.eval()
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = model(x, 0)
+            seen.append((low, model(x, 0)))
+    assert seen[0][0].dtype == torch.bfloat16 and seen[0][1].dtype == torch.float32
+    assert all(torch.equal(a, seen[0][0]) and torch.equal(b, seen[0][1]) for a, b in seen)
+    assert all(
+        v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point()
+    )
+    assert strategy.eval(stream.test_stream)  # evaluation outside autocast runs too
