@@ -71,7 +71,11 @@ def _convert(module: nn.Module) -> nn.Module:
 
 def _plan(module: nn.Module, path: str, plan: list[tuple[nn.Module, str, nn.Module]]) -> None:
     """Collect the layers to replace under ``module``; raise before anything changes."""
-    for name, child in module.named_children():
+    # not named_children(): it lists a module registered under two names once, and the
+    # second name would keep the unconverted layer, which the optimizer then trains
+    for name, child in module._modules.items():
+        if child is None:
+            continue
         where = f"{path}.{name}" if path else name
         if isinstance(child, MultiHeadClassifier):
             continue  # one head per task already: forget-free by construction
@@ -91,6 +95,24 @@ def _plan(module: nn.Module, path: str, plan: list[tuple[nn.Module, str, nn.Modu
                 f"per task; supported layers: {_SUPPORTED}"
             )
         _plan(child, where, plan)
+
+
+def _check_untied(module: nn.Module) -> None:
+    """Raise a TypeError if two layers hold one parameter (tied weights)."""
+    owners: dict[int, str] = {}
+    layers: dict[int, nn.Module] = {}
+    for where, m in module.named_modules(remove_duplicate=False):
+        for name, p in m.named_parameters(recurse=False):
+            path = f"{where}.{name}" if where else name
+            if id(p) in owners and layers[id(p)] is not m:
+                raise TypeError(
+                    f"model parameters {owners[id(p)]} and {path} are one tensor (tied "
+                    "weights); TSN masks, freezes and stores each layer's weights apart, so "
+                    "untie them (give each layer its own parameter) or use one layer at both "
+                    "places (a layer called twice is supported)"
+                )
+            owners.setdefault(id(p), path)
+            layers.setdefault(id(p), m)
 
 
 def _is_maskable(module: nn.Module) -> bool:
@@ -128,6 +150,7 @@ def _check_model(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
         )
     plan: list[tuple[nn.Module, str, nn.Module]] = []
     _plan(module, "", plan)
+    _check_untied(module)
     masked = [m for m in module.modules() if isinstance(m, MaskedLayer)]
     if not masked and not any(isinstance(c, nn.Linear | nn.Conv2d) for _, _, c in plan):
         raise ValueError(
@@ -153,9 +176,22 @@ def wrap_model(module: nn.Module) -> nn.Module:
     # A layer with nothing of its own to go by (BatchNorm without affine terms or running
     # statistics) is put where the rest of the model is.
     device = module_device(module)
+    converted: dict[int, nn.Module] = {}
     for parent, name, child in plan:
-        setattr(parent, name, _convert(child).to(device))
+        # a layer used at several places stays one layer: one mask and one owner per weight
+        if id(child) not in converted:
+            converted[id(child)] = _convert(child).to(device)
+        setattr(parent, name, converted[id(child)])
     return module
+
+
+def _replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` under every name that holds ``old`` in ``root`` (a layer used twice)."""
+    for parent in list(root.modules()):
+        # _modules, not named_children(), which lists a module registered twice once
+        for name, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, name, new)
 
 
 def _takes_task_labels(module: nn.Module) -> bool:
@@ -317,12 +353,14 @@ class TSNModel(TaskLifeCycleMixin, TaskDispatchMixin, KernelChoice, MultiTaskMod
 
         :param new: replacement module by the layer's name in ``net``; every masked layer.
         """
-        names = [name for name, _ in self.masked_layers()]
+        layers = dict(self.masked_layers())
+        names = list(layers)
         if sorted(new) != sorted(names):
             raise ValueError(f"replacements must name every masked layer: {names}")
         for name, module in new.items():
-            parent, _, child = name.rpartition(".")
-            setattr(self.net.get_submodule(parent) if parent else self.net, child, module)
+            if not name:  # the model is this one layer
+                self.net = module
+            _replace_everywhere(self.net, layers[name], module)
         self._layers = [new[name] for name in names]  # type: ignore[misc]
         self._routed_modules: list[TaskRouted] = [*self._layers, *self._norms]
 

@@ -67,8 +67,10 @@ class CodedLayer(TaskRouted):
         self.conv = isinstance(layer, TSNConv2d)
         if self.conv:
             self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
-            if layer.padding_mode != "zeros":
-                raise ValueError("coded convolutions support zero padding only")
+            self.padding_mode = layer.padding_mode
+            if self.padding_mode != "zeros":  # padded apart, as nn.Conv2d does
+                self.conv_args = (layer.stride, 0, layer.dilation, layer.groups)
+                self.pad = _explicit_padding(layer)
         self.owner_bits = max(1, math.ceil(math.log2(n_slots + 1)))
         self.n_slots = n_slots
         self.register_buffer(
@@ -153,6 +155,8 @@ class CodedLayer(TaskRouted):
         weight = self.weight_of(slot).to(x.dtype)
         bias = None if self.task_bias is None else self.task_bias[slot].to(x)
         if self.conv:
+            if self.padding_mode != "zeros":
+                x = F.pad(x, self.pad, mode=self.padding_mode)
             return F.conv2d(x, weight, bias, *self.conv_args)
         return F.linear(x, weight, bias)
 
@@ -183,6 +187,20 @@ class CodedLinear(nn.Module):
         codes = torch.from_numpy(_unpacked(self.codes, n, self.bits)).to(self.centroids.device)
         weight = self.centroids[codes].view(self.out_features, self.in_features)
         return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x))
+
+
+def _explicit_padding(layer: nn.Conv2d) -> tuple[int, ...]:
+    """``F.pad``'s (left, right, top, bottom) for ``layer``'s padding (ints or ``"same"``)."""
+    pad: list[int] = []
+    for i in (1, 0):  # F.pad lists the last dimension first
+        if layer.padding == "same":
+            total = layer.dilation[i] * (layer.kernel_size[i] - 1)
+            pad += [total // 2, total - total // 2]
+        elif layer.padding == "valid":
+            pad += [0, 0]
+        else:
+            pad += [int(layer.padding[i])] * 2
+    return tuple(pad)
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -217,3 +218,39 @@ def test_to_tiny_refuses_an_open_task() -> None:
     strategy.tsn_model.begin_task(5, 0.5)
     with pytest.raises(ValueError, match="still in training"):
         to_tiny(strategy.tsn_model)
+
+
+class _PaddedConvNet(nn.Module):
+    """Convolutions padded by reflection, replication and wrapping, on 1x4x4 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, (3, 2), padding="same", padding_mode="replicate", dilation=(1, 2)),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=(1, 2), padding_mode="circular", bias=False),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(4 * 4 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.view(-1, 1, 4, 4)).flatten(1))
+
+
+# a convolution padded otherwise than by zeros was refused by to_tiny (ValueError)
+def test_tiny_convolutions_pad_as_the_full_layers_do_in_every_padding_mode() -> None:
+    torch.manual_seed(0)
+    strategy, _ = _trained(_PaddedConvNet(), n_tasks=2, dim=16)
+    buf = io.BytesIO()
+    strategy.export(buf)
+    buf.seek(0)
+    tiny = load_compressed(buf, _PaddedConvNet(), dequantize=False)
+    model = strategy.tsn_model.eval()
+    assert sum(isinstance(m, CodedLayer) and m.conv for m in tiny.modules()) == 3
+    converted = to_tiny(copy.deepcopy(model))
+    x = torch.randn(20, 16)
+    for t in range(2):
+        assert torch.equal(tiny(x, t), model(x, t))
+        assert torch.equal(converted(x, t), model(x, t))

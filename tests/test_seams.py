@@ -652,3 +652,92 @@ def test_training_under_autocast_keeps_the_stored_values_float32_and_old_tasks_b
         v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point()
     )
     assert strategy.eval(stream.test_stream)  # evaluation outside autocast runs too
+
+
+class _TwoNames(torch.nn.Module):
+    """One hidden layer registered as ``b`` and ``c`` and called twice (weight sharing)."""
+
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(12, 16)
+        self.b = torch.nn.Linear(16, 16)
+        if tied:  # two layers holding one weight tensor
+            self.c = torch.nn.Linear(16, 16)
+            self.c.weight = self.b.weight
+        else:
+            self.c = self.b
+        self.o = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.o(torch.relu(self.c(h)))
+
+
+def _predictions(model, bm) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [
+            model(torch.stack([exp.dataset[i][0] for i in range(8)]), t)
+            for t, exp in enumerate(bm.test_stream)
+        ]
+
+
+# 9 (eighth session): a layer registered under two names was converted under the first only;
+# the second kept the plain layer, which the optimizer trained, and task 0's outputs changed
+def test_a_layer_registered_under_two_names_is_one_tsn_layer_everywhere(tmp_path) -> None:
+    import copy
+
+    from avalanche_tsn import to_tiny
+    from avalanche_tsn.export import export_model, load_compressed
+    from avalanche_tsn.model import TSNModel
+
+    bm = blob_stream(n_tasks=3)
+    net = _TwoNames()
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3),
+        train_mb_size=16,
+        train_epochs=2,
+        evaluator=quiet_evaluator(),
+    )
+    assert net.c is net.b and type(net.b).__name__ == "TSNLinear"
+    model = strategy.tsn_model
+    seen = []
+    for exp in bm.train_stream:
+        strategy.train(exp)
+        seen.append(_predictions(model.eval(), bm)[0])
+    assert all(torch.equal(seen[0], s) for s in seen)
+    assert [name for name, _ in model.masked_layers()] == ["a", "b", "o"]
+    expected = _predictions(model, bm)
+    export_model(model, tmp_path / "m.tsn")
+    copies = [
+        load_compressed(tmp_path / "m.tsn", _TwoNames()),
+        load_compressed(tmp_path / "m.tsn", _TwoNames(), dequantize=False),
+        to_tiny(copy.deepcopy(model)),
+    ]
+    fresh = TSNModel(_TwoNames())
+    fresh.load_state_dict(model.state_dict())
+    for other in [*copies, fresh]:
+        assert other.net.c is other.net.b
+        assert all(map(torch.equal, _predictions(other.eval(), bm), expected))
+
+
+def test_tied_weights_of_two_layers_are_refused_before_anything_changes() -> None:
+    net = _TwoNames(tied=True)
+    before = _state(net)
+    with pytest.raises(TypeError, match="b.weight and c.weight are one tensor .*untie them"):
+        TSNStrategy(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+    assert type(net.b) is torch.nn.Linear and net.c.weight is net.b.weight
+    assert _same(before, _state(net))
+
+
+# to_tiny of a model that is one layer left the full layer in place: it ran unrouted
+def test_a_one_layer_model_converts_to_a_tiny_model_that_predicts_the_same() -> None:
+    import copy
+
+    from avalanche_tsn import to_tiny
+
+    strategy, bm = train_tsn(model=torch.nn.Linear(12, 3), tasks=2)
+    model = strategy.tsn_model.eval()
+    tiny = to_tiny(copy.deepcopy(model))
+    assert type(tiny.net).__name__ == "CodedLayer"
+    assert all(map(torch.equal, _predictions(tiny, bm), _predictions(model, bm)))
