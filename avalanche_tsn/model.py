@@ -15,6 +15,7 @@ import torch
 from avalanche.benchmarks import CLExperience
 from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from avalanche_tsn.dispatch import TaskDispatchMixin
 from avalanche_tsn.distributed import leave_to_tsn
@@ -58,15 +59,61 @@ _OWNER_ATTR = "_tsn_model"
 
 
 def _convert(module: nn.Module) -> nn.Module:
+    new: nn.Module
     if isinstance(module, MaskedLayer | TaskBatchNorm):
         return module
     if isinstance(module, nn.Linear) and not isinstance(module, nn.LazyLinear):
-        return TSNLinear(module)
-    if isinstance(module, nn.Conv2d) and not isinstance(module, nn.LazyConv2d):
-        return TSNConv2d(module)
-    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
-        return TaskBatchNorm(module)
-    return module
+        new = TSNLinear(module)
+    elif isinstance(module, nn.Conv2d) and not isinstance(module, nn.LazyConv2d):
+        new = TSNConv2d(module)
+    elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+        new = TaskBatchNorm(module)
+    else:
+        return module
+    _carry_hooks(module, new)
+    return new
+
+
+#: the hook tables a converted layer takes over from the layer it replaces
+_HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_is_full_backward_hook",
+)
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the forward and backward hooks registered on ``old``.
+
+    The tables themselves are shared, so a handle the user kept still removes its hook.
+    """
+    for table in _HOOK_TABLES:
+        if table in vars(old):
+            vars(new)[table] = vars(old)[table]
+
+
+def _check_plain(layer: nn.Module, where: str) -> None:
+    """Raise a TypeError if ``layer``'s weight is computed from other tensors."""
+    what = f"{where} ({type(layer).__name__})"
+    if parametrize.is_parametrized(layer):
+        raise TypeError(
+            f"{what} is parametrized ({', '.join(layer.parametrizations)}: e.g. "
+            "weight_norm or spectral_norm); TSN masks the layer's weight tensor itself: remove "
+            "the parametrization first (torch.nn.utils.parametrize.remove_parametrizations)"
+        )
+    extra = [n for n, _ in layer.named_parameters(recurse=False) if n not in ("weight", "bias")]
+    if extra:
+        raise TypeError(
+            f"{what} holds parameters {extra} besides weight and bias (torch.nn.utils.prune's "
+            "weight_orig, weight_norm's weight_g and weight_v); TSN masks the weight tensor "
+            "itself: make it permanent first (torch.nn.utils.prune.remove, "
+            "torch.nn.utils.remove_weight_norm)"
+        )
 
 
 def _plan(module: nn.Module, path: str, plan: list[tuple[nn.Module, str, nn.Module]]) -> None:
@@ -87,6 +134,7 @@ def _plan(module: nn.Module, path: str, plan: list[tuple[nn.Module, str, nn.Modu
         if isinstance(child, MaskedLayer | TaskBatchNorm):
             continue
         if _is_maskable(child):
+            _check_plain(child, where)
             plan.append((module, name, child))
             continue
         if any(True for _ in child.parameters(recurse=False)):

@@ -626,3 +626,82 @@ def test_random_faults_never_change_a_learned_task(tmp_path, seed):
             loaded = load_compressed(io.BytesIO(_export(strategy)), MTSimpleMLP(DIM, 16))
             assert_unchanged(loaded, data, recorded, "in the exported model")
     assert strategy.tsn_model.trained_tasks() == list(range(n_tasks)), schedule
+
+
+class _Reads(nn.Module):
+    """An MLP whose last layer runs as ``fc(h)``, or, with ``direct``, as a cosine classifier
+    reading ``fc.weight`` itself; ``spare`` is a layer the forward never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 16)
+        self.fc = nn.Linear(16, 3)
+        self.spare = nn.Linear(16, 16)
+        self.direct = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if self.direct:
+            w = nn.functional.normalize(self.fc.weight, dim=1)
+            return 10 * nn.functional.linear(nn.functional.normalize(h), w)
+        return self.fc(h)
+
+
+# eighth session: a model reading a masked layer's weight without calling the layer trained,
+# and every trained task's outputs moved with the later tasks (no error)
+def test_a_weight_read_outside_its_layer_is_refused_at_the_first_step_and_changes_nothing():
+    bm = blob_stream(n_tasks=3)
+    net = _Reads()
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        train_mb_size=16,
+        train_epochs=2,
+        evaluator=quiet_evaluator(),
+    )
+    model = strategy.tsn_model
+    x = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(8)])
+    strategy.train(bm.train_stream[0])  # the unused layer is no read: it trains
+    with torch.no_grad():
+        expected = model.eval()(x, 0)
+    weight = net.fc.weight.detach().clone()
+    net.direct = True
+    with pytest.raises(TypeError, match=r"reads fc.weight without calling fc.*Task 1 was not"):
+        strategy.train(bm.train_stream[1])
+    assert net.fc.weight.grad is not None  # the backward ran, the optimizer did not step
+    assert torch.equal(net.fc.weight, weight)
+    net.direct = False
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x, 0), expected)
+    strategy.train(bm.train_stream[1])  # the task restarts
+    strategy.train(bm.train_stream[2])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x, 0), expected)
+
+
+def test_a_direct_read_from_the_first_task_is_refused_too() -> None:
+    net = _Reads()
+    net.direct = True
+    with pytest.raises(TypeError, match="reads fc.weight without calling fc"):
+        TSNStrategy(
+            model=net,
+            optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
+            train_mb_size=16,
+            evaluator=quiet_evaluator(),
+        ).train(blob_stream(n_tasks=1).train_stream[0])
+
+
+def test_a_layer_that_did_not_run_with_zero_gradients_is_an_unused_layer() -> None:
+    from avalanche_tsn.layer_calls import LayerCalls, check_direct_reads
+
+    layers = [("used", nn.Linear(4, 4)), ("unused", nn.Linear(4, 4))]
+    calls = LayerCalls(layers)
+    layers[0][1](torch.randn(2, 4)).sum().backward()
+    layers[1][1].weight.grad = torch.zeros(4, 4)  # zero_grad(set_to_none=False) keeps zeros
+    check_direct_reads(calls, 0)
+    layers[1][1].bias.grad = torch.ones(4)
+    with pytest.raises(TypeError, match="reads unused.bias without calling unused"):
+        check_direct_reads(calls, 0)
+    calls.remove()
+    layers[1][1](torch.randn(2, 4))
+    assert calls.called == {id(layers[0][1])}  # removed hooks record nothing

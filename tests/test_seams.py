@@ -741,3 +741,54 @@ def test_a_one_layer_model_converts_to_a_tiny_model_that_predicts_the_same() -> 
     tiny = to_tiny(copy.deepcopy(model))
     assert type(tiny.net).__name__ == "CodedLayer"
     assert all(map(torch.equal, _predictions(tiny, bm), _predictions(model, bm)))
+
+
+# eighth session: weight_norm, spectral_norm and torch's pruning failed mid-task with "Trying
+# to backward through the graph a second time"; hooks on a converted layer were dropped
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "prune", "old_weight_norm"])
+def test_a_layer_whose_weight_is_computed_is_refused_before_anything_changes(kind) -> None:
+    from torch.nn.utils import parametrizations, prune
+
+    net = mlp()
+    if kind == "weight_norm":
+        parametrizations.weight_norm(net[0])
+    elif kind == "spectral_norm":
+        parametrizations.spectral_norm(net[0])
+    elif kind == "prune":
+        prune.l1_unstructured(net[0], "weight", 0.3)
+    else:
+        torch.nn.utils.weight_norm(net[0])
+    before = _state(net)
+    expected = "is parametrized" if kind in ("weight_norm", "spectral_norm") else "holds param"
+    with pytest.raises(TypeError, match=rf"^0 \(.*Linear\) {expected}"):
+        TSNStrategy(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+    assert not any(type(m).__name__.startswith("TSN") for m in net.modules())
+    assert _same(before, _state(net))
+
+
+def test_hooks_registered_before_wrapping_run_on_the_tsn_layer_and_their_handles_remove_them():
+    net = mlp()
+    seen: list[tuple[int, ...]] = []
+    handle = net[0].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    net[2].register_forward_pre_hook(lambda m, args: (args[0] * 1.0,))
+    grads: list[int] = []
+    net[2].register_full_backward_hook(lambda m, gi, go: grads.append(len(go)))
+    bm = blob_stream(n_tasks=2)
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
+        train_mb_size=16,
+        evaluator=quiet_evaluator(),
+    )
+    assert type(net[0]).__name__ == "TSNLinear"
+    strategy.train(bm.train_stream[0])
+    assert seen and all(shape[1:] == (16,) for shape in seen) and grads
+    handle.remove()
+    n = len(seen)
+    x = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(8)])
+    with torch.no_grad():
+        expected = strategy.tsn_model.eval()(x, 0)
+    strategy.train(bm.train_stream[1])
+    assert len(seen) == n
+    with torch.no_grad():
+        assert torch.equal(strategy.tsn_model.eval()(x, 0), expected)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
+from avalanche_tsn.layer_calls import LayerCalls, check_direct_reads
 from avalanche_tsn.masks import check_sparsity
 from avalanche_tsn.plugins._common import current_task, tsn_model
 from avalanche_tsn.stages import stage_context
@@ -38,6 +39,7 @@ class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
                 new_bank_below, "new_bank_below (None: never)", 0, 1, low_open=True, high_open=True
             )
         self.new_bank_below = new_bank_below
+        self._calls: LayerCalls | None = None
         if isinstance(sparsity, Sequence) and not isinstance(sparsity, str):
             if len(sparsity) == 0:
                 raise ValueError("sparsity must be a float or a non-empty sequence of floats")
@@ -77,6 +79,8 @@ class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
         if restart:
             # The interrupted run may have left non-finite momentum or Adam moments.
             strategy.optimizer.state.clear()
+        self._disarm()
+        self._calls = LayerCalls(model.masked_layers())
 
     def before_backward(self, strategy, **kwargs) -> None:
         loss = strategy.loss
@@ -93,5 +97,17 @@ class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
                 "again (the task restarts) or call strategy.abandon_task()."
             )
 
+    def after_backward(self, strategy, **kwargs) -> None:
+        if self._calls is not None:
+            calls = self._calls
+            self._disarm()
+            check_direct_reads(calls, current_task(strategy))
+
     def after_training_exp(self, strategy, **kwargs) -> None:
+        self._disarm()
         tsn_model(strategy).end_task(current_task(strategy))
+
+    def _disarm(self) -> None:
+        if self._calls is not None:
+            self._calls.remove()
+            self._calls = None
