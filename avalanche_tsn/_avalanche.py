@@ -20,12 +20,14 @@ from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dat
 from avalanche.benchmarks.utils.classification_dataset import lookup as class_lookup
 from avalanche.benchmarks.utils.data import _FlatDataWithTransform as FlatData
 from avalanche.benchmarks.utils.data_loader import MultiDatasetDataLoader
+from avalanche.models.packnet import PackNetModule
 from avalanche.training import Naive
 from torch import Tensor
 
 __all__ = [
     "FlatData",
     "MultiDatasetDataLoader",
+    "PackNetModule",
     "class_lookup",
     "flat_data",
     "data_attributes",

@@ -5,9 +5,10 @@ each masked layer's forward: a trained task's frozen values are selected there, 
 layer's ``weight`` parameter holds what the task in training learns. A model that reads
 ``fc.weight`` itself (``F.linear(x, fc.weight)``, a cosine classifier's normalised weight)
 instead of calling ``fc`` bypasses that selection, so every trained task's outputs would move
-as later tasks train. :class:`LayerCalls` records which masked layers run in the first
-training step of a task; :func:`check_direct_reads` then refuses a layer that did not run
-although its parameters have a gradient, before the optimizer steps.
+as later tasks train. :class:`LayerCalls` notes which masked layers run in the first training
+step of a task (each layer counts its own forwards, ``routed_calls``);
+:func:`check_direct_reads` then refuses a layer that did not run although its parameters have
+a gradient, before the optimizer steps.
 """
 
 from __future__ import annotations
@@ -15,32 +16,28 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from torch import nn
-from torch.utils.hooks import RemovableHandle
+
+from avalanche_tsn.routing import TaskRouted
 
 __all__ = ["LayerCalls", "check_direct_reads"]
 
 
 class LayerCalls:
-    """Which of ``layers`` ran their forward since this was made (forward hooks, until removed).
+    """Which of ``layers`` have run their forward since this was made.
 
     :param layers: the masked layers, with their names.
     """
 
-    def __init__(self, layers: Iterable[tuple[str, nn.Module]]) -> None:
+    def __init__(self, layers: Iterable[tuple[str, TaskRouted]]) -> None:
         self.layers = list(layers)
-        self.called: set[int] = set()
-        self._handles: list[RemovableHandle] = [
-            layer.register_forward_hook(self._record) for _, layer in self.layers
+        self._start = [layer.routed_calls for _, layer in self.layers]
+
+    def ran(self) -> list[bool]:
+        """For each layer, in order, whether it ran since this was made."""
+        return [
+            layer.routed_calls > start
+            for (_, layer), start in zip(self.layers, self._start, strict=True)
         ]
-
-    def _record(self, module: nn.Module, _args: object, _output: object) -> None:
-        self.called.add(id(module))
-
-    def remove(self) -> None:
-        """Remove the hooks (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 def check_direct_reads(calls: LayerCalls, task_label: int) -> None:
@@ -52,12 +49,12 @@ def check_direct_reads(calls: LayerCalls, task_label: int) -> None:
     :param calls: what ran in the step.
     :param task_label: the task in training, for the message.
     """
-    for name, layer in calls.layers:
-        if id(layer) in calls.called:
+    for (name, layer), ran in zip(calls.layers, calls.ran(), strict=True):
+        if ran:
             continue
         for kind in ("weight", "bias"):
             param = getattr(layer, kind, None)
-            grad = None if param is None else param.grad
+            grad = param.grad if isinstance(param, nn.Parameter) else None
             # an unused layer has no gradient, or zeros where zero_grad keeps the tensors
             if grad is not None and bool(grad.ne(0).any()):
                 where = name or "the model"

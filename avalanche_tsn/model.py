@@ -17,6 +17,7 @@ from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTa
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from avalanche_tsn._avalanche import PackNetModule
 from avalanche_tsn.dispatch import TaskDispatchMixin
 from avalanche_tsn.distributed import leave_to_tsn
 from avalanche_tsn.heads import rebuild_heads
@@ -100,6 +101,14 @@ def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
 def _check_plain(layer: nn.Module, where: str) -> None:
     """Raise a TypeError if ``layer``'s weight is computed from other tensors."""
     what = f"{where} ({type(layer).__name__})"
+    base = next(c for c in _MASKABLE if isinstance(layer, c))
+    for method in ("forward", "_conv_forward"):
+        if getattr(type(layer), method, None) is not getattr(base, method, None):
+            raise TypeError(
+                f"{what} overrides {base.__name__}.{method}; TSN replaces the layer with its "
+                f"own, which computes as {base.__name__} does, so yours would be lost: use "
+                f"{base.__name__} itself (the extra work in a module around it)"
+            )
     if parametrize.is_parametrized(layer):
         raise TypeError(
             f"{what} is parametrized ({', '.join(layer.parametrizations)}: e.g. "
@@ -163,10 +172,14 @@ def _check_untied(module: nn.Module) -> None:
             layers.setdefault(id(p), m)
 
 
+#: the layers TSN converts (subclasses too, if they compute as these do)
+_MASKABLE = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
 def _is_maskable(module: nn.Module) -> bool:
     if isinstance(module, nn.LazyLinear | nn.LazyConv2d):
         return False
-    return isinstance(module, nn.Linear | nn.Conv2d | nn.BatchNorm1d | nn.BatchNorm2d)
+    return isinstance(module, _MASKABLE)
 
 
 def _check_model(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -182,12 +195,22 @@ def _check_model(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
                 "module does not trace: pass the module as it was before torch.compile (its "
                 "_orig_mod); TSN compiles each masked layer's work itself (train_kernel)"
             )
+        if isinstance(m, PackNetModule):
+            raise TypeError(
+                f"model{' (at ' + where + ')' if where else ''} is wrapped for Avalanche's "
+                f"PackNet ({type(m).__name__}), whose masks run in its own forward; TSN masks "
+                "the layers itself: pass the model built without PackNet (e.g. SimpleMLP or "
+                "MTSimpleMLP instead of packnet_simple_mlp, no PackNetModel)"
+            )
     if isinstance(module, TaskBatchNorm | nn.BatchNorm1d | nn.BatchNorm2d):
         raise ValueError(
             f"model has no maskable layer: {type(module).__name__} alone is a normalisation; "
             "TSN masks nn.Linear and nn.Conv2d layers"
         )
-    if isinstance(module, MaskedLayer) or _is_maskable(module):
+    if isinstance(module, MaskedLayer):
+        return []
+    if _is_maskable(module):
+        _check_plain(module, "model")
         return []
     if isinstance(module, IncrementalClassifier | MultiHeadClassifier):
         raise ValueError(f"model has no maskable layer: {type(module).__name__} is only a head")

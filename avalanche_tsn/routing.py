@@ -78,10 +78,19 @@ class TaskRouted(nn.Module):
         """The groups of a mixed-minibatch route, or None for a one-task route."""
         return None if isinstance(self._route, int) else self._route
 
+    @property
+    def routed_calls(self) -> int:
+        """How many forwards this module has run (a plain count, not in the state dict)."""
+        return self.__dict__.get("_routed_calls", 0)
+
     def run_routed(self, x: Tensor, run: Callable[[Tensor, int], Tensor]) -> Tensor:
         """``run(rows, slot)`` over the current route (see :func:`run_per_group`).
 
         :param x: the minibatch.
         :param run: computes the rows of one slot.
         """
+        # counted in the instance dict (as the route is set): also by layer.forward(x) calls,
+        # which forward hooks would miss
+        attrs = self.__dict__
+        attrs["_routed_calls"] = attrs.get("_routed_calls", 0) + 1
         return run_per_group(x, self._route, run)

@@ -332,3 +332,21 @@ def test_a_model_compiled_by_torch_compile_is_refused_before_it_is_wrapped(where
         TSNModel(model)
     assert type(net[0]) is nn.Linear  # nothing converted
     _adam(TSNStrategy, net if where == "whole" else mlp(6, 16, 2))  # the module itself runs
+
+
+# eighth session: a model built for PackNet (packnet_simple_mlp, PackNetModel(...)) was taken,
+# its PackNet wrappers kept, and failed in PackNet's forward at the first step
+@pytest.mark.parametrize("make", ["packnet_simple_mlp", "PackNetModel"])
+def test_a_model_wrapped_for_avalanches_packnet_is_refused_naming_what_to_pass(make) -> None:
+    from avalanche.models import SimpleMLP
+    from avalanche.models.packnet import PackNetModel, packnet_simple_mlp
+
+    if make == "packnet_simple_mlp":
+        net = packnet_simple_mlp(num_classes=3, input_size=12)
+    else:
+        net = PackNetModel(SimpleMLP(num_classes=3, input_size=12))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(TypeError, match="wrapped for Avalanche's PackNet .*packnet_simple_mlp"):
+        TSNStrategy(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+    assert not any(type(m).__name__.startswith("TSN") for m in net.modules())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())

@@ -792,3 +792,40 @@ def test_hooks_registered_before_wrapping_run_on_the_tsn_layer_and_their_handles
     assert len(seen) == n
     with torch.no_grad():
         assert torch.equal(strategy.tsn_model.eval()(x, 0), expected)
+
+
+class _Doubled(torch.nn.Linear):
+    """A linear layer with a forward of its own, which TSN's layer would not compute."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+class _StdConv(torch.nn.Conv2d):
+    """A convolution standardising its weight in ``_conv_forward``."""
+
+    def _conv_forward(self, x, weight, bias):
+        weight = (weight - weight.mean()) / (weight.std() + 1e-5)
+        return super()._conv_forward(x, weight, bias)
+
+
+# eighth session: a Linear subclass with a forward of its own was converted, its forward lost
+@pytest.mark.parametrize("where", ["child", "root", "conv"])
+def test_a_layer_subclass_computing_otherwise_is_refused_and_a_plain_subclass_converts(where):
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    from avalanche_tsn.model import TSNModel
+
+    if where == "child":
+        net, method = torch.nn.Sequential(torch.nn.Linear(12, 16), _Doubled(16, 3)), "forward"
+    elif where == "root":
+        net, method = _Doubled(12, 3), "forward"
+    else:
+        net, method = torch.nn.Sequential(_StdConv(1, 2, 3)), "_conv_forward"
+    before = _state(net)
+    with pytest.raises(TypeError, match=rf"overrides (Linear|Conv2d)\.{method}; TSN replaces"):
+        TSNModel(net)
+    assert _same(before, _state(net))
+    assert not any(type(m).__name__.startswith("TSN") for m in net.modules())
+    plain = torch.nn.Sequential(NonDynamicallyQuantizableLinear(12, 3))  # computes as Linear
+    assert type(TSNModel(plain).net[0]).__name__ == "TSNLinear"

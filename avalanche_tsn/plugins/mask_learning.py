@@ -79,7 +79,6 @@ class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
         if restart:
             # The interrupted run may have left non-finite momentum or Adam moments.
             strategy.optimizer.state.clear()
-        self._disarm()
         self._calls = LayerCalls(model.masked_layers())
 
     def before_backward(self, strategy, **kwargs) -> None:
@@ -98,16 +97,10 @@ class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
             )
 
     def after_backward(self, strategy, **kwargs) -> None:
-        if self._calls is not None:
-            calls = self._calls
-            self._disarm()
+        if self._calls is not None:  # the task's first step
+            calls, self._calls = self._calls, None
             check_direct_reads(calls, current_task(strategy))
 
     def after_training_exp(self, strategy, **kwargs) -> None:
-        self._disarm()
+        self._calls = None
         tsn_model(strategy).end_task(current_task(strategy))
-
-    def _disarm(self) -> None:
-        if self._calls is not None:
-            self._calls.remove()
-            self._calls = None
