@@ -5,27 +5,42 @@ each masked layer's forward: a trained task's frozen values are selected there, 
 layer's ``weight`` parameter holds what the task in training learns. A model that reads
 ``fc.weight`` itself (``F.linear(x, fc.weight)``, a cosine classifier's normalised weight)
 instead of calling ``fc`` bypasses that selection, so every trained task's outputs would move
-as later tasks train. :class:`LayerCalls` notes which masked layers run in the first training
-step of a task (each layer counts its own forwards, ``routed_calls``);
+as later tasks train; a per-task normalisation read as ``F.batch_norm(x, ..., bn.weight,
+bn.bias)`` alike. :class:`LayerCalls` notes which of them run in the first training step of a
+task (each counts its own forwards, ``routed_calls``);
 :func:`check_direct_reads` then refuses a layer that did not run although its parameters have
 a gradient, before the optimizer steps.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
+from avalanche_tsn.model import TSNModel
 from avalanche_tsn.routing import TaskRouted
 
-__all__ = ["LayerCalls", "check_direct_reads"]
+__all__ = ["LayerCalls", "check_direct_reads", "routed_modules", "check_frozen_outputs"]
+
+log = logging.getLogger(__name__)
+
+
+def routed_modules(net: nn.Module) -> list[tuple[str, TaskRouted]]:
+    """The modules of ``net`` that run each task with its own parameters (masked layers and
+    per-task normalisations), with their names.
+
+    :param net: the wrapped model (a :class:`~avalanche_tsn.model.TSNModel`'s ``net``).
+    """
+    return [(name, m) for name, m in net.named_modules() if isinstance(m, TaskRouted)]
 
 
 class LayerCalls:
     """Which of ``layers`` have run their forward since this was made.
 
-    :param layers: the masked layers, with their names.
+    :param layers: the routed modules, with their names (see :func:`routed_modules`).
     """
 
     def __init__(self, layers: Iterable[tuple[str, TaskRouted]]) -> None:
@@ -62,8 +77,60 @@ def check_direct_reads(calls: LayerCalls, task_label: int) -> None:
                     f"the model reads {where}.{kind} without calling {where}: its forward did "
                     "not run in the first training step, yet its parameters have a gradient. "
                     "TSN selects each trained task's frozen values inside the layer's forward, "
-                    f"so a direct read (F.linear(x, {where}.weight), a normalised weight) "
-                    "would change trained tasks' outputs as later tasks train. Call the layer "
+                    f"so a direct read of {where}.{kind} (F.linear, F.conv2d or F.batch_norm "
+                    "on it, a normalised weight) would change trained tasks' outputs as later "
+                    "tasks train. Call the layer "
                     f"instead ({where}(x)). Task {task_label} was not trained and trained "
                     "tasks are unchanged."
                 )
+
+
+@torch.no_grad()
+def check_frozen_outputs(model: TSNModel, x: object) -> None:
+    """Raise a TypeError if a trained task's outputs on ``x`` depend on the model's parameters.
+
+    Every value a trained task computes with is a frozen buffer (its weights, biases,
+    normalisation and head); the parameters belong to the task in training. So with every
+    parameter set to NaN for one forward (and put back bit for bit), each trained task's
+    outputs must be what they were; a model that reads a parameter outside TSN's routing in
+    any branch of its forward (an evaluation-only path included) fails here. Called before a
+    new task opens, so nothing has changed yet. A forward that is not deterministic (noise at
+    evaluation) cannot be checked this way and is passed over, with a debug line.
+
+    :param model: the TSN model.
+    :param x: a few inputs, on the model's device (None: nothing to check with).
+    """
+    labels = model.trained_tasks()
+    if not labels or x is None:
+        return
+    training = model.training
+    model.eval()
+    try:
+        _compare_with_nan_parameters(model, x, labels)
+    finally:
+        model.train(training)
+
+
+def _compare_with_nan_parameters(model: TSNModel, x: object, labels: list[int]) -> None:
+    first = [model(x, t) for t in labels]
+    if not all(torch.equal(a, model(x, t)) for a, t in zip(first, labels, strict=True)):
+        log.debug("the model's evaluation forward is not deterministic: not checked")
+        return
+    params = list(model.parameters())
+    saved = [p.detach().clone() for p in params]
+    try:
+        for p in params:
+            p.fill_(float("nan"))
+        probed = [model(x, t) for t in labels]
+    finally:
+        for p, value in zip(params, saved, strict=True):
+            p.copy_(value)
+    for t, a, b in zip(labels, first, probed, strict=True):
+        if not torch.equal(a, b):
+            raise TypeError(
+                f"trained task {t}'s outputs depend on the model's parameters, which the "
+                "next task trains: the model reads a layer's weight outside the layer's "
+                "forward (in an evaluation-only branch, beside a call of the layer, or from "
+                "a tensor derived from it). Call the layer instead. The next task was not "
+                "started; trained tasks are unchanged."
+            )

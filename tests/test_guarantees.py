@@ -629,8 +629,8 @@ def test_random_faults_never_change_a_learned_task(tmp_path, seed):
 
 
 class _Reads(nn.Module):
-    """An MLP whose last layer runs as ``fc(h)``, or, with ``direct``, as a cosine classifier
-    reading ``fc.weight`` itself; ``spare`` is a layer the forward never uses."""
+    """An MLP whose last layer runs as ``fc(h)``, or, with ``direct``, in training as a cosine
+    classifier reading ``fc.weight`` itself; ``spare`` is a layer the forward never uses."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -644,7 +644,7 @@ class _Reads(nn.Module):
         h = torch.relu(self.a(x))
         if self.method:  # the layer's forward called as a method: no hook sees it
             return self.fc.forward(h)
-        if self.direct:
+        if self.direct and self.training:  # evaluation calls fc: only the first step sees it
             w = nn.functional.normalize(self.fc.weight, dim=1)
             return 10 * nn.functional.linear(nn.functional.normalize(h), w)
         return self.fc(h)
@@ -710,3 +710,95 @@ def test_a_layer_that_did_not_run_with_zero_gradients_is_an_unused_layer() -> No
     unused.bias.grad = torch.ones(4)
     with pytest.raises(TypeError, match="reads 1.bias without calling 1"):
         check_direct_reads(calls, 0)
+
+
+class _FunctionalNorm(nn.Module):
+    """Batch normalisation computed with ``F.batch_norm`` from the module's own tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.o = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        h = nn.functional.batch_norm(
+            self.a(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, self.training
+        )
+        return self.o(torch.relu(h))
+
+
+def test_a_normalisation_computed_from_its_tensors_is_refused_like_a_weight_read() -> None:
+    net = _FunctionalNorm()
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        train_mb_size=16,
+        evaluator=quiet_evaluator(),
+    )
+    with pytest.raises(TypeError, match="reads bn.weight without calling bn"):
+        strategy.train(blob_stream(n_tasks=1).train_stream[0])
+
+
+class _EvalRead(nn.Module):
+    """Calls its last layer in training, but reads its weight itself in evaluation (or, with
+    ``noisy``, adds noise in evaluation: a forward that is not deterministic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 16)
+        self.fc = nn.Linear(16, 3)
+        self.read = True
+        self.noisy = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if self.training or not self.read:
+            out = self.fc(h)
+            return out + torch.randn_like(out) if self.noisy and not self.training else out
+        return nn.functional.linear(h, self.fc.weight, self.fc.bias)
+
+
+def test_an_evaluation_branch_reading_a_weight_is_refused_before_the_next_task_opens() -> None:
+    bm = blob_stream(n_tasks=3)
+    net = _EvalRead()
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        train_mb_size=16,
+        train_epochs=2,
+        evaluator=quiet_evaluator(),
+    )
+    model = strategy.tsn_model
+    strategy.train(bm.train_stream[0])  # the first step calls fc: not seen there
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="trained task 0's outputs depend on the model's param"):
+        strategy.train(bm.train_stream[1])
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())  # parameters put back too
+    assert model.open_task() is None
+    net.read = False  # fixed: the layer is called in evaluation too
+    x = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(8)])
+    with torch.no_grad():
+        expected = model.eval()(x, 0)
+    strategy.train(bm.train_stream[1:])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x, 0), expected)
+    net.noisy = True  # not deterministic: passed over, not refused
+    strategy.train(blob_stream(n_tasks=4).train_stream[3])
+    assert model.trained_tasks() == [0, 1, 2, 3]
+
+
+def test_the_evaluation_branch_read_is_refused_inside_one_train_call_over_a_stream() -> None:
+    bm = blob_stream(n_tasks=3)
+    net = _EvalRead()
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
+        train_mb_size=16,
+        evaluator=quiet_evaluator(),
+    )
+    with pytest.raises(TypeError, match="trained task 0's outputs depend"):
+        strategy.train(bm.train_stream)  # checked before each experience, not once a call
+    assert strategy.tsn_model.trained_tasks() == [0]

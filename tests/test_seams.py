@@ -745,6 +745,7 @@ def test_a_one_layer_model_converts_to_a_tiny_model_that_predicts_the_same() -> 
 
 # eighth session: weight_norm, spectral_norm and torch's pruning failed mid-task with "Trying
 # to backward through the graph a second time"; hooks on a converted layer were dropped
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
 @pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "prune", "old_weight_norm"])
 def test_a_layer_whose_weight_is_computed_is_refused_before_anything_changes(kind) -> None:
     from torch.nn.utils import parametrizations, prune

@@ -16,7 +16,7 @@ from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.plugins.batches import TensorBatchesPlugin
 from avalanche_tsn.streams import experience_task_labels
 
-__all__ = ["tsn_model", "current_task", "strategy_batches"]
+__all__ = ["tsn_model", "current_task", "strategy_batches", "first_inputs"]
 
 
 def tsn_model(strategy) -> TSNModel:
@@ -80,3 +80,16 @@ def strategy_batches(strategy, data, batch_size: int) -> Iterator[tuple[Tensor, 
             yield strategy.mb_x, strategy.mb_y
     finally:
         strategy.mbatch = saved
+
+
+def first_inputs(strategy, data, n: int) -> object | None:
+    """The inputs of ``data``'s first ``n`` samples, read as :func:`strategy_batches` reads
+    them (on the strategy's device), or None if ``data`` is empty.
+
+    :param strategy: an Avalanche strategy.
+    :param data: an Avalanche dataset.
+    :param n: how many samples.
+    """
+    if len(data) == 0:
+        return None
+    return next(strategy_batches(strategy, data, n))[0]

@@ -12,9 +12,14 @@ from collections.abc import Sequence
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
-from avalanche_tsn.layer_calls import LayerCalls, check_direct_reads
+from avalanche_tsn.layer_calls import (
+    LayerCalls,
+    check_direct_reads,
+    check_frozen_outputs,
+    routed_modules,
+)
 from avalanche_tsn.masks import check_sparsity
-from avalanche_tsn.plugins._common import current_task, tsn_model
+from avalanche_tsn.plugins._common import current_task, first_inputs, tsn_model
 from avalanche_tsn.stages import stage_context
 from avalanche_tsn.validation import check_float
 
@@ -66,6 +71,8 @@ class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
     def before_training_exp(self, strategy, **kwargs) -> None:
         model = tsn_model(strategy)
         label = current_task(strategy)
+        if model.trained_tasks():  # before anything of the new task changes
+            check_frozen_outputs(model, first_inputs(strategy, strategy.adapted_dataset, 16))
         restart = model.open_task() == label
         index = len(model.trained_tasks())
         # The task-similarity stage, when present, picks the bank just before this one;
@@ -79,7 +86,7 @@ class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
         if restart:
             # The interrupted run may have left non-finite momentum or Adam moments.
             strategy.optimizer.state.clear()
-        self._calls = LayerCalls(model.masked_layers())
+        self._calls = LayerCalls(routed_modules(model.net))
 
     def before_backward(self, strategy, **kwargs) -> None:
         loss = strategy.loss
