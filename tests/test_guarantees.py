@@ -628,6 +628,17 @@ def test_random_faults_never_change_a_learned_task(tmp_path, seed):
     assert strategy.tsn_model.trained_tasks() == list(range(n_tasks)), schedule
 
 
+def _momentum_strategy(net: nn.Module) -> TSNStrategy:
+    """TSN with SGD 0.1 (momentum 0.9), minibatch 16, 2 epochs."""
+    return TSNStrategy(
+        model=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        train_mb_size=16,
+        train_epochs=2,
+        evaluator=quiet_evaluator(),
+    )
+
+
 class _Reads(nn.Module):
     """An MLP whose last layer runs as ``fc(h)``, or, with ``direct``, in training as a cosine
     classifier reading ``fc.weight`` itself; ``spare`` is a layer the forward never uses."""
@@ -655,13 +666,7 @@ class _Reads(nn.Module):
 def test_a_weight_read_outside_its_layer_is_refused_at_the_first_step_and_changes_nothing():
     bm = blob_stream(n_tasks=3)
     net = _Reads()
-    strategy = TSNStrategy(
-        model=net,
-        optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
-        train_mb_size=16,
-        train_epochs=2,
-        evaluator=quiet_evaluator(),
-    )
+    strategy = _momentum_strategy(net)
     model = strategy.tsn_model
     x = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(8)])
     strategy.train(bm.train_stream[0])  # the unused layer is no read: it trains
@@ -763,13 +768,7 @@ class _EvalRead(nn.Module):
 def test_an_evaluation_branch_reading_a_weight_is_refused_before_the_next_task_opens() -> None:
     bm = blob_stream(n_tasks=3)
     net = _EvalRead()
-    strategy = TSNStrategy(
-        model=net,
-        optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
-        train_mb_size=16,
-        train_epochs=2,
-        evaluator=quiet_evaluator(),
-    )
+    strategy = _momentum_strategy(net)
     model = strategy.tsn_model
     strategy.train(bm.train_stream[0])  # the first step calls fc: not seen there
     state = {k: v.clone() for k, v in model.state_dict().items()}
