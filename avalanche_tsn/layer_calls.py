@@ -1,4 +1,4 @@
-"""Weights read outside their layer's forward: found in a task's first training step.
+"""Weights read outside their layer's forward: found before they can change a trained task.
 
 TinySubNets (Zurek et al., arXiv:2412.10869, 2024) gives each task its own subnetwork inside
 each masked layer's forward: a trained task's frozen values are selected there, while the
@@ -6,10 +6,13 @@ layer's ``weight`` parameter holds what the task in training learns. A model tha
 ``fc.weight`` itself (``F.linear(x, fc.weight)``, a cosine classifier's normalised weight)
 instead of calling ``fc`` bypasses that selection, so every trained task's outputs would move
 as later tasks train; a per-task normalisation read as ``F.batch_norm(x, ..., bn.weight,
-bn.bias)`` alike. :class:`LayerCalls` notes which of them run in the first training step of a
-task (each counts its own forwards, ``routed_calls``);
-:func:`check_direct_reads` then refuses a layer that did not run although its parameters have
-a gradient, before the optimizer steps.
+bn.bias)`` alike. Two checks find it:
+
+- in the first training step of a task, :class:`LayerCalls` notes which routed modules ran
+  (each counts its own forwards, ``routed_calls``) and :func:`check_direct_reads` refuses one
+  that did not run although its parameters have a gradient, before the optimizer steps;
+- before a new task opens, :func:`check_frozen_outputs` runs each trained task with every
+  parameter set to NaN: a read that only evaluation makes moves its outputs.
 """
 
 from __future__ import annotations

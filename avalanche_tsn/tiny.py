@@ -190,7 +190,7 @@ class CodedLinear(nn.Module):
 
 
 def _explicit_padding(layer: nn.Conv2d) -> tuple[int, ...]:
-    """``F.pad``'s (left, right, top, bottom) for ``layer``'s padding (ints or ``"same"``)."""
+    """``F.pad``'s (left, right, top, bottom) for ``layer``'s padding (ints, same, valid)."""
     pad: list[int] = []
     for i in (1, 0):  # F.pad lists the last dimension first
         if layer.padding == "same":
