@@ -18,7 +18,7 @@ import pytest
 import torch
 from avalanche.models import MTSimpleMLP
 from avalanche.training.plugins import SupervisedPlugin
-from conftest import blob_stream, mlp, quiet_evaluator
+from conftest import adam_strategy, blob_stream, mlp, quiet_evaluator
 from torch import nn
 
 from avalanche_tsn import TSNModel, TSNStrategy, load_compressed
@@ -791,13 +791,7 @@ def test_an_evaluation_branch_reading_a_weight_is_refused_before_the_next_task_o
 
 def test_the_evaluation_branch_read_is_refused_inside_one_train_call_over_a_stream() -> None:
     bm = blob_stream(n_tasks=3)
-    net = _EvalRead()
-    strategy = TSNStrategy(
-        model=net,
-        optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
-        train_mb_size=16,
-        evaluator=quiet_evaluator(),
-    )
+    strategy = adam_strategy(_EvalRead())
     with pytest.raises(TypeError, match="trained task 0's outputs depend"):
         strategy.train(bm.train_stream)  # checked before each experience, not once a call
     assert strategy.tsn_model.trained_tasks() == [0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import blob_stream, mlp, quiet_evaluator, train_tsn
+from conftest import adam_strategy, blob_stream, mlp, quiet_evaluator, train_tsn
 
 from avalanche_tsn import TSNStrategy
 from avalanche_tsn.validation import check_bool, check_float, check_int, check_shape
@@ -627,14 +627,7 @@ def test_a_model_cast_after_a_task_is_refused_before_the_next_opens_and_float_re
 
 def test_training_under_autocast_keeps_the_stored_values_float32_and_old_tasks_bit_identical():
     stream = blob_stream(n_tasks=3)
-    net = mlp()
-    strategy = TSNStrategy(
-        model=net,
-        optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
-        train_mb_size=16,
-        train_epochs=2,
-        evaluator=quiet_evaluator(),
-    )
+    strategy = adam_strategy(mlp())
     model = strategy.tsn_model
     x = torch.stack([stream.test_stream[0].dataset[i][0] for i in range(8)])
     seen = []
