@@ -92,4 +92,8 @@ def first_inputs(strategy, data, n: int) -> object | None:
     """
     if len(data) == 0:
         return None
-    return next(strategy_batches(strategy, data, n))[0]
+    batches = strategy_batches(strategy, data, n)
+    try:
+        return next(batches)[0]
+    finally:
+        batches.close()  # puts strategy.mbatch back now, not when the generator is collected
