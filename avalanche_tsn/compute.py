@@ -4,10 +4,11 @@ TinySubNets (Zurek et al., arXiv:2412.10869, 2024), appendix: the FLOPs a compre
 needs against the float baseline. The paper does not say how it counted them (the reference
 code has no FLOPs code), so this module states what it counts:
 
-- MACs of ``nn.Linear`` and ``nn.Conv2d`` layers only (maskable layers and heads): one per
-  weight the task reads, per output position (1 for a linear layer on a vector, ``H x W`` of
-  the output for a convolution), per sample. Biases, normalisation, activations, pooling and
-  residual additions are not counted. The dense model reads every weight.
+- MACs of ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers only (maskable layers and heads): one
+  per weight the task reads, per output position (1 for a linear layer on a vector, ``L``,
+  ``H x W`` or ``D x H x W`` of the output for a convolution), per sample. Biases,
+  normalisation, activations, pooling and residual additions are not counted. The dense model
+  reads every weight.
 - BOPs (bit-operations) = MACs x weight bits x activation bits, each weight at the bit-width
   of the codebook it is stored with (a weight shared from an earlier task: that task's), 32
   for float weights and float activations. Dense BOPs are dense MACs x 32 x 32.
@@ -85,7 +86,7 @@ class ComputeReport:
     def table(self) -> str:
         """A Markdown table: MACs and BOPs per task against the dense model."""
         lines = [
-            f"Per sample of shape {self.input_shape}; MACs of Linear/Conv2d weights only.",
+            f"Per sample of shape {self.input_shape}; MACs of Linear/Conv weights only.",
             "",
             "| task | dense MACs | subnetwork MACs | % of dense | BOPs (weights x act "
             "bits) | % of dense float BOPs |",
@@ -98,6 +99,10 @@ class ComputeReport:
                 f"{100 * t.bops / max(t.dense_bops, 1):.2f} |"
             )
         return "\n".join(lines)
+
+
+#: the layers whose multiply-accumulates are counted
+_COMPUTING = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, CodedLayer, CodedLinear)
 
 
 def _weight_shape(module: nn.Module) -> tuple[int, ...]:
@@ -145,11 +150,11 @@ def compute_report(
             seen: list[tuple[nn.Module, int]] = []
 
             def hook(module, _inputs, output, seen=seen) -> None:
-                # output positions of one sample: H x W for a convolution, the leading
-                # dimensions for a linear layer (1 on a vector)
+                # output positions of one sample: L, H x W or D x H x W for a convolution, the
+                # leading dimensions for a linear layer (1 on a vector)
                 shape = _weight_shape(module)
-                if len(shape) == 4:
-                    positions = output.shape[-2] * output.shape[-1]
+                if len(shape) >= 3:
+                    positions = math.prod(output.shape[-(len(shape) - 2) :])
                 else:
                     positions = output[0].numel() // shape[0]
                 seen.append((module, positions))
@@ -157,7 +162,7 @@ def compute_report(
             handles = [
                 m.register_forward_hook(hook)
                 for m in model.net.modules()
-                if isinstance(m, (nn.Linear, nn.Conv2d, CodedLayer, CodedLinear))
+                if isinstance(m, _COMPUTING)
             ]
             try:
                 model(torch.zeros((1, *shape), device=device), label)

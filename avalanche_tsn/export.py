@@ -157,9 +157,9 @@ def _architecture(module: nn.Module) -> dict[str, Any]:
         if isinstance(m, MultiHeadClassifier):
             heads[name] = m.in_features
             skip.append(name)
-        elif isinstance(m, (MaskedLayer, nn.Linear, nn.Conv2d)):
+        elif isinstance(m, (MaskedLayer, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             layers[name] = list(m.weight.shape)
-        elif isinstance(m, (TaskBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d)):
+        elif isinstance(m, (TaskBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             norms[name] = m.num_features
     return {"layers": layers, "norms": norms, "heads": heads}
 

@@ -35,7 +35,16 @@ from avalanche_tsn.masks import (
 from avalanche_tsn.quantization import store_centroids
 from avalanche_tsn.routing import FREE, TaskRouted
 
-__all__ = ["MaskedLayer", "TSNLinear", "TSNConv2d", "TaskBatchNorm", "FREE", "module_device"]
+__all__ = [
+    "MaskedLayer",
+    "TSNLinear",
+    "TSNConv1d",
+    "TSNConv2d",
+    "TSNConv3d",
+    "TaskBatchNorm",
+    "FREE",
+    "module_device",
+]
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -711,14 +720,10 @@ class TSNLinear(MaskedLayer, nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-class TSNConv2d(MaskedLayer, nn.Conv2d):
-    """An ``nn.Conv2d`` whose weights are selected per task by a learned mask.
+class _TSNConv(MaskedLayer):
+    """What the masked convolutions share: built around the user's layer, computing as it."""
 
-    It is an ``nn.Conv2d`` (tools that look for one find it), built around the user's layer:
-    the very same ``weight`` and ``bias`` parameters.
-    """
-
-    def __init__(self, layer: nn.Conv2d) -> None:
+    def __init__(self, layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
         nn.Module.__init__(self)
         for name in nn.Conv2d.__constants__:
             setattr(self, name, getattr(layer, name))
@@ -726,12 +731,32 @@ class TSNConv2d(MaskedLayer, nn.Conv2d):
         self._init_masking(layer.weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.run_routed(
-            x, lambda rows, slot: self._conv_forward(rows, *self.effective_params(slot))
-        )
+        conv = self._conv_forward  # the base class's (nn.Conv1d, 2d or 3d), padding modes too
+        return self.run_routed(x, lambda rows, slot: conv(rows, *self.effective_params(slot)))
 
-    def extra_repr(self) -> str:
-        return nn.Conv2d.extra_repr(self)
+
+class TSNConv1d(_TSNConv, nn.Conv1d):
+    """An ``nn.Conv1d`` whose weights are selected per task by a learned mask.
+
+    It is an ``nn.Conv1d`` (tools that look for one find it), built around the user's layer:
+    the very same ``weight`` and ``bias`` parameters.
+    """
+
+
+class TSNConv2d(_TSNConv, nn.Conv2d):
+    """An ``nn.Conv2d`` whose weights are selected per task by a learned mask.
+
+    It is an ``nn.Conv2d`` (tools that look for one find it), built around the user's layer:
+    the very same ``weight`` and ``bias`` parameters.
+    """
+
+
+class TSNConv3d(_TSNConv, nn.Conv3d):
+    """An ``nn.Conv3d`` whose weights are selected per task by a learned mask.
+
+    It is an ``nn.Conv3d`` (tools that look for one find it), built around the user's layer:
+    the very same ``weight`` and ``bias`` parameters.
+    """
 
 
 class TaskBatchNorm(_PerTaskBuffers):
@@ -745,7 +770,7 @@ class TaskBatchNorm(_PerTaskBuffers):
 
     _slot_buffers = ("task_mean", "task_var", "task_weight", "task_bias")
 
-    def __init__(self, layer: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
+    def __init__(self, layer: nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d) -> None:
         super().__init__()
         c = layer.num_features
         self.num_features = c

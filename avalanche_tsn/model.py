@@ -25,7 +25,9 @@ from avalanche_tsn.kernels import KernelChoice
 from avalanche_tsn.layers import (
     MaskedLayer,
     TaskBatchNorm,
+    TSNConv1d,
     TSNConv2d,
+    TSNConv3d,
     TSNLinear,
     module_device,
 )
@@ -48,7 +50,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_SUPPORTED = "nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d and MultiHeadClassifier heads"
+_MASKED = "nn.Linear, nn.Conv1d, nn.Conv2d and nn.Conv3d layers"
+_SUPPORTED = (
+    "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, "
+    "nn.BatchNorm3d and MultiHeadClassifier heads"
+)
 
 #: Default memory budget of the evaluation cache (see ``TSNModel.eval_cache_bytes``).
 EVAL_CACHE_BYTES = 256 * 2**20
@@ -63,11 +69,14 @@ def _convert(module: nn.Module) -> nn.Module:
     new: nn.Module
     if isinstance(module, MaskedLayer | TaskBatchNorm):
         return module
-    if isinstance(module, nn.Linear) and not isinstance(module, nn.LazyLinear):
+    conv = next((c for c in _CONVS if isinstance(module, c)), None)
+    if isinstance(module, _LAZY):
+        return module
+    if isinstance(module, nn.Linear):
         new = TSNLinear(module)
-    elif isinstance(module, nn.Conv2d) and not isinstance(module, nn.LazyConv2d):
-        new = TSNConv2d(module)
-    elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+    elif conv is not None:
+        new = _CONVS[conv](module)
+    elif isinstance(module, _NORMS):
         new = TaskBatchNorm(module)
     else:
         return module
@@ -142,6 +151,7 @@ def _plan(module: nn.Module, path: str, plan: list[tuple[nn.Module, str, nn.Modu
             )
         if isinstance(child, MaskedLayer | TaskBatchNorm):
             continue
+        _check_not_lazy(child, where)
         if _is_maskable(child):
             _check_plain(child, where)
             plan.append((module, name, child))
@@ -172,12 +182,32 @@ def _check_untied(module: nn.Module) -> None:
             layers.setdefault(id(p), m)
 
 
+#: each convolution TSN masks, and its masked form
+_CONVS: dict[type[nn.Module], type[MaskedLayer]] = {
+    nn.Conv1d: TSNConv1d,
+    nn.Conv2d: TSNConv2d,
+    nn.Conv3d: TSNConv3d,
+}
+#: the normalisations TSN keeps per task
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: layers whose shape is not known until their first call (not converted, so refused)
+_LAZY = (nn.LazyLinear, nn.LazyConv1d, nn.LazyConv2d, nn.LazyConv3d)
 #: the layers TSN converts (subclasses too, if they compute as these do)
-_MASKABLE = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+_MASKABLE = (nn.Linear, *_CONVS, *_NORMS)
+
+
+def _check_not_lazy(layer: nn.Module, where: str) -> None:
+    """Raise a TypeError for a lazy layer, whose weight has no shape yet to mask."""
+    if isinstance(layer, _LAZY):
+        raise TypeError(
+            f"{where} ({type(layer).__name__}) is a lazy layer: its weight has no shape until "
+            "its first forward, so TSN has nothing to mask yet; run one forward of the model "
+            "(a minibatch of your inputs) before passing it to TSN"
+        )
 
 
 def _is_maskable(module: nn.Module) -> bool:
-    if isinstance(module, nn.LazyLinear | nn.LazyConv2d):
+    if isinstance(module, _LAZY):
         return False
     return isinstance(module, _MASKABLE)
 
@@ -202,13 +232,14 @@ def _check_model(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
                 "the layers itself: pass the model built without PackNet (e.g. SimpleMLP or "
                 "MTSimpleMLP instead of packnet_simple_mlp, no PackNetModel)"
             )
-    if isinstance(module, TaskBatchNorm | nn.BatchNorm1d | nn.BatchNorm2d):
+    if isinstance(module, (TaskBatchNorm, *_NORMS)):
         raise ValueError(
             f"model has no maskable layer: {type(module).__name__} alone is a normalisation; "
-            "TSN masks nn.Linear and nn.Conv2d layers"
+            f"TSN masks {_MASKED}"
         )
     if isinstance(module, MaskedLayer):
         return []
+    _check_not_lazy(module, "model")
     if _is_maskable(module):
         _check_plain(module, "model")
         return []
@@ -223,10 +254,9 @@ def _check_model(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     _plan(module, "", plan)
     _check_untied(module)
     masked = [m for m in module.modules() if isinstance(m, MaskedLayer)]
-    if not masked and not any(isinstance(c, nn.Linear | nn.Conv2d) for _, _, c in plan):
+    if not masked and not any(isinstance(c, (nn.Linear, *_CONVS)) for _, _, c in plan):
         raise ValueError(
-            f"model ({type(module).__name__}) has no maskable layer; TSN masks "
-            "nn.Linear and nn.Conv2d layers"
+            f"model ({type(module).__name__}) has no maskable layer; TSN masks {_MASKED}"
         )
     return plan
 

@@ -240,7 +240,7 @@ class TSNStrategy(DistributedTrainingMixin, ParamGroupsMixin, TaskRoutingMixin, 
     """TinySubNets: forget-free, low-capacity task-incremental learning.
 
     Use it where ``Naive`` or ``PackNet`` stood. The model is wrapped in place (its
-    ``nn.Linear`` and ``nn.Conv2d`` layers become maskable, reusing the same parameters, so
+    ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers become maskable, reusing the same parameters, so
     ``optimizer`` keeps working); ``strategy.model`` is the wrapped
     :class:`~avalanche_tsn.model.TSNModel`.
 

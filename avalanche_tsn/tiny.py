@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from avalanche_tsn.bitpack import pack_codes, unpack_codes
 from avalanche_tsn.encoding import LayerPart, ModelEncoding
-from avalanche_tsn.layers import MaskedLayer, TSNConv2d
+from avalanche_tsn.layers import MaskedLayer, TSNConv1d, TSNConv2d, TSNConv3d
 from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.quantization import small_codes_of
 from avalanche_tsn.routing import FREE, TaskRouted
@@ -64,8 +64,9 @@ class CodedLayer(TaskRouted):
         n_slots = len(part.tasks)
         self.shape = part.shape
         self.numel = part.numel
-        self.conv = isinstance(layer, TSNConv2d)
-        if self.conv:
+        # F.conv1d, F.conv2d or F.conv3d, as the layer's kind; None for a linear layer
+        self.conv = _CONV_FUNCTIONS.get(len(layer.kernel_size)) if _is_conv(layer) else None
+        if self.conv is not None:
             self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
             self.padding_mode = layer.padding_mode
             if self.padding_mode != "zeros":  # padded apart, as nn.Conv2d does
@@ -154,10 +155,10 @@ class CodedLayer(TaskRouted):
     def _run(self, x: Tensor, slot: int) -> Tensor:
         weight = self.weight_of(slot).to(x.dtype)
         bias = None if self.task_bias is None else self.task_bias[slot].to(x)
-        if self.conv:
+        if self.conv is not None:
             if self.padding_mode != "zeros":
                 x = F.pad(x, self.pad, mode=self.padding_mode)
-            return F.conv2d(x, weight, bias, *self.conv_args)
+            return self.conv(x, weight, bias, *self.conv_args)
         return F.linear(x, weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -189,10 +190,18 @@ class CodedLinear(nn.Module):
         return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x))
 
 
-def _explicit_padding(layer: nn.Conv2d) -> tuple[int, ...]:
-    """``F.pad``'s (left, right, top, bottom) for ``layer``'s padding (ints, same, valid)."""
+#: the functional convolution of each number of spatial dimensions
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _is_conv(layer: MaskedLayer) -> bool:
+    return isinstance(layer, TSNConv1d | TSNConv2d | TSNConv3d)
+
+
+def _explicit_padding(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> tuple[int, ...]:
+    """``F.pad``'s (left, right, top, bottom, ...) for ``layer``'s padding (ints, same, valid)."""
     pad: list[int] = []
-    for i in (1, 0):  # F.pad lists the last dimension first
+    for i in reversed(range(len(layer.kernel_size))):  # F.pad lists the last dimension first
         if layer.padding == "same":
             total = layer.dilation[i] * (layer.kernel_size[i] - 1)
             pad += [total // 2, total - total // 2]

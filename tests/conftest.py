@@ -71,6 +71,44 @@ class SmallConvNet(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
+class Signal1d(nn.Module):
+    """16-dim vectors read as 2 channels of 8 steps: 1-d convolutions, zero and circular padding."""
+
+    def __init__(self, out: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(2, 4, 3, padding=1),
+            nn.BatchNorm1d(4),
+            nn.ReLU(),
+            nn.Conv1d(4, 4, 3, padding=1, padding_mode="circular", bias=False),
+            nn.BatchNorm1d(4),
+            nn.ReLU(),
+            nn.Conv1d(4, 4, 2, stride=2),
+        )
+        self.head = nn.Linear(4 * 4, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.view(-1, 2, 8)).flatten(1))
+
+
+class Volume3d(nn.Module):
+    """16-dim vectors read as one 2x2x4 volume: 3-d convolutions, zero and replicate padding."""
+
+    def __init__(self, out: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv3d(1, 4, 3, padding=1),
+            nn.BatchNorm3d(4),
+            nn.ReLU(),
+            nn.Conv3d(4, 4, (1, 2, 3), padding="same", padding_mode="replicate", bias=False),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(4 * 16, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.view(-1, 1, 2, 2, 4)).flatten(1))
+
+
 def pytest_configure(config):
     # Avalanche's loss metric calls float() on the strategy's loss, which requires grad; torch
     # 2.14 warns of that (code we do not own; the value is right)

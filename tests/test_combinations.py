@@ -34,7 +34,7 @@ from avalanche.training.plugins import (
     SupervisedPlugin,
     SynapticIntelligencePlugin,
 )
-from conftest import SmallConvNet, blob_stream, mlp, quiet_evaluator
+from conftest import Signal1d, SmallConvNet, Volume3d, blob_stream, mlp, quiet_evaluator
 from test_task_inference import class_incremental
 
 from avalanche_tsn import AdaQPacknetStrategy, TSNModel, TSNStrategy, WSNStrategy
@@ -117,6 +117,8 @@ def draw(seed: int) -> dict[str, Any]:
     c["interrupt"] = rng.random() < 0.3  # the second task fails once, is abandoned, retrains
     if rng.random() < 0.2:  # Avalanche's plugins added after the seeds above were chosen
         c["plugin"] = rng.choice(["mas", "scratch"])
+    if c["model"] == "conv" and rng.random() < 0.5:  # 1-d and 3-d convolutions, added later
+        c["model"] = rng.choice(["conv1d", "conv3d"])
     c["kw"] = kw
     return c
 
@@ -128,11 +130,13 @@ def _model(c: dict[str, Any]) -> torch.nn.Module:
         "mlp_nobias": lambda: mlp(12, 16, out, bias=False),
         "multihead": lambda: MultiHeadMLP(12, (16, 16)),
         "conv": lambda: SmallConvNet(out),
+        "conv1d": lambda: Signal1d(out),
+        "conv3d": lambda: Volume3d(out),
     }[c["model"]]()
 
 
 def _stream(c: dict[str, Any], seed: int):
-    dim = 16 if c["model"] == "conv" else 12
+    dim = 16 if c["model"].startswith("conv") else 12
     if c["ci"]:
         return class_incremental(separable=False, n_tasks=4, dim=dim, seed=seed)
     return blob_stream(4, 3, dim, 64, seed=seed)
@@ -338,7 +342,16 @@ def test_the_draws_cover_each_strategy_plugin_and_inference_method():
     assert {c["optimizer"] for c in draws} == set(OPTIMIZERS)
     methods = {c["kw"].get("task_inference") for c in draws}
     assert methods == {None, "router", "memory", "entropy", True}
-    assert {c["model"] for c in draws if c["ci"]} >= {"mlp", "conv", "multihead"}
+    assert {c["model"] for c in draws} == {
+        "mlp",
+        "mlp_nobias",
+        "multihead",
+        "conv",
+        "conv1d",
+        "conv3d",
+    }
+    ci_models = {c["model"] for c in draws if c["ci"]}
+    assert ci_models >= {"mlp", "multihead"} and ci_models & {"conv", "conv1d", "conv3d"}
     assert {c["kw"]["eval_every"] for c in draws} == {-1, 0, 1}
     assert any(c["early_stopping"] for c in draws) and any(c["label_smoothing"] for c in draws)
     assert any(c["kw"]["memory_size"] == 2 for c in draws)

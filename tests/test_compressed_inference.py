@@ -248,7 +248,7 @@ def test_tiny_convolutions_pad_as_the_full_layers_do_in_every_padding_mode() -> 
     buf.seek(0)
     tiny = load_compressed(buf, _PaddedConvNet(), dequantize=False)
     model = strategy.tsn_model.eval()
-    assert sum(isinstance(m, CodedLayer) and m.conv for m in tiny.modules()) == 3
+    assert sum(isinstance(m, CodedLayer) and m.conv is not None for m in tiny.modules()) == 3
     converted = to_tiny(copy.deepcopy(model))
     x = torch.randn(20, 16)
     for t in range(2):

@@ -345,9 +345,10 @@ def test_starting_another_task_abandons_the_interrupted_one(caplog):
         lambda: nn.LayerNorm(8),
         lambda: nn.Embedding(4, 8),
         lambda: nn.LSTM(8, 8),
-        lambda: nn.Conv1d(8, 8, 1),
+        lambda: nn.ConvTranspose1d(8, 8, 1),
+        lambda: nn.GroupNorm(2, 8),
     ],
-    ids=["layernorm", "embedding", "lstm", "conv1d"],
+    ids=["layernorm", "embedding", "lstm", "conv_transpose1d", "groupnorm"],
 )
 def test_rejected_model_is_left_untouched(bad):
     model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Sequential(nn.Linear(8, 8)), bad())

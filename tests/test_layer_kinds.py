@@ -1,0 +1,148 @@
+"""Convolutions over one and three spatial dimensions (sensor and audio signals, volumes and
+clips): masked, compressed, exported and run tiny as ``nn.Conv2d`` is."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import Signal1d, Volume3d, blob_stream, quiet_evaluator
+from torch import nn
+
+from avalanche_tsn import TSNStrategy
+from avalanche_tsn.compute import compute_report
+from avalanche_tsn.export import load_compressed
+from avalanche_tsn.layers import TaskBatchNorm, TSNConv1d, TSNConv3d
+from avalanche_tsn.model import TSNModel
+from avalanche_tsn.tiny import CodedLayer, to_tiny
+
+KINDS = {"conv1d": (Signal1d, TSNConv1d, 3), "conv3d": (Volume3d, TSNConv3d, 2)}
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def trained(request):
+    """Three tasks trained with TSN's defaults (pruning, quantization), each task's outputs
+    on the test inputs recorded the moment it was learned."""
+    make, _, _ = KINDS[request.param]
+    torch.manual_seed(0)
+    bm = blob_stream(n_tasks=3, dim=16)
+    net = make()
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        train_mb_size=16,
+        train_epochs=8,
+        evaluator=quiet_evaluator(),
+    )
+    x = torch.stack([d[i][0] for d in (e.dataset for e in bm.test_stream) for i in range(len(d))])
+    learned = []
+    for t, exp in enumerate(bm.train_stream):
+        strategy.train(exp)
+        with torch.no_grad():
+            learned.append(strategy.model.eval()(x, t))
+    return request.param, strategy, bm, x, learned
+
+
+def test_the_convolutions_are_masked_and_their_norms_kept_per_task(trained) -> None:
+    kind, strategy, _, _, _ = trained
+    _, masked, n_conv = KINDS[kind]
+    layers = [m for m in strategy.model.modules() if isinstance(m, masked)]
+    assert len(layers) == n_conv
+    # the user's layer kind: tools that look for nn.Conv1d / nn.Conv3d find them
+    base = {"conv1d": nn.Conv1d, "conv3d": nn.Conv3d}[kind]
+    assert all(isinstance(m, base) for m in layers)
+    assert any(isinstance(m, TaskBatchNorm) for m in strategy.model.modules())
+    # each task reads a subnetwork (sparsity 0.5 by default), pruned and quantized
+    for layer in layers:
+        for slot in range(3):
+            assert 0 < int(layer.task_mask(slot).sum()) < layer.weight.numel()
+
+
+def test_every_trained_task_is_bit_identical_after_the_later_ones(trained) -> None:
+    _, strategy, _, x, learned = trained
+    model = strategy.model.eval()
+    with torch.no_grad():
+        for t, outputs in enumerate(learned):
+            assert torch.equal(model(x, t), outputs)
+
+
+def test_each_task_reads_at_most_two_to_the_bits_values_a_layer(trained) -> None:
+    kind, strategy, _, _, _ = trained
+    _, masked, _ = KINDS[kind]
+    for layer in (m for m in strategy.model.modules() if isinstance(m, masked)):
+        for slot in range(3):
+            bits = int(layer.task_bits[slot])
+            assert bits > 0  # quantized (TSN's default)
+            assert len(torch.unique(layer.own_values(slot))) <= 2**bits
+
+
+def test_export_load_and_tiny_model_predict_bit_for_bit_the_same(trained) -> None:
+    kind, strategy, _, x, learned = trained
+    make, _, n_conv = KINDS[kind]
+    buf = io.BytesIO()
+    strategy.export(buf)
+    buf.seek(0)
+    loaded = load_compressed(buf, make(), dequantize=False)
+    tiny = to_tiny(copy.deepcopy(strategy.tsn_model))
+    for compressed in (loaded, tiny):
+        coded = [m for m in compressed.modules() if isinstance(m, CodedLayer)]
+        assert sum(m.conv is not None for m in coded) == n_conv
+        with torch.no_grad():
+            for t, outputs in enumerate(learned):
+                assert torch.equal(compressed(x, t), outputs)
+
+
+def test_a_state_dict_loaded_into_a_fresh_model_predicts_the_same(trained) -> None:
+    kind, strategy, _, x, learned = trained
+    make, _, _ = KINDS[kind]
+    fresh = TSNModel(make())
+    fresh.load_state_dict(strategy.tsn_model.state_dict())
+    with torch.no_grad():
+        for t, outputs in enumerate(learned):
+            assert torch.equal(fresh.eval()(x, t), outputs)
+
+
+def test_macs_count_every_output_position_of_a_convolution(trained) -> None:
+    kind, strategy, _, _, _ = trained
+    _, masked, _ = KINDS[kind]
+    report = compute_report(strategy.tsn_model, (16,))
+    names = {n for n, m in strategy.model.net.named_modules() if isinstance(m, masked)}
+    rows = [r for r in report.tasks[0].layers if r.name in names]
+    assert len(rows) == len(names)
+    for row in rows:
+        layer = strategy.model.net.get_submodule(row.name)
+        # positions: L (1-d) or D x H x W (3-d) of the layer's output for one sample
+        spatial = {"conv1d": {"features.0": 8, "features.3": 8, "features.6": 4}}.get(
+            kind, {"features.0": 16, "features.3": 16}
+        )
+        assert row.positions == spatial[row.name]
+        assert row.dense_macs == row.positions * layer.weight.numel()
+        assert 0 < row.macs < row.dense_macs
+
+
+@pytest.mark.parametrize(
+    "lazy",
+    [
+        lambda: nn.LazyLinear(3),
+        lambda: nn.LazyConv1d(3, 1),
+        lambda: nn.LazyConv2d(3, 1),
+        lambda: nn.LazyConv3d(3, 1),
+    ],
+    ids=["linear", "conv1d", "conv2d", "conv3d"],
+)
+def test_a_lazy_layer_is_refused_naming_the_forward_that_gives_it_a_shape(lazy) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(lazy()))
+    with pytest.raises(TypeError, match=r"1\.0 \(Lazy.*run one forward"):
+        TSNStrategy(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert isinstance(model[0], nn.Linear) and type(model[0]) is nn.Linear
+    with pytest.raises(TypeError, match=r"model \(Lazy.*run one forward"):
+        TSNStrategy(model=lazy(), optimizer=torch.optim.SGD([nn.Parameter(torch.ones(1))]))
+
+
+def test_a_lazy_layer_after_one_forward_is_masked_as_its_kind() -> None:
+    model = nn.Sequential(nn.LazyConv1d(4, 3), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.randn(2, 2, 8))
+    strategy = TSNStrategy(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert isinstance(strategy.model.net[0], TSNConv1d)
