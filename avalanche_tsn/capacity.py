@@ -184,9 +184,7 @@ def _dense_bits(model: TSNModel) -> tuple[int, int, int]:
     layers = [layer for _, layer in model.masked_layers()]
     backbone = sum(layer.weight.numel() for layer in layers)
     bias_per_task = sum(layer.bias.numel() for layer in layers if layer.bias is not None)
-    norm_per_task = sum(
-        m.num_features * (4 if m.weight is not None else 2) for m in model.norm_layers()
-    )
+    norm_per_task = sum(m.terms_per_task() for m in model.norm_layers())
     all_heads = sum(_params_bits(h) for h in model.classifier_heads())
     dense = FLOAT_BITS * (backbone + bias_per_task + norm_per_task) + all_heads
     return dense, FLOAT_BITS * backbone, FLOAT_BITS * (bias_per_task + norm_per_task)

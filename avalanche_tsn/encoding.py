@@ -256,7 +256,8 @@ class ModelEncoding:
     :param banks: each task's bank.
     :param sparsity: each task's sparsity.
     :param layers: every masked layer, in module order.
-    :param norms: per normalisation layer, each task's (mean, var[, weight, bias]).
+    :param norms: per normalisation layer, each task's frozen terms: (mean, var[, weight,
+        bias]) of a BatchNorm, (weight[, bias]) of a LayerNorm or GroupNorm.
     :param head_bits: each task's head bit-width (0: float32 heads).
     :param head_centroids: each task's head codebook (empty if not quantized).
     :param act_range: each task's activation ranges, ``[tasks, masked layers, 2]``.
@@ -287,9 +288,7 @@ class ModelEncoding:
         books = [table.head_codebook(s) for s in slots]
         norms = []
         for norm in model.norm_layers():
-            terms = [norm.task_mean, norm.task_var, norm.task_weight, norm.task_bias]
-            terms = [t for t in terms if t is not None]
-            norms.append([tuple(t[s].detach().cpu() for t in terms) for s in slots])
+            norms.append([tuple(t.detach().cpu() for t in norm.slot_terms(s)) for s in slots])
         return cls(
             labels=labels,
             banks=banks,

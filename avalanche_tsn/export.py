@@ -52,7 +52,7 @@ from avalanche_tsn.huffman import (
     unpair_symbols,
 )
 from avalanche_tsn.inference import INFERENCE_METHODS
-from avalanche_tsn.layers import FREE, MaskedLayer, TaskBatchNorm, module_device
+from avalanche_tsn.layers import FREE, MaskedLayer, TaskAffineNorm, TaskBatchNorm, module_device
 from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.quantization import small_codes_of
 from avalanche_tsn.router import TaskRouter
@@ -159,9 +159,32 @@ def _architecture(module: nn.Module) -> dict[str, Any]:
             skip.append(name)
         elif isinstance(m, (MaskedLayer, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             layers[name] = list(m.weight.shape)
-        elif isinstance(m, (TaskBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-            norms[name] = m.num_features
+        elif (entry := _norm_entry(m)) is not None:
+            norms[name] = entry
     return {"layers": layers, "norms": norms, "heads": heads}
+
+
+def _norm_entry(m: nn.Module) -> int | list[str | int] | None:
+    """A normalisation's entry in the architecture: its channels for a BatchNorm (as files
+    before LayerNorm and GroupNorm were supported wrote them), else its kind and shape."""
+    if isinstance(m, (TaskBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        return m.num_features
+    if isinstance(m, TaskAffineNorm):
+        return m.signature()
+    if isinstance(m, nn.LayerNorm) and m.weight is not None:
+        return ["layer_norm", *m.normalized_shape]
+    if isinstance(m, nn.GroupNorm) and m.weight is not None:
+        return ["group_norm", m.num_groups, m.num_channels]
+    return None
+
+
+def _norm_shapes(entry: int | list, module: nn.Module) -> list[tuple[int, ...]]:
+    """The shapes of one task's frozen terms of the normalisation ``module`` (``entry``:
+    its architecture entry), in the order they are written."""
+    if isinstance(entry, int):  # a BatchNorm: mean, var[, weight, bias]
+        return [(entry,)] * (4 if module.weight is not None else 2)
+    shape = tuple(entry[1:]) if entry[0] == "layer_norm" else (int(entry[2]),)
+    return [shape] * (2 if module.bias is not None else 1)
 
 
 def _check_file(path: object, method: str) -> None:
@@ -403,9 +426,9 @@ def _decode(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[str, Any
             raise ValueError(f"corrupt export file: bit-widths {entry['bits']!r} of {name}")
     layers = _decode_layers(header, r, tasks, banks)
     norms = []
-    for name, c in header["architecture"]["norms"].items():
-        affine = modules[name].weight is not None
-        norms.append([[r.tensor((c,)) for _ in range(4 if affine else 2)] for _ in tasks])
+    for name, entry in header["architecture"]["norms"].items():
+        shapes_of_terms = _norm_shapes(entry, modules[name])
+        norms.append([[r.tensor(shape) for shape in shapes_of_terms] for _ in tasks])
     head_bits = [int(b) for b in header["head_bits"]]
     if len(head_bits) != len(tasks):
         raise ValueError("corrupt export file: head bit-widths do not match the tasks")

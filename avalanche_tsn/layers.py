@@ -41,7 +41,9 @@ __all__ = [
     "TSNConv1d",
     "TSNConv2d",
     "TSNConv3d",
+    "TaskNorm",
     "TaskBatchNorm",
+    "TaskAffineNorm",
     "FREE",
     "module_device",
 ]
@@ -759,7 +761,100 @@ class TSNConv3d(_TSNConv, nn.Conv3d):
     """
 
 
-class TaskBatchNorm(_PerTaskBuffers):
+class TaskNorm(_PerTaskBuffers):
+    """A normalisation whose terms are frozen per task: what the per-task kinds share.
+
+    Each slot buffer (``_slot_buffers``, those that are not None) holds one row per task
+    slot; :meth:`end_task` freezes the live terms into the task's row, and a trained task's
+    forward reads only its row.
+    """
+
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    #: the live tensors frozen into each slot buffer, in ``_slot_buffers``' order
+    _live_terms: tuple[str, ...] = ()
+
+    def _terms(self) -> list[Tensor]:
+        return [t for t in (getattr(self, n) for n in self._slot_buffers) if t is not None]
+
+    def begin_task(self, slot: int) -> None:
+        """Start a task with fresh live statistics (if the kind keeps any).
+
+        :param slot: the slot of the task about to be trained.
+        """
+        self._grow(slot + 1)
+        self.reset_live()
+
+    def reset_live(self) -> None:
+        """Fresh live statistics (nothing for a kind that keeps none)."""
+
+    @torch.no_grad()
+    def reset_affine(self) -> None:
+        """Reset the live affine terms as the user's layer's own reset would."""
+        if self.weight is not None:
+            self.weight.fill_(1.0)
+        if self.bias is not None:
+            self.bias.zero_()
+
+    def check_finite(self) -> str | None:
+        """What is non-finite among the values the live task would freeze, or None."""
+        for name in self._live_terms:
+            t = getattr(self, name)
+            if t is not None and not bool(torch.isfinite(t).all()):
+                return name
+        return None
+
+    def drop_slot(self, slot: int) -> None:
+        """Forget the slot of a task that was never frozen.
+
+        :param slot: the last slot.
+        """
+        self._shrink(slot)
+
+    def slot_terms(self, slot: int) -> tuple[Tensor, ...]:
+        """The frozen terms of the task in ``slot``, in the order the export writes them.
+
+        :param slot: a trained task's slot.
+        """
+        return tuple(t[slot] for t in self._terms())
+
+    def terms_per_task(self) -> int:
+        """How many values a task's frozen terms hold."""
+        return sum(t.shape[1:].numel() for t in self._terms())
+
+    @torch.no_grad()
+    def restore_tasks(self, per_task: list[tuple[Tensor, ...]]) -> None:
+        """Fill a normalisation that holds no task with trained tasks read from an export.
+
+        :param per_task: each slot's terms, as :meth:`slot_terms` gives them.
+        """
+        names = [n for n in self._slot_buffers if getattr(self, n) is not None]
+        if len(getattr(self, names[0])):
+            raise RuntimeError("only a normalisation without tasks can be restored")
+        for i, name in enumerate(names):
+            like = getattr(self, name)
+            setattr(self, name, torch.stack([t[i] for t in per_task]).to(like))
+
+    @torch.no_grad()
+    def end_task(self, slot: int) -> None:
+        """Freeze the live terms into ``slot``.
+
+        :param slot: the slot of the task just trained.
+        """
+        for frozen, live in zip(self._slot_buffers, self._live_terms, strict=True):
+            row, value = getattr(self, frozen), getattr(self, live)
+            if row is not None and value is not None:
+                row[slot] = value.detach()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run_routed(x, self._forward_slot)
+
+    def _forward_slot(self, x: Tensor, slot: int) -> Tensor:
+        """Normalise ``x`` with the terms of ``slot`` (``FREE``: the live ones); each kind's."""
+        raise NotImplementedError
+
+
+class TaskBatchNorm(TaskNorm):
     """BatchNorm with per-task running statistics and affine terms.
 
     While a task trains, the layer behaves as the user's BatchNorm (live statistics). When the
@@ -769,6 +864,7 @@ class TaskBatchNorm(_PerTaskBuffers):
     """
 
     _slot_buffers = ("task_mean", "task_var", "task_weight", "task_bias")
+    _live_terms = ("running_mean", "running_var", "weight", "bias")
 
     def __init__(self, layer: nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d) -> None:
         super().__init__()
@@ -788,73 +884,12 @@ class TaskBatchNorm(_PerTaskBuffers):
         self.register_buffer("task_weight", torch.zeros(0, c, device=dev) if affine else None)
         self.register_buffer("task_bias", torch.zeros(0, c, device=dev) if affine else None)
 
-    def begin_task(self, slot: int) -> None:
-        """Start a task with fresh statistics.
-
-        :param slot: the slot of the task about to be trained.
-        """
-        self._grow(slot + 1)
-        self.reset_live()
-
     @torch.no_grad()
     def reset_live(self) -> None:
-        """Fresh live statistics (and affine terms, reset as BatchNorm's own reset would)."""
+        """Fresh live statistics."""
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
         self.num_batches_tracked.zero_()
-
-    @torch.no_grad()
-    def reset_affine(self) -> None:
-        """Reset the live affine terms as BatchNorm's own reset would."""
-        if self.weight is not None and self.bias is not None:
-            self.weight.fill_(1.0)
-            self.bias.zero_()
-
-    def check_finite(self) -> str | None:
-        """What is non-finite among the values the live task would freeze, or None."""
-        for name in ("running_mean", "running_var", "weight", "bias"):
-            t = getattr(self, name)
-            if t is not None and not bool(torch.isfinite(t).all()):
-                return name
-        return None
-
-    def drop_slot(self, slot: int) -> None:
-        """Forget the slot of a task that was never frozen.
-
-        :param slot: the last slot.
-        """
-        self._shrink(slot)
-
-    @torch.no_grad()
-    def restore_tasks(self, per_task: list[tuple[Tensor, ...]]) -> None:
-        """Fill a normalisation that holds no task with trained tasks read from an export.
-
-        :param per_task: each slot's (mean, var) or (mean, var, weight, bias).
-        """
-        if len(self.task_mean):
-            raise RuntimeError("only a normalisation without tasks can be restored")
-        like = self.running_mean
-        self.task_mean = torch.stack([t[0] for t in per_task]).to(like)
-        self.task_var = torch.stack([t[1] for t in per_task]).to(like)
-        if self.task_weight is not None:
-            self.task_weight = torch.stack([t[2] for t in per_task]).to(like)
-            self.task_bias = torch.stack([t[3] for t in per_task]).to(like)
-
-    @torch.no_grad()
-    def end_task(self, slot: int) -> None:
-        """Freeze the live statistics and affine terms into ``slot``.
-
-        :param slot: the slot of the task just trained.
-        """
-        self.task_mean[slot] = self.running_mean
-        self.task_var[slot] = self.running_var
-        if self.task_weight is not None and self.weight is not None:
-            self.task_weight[slot] = self.weight.detach()
-        if self.task_bias is not None and self.bias is not None:
-            self.task_bias[slot] = self.bias.detach()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.run_routed(x, self._forward_slot)
 
     def _forward_slot(self, x: Tensor, slot: int) -> Tensor:
         if slot != FREE:
@@ -881,3 +916,56 @@ class TaskBatchNorm(_PerTaskBuffers):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
+
+
+class TaskAffineNorm(TaskNorm):
+    """LayerNorm or GroupNorm with per-task affine terms.
+
+    Both normalise each sample by its own statistics, so only the affine terms are learned:
+    the live task trains the user's ``weight`` and ``bias``, and when it ends they are frozen
+    into ``task_weight[slot]`` and ``task_bias[slot]``, which its forward reads from then on.
+
+    :param layer: an ``nn.LayerNorm`` or ``nn.GroupNorm`` with affine terms.
+    """
+
+    _slot_buffers = ("task_weight", "task_bias")
+    _live_terms = ("weight", "bias")
+
+    def __init__(self, layer: nn.LayerNorm | nn.GroupNorm) -> None:
+        super().__init__()
+        if layer.weight is None:
+            raise TypeError(f"{type(layer).__name__} without affine terms has nothing per task")
+        self.kind = "group_norm" if isinstance(layer, nn.GroupNorm) else "layer_norm"
+        self.eps = layer.eps
+        if isinstance(layer, nn.GroupNorm):
+            self.num_groups, self.num_channels = layer.num_groups, layer.num_channels
+        else:
+            self.normalized_shape = tuple(layer.normalized_shape)
+        self.weight = layer.weight
+        self.bias = layer.bias
+        shape = tuple(layer.weight.shape)
+        dev = module_device(layer)
+        self.register_buffer("task_weight", torch.zeros(0, *shape, device=dev))
+        has_bias = layer.bias is not None
+        self.register_buffer("task_bias", torch.zeros(0, *shape, device=dev) if has_bias else None)
+
+    def signature(self) -> list[str | int]:
+        """The kind and shape, as the export's architecture records them."""
+        if self.kind == "group_norm":
+            return ["group_norm", self.num_groups, self.num_channels]
+        return ["layer_norm", *self.normalized_shape]
+
+    def _normalise(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        if self.kind == "group_norm":
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+    def _forward_slot(self, x: Tensor, slot: int) -> Tensor:
+        if slot != FREE:
+            bias = None if self.task_bias is None else self.task_bias[slot]
+            return self._normalise(x, self.task_weight[slot], bias)
+        return self._normalise(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        shape = self.signature()[1:]
+        return f"{self.kind}, {shape}, eps={self.eps}, bias={self.bias is not None}"

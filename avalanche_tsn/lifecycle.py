@@ -16,7 +16,7 @@ from avalanche.models import MultiHeadClassifier
 from torch import nn
 
 from avalanche_tsn.heads import freeze_head
-from avalanche_tsn.layers import MaskedLayer, TaskBatchNorm
+from avalanche_tsn.layers import MaskedLayer, TaskNorm
 from avalanche_tsn.masks import check_sparsity
 from avalanche_tsn.tasks import TaskTable
 from avalanche_tsn.validation import check_float32, check_int
@@ -37,7 +37,7 @@ class TaskLifeCycleMixin:
     task_table: TaskTable
     net: nn.Module
     _layers: list[MaskedLayer]
-    _norms: list[TaskBatchNorm]
+    _norms: list[TaskNorm]
     _heads: list[MultiHeadClassifier]
     known_train_tasks_labels: set[int]
     live_sparsity: float
@@ -149,7 +149,7 @@ class TaskLifeCycleMixin:
             if bad:
                 return f"{name}.{bad}"
         for name, norm in self.net.named_modules():
-            if isinstance(norm, TaskBatchNorm) and (bad := norm.check_finite()):
+            if isinstance(norm, TaskNorm) and (bad := norm.check_finite()):
                 return f"{name}.{bad}"
         for head in self.head_modules(task_label):
             for name, t in head.state_dict().items():

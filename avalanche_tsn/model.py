@@ -24,7 +24,9 @@ from avalanche_tsn.heads import rebuild_heads
 from avalanche_tsn.kernels import KernelChoice
 from avalanche_tsn.layers import (
     MaskedLayer,
+    TaskAffineNorm,
     TaskBatchNorm,
+    TaskNorm,
     TSNConv1d,
     TSNConv2d,
     TSNConv3d,
@@ -53,7 +55,7 @@ log = logging.getLogger(__name__)
 _MASKED = "nn.Linear, nn.Conv1d, nn.Conv2d and nn.Conv3d layers"
 _SUPPORTED = (
     "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, "
-    "nn.BatchNorm3d and MultiHeadClassifier heads"
+    "nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm and MultiHeadClassifier heads"
 )
 
 #: Default memory budget of the evaluation cache (see ``TSNModel.eval_cache_bytes``).
@@ -67,7 +69,7 @@ _OWNER_ATTR = "_tsn_model"
 
 def _convert(module: nn.Module) -> nn.Module:
     new: nn.Module
-    if isinstance(module, MaskedLayer | TaskBatchNorm):
+    if isinstance(module, MaskedLayer | TaskNorm):
         return module
     conv = next((c for c in _CONVS if isinstance(module, c)), None)
     if isinstance(module, _LAZY):
@@ -78,6 +80,8 @@ def _convert(module: nn.Module) -> nn.Module:
         new = _CONVS[conv](module)
     elif isinstance(module, _NORMS):
         new = TaskBatchNorm(module)
+    elif isinstance(module, _AFFINE_NORMS):
+        new = TaskAffineNorm(module)
     else:
         return module
     _carry_hooks(module, new)
@@ -149,7 +153,7 @@ def _plan(module: nn.Module, path: str, plan: list[tuple[nn.Module, str, nn.Modu
                 f"{where} is an IncrementalClassifier, which grows one shared output layer; "
                 "TSN needs a fixed layer or a MultiHeadClassifier"
             )
-        if isinstance(child, MaskedLayer | TaskBatchNorm):
+        if isinstance(child, MaskedLayer | TaskNorm):
             continue
         _check_not_lazy(child, where)
         if _is_maskable(child):
@@ -188,12 +192,14 @@ _CONVS: dict[type[nn.Module], type[MaskedLayer]] = {
     nn.Conv2d: TSNConv2d,
     nn.Conv3d: TSNConv3d,
 }
-#: the normalisations TSN keeps per task
+#: the normalisations TSN keeps per task: statistics and affine terms
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: ... and those that normalise each sample by itself: affine terms only (when they have any)
+_AFFINE_NORMS = (nn.LayerNorm, nn.GroupNorm)
 #: layers whose shape is not known until their first call (not converted, so refused)
 _LAZY = (nn.LazyLinear, nn.LazyConv1d, nn.LazyConv2d, nn.LazyConv3d)
 #: the layers TSN converts (subclasses too, if they compute as these do)
-_MASKABLE = (nn.Linear, *_CONVS, *_NORMS)
+_MASKABLE = (nn.Linear, *_CONVS, *_NORMS, *_AFFINE_NORMS)
 
 
 def _check_not_lazy(layer: nn.Module, where: str) -> None:
@@ -209,6 +215,8 @@ def _check_not_lazy(layer: nn.Module, where: str) -> None:
 def _is_maskable(module: nn.Module) -> bool:
     if isinstance(module, _LAZY):
         return False
+    if isinstance(module, _AFFINE_NORMS) and module.weight is None:
+        return False  # without affine terms: nothing learned, so nothing to keep per task
     return isinstance(module, _MASKABLE)
 
 
@@ -232,7 +240,7 @@ def _check_model(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
                 "the layers itself: pass the model built without PackNet (e.g. SimpleMLP or "
                 "MTSimpleMLP instead of packnet_simple_mlp, no PackNetModel)"
             )
-    if isinstance(module, (TaskBatchNorm, *_NORMS)):
+    if isinstance(module, (TaskNorm, *_NORMS, *_AFFINE_NORMS)):
         raise ValueError(
             f"model has no maskable layer: {type(module).__name__} alone is a normalisation; "
             f"TSN masks {_MASKED}"
@@ -357,9 +365,7 @@ class TSNModel(TaskLifeCycleMixin, TaskDispatchMixin, KernelChoice, MultiTaskMod
         self._layers: list[MaskedLayer] = [
             m for m in self.net.modules() if isinstance(m, MaskedLayer)
         ]
-        self._norms: list[TaskBatchNorm] = [
-            m for m in self.net.modules() if isinstance(m, TaskBatchNorm)
-        ]
+        self._norms: list[TaskNorm] = [m for m in self.net.modules() if isinstance(m, TaskNorm)]
         self._heads = [m for m in self.net.modules() if isinstance(m, MultiHeadClassifier)]
         self._routed_modules: list[TaskRouted] = [*self._layers, *self._norms]
         self._pass_labels = _takes_task_labels(self.net)
@@ -419,7 +425,7 @@ class TSNModel(TaskLifeCycleMixin, TaskDispatchMixin, KernelChoice, MultiTaskMod
         """The layers that run each task with its own weights (masked or coded), in order."""
         return list(self._layers)
 
-    def norm_layers(self) -> list[TaskBatchNorm]:
+    def norm_layers(self) -> list[TaskNorm]:
         """The per-task normalisation layers, in module order."""
         return list(self._norms)
 

@@ -51,17 +51,32 @@ def mlp(dim: int = 12, hidden: int = 16, out: int = 3, bias: bool = True) -> nn.
     )
 
 
-class SmallConvNet(nn.Module):
-    """A conv backbone with BatchNorm, for 1x4x4 inputs made from 16-dim vectors."""
+def normed_mlp(dim: int = 12, hidden: int = 16, out: int = 3) -> nn.Module:
+    """:func:`mlp` with LayerNorm (one with a bias, one without) after its hidden layers."""
+    return nn.Sequential(
+        nn.Linear(dim, hidden),
+        nn.LayerNorm(hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.LayerNorm(hidden, bias=False),
+        nn.ReLU(),
+        nn.Linear(hidden, out),
+    )
 
-    def __init__(self, out: int = 3) -> None:
+
+class SmallConvNet(nn.Module):
+    """A conv backbone with BatchNorm (or GroupNorm), for 1x4x4 inputs made from 16-dim
+    vectors."""
+
+    def __init__(self, out: int = 3, group_norm: bool = False) -> None:
         super().__init__()
+        norm = (lambda c: nn.GroupNorm(2, c)) if group_norm else nn.BatchNorm2d
         self.features = nn.Sequential(
             nn.Conv2d(1, 4, 3, padding=1),
-            nn.BatchNorm2d(4),
+            norm(4),
             nn.ReLU(),
             nn.Conv2d(4, 4, 3, padding=1, bias=False),
-            nn.BatchNorm2d(4),
+            norm(4),
             nn.ReLU(),
         )
         self.head = nn.Linear(4 * 16, out)

@@ -34,7 +34,15 @@ from avalanche.training.plugins import (
     SupervisedPlugin,
     SynapticIntelligencePlugin,
 )
-from conftest import Signal1d, SmallConvNet, Volume3d, blob_stream, mlp, quiet_evaluator
+from conftest import (
+    Signal1d,
+    SmallConvNet,
+    Volume3d,
+    blob_stream,
+    mlp,
+    normed_mlp,
+    quiet_evaluator,
+)
 from test_task_inference import class_incremental
 
 from avalanche_tsn import AdaQPacknetStrategy, TSNModel, TSNStrategy, WSNStrategy
@@ -119,6 +127,8 @@ def draw(seed: int) -> dict[str, Any]:
         c["plugin"] = rng.choice(["mas", "scratch"])
     if c["model"] == "conv" and rng.random() < 0.5:  # 1-d and 3-d convolutions, added later
         c["model"] = rng.choice(["conv1d", "conv3d"])
+    if c["model"] in ("mlp", "conv") and rng.random() < 0.3:  # LayerNorm, GroupNorm: later too
+        c["model"] = {"mlp": "mlp_layernorm", "conv": "conv_groupnorm"}[c["model"]]
     c["kw"] = kw
     return c
 
@@ -132,6 +142,8 @@ def _model(c: dict[str, Any]) -> torch.nn.Module:
         "conv": lambda: SmallConvNet(out),
         "conv1d": lambda: Signal1d(out),
         "conv3d": lambda: Volume3d(out),
+        "mlp_layernorm": lambda: normed_mlp(12, 16, out),
+        "conv_groupnorm": lambda: SmallConvNet(out, group_norm=True),
     }[c["model"]]()
 
 
@@ -349,6 +361,8 @@ def test_the_draws_cover_each_strategy_plugin_and_inference_method():
         "conv",
         "conv1d",
         "conv3d",
+        "mlp_layernorm",
+        "conv_groupnorm",
     }
     ci_models = {c["model"] for c in draws if c["ci"]}
     assert ci_models >= {"mlp", "multihead"} and ci_models & {"conv", "conv1d", "conv3d"}

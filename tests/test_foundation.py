@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from avalanche.models import MTSimpleMLP
-from conftest import SmallConvNet, blob_stream, mlp, quiet_evaluator
+from conftest import SmallConvNet, blob_stream, mlp, normed_mlp, quiet_evaluator
 from torch import nn
 
 from avalanche_tsn import MaskLearningPlugin, TSNModel, TSNStrategy
@@ -324,13 +324,13 @@ def test_model_without_maskable_layer():
         TSNModel(nn.Sequential(nn.ReLU(), nn.Flatten()))
 
 
-@pytest.mark.parametrize("layer", ["layernorm", "embedding", "incremental"])
+@pytest.mark.parametrize("layer", ["prelu", "embedding", "incremental"])
 def test_unsupported_layer(layer):
     from avalanche.models import IncrementalClassifier
     from torch import nn
 
     extra = {
-        "layernorm": nn.LayerNorm(8),
+        "prelu": nn.PReLU(),
         "embedding": nn.Embedding(4, 8),
         "incremental": IncrementalClassifier(8, 2),
     }[layer]
@@ -351,7 +351,11 @@ def test_bad_plugins_and_optimizer():
         TSNStrategy(mlp(), opt)  # keyword-only
 
 
-@pytest.mark.parametrize("make_model", [lambda: mlp(12), SmallConvNet], ids=["mlp", "conv_bn"])
+@pytest.mark.parametrize(
+    "make_model",
+    [lambda: mlp(12), SmallConvNet, lambda: SmallConvNet(group_norm=True), normed_mlp],
+    ids=["mlp", "conv_bn", "conv_gn", "mlp_ln"],
+)
 def test_wrapping_keeps_every_buffer_on_the_model_device(make_model):
     # A model wrapped where it lives (a GPU, here the meta device) gets its task buffers there
     # too: buffers made on the default device broke training and loading on CUDA.

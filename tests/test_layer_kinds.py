@@ -1,5 +1,6 @@
 """Convolutions over one and three spatial dimensions (sensor and audio signals, volumes and
-clips): masked, compressed, exported and run tiny as ``nn.Conv2d`` is."""
+clips), LayerNorm and GroupNorm: kept per task, compressed, exported and run tiny as
+``nn.Conv2d`` and BatchNorm are."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 from avalanche_tsn import TSNStrategy
 from avalanche_tsn.compute import compute_report
 from avalanche_tsn.export import load_compressed
-from avalanche_tsn.layers import TaskBatchNorm, TSNConv1d, TSNConv3d
+from avalanche_tsn.layers import TaskAffineNorm, TaskBatchNorm, TSNConv1d, TSNConv3d
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.tiny import CodedLayer, to_tiny
 
@@ -146,3 +147,130 @@ def test_a_lazy_layer_after_one_forward_is_masked_as_its_kind() -> None:
     model(torch.randn(2, 2, 8))
     strategy = TSNStrategy(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     assert isinstance(strategy.model.net[0], TSNConv1d)
+
+
+# -- LayerNorm and GroupNorm: affine terms per task ---------------------------------------
+
+
+class NormedMLP(nn.Module):
+    """LayerNorm with and without a bias between the linear layers."""
+
+    def __init__(self, out: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(16, 16),
+            nn.LayerNorm(16),
+            nn.ReLU(),
+            nn.Linear(16, 16),
+            nn.LayerNorm(16, bias=False),
+            nn.ReLU(),
+            nn.Linear(16, out),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class GroupNormedConv(nn.Module):
+    """GroupNorm with affine terms, and one without (which has nothing to keep per task)."""
+
+    def __init__(self, groups: int = 2) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.GroupNorm(groups, 4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.GroupNorm(1, 4, affine=False),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.view(-1, 1, 4, 4)).flatten(1))
+
+
+NORMED = {"layernorm": (NormedMLP, 2), "groupnorm": (GroupNormedConv, 1)}
+
+
+@pytest.fixture(scope="module", params=sorted(NORMED))
+def normed(request):
+    """Three tasks trained with TSN's defaults; each task's outputs recorded when learned."""
+    make, _ = NORMED[request.param]
+    torch.manual_seed(0)
+    bm = blob_stream(n_tasks=3, dim=16)
+    net = make()
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1),
+        train_mb_size=16,
+        train_epochs=4,
+        evaluator=quiet_evaluator(),
+    )
+    x = torch.stack([d[i][0] for d in (e.dataset for e in bm.test_stream) for i in range(len(d))])
+    learned = []
+    for t, exp in enumerate(bm.train_stream):
+        strategy.train(exp)
+        with torch.no_grad():
+            learned.append(strategy.model.eval()(x, t))
+    return request.param, strategy, x, learned
+
+
+def test_each_task_freezes_its_own_affine_terms_and_stays_bit_identical(normed) -> None:
+    kind, strategy, x, learned = normed
+    norms = [m for m in strategy.model.modules() if isinstance(m, TaskAffineNorm)]
+    assert len(norms) == NORMED[kind][1]
+    # a GroupNorm without affine terms learns nothing: it stays the user's layer
+    plain = [m for m in strategy.model.modules() if type(m) in (nn.LayerNorm, nn.GroupNorm)]
+    assert len(plain) == (1 if kind == "groupnorm" else 0)
+    for norm in norms:
+        assert norm.task_weight.shape[0] == 3
+        # each task learned its own terms (AdamW's decay and the updates move the live ones)
+        assert not torch.equal(norm.task_weight[0], norm.task_weight[2])
+    assert any(n.task_bias is None for n in norms) == (kind == "layernorm")
+    model = strategy.model.eval()
+    with torch.no_grad():
+        for t, outputs in enumerate(learned):
+            assert torch.equal(model(x, t), outputs)
+
+
+def test_export_tiny_and_state_dict_of_affine_norms_predict_the_same(normed) -> None:
+    kind, strategy, x, learned = normed
+    make, _ = NORMED[kind]
+    buf = io.BytesIO()
+    strategy.export(buf)
+    fresh = TSNModel(make())
+    fresh.load_state_dict(strategy.tsn_model.state_dict())
+    compressed = []
+    for dequantize in (True, False):
+        buf.seek(0)
+        compressed.append(load_compressed(buf, make(), dequantize=dequantize))
+    tiny = to_tiny(copy.deepcopy(strategy.tsn_model))
+    with torch.no_grad():
+        for model in (fresh.eval(), *compressed, tiny):
+            for t, outputs in enumerate(learned):
+                assert torch.equal(model(x, t), outputs)
+
+
+def test_the_capacity_report_counts_each_tasks_affine_terms(normed) -> None:
+    kind, strategy, _, _ = normed
+    layers = [layer for _, layer in strategy.tsn_model.masked_layers()]
+    biases = sum(layer.bias.numel() for layer in layers if layer.bias is not None)
+    # LayerNorm(16) weight and bias, LayerNorm(16, bias=False) weight; GroupNorm(2, 4) both
+    terms = {"layernorm": 16 * 2 + 16, "groupnorm": 4 * 2}[kind]
+    for row in strategy.capacity_report().tasks:
+        assert row.norm_bits == 32 * (biases + terms)
+
+
+def test_an_export_loaded_into_another_normalisation_is_refused(normed) -> None:
+    kind, strategy, _, _ = normed
+    buf = io.BytesIO()
+    strategy.export(buf)
+    if kind == "groupnorm":
+        other: nn.Module = GroupNormedConv(groups=1)  # the same shapes, another grouping
+    else:
+        other = NormedMLP()
+        other.net[1] = nn.BatchNorm1d(16)  # the same channels, another kind
+    buf.seek(0)
+    with pytest.raises(ValueError, match="its norms differ"):
+        load_compressed(buf, other)
