@@ -31,7 +31,6 @@ TSNStrategy keeps one score tensor for all tasks and never re-initialises it, as
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -153,9 +152,14 @@ class AdaQPacknetStrategy(TSNStrategy):
 
         :param s: the strategy's settings.
         """
+        drop = self.quantization_plugin.max_drop  # what the split is read against
+        split = StageSpec(
+            ValidationSplitPlugin,
+            True,
+            lambda: ValidationSplitPlugin(s.validation_fraction, allowance=drop),
+        )
         stages = [
-            replace(spec, enabled=True) if spec.plugin is ValidationSplitPlugin else spec
-            for spec in super().recipe(s)
+            split if spec.plugin is ValidationSplitPlugin else spec for spec in super().recipe(s)
         ]
         at = next(i for i, spec in enumerate(stages) if spec.plugin is ActivationCalibrationPlugin)
         search, halving = self.search_plugin, self.quantization_plugin

@@ -55,7 +55,7 @@ from avalanche_tsn.streams import (
 )
 from avalanche_tsn.task_routing import TaskRoutingMixin
 from avalanche_tsn.tiny import keeps_memory
-from avalanche_tsn.validation import check_bool, check_float32, check_int
+from avalanche_tsn.validation import check_bool, check_float, check_float32, check_int
 
 __all__ = ["TSNStrategy", "TSNSettings", "tsn_recipe", "reject_arguments"]
 
@@ -176,6 +176,16 @@ def _check_arguments(
     check_int(every, "eval_every (-1 off, 0 after each experience, k every k epochs)", -1)
 
 
+def _allowance(s: TSNSettings) -> float:
+    """The smallest validation-accuracy drop the stages that read the split accept."""
+    drops = [("prune_max_drop", s.prune_max_drop)] if s.prune else []
+    drops += [("quant_max_drop", s.quant_max_drop)] if s.quantize else []
+    # none: no stage with an allowance reads the split (its stage is off, or a recipe's)
+    return min(
+        (check_float(v, n, 0, 1, low_open=False, high_open=True) for n, v in drops), default=0.0
+    )
+
+
 def tsn_recipe(s: TSNSettings) -> list[StageSpec]:
     """TSN's stages in algorithm order, each on or off as ``s`` says.
 
@@ -206,7 +216,7 @@ def tsn_recipe(s: TSNSettings) -> list[StageSpec]:
         StageSpec(
             ValidationSplitPlugin,
             s.prune or s.quantize,
-            lambda: ValidationSplitPlugin(s.validation_fraction),
+            lambda: ValidationSplitPlugin(s.validation_fraction, allowance=_allowance(s)),
         ),
         StageSpec(
             PruningPlugin,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -701,3 +703,24 @@ def test_ordering_the_validation_split_changes_no_pruning_or_quantization_decisi
     # (seeded case, minibatches of 2: the rejected tries stop sooner, hardest samples first;
     # bringing the samples found wrong to the front is tested on its own below)
     assert 0 < n <= n_o < n_u
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "warned"),
+    [
+        ({}, "holds 10 samples: one sample is 10.0 points"),  # 1-point allowances
+        ({"validation_fraction": 0.5}, "holds 48 samples: one sample is 2.1 points"),
+        ({"prune_max_drop": 0.05, "quant_max_drop": 0.2}, "holds 10 samples"),  # the least
+        ({"validation_fraction": 0.5, "prune_max_drop": 0.05, "quant_max_drop": 0.03}, None),
+        ({"prune": False, "quant_max_drop": 0.11}, None),  # only quantization's allowance
+        ({"prune_max_drop": 0.0, "quant_max_drop": 0.0}, None),  # nothing may drop at all
+    ],
+)
+def test_a_split_too_small_for_the_allowance_is_logged_before_training(caplog, kwargs, warned):
+    with caplog.at_level(logging.WARNING, logger="avalanche_tsn"):
+        strategy, _ = train_tsn(tasks=1, **kwargs)  # 96 samples an experience
+    messages = [r.getMessage() for r in caplog.records if "validation split" in r.getMessage()]
+    assert len(messages) == (warned is not None)
+    if warned:
+        assert warned in messages[0] and "experience 0" in messages[0]
+    assert strategy.tsn_model.trained_tasks() == [0]  # a log line, not a refusal

@@ -49,12 +49,16 @@ class ValidationSplitPlugin(SupervisedPlugin, supports_distributed=True):
 
     :param fraction: fraction of the training data held out, in (0, 1).
     :param seed: seed of the split.
+    :param allowance: the smallest accuracy drop the stages reading the split accept, in
+        [0, 1) (pruning's and quantization's ``max_drop``): a split whose one sample weighs
+        more is logged as too coarse for it.
     """
 
-    def __init__(self, fraction: float = 0.1, seed: int = 0) -> None:
+    def __init__(self, fraction: float = 0.1, seed: int = 0, allowance: float = 0.01) -> None:
         super().__init__()
         self.fraction = _fraction(fraction, "validation_fraction")
         self.seed = seed
+        self.allowance = _fraction(allowance, "allowance", low_open=False)
 
     def check_experience(self, index: int, experience) -> None:
         """Raise if ``experience`` is too small to split.
@@ -76,6 +80,19 @@ class ValidationSplitPlugin(SupervisedPlugin, supports_distributed=True):
         g = torch.Generator().manual_seed(self.seed + strategy.clock.train_exp_counter)
         order = torch.randperm(n, generator=g).tolist()
         n_val = int(round(self.fraction * n))
+        if self.allowance > 0 and n_val * self.allowance < 1:
+            log.warning(
+                "the validation split of experience %d holds %d samples: one sample is %.1f "
+                "points of validation accuracy, coarser than the %.1f-point drop pruning and "
+                "quantization accept, so their decisions rest on a few samples and test "
+                "accuracy can drop by more; hold out more (validation_fraction=%s) or train "
+                "this experience with prune=False and quantize=False",
+                strategy.clock.train_exp_counter,
+                n_val,
+                100 / n_val,
+                100 * self.allowance,
+                self.fraction,
+            )
         stage_context(strategy).new_validation(data.subset(order[:n_val]).eval())
         strategy.adapted_dataset = data.subset(order[n_val:])
 
