@@ -22,19 +22,15 @@ from avalanche_tsn.tiny import CodedLayer, to_tiny
 KINDS = {"conv1d": (Signal1d, TSNConv1d, 3), "conv3d": (Volume3d, TSNConv3d, 2)}
 
 
-@pytest.fixture(scope="module", params=sorted(KINDS))
-def trained(request):
-    """Three tasks trained with TSN's defaults (pruning, quantization), each task's outputs
-    on the test inputs recorded the moment it was learned."""
-    make, _, _ = KINDS[request.param]
-    torch.manual_seed(0)
+def _train_recording(net: nn.Module, optimizer: torch.optim.Optimizer, epochs: int) -> tuple:
+    """Three tasks trained with TSN's defaults (pruning, quantization); the strategy, the test
+    inputs and each task's outputs on them, recorded the moment it was learned."""
     bm = blob_stream(n_tasks=3, dim=16)
-    net = make()
     strategy = TSNStrategy(
         model=net,
-        optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        optimizer=optimizer,
         train_mb_size=16,
-        train_epochs=8,
+        train_epochs=epochs,
         evaluator=quiet_evaluator(),
     )
     x = torch.stack([d[i][0] for d in (e.dataset for e in bm.test_stream) for i in range(len(d))])
@@ -43,11 +39,21 @@ def trained(request):
         strategy.train(exp)
         with torch.no_grad():
             learned.append(strategy.model.eval()(x, t))
-    return request.param, strategy, bm, x, learned
+    return strategy, x, learned
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def trained(request):
+    """A model of each convolution kind, trained by :func:`_train_recording`."""
+    make, _, _ = KINDS[request.param]
+    torch.manual_seed(0)
+    net = make()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    return request.param, *_train_recording(net, optimizer, 8)
 
 
 def test_the_convolutions_are_masked_and_their_norms_kept_per_task(trained) -> None:
-    kind, strategy, _, _, _ = trained
+    kind, strategy, _, _ = trained
     _, masked, n_conv = KINDS[kind]
     layers = [m for m in strategy.model.modules() if isinstance(m, masked)]
     assert len(layers) == n_conv
@@ -62,7 +68,7 @@ def test_the_convolutions_are_masked_and_their_norms_kept_per_task(trained) -> N
 
 
 def test_every_trained_task_is_bit_identical_after_the_later_ones(trained) -> None:
-    _, strategy, _, x, learned = trained
+    _, strategy, x, learned = trained
     model = strategy.model.eval()
     with torch.no_grad():
         for t, outputs in enumerate(learned):
@@ -70,7 +76,7 @@ def test_every_trained_task_is_bit_identical_after_the_later_ones(trained) -> No
 
 
 def test_each_task_reads_at_most_two_to_the_bits_values_a_layer(trained) -> None:
-    kind, strategy, _, _, _ = trained
+    kind, strategy, _, _ = trained
     _, masked, _ = KINDS[kind]
     for layer in (m for m in strategy.model.modules() if isinstance(m, masked)):
         for slot in range(3):
@@ -80,7 +86,7 @@ def test_each_task_reads_at_most_two_to_the_bits_values_a_layer(trained) -> None
 
 
 def test_export_load_and_tiny_model_predict_bit_for_bit_the_same(trained) -> None:
-    kind, strategy, _, x, learned = trained
+    kind, strategy, x, learned = trained
     make, _, n_conv = KINDS[kind]
     buf = io.BytesIO()
     strategy.export(buf)
@@ -96,7 +102,7 @@ def test_export_load_and_tiny_model_predict_bit_for_bit_the_same(trained) -> Non
 
 
 def test_a_state_dict_loaded_into_a_fresh_model_predicts_the_same(trained) -> None:
-    kind, strategy, _, x, learned = trained
+    kind, strategy, x, learned = trained
     make, _, _ = KINDS[kind]
     fresh = TSNModel(make())
     fresh.load_state_dict(strategy.tsn_model.state_dict())
@@ -106,7 +112,7 @@ def test_a_state_dict_loaded_into_a_fresh_model_predicts_the_same(trained) -> No
 
 
 def test_macs_count_every_output_position_of_a_convolution(trained) -> None:
-    kind, strategy, _, _, _ = trained
+    kind, strategy, _, _ = trained
     _, masked, _ = KINDS[kind]
     report = compute_report(strategy.tsn_model, (16,))
     names = {n for n, m in strategy.model.net.named_modules() if isinstance(m, masked)}
@@ -195,25 +201,12 @@ NORMED = {"layernorm": (NormedMLP, 2), "groupnorm": (GroupNormedConv, 1)}
 
 @pytest.fixture(scope="module", params=sorted(NORMED))
 def normed(request):
-    """Three tasks trained with TSN's defaults; each task's outputs recorded when learned."""
+    """A model of each normalisation kind, trained by :func:`_train_recording`."""
     make, _ = NORMED[request.param]
     torch.manual_seed(0)
-    bm = blob_stream(n_tasks=3, dim=16)
     net = make()
-    strategy = TSNStrategy(
-        model=net,
-        optimizer=torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1),
-        train_mb_size=16,
-        train_epochs=4,
-        evaluator=quiet_evaluator(),
-    )
-    x = torch.stack([d[i][0] for d in (e.dataset for e in bm.test_stream) for i in range(len(d))])
-    learned = []
-    for t, exp in enumerate(bm.train_stream):
-        strategy.train(exp)
-        with torch.no_grad():
-            learned.append(strategy.model.eval()(x, t))
-    return request.param, strategy, x, learned
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+    return request.param, *_train_recording(net, optimizer, 4)
 
 
 def test_each_task_freezes_its_own_affine_terms_and_stays_bit_identical(normed) -> None:
