@@ -12,7 +12,9 @@ bn.bias)`` alike. Two checks find it:
   (each counts its own forwards, ``routed_calls``) and :func:`check_direct_reads` refuses one
   that did not run although its parameters have a gradient, before the optimizer steps;
 - before a new task opens, :func:`check_frozen_outputs` runs each trained task with every
-  parameter set to NaN: a read that only evaluation makes moves its outputs.
+  parameter, and the live statistics of every per-task BatchNorm (``F.batch_norm(x,
+  bn.running_mean, bn.running_var)`` reads them without a parameter), set to NaN: a read that
+  only evaluation makes moves its outputs.
 """
 
 from __future__ import annotations
@@ -90,11 +92,13 @@ def check_direct_reads(calls: LayerCalls, task_label: int) -> None:
 
 @torch.no_grad()
 def check_frozen_outputs(model: TSNModel, x: object) -> None:
-    """Raise a TypeError if a trained task's outputs on ``x`` depend on the model's parameters.
+    """Raise a TypeError if a trained task's outputs on ``x`` depend on what the next task
+    trains: the model's parameters and its normalisations' live statistics.
 
     Every value a trained task computes with is a frozen buffer (its weights, biases,
-    normalisation and head); the parameters belong to the task in training. So with every
-    parameter set to NaN for one forward (and put back bit for bit), each trained task's
+    normalisation and head); the parameters and live statistics belong to the task in
+    training. So with all of them set to NaN for one forward (and put back bit for bit), each
+    trained task's
     outputs must be what they were; a model that reads a parameter outside TSN's routing in
     any branch of its forward (an evaluation-only path included) fails here. Called before a
     new task opens, so nothing has changed yet. A forward that is not deterministic (noise at
@@ -119,7 +123,8 @@ def _compare_with_nan_parameters(model: TSNModel, x: object, labels: list[int]) 
     if not all(torch.equal(a, model(x, t)) for a, t in zip(first, labels, strict=True)):
         log.debug("the model's evaluation forward is not deterministic: not checked")
         return
-    params = list(model.parameters())
+    live = [b for m in model.norm_layers() for b in m.live_statistics()]
+    params = [*model.parameters(), *live]
     saved = [p.detach().clone() for p in params]
     try:
         for p in params:
@@ -131,9 +136,10 @@ def _compare_with_nan_parameters(model: TSNModel, x: object, labels: list[int]) 
     for t, a, b in zip(labels, first, probed, strict=True):
         if not torch.equal(a, b):
             raise TypeError(
-                f"trained task {t}'s outputs depend on the model's parameters, which the "
-                "next task trains: the model reads a layer's weight outside the layer's "
-                "forward (in an evaluation-only branch, beside a call of the layer, or from "
-                "a tensor derived from it). Call the layer instead. The next task was not "
-                "started; trained tasks are unchanged."
+                f"trained task {t}'s outputs depend on the model's parameters or its "
+                "normalisations' live statistics, which the next task trains: the model "
+                "reads a layer's weight (or a BatchNorm's running_mean and running_var) "
+                "outside the layer's forward (in an evaluation-only branch, beside a call of "
+                "the layer, or from a tensor derived from it). Call the layer instead. The "
+                "next task was not started; trained tasks are unchanged."
             )

@@ -818,6 +818,11 @@ class TaskNorm(_PerTaskBuffers):
         """
         return tuple(t[slot] for t in self._terms())
 
+    def live_statistics(self) -> list[Tensor]:
+        """The statistics the task in training keeps up to date (none for a kind that keeps
+        none): a trained task never reads them."""
+        return []
+
     def terms_per_task(self) -> int:
         """How many values a task's frozen terms hold."""
         return sum(t.shape[1:].numel() for t in self._terms())
@@ -883,6 +888,10 @@ class TaskBatchNorm(TaskNorm):
         affine = layer.weight is not None
         self.register_buffer("task_weight", torch.zeros(0, c, device=dev) if affine else None)
         self.register_buffer("task_bias", torch.zeros(0, c, device=dev) if affine else None)
+
+    def live_statistics(self) -> list[Tensor]:
+        """The running mean and variance the task in training keeps up to date."""
+        return [self.running_mean, self.running_var]
 
     @torch.no_grad()
     def reset_live(self) -> None:

@@ -796,3 +796,40 @@ def test_the_evaluation_branch_read_is_refused_inside_one_train_call_over_a_stre
     with pytest.raises(TypeError, match="trained task 0's outputs depend"):
         strategy.train(bm.train_stream)  # checked before each experience, not once a call
     assert strategy.tsn_model.trained_tasks() == [0]
+
+
+class _StatisticsRead(nn.Module):
+    """Batch normalisation without affine terms, computed with ``F.batch_norm`` from the
+    module's running statistics: no parameter is read, so no gradient shows it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 16)
+        self.bn = nn.BatchNorm1d(16, affine=False)
+        self.o = nn.Linear(16, 3)
+        self.call = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, bn = self.a(x), self.bn
+        if self.call:
+            return self.o(torch.relu(bn(h)))
+        h = nn.functional.batch_norm(h, bn.running_mean, bn.running_var, training=self.training)
+        return self.o(torch.relu(h))
+
+
+# ninth session: the check before a task set parameters to NaN only, so a read of a per-task
+# BatchNorm's live statistics went unseen, and trained tasks moved with the next task's
+def test_a_read_of_the_live_statistics_is_refused_before_the_next_task_opens() -> None:
+    bm = blob_stream(n_tasks=2)
+    net = _StatisticsRead()
+    strategy = _momentum_strategy(net)
+    model = strategy.tsn_model
+    strategy.train(bm.train_stream[0])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="trained task 0's outputs depend .* live statistics"):
+        strategy.train(bm.train_stream[1])
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())  # statistics put back too
+    net.call = True  # the layer called: its task's frozen statistics, the check passes
+    strategy.train(bm.train_stream[1])
+    assert model.trained_tasks() == [0, 1]
