@@ -92,15 +92,15 @@ class Signal1d(nn.Module):
     def __init__(self, out: int = 3) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv1d(2, 4, 3, padding=1),
-            nn.BatchNorm1d(4),
+            nn.Conv1d(2, 8, 3, padding=1),
+            nn.BatchNorm1d(8),
             nn.ReLU(),
-            nn.Conv1d(4, 4, 3, padding=1, padding_mode="circular", bias=False),
-            nn.BatchNorm1d(4),
+            nn.Conv1d(8, 8, 3, padding=1, padding_mode="circular", bias=False),
+            nn.BatchNorm1d(8),
             nn.ReLU(),
-            nn.Conv1d(4, 4, 2, stride=2),
+            nn.Conv1d(8, 8, 2, stride=2),
         )
-        self.head = nn.Linear(4 * 4, out)
+        self.head = nn.Linear(8 * 4, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x.view(-1, 2, 8)).flatten(1))

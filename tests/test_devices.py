@@ -10,7 +10,7 @@ import io
 
 import pytest
 import torch
-from conftest import SmallConvNet, adam_strategy, blob_stream, mlp
+from conftest import Signal1d, SmallConvNet, Volume3d, adam_strategy, blob_stream, mlp, normed_mlp
 
 from avalanche_tsn import (
     AdaQPacknetStrategy,
@@ -36,6 +36,10 @@ MODELS = {
     "mlp": (lambda: mlp(16), 16),
     "conv_bn": (lambda: SmallConvNet(), 16),
     "multihead": (lambda: MultiHeadMLP(16, (16, 16), n_classes=3), 16),
+    "conv1d": (Signal1d, 16),
+    "conv3d": (Volume3d, 16),
+    "layernorm": (lambda: normed_mlp(16), 16),
+    "groupnorm": (lambda: SmallConvNet(group_norm=True), 16),
 }
 
 
