@@ -98,11 +98,11 @@ def check_frozen_outputs(model: TSNModel, x: object) -> None:
     Every value a trained task computes with is a frozen buffer (its weights, biases,
     normalisation and head); the parameters and live statistics belong to the task in
     training. So with all of them set to NaN for one forward (and put back bit for bit), each
-    trained task's
-    outputs must be what they were; a model that reads a parameter outside TSN's routing in
-    any branch of its forward (an evaluation-only path included) fails here. Called before a
-    new task opens, so nothing has changed yet. A forward that is not deterministic (noise at
-    evaluation) cannot be checked this way and is passed over, with a debug line.
+    trained task's outputs must be what they were; a model that reads them outside TSN's
+    routing in any branch of its forward (an evaluation-only path included) fails here.
+    Called before a new task opens, so nothing has changed yet. A forward that is not
+    deterministic (noise at evaluation) cannot be checked this way and is passed over, with a
+    debug line.
 
     :param model: the TSN model.
     :param x: a few inputs, on the model's device (None: nothing to check with).
