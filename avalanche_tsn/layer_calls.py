@@ -15,20 +15,33 @@ bn.bias)`` alike. Two checks find it:
   parameter, and the live statistics of every per-task BatchNorm (``F.batch_norm(x,
   bn.running_mean, bn.running_var)`` reads them without a parameter), set to NaN: a read that
   only evaluation makes moves its outputs.
+
+A buffer of the user's own module that the model updates itself (a running statistic of its
+own) is not kept per task either. :class:`BufferWatch` finds those a task's training changed;
+:func:`check_changed_buffers` puts them back and refuses the model if trained tasks read
+them, and later checks before a task set them to NaN too.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.routing import TaskRouted
 
-__all__ = ["LayerCalls", "check_direct_reads", "routed_modules", "check_frozen_outputs"]
+__all__ = [
+    "LayerCalls",
+    "check_direct_reads",
+    "routed_modules",
+    "check_frozen_outputs",
+    "user_buffers",
+    "BufferWatch",
+    "check_changed_buffers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +103,61 @@ def check_direct_reads(calls: LayerCalls, task_label: int) -> None:
                 )
 
 
+def user_buffers(net: nn.Module) -> dict[str, Tensor]:
+    """The floating-point buffers of the user's own modules in ``net``, by name: not those of
+    TSN's routed layers, which TSN keeps per task.
+
+    :param net: the wrapped model (a :class:`~avalanche_tsn.model.TSNModel`'s ``net``).
+    """
+    found: dict[str, Tensor] = {}
+    for where, module in net.named_modules():
+        if isinstance(module, TaskRouted):
+            continue
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                found[f"{where}.{name}" if where else name] = b
+    return found
+
+
+class BufferWatch:
+    """The user's floating-point buffers (:func:`user_buffers`) as they were when this was
+    made, to find those the model changes itself while a task trains.
+
+    :param net: the wrapped model.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+        self._saved = {n: b.detach().clone() for n, b in user_buffers(net).items()}
+
+    def changed(self) -> list[str]:
+        """The buffers whose values differ from those saved (NaN equal to NaN)."""
+        now = user_buffers(self.net)
+        return [
+            n
+            for n, old in self._saved.items()
+            if n in now
+            and not (
+                now[n].shape == old.shape
+                and torch.allclose(now[n], old, rtol=0, atol=0, equal_nan=True)
+            )
+        ]
+
+    @torch.no_grad()
+    def put_back(self, names: Iterable[str]) -> None:
+        """Give ``names`` their saved values again.
+
+        :param names: buffer names, as :meth:`changed` gives them.
+        """
+        now = user_buffers(self.net)
+        for n in names:
+            now[n].copy_(self._saved[n])
+
+
 @torch.no_grad()
-def check_frozen_outputs(model: TSNModel, x: object) -> None:
+def check_frozen_outputs(model: TSNModel, x: object, buffers: Sequence[str] = ()) -> None:
     """Raise a TypeError if a trained task's outputs on ``x`` depend on what the next task
-    trains: the model's parameters and its normalisations' live statistics.
+    trains: the model's parameters, its normalisations' live statistics and ``buffers``.
 
     Every value a trained task computes with is a frozen buffer (its weights, biases,
     normalisation and head); the parameters and live statistics belong to the task in
@@ -106,40 +170,89 @@ def check_frozen_outputs(model: TSNModel, x: object) -> None:
 
     :param model: the TSN model.
     :param x: a few inputs, on the model's device (None: nothing to check with).
+    :param buffers: buffers of the user's modules (:func:`user_buffers`' names) that the model
+        changed itself while an earlier task trained.
     """
     labels = model.trained_tasks()
     if not labels or x is None:
         return
+    live = [b for m in model.norm_layers() for b in m.live_statistics()]
+    mine = user_buffers(model.net)
+    tensors = [*model.parameters(), *live, *(mine[n] for n in buffers if n in mine)]
+    moved = _moved_by_nan(model, x, labels, tensors)
+    if moved is not None:
+        raise TypeError(
+            f"trained task {moved}'s outputs depend on the model's parameters, its "
+            "normalisations' live statistics or a buffer it updates itself "
+            f"({', '.join(buffers) or 'none found so far'}), which the next task changes: "
+            "the model reads a layer's weight (or a BatchNorm's running_mean and running_var) "
+            "outside the layer's forward (in an evaluation-only branch, beside a call of the "
+            "layer, or from a tensor derived from it), or a running statistic of its own. "
+            "Call the layer instead, or keep such a buffer constant after the first task. The "
+            "next task was not started; trained tasks are unchanged."
+        )
+
+
+@torch.no_grad()
+def check_changed_buffers(
+    model: TSNModel, x: object, watch: BufferWatch, changed: list[str], task: int
+) -> None:
+    """Raise a TypeError, with ``changed`` put back as trained tasks knew them, if trained
+    tasks read those buffers of the user's modules, which changed while ``task`` trained.
+
+    Called when ``task`` has trained and before it is frozen: a buffer the model updates
+    itself (a running statistic of its own) is not kept per task, so trained tasks that read
+    it would move.
+
+    :param model: the TSN model.
+    :param x: a few inputs, on the model's device (None: nothing to check with).
+    :param watch: the user's buffers as they were when ``task`` opened.
+    :param changed: the buffers that changed since (:meth:`BufferWatch.changed`).
+    :param task: the task just trained (not frozen yet).
+    """
+    labels = model.trained_tasks()
+    if not changed or not labels or x is None:
+        return
+    mine = user_buffers(model.net)
+    new = {n: mine[n].detach().clone() for n in changed}
+    watch.put_back(changed)  # as the trained tasks knew them
+    moved = _moved_by_nan(model, x, labels, [mine[n] for n in changed])
+    if moved is not None:
+        raise TypeError(
+            f"the model changed its buffers {', '.join(changed)} while task {task} trained, "
+            f"and trained task {moved}'s outputs depend on them: TSN keeps per task what it "
+            "converts (masked layers, normalisations, heads), not a running statistic the "
+            "model keeps itself. Keep such a buffer constant after the first task, or use a "
+            "BatchNorm. The buffers are put back as trained tasks knew them; trained tasks "
+            f"are unchanged and task {task} was not kept (train it again or call "
+            "strategy.abandon_task())."
+        )
+    for n, value in new.items():
+        mine[n].copy_(value)
+
+
+def _moved_by_nan(
+    model: TSNModel, x: object, labels: list[int], tensors: Sequence[Tensor]
+) -> int | None:
+    """The first trained task whose outputs on ``x`` move with ``tensors`` set to NaN (each put
+    back bit for bit), or None (also when the evaluation forward is not deterministic)."""
     training = model.training
     model.eval()
     try:
-        _compare_with_nan_parameters(model, x, labels)
+        first = [model(x, t) for t in labels]
+        if not all(torch.equal(a, model(x, t)) for a, t in zip(first, labels, strict=True)):
+            log.debug("the model's evaluation forward is not deterministic: not checked")
+            return None
+        saved = [t.detach().clone() for t in tensors]
+        try:
+            for t in tensors:
+                t.fill_(float("nan"))
+            probed = [model(x, t) for t in labels]
+        finally:
+            for t, value in zip(tensors, saved, strict=True):
+                t.copy_(value)
     finally:
         model.train(training)
-
-
-def _compare_with_nan_parameters(model: TSNModel, x: object, labels: list[int]) -> None:
-    first = [model(x, t) for t in labels]
-    if not all(torch.equal(a, model(x, t)) for a, t in zip(first, labels, strict=True)):
-        log.debug("the model's evaluation forward is not deterministic: not checked")
-        return
-    live = [b for m in model.norm_layers() for b in m.live_statistics()]
-    params = [*model.parameters(), *live]
-    saved = [p.detach().clone() for p in params]
-    try:
-        for p in params:
-            p.fill_(float("nan"))
-        probed = [model(x, t) for t in labels]
-    finally:
-        for p, value in zip(params, saved, strict=True):
-            p.copy_(value)
-    for t, a, b in zip(labels, first, probed, strict=True):
-        if not torch.equal(a, b):
-            raise TypeError(
-                f"trained task {t}'s outputs depend on the model's parameters or its "
-                "normalisations' live statistics, which the next task trains: the model "
-                "reads a layer's weight (or a BatchNorm's running_mean and running_var) "
-                "outside the layer's forward (in an evaluation-only branch, beside a call of "
-                "the layer, or from a tensor derived from it). Call the layer instead. The "
-                "next task was not started; trained tasks are unchanged."
-            )
+    return next(
+        (t for t, a, b in zip(labels, first, probed, strict=True) if not torch.equal(a, b)), None
+    )

@@ -833,3 +833,69 @@ def test_a_read_of_the_live_statistics_is_refused_before_the_next_task_opens() -
     net.call = True  # the layer called: its task's frozen statistics, the check passes
     strategy.train(bm.train_stream[1])
     assert model.trained_tasks() == [0, 1]
+
+
+class _RunningInputNorm(nn.Module):
+    """An input normaliser keeping a running mean of its own (a buffer the model updates
+    itself while training, when ``update`` is on); ``read`` uses it, in training and
+    evaluation alike."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("steps", torch.zeros(()))  # a float counter nothing reads
+        self.update = True
+        self.read = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.steps += 1
+            if self.update:
+                self.mean.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        return x - self.mean if self.read else x
+
+
+def _normalised_mlp() -> nn.Sequential:
+    return nn.Sequential(_RunningInputNorm(12), *mlp(12))
+
+
+# ninth session: a running statistic the model keeps itself is not kept per task, and trained
+# tasks moved as later tasks updated it
+def test_a_buffer_the_model_updates_itself_is_refused_before_the_next_task() -> None:
+    bm = blob_stream(n_tasks=2)
+    net = _normalised_mlp()
+    strategy = _momentum_strategy(net)
+    model = strategy.tsn_model
+    strategy.train(bm.train_stream[0])  # no trained task reads it yet: noted, not refused
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"updates itself \(0\.mean, 0\.steps\)"):
+        strategy.train(bm.train_stream[1])
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    assert model.open_task() is None
+
+
+def test_a_buffer_first_changed_by_a_later_task_is_put_back_and_the_task_not_kept() -> None:
+    bm = blob_stream(n_tasks=3)
+    net = _normalised_mlp()
+    net[0].update = False  # constant while task 0 trains: nothing to note
+    strategy = _momentum_strategy(net)
+    model = strategy.tsn_model
+    strategy.train(bm.train_stream[0])
+    x = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(8)])
+    with torch.no_grad():
+        expected = model.eval()(x, 0)
+    mean = net[0].mean.clone()
+    net[0].update = True  # task 1 moves the mean task 0 reads
+    with pytest.raises(TypeError, match=r"changed its buffers 0\.mean, 0\.steps while task 1"):
+        strategy.train(bm.train_stream[1])
+    assert torch.equal(net[0].mean, mean)  # put back as task 0 knew it
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x, 0), expected)
+    assert model.trained_tasks() == [0] and model.open_task() == 1
+    net[0].update, net[0].read = False, False  # a buffer only training touches: no refusal
+    strategy.train(bm.train_stream[1])
+    strategy.train(bm.train_stream[2])
+    assert model.trained_tasks() == [0, 1, 2]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x, 0), expected)

@@ -13,7 +13,9 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 
 from avalanche_tsn.layer_calls import (
+    BufferWatch,
     LayerCalls,
+    check_changed_buffers,
     check_direct_reads,
     check_frozen_outputs,
     routed_modules,
@@ -45,6 +47,9 @@ class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
             )
         self.new_bank_below = new_bank_below
         self._calls: LayerCalls | None = None
+        self._buffers: BufferWatch | None = None
+        #: buffers of the user's modules the model changed itself while a task trained
+        self.live_buffers: list[str] = []
         if isinstance(sparsity, Sequence) and not isinstance(sparsity, str):
             if len(sparsity) == 0:
                 raise ValueError("sparsity must be a float or a non-empty sequence of floats")
@@ -72,7 +77,8 @@ class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
         model = tsn_model(strategy)
         label = current_task(strategy)
         if model.trained_tasks():  # before anything of the new task changes
-            check_frozen_outputs(model, first_inputs(strategy, strategy.adapted_dataset, 16))
+            x = first_inputs(strategy, strategy.adapted_dataset, 16)
+            check_frozen_outputs(model, x, self.live_buffers)
         restart = model.open_task() == label
         index = len(model.trained_tasks())
         # The task-similarity stage, when present, picks the bank just before this one;
@@ -87,6 +93,7 @@ class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
             # The interrupted run may have left non-finite momentum or Adam moments.
             strategy.optimizer.state.clear()
         self._calls = LayerCalls(routed_modules(model.net))
+        self._buffers = BufferWatch(model.net)
 
     def before_backward(self, strategy, **kwargs) -> None:
         loss = strategy.loss
@@ -110,4 +117,11 @@ class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         self._calls = None
-        tsn_model(strategy).end_task(current_task(strategy))
+        model, label = tsn_model(strategy), current_task(strategy)
+        watch, self._buffers = self._buffers, None
+        changed = [] if watch is None else watch.changed()
+        if changed and watch is not None:
+            x = first_inputs(strategy, strategy.adapted_dataset, 16)
+            check_changed_buffers(model, x, watch, changed, label)
+            self.live_buffers += [n for n in changed if n not in self.live_buffers]
+        model.end_task(label)
