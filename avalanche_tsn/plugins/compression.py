@@ -13,6 +13,7 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
+from avalanche_tsn.distributed import is_main_process
 from avalanche_tsn.early_stop import margins, moved_batches, promote, ramp, reorder
 from avalanche_tsn.layout import channels_last_batches, layout_key
 from avalanche_tsn.model import TSNModel
@@ -80,7 +81,8 @@ class ValidationSplitPlugin(SupervisedPlugin, supports_distributed=True):
         g = torch.Generator().manual_seed(self.seed + strategy.clock.train_exp_counter)
         order = torch.randperm(n, generator=g).tolist()
         n_val = int(round(self.fraction * n))
-        if self.allowance > 0 and n_val * self.allowance < 1:
+        # one line for the run: every rank holds the same split size
+        if self.allowance > 0 and n_val * self.allowance < 1 and is_main_process():
             log.warning(
                 "the validation split of experience %d holds %d samples: one sample is %.1f "
                 "points of validation accuracy, coarser than the %.1f-point drop pruning and "
