@@ -150,14 +150,9 @@ def compute_report(
             seen: list[tuple[nn.Module, int]] = []
 
             def hook(module, _inputs, output, seen=seen) -> None:
-                # output positions of one sample: L, H x W or D x H x W for a convolution, the
-                # leading dimensions for a linear layer (1 on a vector)
-                shape = _weight_shape(module)
-                if len(shape) >= 3:
-                    positions = math.prod(output.shape[-(len(shape) - 2) :])
-                else:
-                    positions = output[0].numel() // shape[0]
-                seen.append((module, positions))
+                # output positions of one sample: its outputs per output unit (L, H x W or
+                # D x H x W for a convolution, the leading dimensions for a linear layer)
+                seen.append((module, output[0].numel() // _weight_shape(module)[0]))
 
             handles = [
                 m.register_forward_hook(hook)

@@ -52,7 +52,14 @@ from avalanche_tsn.huffman import (
     unpair_symbols,
 )
 from avalanche_tsn.inference import INFERENCE_METHODS
-from avalanche_tsn.layers import FREE, MaskedLayer, TaskAffineNorm, TaskBatchNorm, module_device
+from avalanche_tsn.layers import (
+    FREE,
+    MaskedLayer,
+    TaskAffineNorm,
+    TaskBatchNorm,
+    affine_norm_signature,
+    module_device,
+)
 from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.quantization import small_codes_of
 from avalanche_tsn.router import TaskRouter
@@ -171,10 +178,8 @@ def _norm_entry(m: nn.Module) -> int | list[str | int] | None:
         return m.num_features
     if isinstance(m, TaskAffineNorm):
         return m.signature()
-    if isinstance(m, nn.LayerNorm) and m.weight is not None:
-        return ["layer_norm", *m.normalized_shape]
-    if isinstance(m, nn.GroupNorm) and m.weight is not None:
-        return ["group_norm", m.num_groups, m.num_channels]
+    if isinstance(m, nn.LayerNorm | nn.GroupNorm) and m.weight is not None:
+        return affine_norm_signature(m)
     return None
 
 

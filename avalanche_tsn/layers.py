@@ -44,6 +44,7 @@ __all__ = [
     "TaskNorm",
     "TaskBatchNorm",
     "TaskAffineNorm",
+    "affine_norm_signature",
     "FREE",
     "module_device",
 ]
@@ -927,6 +928,17 @@ class TaskBatchNorm(TaskNorm):
         return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
 
 
+def affine_norm_signature(layer: nn.LayerNorm | nn.GroupNorm) -> list[str | int]:
+    """The kind and shape of a LayerNorm or GroupNorm, as the export's architecture records
+    them: ``["layer_norm", *normalized_shape]`` or ``["group_norm", groups, channels]``.
+
+    :param layer: the user's layer.
+    """
+    if isinstance(layer, nn.GroupNorm):
+        return ["group_norm", layer.num_groups, layer.num_channels]
+    return ["layer_norm", *layer.normalized_shape]
+
+
 class TaskAffineNorm(TaskNorm):
     """LayerNorm or GroupNorm with per-task affine terms.
 
@@ -944,7 +956,8 @@ class TaskAffineNorm(TaskNorm):
         super().__init__()
         if layer.weight is None:
             raise TypeError(f"{type(layer).__name__} without affine terms has nothing per task")
-        self.kind = "group_norm" if isinstance(layer, nn.GroupNorm) else "layer_norm"
+        self._signature = affine_norm_signature(layer)
+        self.kind = str(self._signature[0])  # "layer_norm" or "group_norm"
         self.eps = layer.eps
         if isinstance(layer, nn.GroupNorm):
             self.num_groups, self.num_channels = layer.num_groups, layer.num_channels
@@ -959,10 +972,9 @@ class TaskAffineNorm(TaskNorm):
         self.register_buffer("task_bias", torch.zeros(0, *shape, device=dev) if has_bias else None)
 
     def signature(self) -> list[str | int]:
-        """The kind and shape, as the export's architecture records them."""
-        if self.kind == "group_norm":
-            return ["group_norm", self.num_groups, self.num_channels]
-        return ["layer_norm", *self.normalized_shape]
+        """The kind and shape, as the export's architecture records them (the user's layer's
+        :func:`affine_norm_signature`)."""
+        return list(self._signature)
 
     def _normalise(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         if self.kind == "group_norm":

@@ -71,9 +71,8 @@ def _convert(module: nn.Module) -> nn.Module:
     new: nn.Module
     if isinstance(module, MaskedLayer | TaskNorm):
         return module
+    # (lazy layers never get here: the model's check refuses them first)
     conv = next((c for c in _CONVS if isinstance(module, c)), None)
-    if isinstance(module, _LAZY):
-        return module
     if isinstance(module, nn.Linear):
         new = TSNLinear(module)
     elif conv is not None:
@@ -213,8 +212,7 @@ def _check_not_lazy(layer: nn.Module, where: str) -> None:
 
 
 def _is_maskable(module: nn.Module) -> bool:
-    if isinstance(module, _LAZY):
-        return False
+    # (called after _check_not_lazy: lazy layers, which subclass these, are refused first)
     if isinstance(module, _AFFINE_NORMS) and module.weight is None:
         return False  # without affine terms: nothing learned, so nothing to keep per task
     return isinstance(module, _MASKABLE)

@@ -42,6 +42,27 @@ def _train_recording(net: nn.Module, optimizer: torch.optim.Optimizer, epochs: i
     return strategy, x, learned
 
 
+def _other_forms(strategy, make) -> dict[str, nn.Module]:
+    """The trained model in every other form it can take: a state dict loaded into a fresh
+    model, the compact export loaded (dequantized and coded), and the tiny model."""
+    buf = io.BytesIO()
+    strategy.export(buf)
+    fresh = TSNModel(make())
+    fresh.load_state_dict(strategy.tsn_model.state_dict())
+    forms: dict[str, nn.Module] = {"state_dict": fresh.eval()}
+    for dequantize in (True, False):
+        buf.seek(0)
+        forms[f"export_{dequantize}"] = load_compressed(buf, make(), dequantize=dequantize)
+    forms["tiny"] = to_tiny(copy.deepcopy(strategy.tsn_model))
+    return forms
+
+
+def _assert_predicts(model: nn.Module, x: torch.Tensor, learned: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for t, outputs in enumerate(learned):
+            assert torch.equal(model(x, t), outputs)
+
+
 @pytest.fixture(scope="module", params=sorted(KINDS))
 def trained(request):
     """A model of each convolution kind, trained by :func:`_train_recording`."""
@@ -69,10 +90,7 @@ def test_the_convolutions_are_masked_and_their_norms_kept_per_task(trained) -> N
 
 def test_every_trained_task_is_bit_identical_after_the_later_ones(trained) -> None:
     _, strategy, x, learned = trained
-    model = strategy.model.eval()
-    with torch.no_grad():
-        for t, outputs in enumerate(learned):
-            assert torch.equal(model(x, t), outputs)
+    _assert_predicts(strategy.model.eval(), x, learned)
 
 
 def test_each_task_reads_at_most_two_to_the_bits_values_a_layer(trained) -> None:
@@ -85,30 +103,15 @@ def test_each_task_reads_at_most_two_to_the_bits_values_a_layer(trained) -> None
             assert len(torch.unique(layer.own_values(slot))) <= 2**bits
 
 
-def test_export_load_and_tiny_model_predict_bit_for_bit_the_same(trained) -> None:
+def test_export_load_tiny_model_and_state_dict_predict_bit_for_bit_the_same(trained) -> None:
     kind, strategy, x, learned = trained
     make, _, n_conv = KINDS[kind]
-    buf = io.BytesIO()
-    strategy.export(buf)
-    buf.seek(0)
-    loaded = load_compressed(buf, make(), dequantize=False)
-    tiny = to_tiny(copy.deepcopy(strategy.tsn_model))
-    for compressed in (loaded, tiny):
-        coded = [m for m in compressed.modules() if isinstance(m, CodedLayer)]
+    forms = _other_forms(strategy, make)
+    for name in ("export_False", "tiny"):  # the coded forms run the convolutions themselves
+        coded = [m for m in forms[name].modules() if isinstance(m, CodedLayer)]
         assert sum(m.conv is not None for m in coded) == n_conv
-        with torch.no_grad():
-            for t, outputs in enumerate(learned):
-                assert torch.equal(compressed(x, t), outputs)
-
-
-def test_a_state_dict_loaded_into_a_fresh_model_predicts_the_same(trained) -> None:
-    kind, strategy, x, learned = trained
-    make, _, _ = KINDS[kind]
-    fresh = TSNModel(make())
-    fresh.load_state_dict(strategy.tsn_model.state_dict())
-    with torch.no_grad():
-        for t, outputs in enumerate(learned):
-            assert torch.equal(fresh.eval()(x, t), outputs)
+    for model in forms.values():
+        _assert_predicts(model, x, learned)
 
 
 def test_macs_count_every_output_position_of_a_convolution(trained) -> None:
@@ -221,28 +224,13 @@ def test_each_task_freezes_its_own_affine_terms_and_stays_bit_identical(normed) 
         # each task learned its own terms (AdamW's decay and the updates move the live ones)
         assert not torch.equal(norm.task_weight[0], norm.task_weight[2])
     assert any(n.task_bias is None for n in norms) == (kind == "layernorm")
-    model = strategy.model.eval()
-    with torch.no_grad():
-        for t, outputs in enumerate(learned):
-            assert torch.equal(model(x, t), outputs)
+    _assert_predicts(strategy.model.eval(), x, learned)
 
 
 def test_export_tiny_and_state_dict_of_affine_norms_predict_the_same(normed) -> None:
     kind, strategy, x, learned = normed
-    make, _ = NORMED[kind]
-    buf = io.BytesIO()
-    strategy.export(buf)
-    fresh = TSNModel(make())
-    fresh.load_state_dict(strategy.tsn_model.state_dict())
-    compressed = []
-    for dequantize in (True, False):
-        buf.seek(0)
-        compressed.append(load_compressed(buf, make(), dequantize=dequantize))
-    tiny = to_tiny(copy.deepcopy(strategy.tsn_model))
-    with torch.no_grad():
-        for model in (fresh.eval(), *compressed, tiny):
-            for t, outputs in enumerate(learned):
-                assert torch.equal(model(x, t), outputs)
+    for model in _other_forms(strategy, NORMED[kind][0]).values():
+        _assert_predicts(model, x, learned)
 
 
 def test_the_capacity_report_counts_each_tasks_affine_terms(normed) -> None:

@@ -119,8 +119,7 @@ class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
         self._calls = None
         model, label = tsn_model(strategy), current_task(strategy)
         watch, self._buffers = self._buffers, None
-        changed = [] if watch is None else watch.changed()
-        if changed and watch is not None:
+        if watch is not None and (changed := watch.changed()):
             x = first_inputs(strategy, strategy.adapted_dataset, 16)
             check_changed_buffers(model, x, watch, changed, label)
             self.live_buffers += [n for n in changed if n not in self.live_buffers]
