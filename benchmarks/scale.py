@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 import statistics
 import sys
 import time
@@ -44,6 +45,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+try:
+    import resource
+except ImportError:  # not a Unix: no page fault counts
+    resource = None
 
 from avalanche_tsn import TSNModel, load_compressed
 from avalanche_tsn._cli import show_defaults
@@ -141,27 +147,54 @@ def _step_times(
     kernel: str = "eager",
     compile_seconds: list[float] | None = None,
     optimizer_seconds: list[float] | None = None,
+    faults: list[int] | None = None,
 ) -> list[float]:
     """Seconds of each training step, the device synchronized around each one.
 
     The first 3 steps are left out (with ``kernel="compiled"`` the first one compiles; its
     compilation seconds are appended to ``compile_seconds``; the optimizer's seconds of the
-    steps kept, to ``optimizer_seconds``).
+    steps kept, to ``optimizer_seconds``; their minor page faults, to ``faults``).
     """
     step = training_step(make, shape, tsn, mb, device, kernel)
     times = []
     for i in range(steps + 3):
         _sync(device)
+        f0 = minor_faults()
         t0 = time.perf_counter()
         step(finite_check)
         _sync(device)
         if i >= 3:
             times.append(time.perf_counter() - t0)
+            if faults is not None:
+                faults.append(minor_faults() - f0)
     if compile_seconds is not None and tsn and kernel == "compiled":
         compile_seconds.append(sum(step.model.kernel.compile_seconds.values()))
     if optimizer_seconds is not None:
         optimizer_seconds += step.optimizer_seconds[3:]
     return times
+
+
+def minor_faults() -> int:
+    """The process's minor page faults so far (0 where the OS does not count them).
+
+    A minor fault is the kernel mapping a fresh page on first touch. glibc's allocator hands
+    large tensors back to the OS and maps them again (see :func:`allocator`), so a step can
+    spend more time in faults than in arithmetic, by amounts that depend on the process's
+    allocation history: the train row reports them beside the times.
+    """
+    if resource is None:  # not a Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+#: the environment variables that change how the C allocator reuses memory
+ALLOCATOR_VARIABLES = ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def allocator() -> str:
+    """The C allocator's settings this process runs with, in words (for the report)."""
+    settings = [f"{k}={os.environ[k]}" for k in ALLOCATOR_VARIABLES if os.environ.get(k)]
+    return ", ".join(settings) if settings else "the C library's default allocator"
 
 
 def row_train(args) -> list[str]:
@@ -178,19 +211,26 @@ def row_train(args) -> list[str]:
     ]
     compiled: list[str] = []
     optimizer: list[str] = []
+    faults: list[str] = []
     for name, make, shape, steps in backbones:
         plain: list[float] = []
         tsn: dict[str, list[float]] = {k: [] for k in kernels}
         seconds: list[float] = []
         opt_plain: list[float] = []
         opt_tsn: list[float] = []
+        faults_plain: list[int] = []
+        faults_tsn: dict[str, list[int]] = {k: [] for k in kernels}
         for _ in range(args.repeats):  # interleaved, so all see the same machine
-            plain += _step_times(make, shape, False, steps, optimizer_seconds=opt_plain)
+            plain += _step_times(
+                make, shape, False, steps, optimizer_seconds=opt_plain, faults=faults_plain
+            )
             for k in kernels:
                 tsn[k] += _step_times(
                     make, shape, True, steps, kernel=k, compile_seconds=seconds,
-                    optimizer_seconds=opt_tsn,
+                    optimizer_seconds=opt_tsn, faults=faults_tsn[k],
                 )  # fmt: skip
+        per_kernel = ", ".join(f"TSN {k} {statistics.median(faults_tsn[k]):.0f}" for k in kernels)
+        faults.append(f"{name} plain {statistics.median(faults_plain):.0f}, {per_kernel}")
         extra = statistics.median(opt_tsn) - statistics.median(opt_plain)
         optimizer.append(
             f"{name} {_fmt(opt_plain)} / {_fmt(opt_tsn)} ms, the difference "
@@ -212,6 +252,8 @@ def row_train(args) -> list[str]:
         "",
         "The optimizer's step alone (the same SGD; TSN's parameters include every masked "
         "layer's scores), plain / TSN (min / median): " + "; ".join(optimizer) + ".",
+        "",
+        "Minor page faults a step (median): " + "; ".join(faults) + ".",
     ]
     if compiled:
         lines += ["", "Compilation in the first step (cold): " + "; ".join(compiled) + "."]
@@ -587,7 +629,7 @@ def main() -> None:
         command += f" --searches {args.searches} --compress-seeds {args.compress_seeds}"
     out = [
         f"Measured {date.today()} with `{command}`, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), CPU.",
+        f"{torch.get_num_threads()} thread(s), CPU, {allocator()}.",
     ]
     print(out[0], flush=True)
     for key in args.rows.split(","):

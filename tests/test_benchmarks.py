@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from avalanche_tsn import datasets
-from avalanche_tsn.models import ReducedAlexNet, ReducedResNet18, TinyNet
+from avalanche_tsn.models import ReducedAlexNet, ReducedResNet18, TinyNet, single_head
 from benchmarks import class_incremental, harness, router_ceiling
 
 
@@ -336,3 +336,25 @@ def test_er_ace_and_der_replay_from_a_buffer_smaller_than_a_minibatch(replay, ex
     for name in ("er_ace", "der"):
         strategy = harness._strategy(name, sc, args, 5)
         assert strategy.batch_size_mem == expected <= strategy.train_mb_size
+
+
+def test_scale_train_row_counts_page_faults_and_names_the_allocator(monkeypatch):
+    from benchmarks import scale
+
+    faults: list[int] = []
+    optimizer: list[float] = []
+    make = lambda: single_head(8, (6,), 10)  # noqa: E731
+    times = scale._step_times(make, (8,), True, 4, mb=4, optimizer_seconds=optimizer, faults=faults)
+    assert len(times) == len(faults) == len(optimizer) == 4
+    assert all(isinstance(f, int) and f >= 0 for f in faults)
+    if scale.resource is not None:
+        # 64 MiB is above glibc's largest mmap threshold: fresh pages, each faulted on first touch
+        before = scale.minor_faults()
+        torch.ones(1 << 24)
+        assert scale.minor_faults() - before >= 1000
+    for name in scale.ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert scale.allocator() == "the C library's default allocator"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "68719476736")
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")
+    assert scale.allocator() == "LD_PRELOAD=libjemalloc.so.2, MALLOC_TRIM_THRESHOLD_=68719476736"
