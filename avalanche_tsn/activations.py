@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from avalanche_tsn.layers import FREE, MaskedLayer
+from avalanche_tsn.layers import FREE, MaskedLayer, TSNEmbedding
 from avalanche_tsn.model import TSNModel, calibrated
 from avalanche_tsn.validation import check_int
 
@@ -138,6 +138,8 @@ def _layer_quantizer(layer: MaskedLayer, index: int, model: TSNModel, bits: int)
 def quantized_activations(model: TSNModel, bits: int | None) -> Iterator[TSNModel]:
     """Within the block, every masked layer's input is quantized to ``bits`` (None: float).
 
+    An embedding's input is token ids, exact as they are: it is left alone.
+
     :param model: the TSN model; its trained tasks must be calibrated (:func:`calibrate`).
     :param bits: word length in 2..16, or None for float activations (no change).
     """
@@ -148,6 +150,7 @@ def quantized_activations(model: TSNModel, bits: int | None) -> Iterator[TSNMode
     handles = [
         layer.register_forward_pre_hook(_layer_quantizer(layer, i, model, bits))
         for i, (_, layer) in enumerate(model.masked_layers())
+        if not isinstance(layer, TSNEmbedding)
     ]
     try:
         yield model

@@ -15,6 +15,8 @@ code has no FLOPs code), so this module states what it counts:
 
 Positions come from one forward of a single sample through the task's path (hooks record the
 output size of every layer that runs), so whatever the network does between layers is seen.
+An embedding's lookup multiplies nothing: it is not counted, and a model holding one is
+probed with token ids (all 0) instead of float zeros.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from avalanche_tsn.capacity import FLOAT_BITS
-from avalanche_tsn.layers import MaskedLayer, module_device
+from avalanche_tsn.layers import MaskedLayer, TSNEmbedding, module_device
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.tiny import CodedLayer, CodedLinear
 from avalanche_tsn.validation import check_int, check_shape
@@ -105,6 +107,18 @@ class ComputeReport:
 _COMPUTING = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, CodedLayer, CodedLinear)
 
 
+def _computes(module: nn.Module) -> bool:
+    return isinstance(module, _COMPUTING) and not getattr(module, "lookup", False)
+
+
+def _probe(model: TSNModel, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """One sample of zeros: token ids if the model looks its input up in a table."""
+    lookup = any(
+        isinstance(m, TSNEmbedding) or getattr(m, "lookup", False) for m in model.modules()
+    )
+    return torch.zeros((1, *shape), device=device, dtype=torch.long if lookup else None)
+
+
 def _weight_shape(module: nn.Module) -> tuple[int, ...]:
     """The weight shape of a float, masked or coded linear or convolution layer."""
     if isinstance(module, CodedLayer):
@@ -154,13 +168,9 @@ def compute_report(
                 # D x H x W for a convolution, the leading dimensions for a linear layer)
                 seen.append((module, output[0].numel() // _weight_shape(module)[0]))
 
-            handles = [
-                m.register_forward_hook(hook)
-                for m in model.net.modules()
-                if isinstance(m, _COMPUTING)
-            ]
+            handles = [m.register_forward_hook(hook) for m in model.net.modules() if _computes(m)]
             try:
-                model(torch.zeros((1, *shape), device=device), label)
+                model(_probe(model, shape, device), label)
             finally:
                 for h in handles:
                     h.remove()

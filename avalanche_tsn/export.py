@@ -164,7 +164,7 @@ def _architecture(module: nn.Module) -> dict[str, Any]:
         if isinstance(m, MultiHeadClassifier):
             heads[name] = m.in_features
             skip.append(name)
-        elif isinstance(m, (MaskedLayer, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        elif isinstance(m, (MaskedLayer, nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             layers[name] = list(m.weight.shape)
         elif (entry := _norm_entry(m)) is not None:
             norms[name] = entry
@@ -299,6 +299,8 @@ def _write_memory(w: _Writer, header: dict[str, Any], model: TSNModel, tasks: li
         w.tensor(codes)
         w.tensor(levels)
     header["memory"] = {"shape": list(shape or ()), "tasks": entries}
+    if bool(model.task_table.samples.integral):  # token ids (absent: floats, as older files)
+        header["memory"]["integral"] = True
 
 
 def _write_heads(w: _Writer, heads: MultiHeadClassifier, enc: ModelEncoding) -> dict[str, Any]:
@@ -418,7 +420,7 @@ def _decode(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[str, Any
         raise ValueError("corrupt export file: layer list does not match the architecture")
     for entry in header["layers"]:
         name = entry["name"]
-        has_bias = modules[name].bias is not None
+        has_bias = getattr(modules[name], "bias", None) is not None  # (an nn.Embedding has none)
         if bool(entry["bias"]) != has_bias:
             raise ValueError(
                 f"model does not match the export file: layer {name} has "
@@ -503,10 +505,14 @@ def _decode_router(
 
 
 def _decode_memory(header: dict[str, Any], r: _Reader, tasks: list[int]) -> list[Tensor] | None:
-    """Each task's memory samples (float32, as stored), or None where the file has none."""
+    """Each task's memory samples (float32, or int64 token ids, as stored), or None where the
+    file has none."""
     spec = header.get("memory")
     if spec is None:
         return None
+    integral = spec.get("integral", False)
+    if not isinstance(integral, bool):
+        raise ValueError(f"corrupt export file: memory integral flag {integral!r}")
     shape = tuple(int(d) for d in spec["shape"])
     held = any(entry[0] for entry in spec["tasks"])
     if len(spec["tasks"]) != len(tasks) or any(d < 1 for d in shape) or (held and not shape):
@@ -516,7 +522,8 @@ def _decode_memory(header: dict[str, Any], r: _Reader, tasks: list[int]) -> list
         if bits not in CODE_DTYPES or n < 0 or n_levels < 0:
             raise ValueError(f"corrupt export file: memory entry {[n, bits, n_levels]}")
         codes = r.tensor((n, *shape), CODE_DTYPES[bits])
-        samples.append(decode_samples(bits, codes, r.tensor((n_levels,))))
+        values = decode_samples(bits, codes, r.tensor((n_levels,)))
+        samples.append(values.long() if integral else values)
     return samples
 
 

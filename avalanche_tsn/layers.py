@@ -41,6 +41,7 @@ __all__ = [
     "TSNConv1d",
     "TSNConv2d",
     "TSNConv3d",
+    "TSNEmbedding",
     "TaskNorm",
     "TaskBatchNorm",
     "TaskAffineNorm",
@@ -615,14 +616,18 @@ class MaskedLayer(_Banks, _OwnedValues, _PerTaskBuffers, KernelUser):
         self._sync_weight()
 
     @torch.no_grad()
+    def _fresh_weight(self) -> Tensor:
+        # nn.Linear's and the convolutions' own initialisation
+        fresh = torch.empty_like(self.weight.detach())
+        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+        return fresh
+
     def reset_live(self) -> None:
         """Re-initialise what the live subnetwork trains: free weights, scores and bias.
 
         Used when a task's training is abandoned or restarted; trained tasks are untouched.
         """
-        fresh = torch.empty_like(self.weight.detach())
-        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
-        self.weight.copy_(fresh)
+        self.weight.copy_(self._fresh_weight())
         nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
         if self.bias is not None:
             fan_in = self.weight[0].numel()
@@ -760,6 +765,40 @@ class TSNConv3d(_TSNConv, nn.Conv3d):
     It is an ``nn.Conv3d`` (tools that look for one find it), built around the user's layer:
     the very same ``weight`` and ``bias`` parameters.
     """
+
+
+class TSNEmbedding(MaskedLayer, nn.Embedding):
+    """An ``nn.Embedding`` whose table entries are selected per task by a learned mask.
+
+    It is an ``nn.Embedding`` built around the user's layer (the very same ``weight``); a
+    task's lookup reads the rows of its own effective table, whose unselected entries are 0.
+    ``max_norm`` (which renormalises looked-up rows in place, so it would write into frozen
+    values) and ``sparse`` gradients are refused before conversion.
+    """
+
+    def __init__(self, layer: nn.Embedding) -> None:
+        nn.Module.__init__(self)
+        for name in nn.Embedding.__constants__:
+            setattr(self, name, getattr(layer, name))
+        self._init_masking(layer.weight, None)
+
+    def _fresh_weight(self) -> Tensor:
+        # nn.Embedding's own initialisation: N(0, 1), the padding row 0
+        fresh = torch.randn_like(self.weight.detach())
+        if self.padding_idx is not None:
+            fresh[self.padding_idx] = 0
+        return fresh
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run_routed(
+            x,
+            lambda rows, slot: F.embedding(
+                rows,
+                self.effective_params(slot)[0],
+                self.padding_idx,
+                scale_grad_by_freq=self.scale_grad_by_freq,
+            ),
+        )
 
 
 class TaskNorm(_PerTaskBuffers):

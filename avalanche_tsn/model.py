@@ -30,6 +30,7 @@ from avalanche_tsn.layers import (
     TSNConv1d,
     TSNConv2d,
     TSNConv3d,
+    TSNEmbedding,
     TSNLinear,
     module_device,
 )
@@ -52,9 +53,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_MASKED = "nn.Linear, nn.Conv1d, nn.Conv2d and nn.Conv3d layers"
+_MASKED = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d and nn.Embedding layers"
 _SUPPORTED = (
-    "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, "
+    "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.BatchNorm1d, nn.BatchNorm2d, "
     "nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm and MultiHeadClassifier heads"
 )
 
@@ -75,6 +76,8 @@ def _convert(module: nn.Module) -> nn.Module:
     conv = next((c for c in _CONVS if isinstance(module, c)), None)
     if isinstance(module, nn.Linear):
         new = TSNLinear(module)
+    elif isinstance(module, nn.Embedding):
+        new = TSNEmbedding(module)
     elif conv is not None:
         new = _CONVS[conv](module)
     elif isinstance(module, _NORMS):
@@ -127,6 +130,8 @@ def _check_plain(layer: nn.Module, where: str) -> None:
             "weight_norm or spectral_norm); TSN masks the layer's weight tensor itself: remove "
             "the parametrization first (torch.nn.utils.parametrize.remove_parametrizations)"
         )
+    if isinstance(layer, nn.Embedding):
+        _check_embedding(layer, what)
     extra = [n for n, _ in layer.named_parameters(recurse=False) if n not in ("weight", "bias")]
     if extra:
         raise TypeError(
@@ -134,6 +139,21 @@ def _check_plain(layer: nn.Module, where: str) -> None:
             "weight_orig, weight_norm's weight_g and weight_v); TSN masks the weight tensor "
             "itself: make it permanent first (torch.nn.utils.prune.remove, "
             "torch.nn.utils.remove_weight_norm)"
+        )
+
+
+def _check_embedding(layer: nn.Embedding, what: str) -> None:
+    """Raise a TypeError for the embedding options TSN's lookup cannot keep."""
+    if layer.max_norm is not None:
+        raise TypeError(
+            f"{what} has max_norm={layer.max_norm}: it renormalises the rows it looks up in "
+            "place, which would write into weights TSN's trained tasks own; use max_norm=None (a "
+            "normalisation after the lookup, e.g. F.normalize, does the same without writing)"
+        )
+    if layer.sparse:
+        raise TypeError(
+            f"{what} has sparse=True; TSN trains the table's mask with dense gradients: use "
+            "sparse=False (and a dense optimizer)"
         )
 
 
@@ -198,7 +218,7 @@ _AFFINE_NORMS = (nn.LayerNorm, nn.GroupNorm)
 #: layers whose shape is not known until their first call (not converted, so refused)
 _LAZY = (nn.LazyLinear, nn.LazyConv1d, nn.LazyConv2d, nn.LazyConv3d)
 #: the layers TSN converts (subclasses too, if they compute as these do)
-_MASKABLE = (nn.Linear, *_CONVS, *_NORMS, *_AFFINE_NORMS)
+_MASKABLE = (nn.Linear, nn.Embedding, *_CONVS, *_NORMS, *_AFFINE_NORMS)
 
 
 def _check_not_lazy(layer: nn.Module, where: str) -> None:
@@ -260,7 +280,9 @@ def _check_model(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     _plan(module, "", plan)
     _check_untied(module)
     masked = [m for m in module.modules() if isinstance(m, MaskedLayer)]
-    if not masked and not any(isinstance(c, (nn.Linear, *_CONVS)) for _, _, c in plan):
+    if not masked and not any(
+        isinstance(c, (nn.Linear, nn.Embedding, *_CONVS)) for _, _, c in plan
+    ):
         raise ValueError(
             f"model ({type(module).__name__}) has no maskable layer; TSN masks {_MASKED}"
         )

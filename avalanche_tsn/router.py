@@ -293,6 +293,9 @@ def noisy_copies(memory: Tensor, copies: int, noise: float, generator: torch.Gen
     subnetwork, keep the router from fitting those few samples' features exactly (measured:
     BENCHMARKS.md, "Class-incremental at equal memory"). Nothing more is stored.
 
+    Integer samples (token ids) have no nearby values to add noise toward: their copies are
+    exact, which still gives the memory its weight in the fit.
+
     :param memory: one task's memory samples, ``[n, ...]``.
     :param copies: noisy copies to add (0: ``memory`` as it is).
     :param noise: the noise's standard deviation, times that of ``memory``'s values.
@@ -300,6 +303,8 @@ def noisy_copies(memory: Tensor, copies: int, noise: float, generator: torch.Gen
     """
     if copies == 0 or len(memory) == 0:
         return memory
+    if not memory.is_floating_point():
+        return memory.repeat(copies + 1, *([1] * (memory.dim() - 1)))
     scale = noise * float(memory.float().std()) if memory.numel() > 1 else 0.0
     draws = torch.randn((copies, *memory.shape), generator=generator)
     noisy = memory.unsqueeze(0) + (scale * draws).to(memory.device, memory.dtype)

@@ -11,6 +11,8 @@ distinct values, 16-bit codes up to 65,536 (and fewer than half as many as value
 values otherwise. Decoding gives back the
 stored floats bit for bit (``-0.0`` and every NaN pattern included), so nothing that reads
 the memory can tell the difference, and :meth:`TaskMemory.bits` counts what is stored.
+Integer samples (token ids for an embedding) are coded the same way, from their float32
+values (exact below 2**24), and given back as int64.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ __all__ = [
     "encode_samples",
     "decode_samples",
     "CODE_DTYPES",
+    "INTEGRAL_LIMIT",
 ]
+
+#: integer samples must be below this in magnitude: float32 holds every such integer exactly
+INTEGRAL_LIMIT = 1 << 24
 
 #: code width in bits -> the dtype holding the codes (16-bit codes are offset into int16)
 CODE_DTYPES = {8: torch.uint8, 16: torch.int16, 32: torch.float32}
@@ -131,6 +137,7 @@ class TaskMemory(nn.Module):
     """
 
     codes: Tensor  # [slots, width, *sample]: uint8 / int16 codes or float32 values
+    integral: Tensor  # bool scalar: the samples are integers (token ids), given back as int64
     levels: Tensor  # [slots, L]: each slot's distinct values, zero-padded
     n_levels: Tensor  # [slots]: how many of a slot's levels are real
     lengths: Tensor  # [slots]: how many of a slot's rows are samples
@@ -141,6 +148,7 @@ class TaskMemory(nn.Module):
         self.register_buffer("levels", torch.zeros(0, 0, device=device))
         self.register_buffer("n_levels", torch.zeros(0, dtype=torch.long, device=device))
         self.register_buffer("lengths", torch.zeros(0, dtype=torch.long, device=device))
+        self.register_buffer("integral", torch.zeros((), dtype=torch.bool, device=device))
 
     def bits_per_value(self) -> int:
         """The code width every stored value takes: 8, 16 or 32 (float32)."""
@@ -155,15 +163,17 @@ class TaskMemory(nn.Module):
         return id(self.codes), self.codes._version
 
     def get(self, slot: int | None) -> Tensor:
-        """The samples kept in ``slot`` as float32, bit for bit as stored (a new tensor).
+        """The samples kept in ``slot``, bit for bit as stored (a new tensor): float32, or
+        int64 where they are integers.
 
         :param slot: a slot index; None (or a slot with no memory): no samples.
         """
         shape = self.sample_shape() or ()
+        dtype = torch.long if bool(self.integral) else torch.float32
         if self.codes.dim() < 2 or slot is None or slot >= len(self.lengths):
-            return torch.zeros((0, *shape), device=self.codes.device)
+            return torch.zeros((0, *shape), device=self.codes.device, dtype=dtype)
         rows = self.codes[slot, : int(self.lengths[slot])]
-        return decode_samples(self.bits_per_value(), rows, self.levels[slot])
+        return decode_samples(self.bits_per_value(), rows, self.levels[slot]).to(dtype)
 
     def bits(self) -> int:
         """Bits the memory stores: each sample's codes plus each slot's levels (float32)."""
@@ -180,15 +190,27 @@ class TaskMemory(nn.Module):
         Checked before anything changes: the sample shape must match the earlier memories'.
 
         :param slot: the slot, below ``n_slots``.
-        :param x: the samples, ``[n, *sample]``; stored as float32.
+        :param x: the samples, ``[n, *sample]``: floats (stored as float32) or integers below
+            :data:`INTEGRAL_LIMIT` in magnitude (token ids), as the earlier memories.
         :param n_slots: how many slots the task table has.
         """
-        x = x.detach().to(self.lengths.device, torch.float32).contiguous()
+        integral = not (x.is_floating_point() or x.is_complex())
         shape = self.sample_shape()
         if shape is not None and shape != tuple(x.shape[1:]):
             raise ValueError(
                 f"memory samples have shape {tuple(x.shape[1:])}, earlier ones {shape}"
             )
+        if shape is not None and integral != bool(self.integral):
+            kinds = ("floats", "integers")
+            raise ValueError(
+                f"memory samples are {kinds[integral]}, earlier ones {kinds[bool(self.integral)]}"
+            )
+        if integral and x.numel() and int(x.abs().max()) >= INTEGRAL_LIMIT:
+            raise ValueError(
+                f"integer memory samples must lie within +-{INTEGRAL_LIMIT - 1} (float32 holds "
+                f"them exactly), got {int(x.abs().max())}"
+            )
+        x = x.detach().to(self.lengths.device, torch.float32).contiguous()
         if not 0 <= slot < n_slots:
             raise ValueError(f"slot must lie in [0, {n_slots}), got {slot}")
         bits, codes, levels = encode_samples(x, self.bits_per_value() if shape is not None else 8)
@@ -203,6 +225,7 @@ class TaskMemory(nn.Module):
         self.levels[slot, : len(levels)] = levels
         self.n_levels[slot] = len(levels)
         self.lengths[slot] = len(x)
+        self.integral.fill_(integral)
 
     def clear(self) -> None:
         """Forget every slot's samples (a model that no longer needs them releases them)."""
@@ -238,6 +261,8 @@ class TaskMemory(nn.Module):
                 self.store(s, samples, rows)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        if prefix + "integral" not in state_dict:  # written before integer samples were kept
+            state_dict[prefix + "integral"] = torch.zeros((), dtype=torch.bool)
         # shapes and the code dtype follow what was stored
         for name in ("codes", "levels", "n_levels", "lengths"):
             value = state_dict.get(prefix + name)

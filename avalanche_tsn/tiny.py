@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from avalanche_tsn.bitpack import pack_codes, unpack_codes
 from avalanche_tsn.encoding import LayerPart, ModelEncoding
-from avalanche_tsn.layers import MaskedLayer, TSNConv1d, TSNConv2d, TSNConv3d
+from avalanche_tsn.layers import MaskedLayer, TSNConv1d, TSNConv2d, TSNConv3d, TSNEmbedding
 from avalanche_tsn.model import TSNModel, require_full
 from avalanche_tsn.quantization import small_codes_of
 from avalanche_tsn.routing import FREE, TaskRouted
@@ -64,8 +64,10 @@ class CodedLayer(TaskRouted):
         n_slots = len(part.tasks)
         self.shape = part.shape
         self.numel = part.numel
-        # F.conv1d, F.conv2d or F.conv3d, as the layer's kind; None for a linear layer
+        # F.conv1d, F.conv2d or F.conv3d, as the layer's kind; None for a linear layer or a
+        # lookup table (an embedding: its input is indices, never cast to the weight's dtype)
         self.conv = _CONV_FUNCTIONS.get(len(layer.kernel_size)) if _is_conv(layer) else None
+        self.lookup = isinstance(layer, TSNEmbedding)
         if self.conv is not None:
             self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
             self.padding_mode = layer.padding_mode
@@ -153,6 +155,8 @@ class CodedLayer(TaskRouted):
         return weight.view(self.shape)
 
     def _run(self, x: Tensor, slot: int) -> Tensor:
+        if self.lookup:
+            return F.embedding(x, self.weight_of(slot))
         weight = self.weight_of(slot).to(x.dtype)
         bias = None if self.task_bias is None else self.task_bias[slot].to(x)
         if self.conv is not None:

@@ -41,6 +41,63 @@ def blob_stream(
     return task_stream(train, test, task_labels=task_labels)
 
 
+def token_stream(
+    n_tasks: int = 3, n_classes: int = 3, vocab: int = 40, length: int = 10, n: int = 96,
+    seed: int = 0, class_incremental: bool = False,
+):  # fmt: skip
+    """Sequences of token ids (int64, 0 is padding); each class of each task favours its own
+    tokens, and each sequence ends in 0 to 3 padding tokens. ``class_incremental``: global
+    class ids (task t's classes follow task t-1's) and every experience task label 0."""
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for t in range(n_tasks):
+        favoured = torch.randint(1, vocab, (n_classes, 4), generator=g)
+        parts = []
+        for size in (n, n // 2):
+            y = torch.arange(size) % n_classes
+            pick = torch.randint(0, 4, (size, length), generator=g)
+            noise = torch.randint(1, vocab, (size, length), generator=g)
+            x = torch.where(
+                torch.rand(size, length, generator=g) < 0.6, favoured[y[:, None], pick], noise
+            )
+            pad = torch.randint(0, 4, (size, 1), generator=g)
+            x[torch.arange(length) >= length - pad] = 0
+            parts.append(TensorTaskDataset(x, y + t * n_classes if class_incremental else y))
+        train.append(parts[0])
+        test.append(parts[1])
+    if class_incremental:
+        return nc_benchmark(
+            train, test, n_experiences=n_tasks, task_labels=False, shuffle=False,
+            one_dataset_per_exp=True,
+        )  # fmt: skip
+    return task_stream(train, test)
+
+
+class TokenBag(nn.Module):
+    """Token ids looked up in an embedding table (0 is padding), averaged, then an MLP."""
+
+    def __init__(self, vocab: int = 40, out: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 8, padding_idx=0)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.embed(x).mean(1))
+
+
+class TextConv(nn.Module):
+    """A small TextCNN: embeddings, a 1-d convolution over the sequence, max over time."""
+
+    def __init__(self, vocab: int = 40, out: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 8, scale_grad_by_freq=True)
+        self.conv = nn.Sequential(nn.Conv1d(8, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU())
+        self.head = nn.Linear(8, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(self.embed(x).transpose(1, 2)).amax(2))
+
+
 def mlp(dim: int = 12, hidden: int = 16, out: int = 3, bias: bool = True) -> nn.Module:
     return nn.Sequential(
         nn.Linear(dim, hidden, bias=bias),

@@ -37,11 +37,14 @@ from avalanche.training.plugins import (
 from conftest import (
     Signal1d,
     SmallConvNet,
+    TextConv,
+    TokenBag,
     Volume3d,
     blob_stream,
     mlp,
     normed_mlp,
     quiet_evaluator,
+    token_stream,
 )
 from test_task_inference import class_incremental
 
@@ -129,6 +132,11 @@ def draw(seed: int) -> dict[str, Any]:
         c["model"] = rng.choice(["conv1d", "conv3d"])
     if c["model"] in ("mlp", "conv") and rng.random() < 0.3:  # LayerNorm, GroupNorm: later too
         c["model"] = {"mlp": "mlp_layernorm", "conv": "conv_groupnorm"}[c["model"]]
+    # token ids looked up in an embedding table, on token data: added later, drawn apart so
+    # that the seeds above keep their draws
+    tokens = random.Random(f"tokens-4-{seed}")
+    if tokens.random() < 0.15:
+        c["model"] = tokens.choice(["tokens", "textconv"])
     c["kw"] = kw
     return c
 
@@ -144,10 +152,14 @@ def _model(c: dict[str, Any]) -> torch.nn.Module:
         "conv3d": lambda: Volume3d(out),
         "mlp_layernorm": lambda: normed_mlp(12, 16, out),
         "conv_groupnorm": lambda: SmallConvNet(out, group_norm=True),
+        "tokens": lambda: TokenBag(out=out),
+        "textconv": lambda: TextConv(out=out),
     }[c["model"]]()
 
 
 def _stream(c: dict[str, Any], seed: int):
+    if c["model"] in ("tokens", "textconv"):
+        return token_stream(4, 2 if c["ci"] else 3, seed=seed, class_incremental=c["ci"])
     dim = 16 if c["model"].startswith("conv") else 12
     if c["ci"]:
         return class_incremental(separable=False, n_tasks=4, dim=dim, seed=seed)
@@ -363,6 +375,8 @@ def test_the_draws_cover_each_strategy_plugin_and_inference_method():
         "conv3d",
         "mlp_layernorm",
         "conv_groupnorm",
+        "tokens",
+        "textconv",
     }
     ci_models = {c["model"] for c in draws if c["ci"]}
     assert ci_models >= {"mlp", "multihead"} and ci_models & {"conv", "conv1d", "conv3d"}

@@ -10,7 +10,18 @@ import io
 
 import pytest
 import torch
-from conftest import Signal1d, SmallConvNet, Volume3d, adam_strategy, blob_stream, mlp, normed_mlp
+from conftest import (
+    Signal1d,
+    SmallConvNet,
+    TextConv,
+    TokenBag,
+    Volume3d,
+    adam_strategy,
+    blob_stream,
+    mlp,
+    normed_mlp,
+    token_stream,
+)
 
 from avalanche_tsn import (
     AdaQPacknetStrategy,
@@ -32,14 +43,25 @@ def device(request) -> str:
     return request.param
 
 
+def _blobs():
+    return blob_stream(n_tasks=3, dim=16)
+
+
+def _tokens():
+    return token_stream(n_tasks=3)
+
+
+#: each model and the stream of 3 tasks it trains on
 MODELS = {
-    "mlp": (lambda: mlp(16), 16),
-    "conv_bn": (lambda: SmallConvNet(), 16),
-    "multihead": (lambda: MultiHeadMLP(16, (16, 16), n_classes=3), 16),
-    "conv1d": (Signal1d, 16),
-    "conv3d": (Volume3d, 16),
-    "layernorm": (lambda: normed_mlp(16), 16),
-    "groupnorm": (lambda: SmallConvNet(group_norm=True), 16),
+    "mlp": (lambda: mlp(16), _blobs),
+    "conv_bn": (lambda: SmallConvNet(), _blobs),
+    "multihead": (lambda: MultiHeadMLP(16, (16, 16), n_classes=3), _blobs),
+    "conv1d": (Signal1d, _blobs),
+    "conv3d": (Volume3d, _blobs),
+    "layernorm": (lambda: normed_mlp(16), _blobs),
+    "groupnorm": (lambda: SmallConvNet(group_norm=True), _blobs),
+    "embedding": (TokenBag, _tokens),
+    "textconv": (TextConv, _tokens),
 }
 
 
@@ -75,8 +97,8 @@ def _train_checking(strategy, bm) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_full_pipeline_is_forget_free_and_round_trips(kind, device):
-    make, dim = MODELS[kind]
-    bm = blob_stream(n_tasks=3, dim=dim)
+    make, stream = MODELS[kind]
+    bm = stream()
     strategy = _strategy(TSNStrategy, make(), device, task_matching=True, new_bank_below=0.3)
     out = _train_checking(strategy, bm)
     probes = _probes(bm, device)

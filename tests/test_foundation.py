@@ -324,14 +324,14 @@ def test_model_without_maskable_layer():
         TSNModel(nn.Sequential(nn.ReLU(), nn.Flatten()))
 
 
-@pytest.mark.parametrize("layer", ["prelu", "embedding", "incremental"])
+@pytest.mark.parametrize("layer", ["prelu", "embedding_bag", "incremental"])
 def test_unsupported_layer(layer):
     from avalanche.models import IncrementalClassifier
     from torch import nn
 
     extra = {
         "prelu": nn.PReLU(),
-        "embedding": nn.Embedding(4, 8),
+        "embedding_bag": nn.EmbeddingBag(4, 8),
         "incremental": IncrementalClassifier(8, 2),
     }[layer]
     with pytest.raises(TypeError, match="TSN"):

@@ -1,6 +1,6 @@
 """Convolutions over one and three spatial dimensions (sensor and audio signals, volumes and
-clips), LayerNorm and GroupNorm: kept per task, compressed, exported and run tiny as
-``nn.Conv2d`` and BatchNorm are."""
+clips), LayerNorm and GroupNorm, embedding tables of token ids: kept per task, compressed,
+exported and run tiny as ``nn.Conv2d`` and BatchNorm are."""
 
 from __future__ import annotations
 
@@ -9,23 +9,42 @@ import io
 
 import pytest
 import torch
-from conftest import Signal1d, Volume3d, blob_stream, quiet_evaluator
+from avalanche.core import SupervisedPlugin
+from conftest import (
+    Signal1d,
+    TextConv,
+    TokenBag,
+    Volume3d,
+    blob_stream,
+    quiet_evaluator,
+    token_stream,
+)
 from torch import nn
 
 from avalanche_tsn import TSNStrategy
 from avalanche_tsn.compute import compute_report
 from avalanche_tsn.export import load_compressed
-from avalanche_tsn.layers import TaskAffineNorm, TaskBatchNorm, TSNConv1d, TSNConv3d
+from avalanche_tsn.layers import (
+    FREE,
+    TaskAffineNorm,
+    TaskBatchNorm,
+    TSNConv1d,
+    TSNConv3d,
+    TSNEmbedding,
+)
 from avalanche_tsn.model import TSNModel
 from avalanche_tsn.tiny import CodedLayer, to_tiny
 
 KINDS = {"conv1d": (Signal1d, TSNConv1d, 3), "conv3d": (Volume3d, TSNConv3d, 2)}
 
 
-def _train_recording(net: nn.Module, optimizer: torch.optim.Optimizer, epochs: int) -> tuple:
-    """Three tasks trained with TSN's defaults (pruning, quantization); the strategy, the test
-    inputs and each task's outputs on them, recorded the moment it was learned."""
-    bm = blob_stream(n_tasks=3, dim=16)
+def _train_recording(
+    net: nn.Module, optimizer: torch.optim.Optimizer, epochs: int, bm=None
+) -> tuple:
+    """Three tasks (of ``bm``, default: blobs) trained with TSN's defaults (pruning,
+    quantization); the strategy, the test inputs and each task's outputs on them, recorded
+    the moment it was learned."""
+    bm = blob_stream(n_tasks=3, dim=16) if bm is None else bm
     strategy = TSNStrategy(
         model=net,
         optimizer=optimizer,
@@ -255,3 +274,155 @@ def test_an_export_loaded_into_another_normalisation_is_refused(normed) -> None:
     buf.seek(0)
     with pytest.raises(ValueError, match="its norms differ"):
         load_compressed(buf, other)
+
+
+# -- Embedding: token ids looked up in a masked table --------------------------------------
+
+EMBEDDED = {"tokens": TokenBag, "textconv": TextConv}
+
+
+@pytest.fixture(scope="module", params=sorted(EMBEDDED))
+def embedded(request):
+    """A bag-of-embeddings MLP and a TextCNN, trained by :func:`_train_recording` on token ids."""
+    torch.manual_seed(0)
+    net = EMBEDDED[request.param]()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-4)
+    return request.param, *_train_recording(net, optimizer, 6, token_stream())
+
+
+def test_each_task_reads_its_own_quantized_subnetwork_of_the_embedding_table(embedded) -> None:
+    kind, strategy, x, learned = embedded
+    (table,) = [m for m in strategy.model.modules() if isinstance(m, TSNEmbedding)]
+    assert isinstance(table, nn.Embedding)  # tools that look for one find it
+    assert table.padding_idx == (0 if kind == "tokens" else None)
+    for slot in range(3):
+        assert 0 < int(table.task_mask(slot).sum()) < table.weight.numel()
+        bits = int(table.task_bits[slot])
+        assert bits > 0 and len(torch.unique(table.own_values(slot))) <= 2**bits
+    _assert_predicts(strategy.model.eval(), x, learned)
+    labels = torch.arange(3).repeat_interleave(len(x))
+    with torch.no_grad():  # a minibatch that mixes the tasks
+        mixed = strategy.model(x.repeat(3, 1), labels)
+    assert torch.equal(mixed, torch.cat(learned))
+
+
+def test_export_tiny_and_state_dict_of_an_embedding_model_predict_the_same(embedded) -> None:
+    kind, strategy, x, learned = embedded
+    forms = _other_forms(strategy, EMBEDDED[kind])
+    for name in ("export_False", "tiny"):  # the coded forms look the ids up themselves
+        coded = [m for m in forms[name].modules() if isinstance(m, CodedLayer)]
+        assert [m.lookup for m in coded].count(True) == 1
+    for model in forms.values():
+        _assert_predicts(model, x, learned)
+
+
+def test_the_compute_report_probes_token_ids_and_counts_no_lookup(embedded) -> None:
+    kind, strategy, _, _ = embedded
+    report = compute_report(strategy.tsn_model, (10,))
+    tiny = compute_report(to_tiny(copy.deepcopy(strategy.tsn_model)), (10,))
+    rows = report.tasks[0].layers
+    # a lookup multiplies nothing: only the layers after it are counted
+    expected = {
+        "tokens": {"mlp.0": 8 * 16, "mlp.2": 16 * 3},
+        "textconv": {"conv.0": 10 * 8 * 8 * 3, "head": 8 * 3},
+    }[kind]
+    assert {r.name: r.dense_macs for r in rows} == expected
+    assert [r.macs for r in tiny.tasks[0].layers] == [r.macs for r in rows]
+
+
+@pytest.mark.parametrize(
+    "option, what",
+    [({"max_norm": 1.0}, "max_norm=1.0: it renormalises"), ({"sparse": True}, "sparse=True")],
+)
+def test_an_embedding_that_writes_its_table_or_has_sparse_gradients_is_refused(option, what):
+    model = nn.Sequential(nn.Embedding(10, 4, **option), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(TypeError, match=rf"^0 \(Embedding\) has {what}"):
+        TSNStrategy(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert type(model[0]) is nn.Embedding and type(model[2]) is nn.Linear  # nothing converted
+
+
+@pytest.mark.parametrize("method", ["router", "memory", "entropy"])
+def test_task_inference_routes_token_ids_kept_exactly_in_the_memory(method) -> None:
+    torch.manual_seed(0)
+    bm = token_stream(3, 2, class_incremental=True)
+    net = TokenBag(out=6)
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
+        train_mb_size=16,
+        train_epochs=6,
+        evaluator=quiet_evaluator(),
+        task_inference=method,
+        memory_size=20,
+        calibrate_activations=True,
+    )
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    model = strategy.tsn_model
+    xs = [torch.stack([e.dataset[i][0] for i in range(len(e.dataset))]) for e in bm.test_stream]
+    x, truth = torch.cat(xs), torch.arange(3).repeat_interleave(len(xs[0]))
+    routed, tasks = strategy.infer(x)
+    if method != "entropy":  # (entropy reads no memory, and is no better than chance here)
+        assert float((tasks == truth).float().mean()) > {"router": 0.7, "memory": 0.55}[method]
+        for t, exp in enumerate(bm.train_stream):
+            kept, seen = model.memory(t), exp.dataset.eval()
+            inputs = torch.stack([seen[i][0] for i in range(len(seen))])
+            assert kept.dtype == torch.long and len(kept) == 20  # the very ids, as int64
+            assert all(bool((inputs == row).all(1).any()) for row in kept)
+    # the activations are quantized; the table's input, token ids, is left exact
+    assert set(strategy.quantized_accuracy(bm.test_stream, 8)) == {0, 1, 2}
+    buf = io.BytesIO()
+    strategy.export(buf, keep_memory=method != "entropy")
+    fresh = TSNModel(TokenBag(out=6))
+    fresh.load_state_dict(model.state_dict())
+    buf.seek(0)
+    copies = [fresh, load_compressed(buf, TokenBag(out=6)), to_tiny(copy.deepcopy(model))]
+    for other in copies:
+        other.eval().task_inference = model.task_inference
+        with torch.no_grad():
+            assert torch.equal(other(x), routed)
+
+
+class _StopAt(SupervisedPlugin):
+    """Fails the training at an iteration, as a crash or a KeyboardInterrupt would."""
+
+    def __init__(self, iteration: int) -> None:
+        super().__init__()
+        self.iteration = iteration
+
+    def after_training_iteration(self, strategy, **kwargs):
+        if strategy.clock.train_exp_iterations == self.iteration:
+            raise RuntimeError("interrupted")
+
+
+def test_an_abandoned_task_reinitialises_the_free_table_as_nn_embedding_does() -> None:
+    torch.manual_seed(0)
+    bm = token_stream()
+    net = TokenBag()
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-2),
+        train_mb_size=16,
+        evaluator=quiet_evaluator(),
+        prune=False,
+        quantize=False,
+    )
+    first, second = list(bm.train_stream)[:2]
+    strategy.train(first)
+    x = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(16)])
+    with torch.no_grad():
+        before = strategy.model.eval()(x, 0)
+    stop = _StopAt(2)
+    strategy.plugins.append(stop)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        strategy.train(second)
+    strategy.plugins.remove(stop)
+    assert strategy.abandon_task() == 1
+    table = strategy.model.net.embed
+    free = table.owner == FREE
+    weight = table.weight.detach()
+    assert bool(free[0].any()) and not bool(weight[0][free[0]].any())  # the padding row: 0
+    spread = float(weight[1:][free[1:]].std())
+    assert 0.8 < spread < 1.2  # N(0, 1), not nn.Linear's uniform bound 1/sqrt(8)
+    with torch.no_grad():
+        assert torch.equal(strategy.model.eval()(x, 0), before)

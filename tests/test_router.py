@@ -213,3 +213,9 @@ def test_fit_samples_copy_only_the_memories_in_task_order() -> None:
     assert torch.equal(x[:20], expected)  # seeded by the settings
     with pytest.raises(ValueError, match="one memories flag per task"):
         fit_samples([memory, current], [True], settings)
+
+
+def test_noisy_copies_of_token_ids_are_exact_copies() -> None:
+    ids = torch.randint(0, 40, (5, 7), generator=torch.Generator().manual_seed(0))
+    copies = noisy_copies(ids, 3, 0.5, torch.Generator().manual_seed(0))
+    assert copies.dtype == torch.long and torch.equal(copies, ids.repeat(4, 1))

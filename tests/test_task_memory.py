@@ -393,3 +393,43 @@ def test_training_further_from_an_export_needs_the_memory_where_a_stage_reads_it
         assert kept.task_router.fitted_tasks() == [0, 1, 2, 3]
     with torch.no_grad():  # the earlier tasks, bit for bit as exported
         assert all(torch.equal(kept(x, t), before[t]) for t in before)
+
+
+def test_integer_samples_come_back_as_the_same_int64_token_ids():
+    memory = TaskMemory()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 300, (500, 12), generator=g)  # 300 ids: 16-bit codes
+    memory.store(0, ids, n_slots=2)
+    memory.store(1, ids[:300].to(torch.int32), n_slots=2)  # any integer dtype
+    assert bool(memory.integral) and memory.codes.dtype == torch.int16
+    assert memory.get(0).dtype == torch.long and torch.equal(memory.get(0), ids)
+    assert torch.equal(memory.get(1), ids[:300]) and memory.get(None).dtype == torch.long
+    # the flag is learned state: it comes back with the state dict
+    loaded = TaskMemory()
+    loaded.load_state_dict(memory.state_dict())
+    assert torch.equal(loaded.get(0), ids) and loaded.get(0).dtype == torch.long
+
+
+def test_integer_samples_out_of_float32s_exact_range_or_mixed_with_floats_change_nothing():
+    memory = TaskMemory()
+    memory.store(0, torch.tensor([[1, 2], [3, 4]]), n_slots=2)
+    before = {k: v.clone() for k, v in memory.state_dict().items()}
+    with pytest.raises(ValueError, match=r"memory samples are floats, earlier ones integers"):
+        memory.store(1, torch.ones(2, 2), n_slots=2)
+    with pytest.raises(ValueError, match=r"within \+-16777215 .* got 16777216"):
+        memory.store(1, torch.tensor([[1, 1 << 24]]), n_slots=2)
+    after = memory.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    floats = TaskMemory()
+    floats.store(0, torch.ones(2, 2), n_slots=1)
+    with pytest.raises(ValueError, match=r"memory samples are integers, earlier ones floats"):
+        floats.store(0, torch.ones(2, 2, dtype=torch.long), n_slots=1)
+
+
+def test_a_memory_state_dict_written_before_integer_samples_loads_as_floats():
+    memory = TaskMemory()
+    memory.store(0, _eight_bit(4), n_slots=1)
+    old = {k: v for k, v in memory.state_dict().items() if k != "integral"}
+    loaded = TaskMemory()
+    loaded.load_state_dict(old)  # strict: the missing flag means floats
+    assert not bool(loaded.integral) and torch.equal(loaded.get(0), memory.get(0))
