@@ -266,6 +266,7 @@ def export_model(
     # Optional (files without it load with task_inference None): how tasks are inferred.
     if model.task_inference is not None:
         header["task_inference"] = model.task_inference
+    _write_moved(w, header, model)
     head_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head_bytes)) + head_bytes + w.buf.getvalue()
     data = body + _CRC.pack(zlib.crc32(body))
@@ -301,6 +302,17 @@ def _write_memory(w: _Writer, header: dict[str, Any], model: TSNModel, tasks: li
     header["memory"] = {"shape": list(shape or ()), "tasks": entries}
     if bool(model.task_table.samples.integral):  # token ids (absent: floats, as older files)
         header["memory"]["integral"] = True
+
+
+def _write_moved(w: _Writer, header: dict[str, Any], model: TSNModel) -> None:
+    """The user's buffers the model moved in training, which trained tasks may read, with
+    their values (optional: files before 0.10 have none)."""
+    if moved := model.task_table.moved_buffers.names():
+        header["moved_buffers"] = []
+        for name in moved:
+            value = model.net.get_buffer(name).detach().cpu().contiguous()
+            header["moved_buffers"].append([name, list(value.shape), str(value.dtype)])
+            w.tensor(value)
 
 
 def _write_heads(w: _Writer, heads: MultiHeadClassifier, enc: ModelEncoding) -> dict[str, Any]:
@@ -439,28 +451,10 @@ def _decode(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[str, Any
     head_bits = [int(b) for b in header["head_bits"]]
     if len(head_bits) != len(tasks):
         raise ValueError("corrupt export file: head bit-widths do not match the tasks")
-    heads = {}
-    for hname, entry in header["heads"].items():
-        for key, spec in entry.items():
-            slot = tasks.index(int(key))
-            b = head_bits[slot]
-            state = {}
-            book = torch.zeros(0)
-            if b:
-                n = sum(int(np.prod(s)) for _, s in spec["weights"])
-                values, book = r.quantized(n, b)
-                start = 0
-                for k, s in spec["weights"]:
-                    size = int(np.prod(s))
-                    state[k] = values[start : start + size].view(s)
-                    start += size
-            for k, s, dt in spec["raw"]:
-                state[k] = r.tensor(tuple(s), _dtype(dt))
-            au = spec["active_units"]
-            active = None if au is None else r.tensor((au[0],), _dtype(au[1]))
-            heads[(hname, key)] = (int(spec["out"]), state, active, book, slot)
+    heads = _decode_heads(header, r, tasks, head_bits)
     router = _decode_router(header, r, tasks)
     memory = _decode_memory(header, r, tasks)
+    moved = _decode_moved(header, r, net)
     inference = header.get("task_inference")
     if inference is not None and inference not in INFERENCE_METHODS:
         raise ValueError(f"corrupt export file: unknown task_inference {inference!r}")
@@ -486,7 +480,47 @@ def _decode(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[str, Any
         "router": router,
         "memory": memory,
         "task_inference": inference,
+        "moved_buffers": moved,
     }
+
+
+def _decode_heads(
+    header: dict[str, Any], r: _Reader, tasks: list[int], head_bits: list[int]
+) -> dict[tuple[str, str], tuple]:
+    """Each trained task's head: its output count, state, active units, codebook and slot."""
+    heads = {}
+    for hname, entry in header["heads"].items():
+        for key, spec in entry.items():
+            slot = tasks.index(int(key))
+            b = head_bits[slot]
+            state = {}
+            book = torch.zeros(0)
+            if b:
+                n = sum(int(np.prod(s)) for _, s in spec["weights"])
+                values, book = r.quantized(n, b)
+                start = 0
+                for k, s in spec["weights"]:
+                    size = int(np.prod(s))
+                    state[k] = values[start : start + size].view(s)
+                    start += size
+            for k, s, dt in spec["raw"]:
+                state[k] = r.tensor(tuple(s), _dtype(dt))
+            au = spec["active_units"]
+            active = None if au is None else r.tensor((au[0],), _dtype(au[1]))
+            heads[(hname, key)] = (int(spec["out"]), state, active, book, slot)
+    return heads
+
+
+def _decode_moved(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[str, Tensor]:
+    """The buffers the model moved in training, by name, each the shape of ``net``'s own."""
+    known = dict(net.named_buffers())
+    moved = {}
+    for entry in header.get("moved_buffers", []):
+        name, shape, dtype = entry
+        if name not in known or list(known[name].shape) != shape or dtype not in _DTYPES:
+            raise ValueError(f"corrupt export file: moved buffer {entry!r} is not the model's")
+        moved[name] = r.tensor(tuple(shape), _dtype(dtype))
+    return moved
 
 
 def _decode_router(
@@ -684,6 +718,10 @@ def _apply(decoded: dict[str, Any], tsn: TSNModel) -> TSNModel:
             if len(samples):
                 tsn.store_memory(label, samples.to(dev))
     tsn.task_inference = decoded["task_inference"]
+    for name, value in decoded["moved_buffers"].items():
+        buffer = tsn.net.get_buffer(name)
+        buffer.copy_(value.to(buffer.device, buffer.dtype))
+    tsn.task_table.moved_buffers.note(list(decoded["moved_buffers"]))
     return tsn.eval()
 
 

@@ -21,7 +21,7 @@ from avalanche_tsn.masks import check_sparsity
 from avalanche_tsn.quantization import store_centroids
 from avalanche_tsn.task_memory import TaskMemory
 
-__all__ = ["TaskTable", "uncalibrated", "calibrated"]
+__all__ = ["TaskTable", "MovedBuffers", "uncalibrated", "calibrated"]
 
 
 def uncalibrated(slots: int, layers: int, device: torch.device | str | None = None) -> Tensor:
@@ -42,6 +42,48 @@ def calibrated(ranges: Tensor) -> Tensor:
     :param ranges: ranges as ``TaskTable.act_range`` holds them.
     """
     return ranges[..., 0] <= ranges[..., 1]
+
+
+class MovedBuffers(nn.Module):
+    """The names of the user's buffers that the model changed itself while a task trained.
+
+    Learned about the model, so kept in ``state_dict`` with the rest (a strategy rebuilt
+    around the model, a state dict or an export loaded into a fresh one know them): before a
+    task opens, :func:`avalanche_tsn.layer_calls.check_frozen_outputs` sets them to NaN with
+    the parameters. The names are one UTF-8 buffer, newline-separated.
+
+    :param device: where the buffer lives (the model's device).
+    """
+
+    encoded: Tensor
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.register_buffer("encoded", torch.zeros(0, dtype=torch.uint8, device=device))
+
+    def names(self) -> list[str]:
+        """The buffers' names, in the order they were first noted."""
+        text = bytes(self.encoded.cpu().tolist()).decode()
+        return text.split("\n") if text else []
+
+    def note(self, names: Sequence[str]) -> None:
+        """Add ``names`` (those not noted yet).
+
+        :param names: buffer names, as ``named_buffers`` gives them (no newline).
+        """
+        if any(not isinstance(n, str) or not n or "\n" in n for n in names):
+            raise ValueError(f"buffer names must be non-empty strings without newlines: {names}")
+        known = self.names()
+        new = known + [n for n in dict.fromkeys(names) if n not in known]
+        if new != known:
+            data = list("\n".join(new).encode())
+            self.encoded = torch.tensor(data, dtype=torch.uint8, device=self.encoded.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # written before 0.10: nothing was noted
+        value = state_dict.setdefault(prefix + "encoded", torch.zeros(0, dtype=torch.uint8))
+        self.encoded = torch.zeros_like(value, device=self.encoded.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class TaskTable(nn.Module):
@@ -76,6 +118,8 @@ class TaskTable(nn.Module):
         self.register_buffer("act_range", torch.zeros(0, n_layers, 2, device=device))
         #: each slot's memory samples (task similarity, the task router), coded losslessly
         self.samples = TaskMemory(device)
+        #: the user's buffers the model changed itself while a task trained
+        self.moved_buffers = MovedBuffers(device)
         self._cache: tuple[dict[int, int], frozenset[int]] | None = None
 
     # -- queries ---------------------------------------------------------------------------

@@ -876,6 +876,54 @@ def test_a_buffer_the_model_updates_itself_is_refused_before_the_next_task() -> 
     assert model.open_task() is None
 
 
+def test_the_buffers_a_model_moves_come_with_a_state_dict_an_export_and_a_rebuilt_strategy():
+    bm = blob_stream(n_tasks=2)
+    net = _normalised_mlp()
+    strategy = _momentum_strategy(net)
+    model = strategy.tsn_model
+    strategy.train(bm.train_stream[0])
+    assert model.task_table.moved_buffers.names() == ["0.mean", "0.steps"]
+    x = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(8)])
+    with torch.no_grad():
+        expected = model.eval()(x, 0)
+    buf = io.BytesIO()
+    strategy.export(buf)
+    buf.seek(0)
+    exported = load_compressed(buf, _normalised_mlp())
+    fresh = TSNModel(_normalised_mlp())
+    fresh.load_state_dict(model.state_dict())
+    for other in (exported, fresh):  # the mean task 0 reads comes along, and what moved it
+        assert other.task_table.moved_buffers.names() == ["0.mean", "0.steps"]
+        with torch.no_grad():
+            assert torch.equal(other.eval()(x, 0), expected)
+    # each refuses the next task before it opens, as the strategy that noted them does
+    for again in (_momentum_strategy(net), _momentum_strategy(fresh), _momentum_strategy(exported)):
+        with pytest.raises(TypeError, match=r"updates itself \(0\.mean, 0\.steps\)"):
+            again.train(bm.train_stream[1])
+        assert again.tsn_model.open_task() is None
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        ["0.nothing", [12], "torch.float32"],
+        ["0.mean", [13], "torch.float32"],
+        ["0.mean", [12], "x"],
+    ],
+    ids=["unknown_name", "other_shape", "unknown_dtype"],
+)
+def test_an_export_whose_moved_buffers_are_not_the_models_is_refused(entry) -> None:
+    strategy = _momentum_strategy(_normalised_mlp())
+    strategy.train(blob_stream(n_tasks=1).train_stream[0])
+    buf = io.BytesIO()
+    strategy.export(buf)
+    corrupt = _rewrite(buf.getvalue(), _set(["moved_buffers", 0], entry))
+    net = _normalised_mlp()
+    with pytest.raises(ValueError, match="corrupt export file"):
+        load_compressed(io.BytesIO(corrupt), net)
+    assert type(net[1]) is nn.Linear and not bool(net[0].mean.any())  # unchanged
+
+
 def test_a_buffer_first_changed_by_a_later_task_is_put_back_and_the_task_not_kept() -> None:
     bm = blob_stream(n_tasks=3)
     net = _normalised_mlp()

@@ -98,10 +98,11 @@ def test_the_model_keeps_its_task_records_in_the_table_and_reads_old_state_dicts
     assert "task_table.task_labels_by_slot" in keys and "task_labels_by_slot" not in keys
     assert all(k.startswith(("net.", "task_table.", "task_router.")) for k in keys)
     # a 0.4 state dict held the records on the model itself, the memory as float32 samples
+    # (and no moved buffers: 0.10 added them)
     old = {
         (k.split(".", 1)[1] if k.startswith("task_table.") else k): v
         for k, v in model.state_dict().items()
-        if not k.startswith("task_table.samples.")
+        if not k.startswith(("task_table.samples.", "task_table.moved_buffers."))
     }
     memories = [model.memory(t) for t in (0, 1)]
     assert [len(m) for m in memories] == [16, 16]
@@ -289,3 +290,23 @@ def test_the_package_has_no_import_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_the_moved_buffers_record_keeps_each_name_once_in_order_and_checks_them():
+    from avalanche_tsn.tasks import MovedBuffers
+
+    moved = MovedBuffers()
+    assert moved.names() == []
+    moved.note(["0.mean", "0.steps"])
+    moved.note(["1.ema", "0.mean", "1.ema"])
+    assert moved.names() == ["0.mean", "0.steps", "1.ema"]
+    before = moved.encoded.clone()
+    for bad in (["a\nb"], [""], [3]):
+        with pytest.raises(ValueError, match="buffer names must be"):
+            moved.note(bad)
+    assert torch.equal(moved.encoded, before)
+    loaded = MovedBuffers()
+    loaded.load_state_dict(moved.state_dict())
+    assert loaded.names() == moved.names()
+    loaded.load_state_dict({})  # written before 0.10
+    assert loaded.names() == []

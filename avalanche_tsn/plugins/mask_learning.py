@@ -48,8 +48,6 @@ class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
         self.new_bank_below = new_bank_below
         self._calls: LayerCalls | None = None
         self._buffers: BufferWatch | None = None
-        #: buffers of the user's modules the model changed itself while a task trained
-        self.live_buffers: list[str] = []
         if isinstance(sparsity, Sequence) and not isinstance(sparsity, str):
             if len(sparsity) == 0:
                 raise ValueError("sparsity must be a float or a non-empty sequence of floats")
@@ -78,7 +76,7 @@ class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
         label = current_task(strategy)
         if model.trained_tasks():  # before anything of the new task changes
             x = first_inputs(strategy, strategy.adapted_dataset, 16)
-            check_frozen_outputs(model, x, self.live_buffers)
+            check_frozen_outputs(model, x, model.task_table.moved_buffers.names())
         restart = model.open_task() == label
         index = len(model.trained_tasks())
         # The task-similarity stage, when present, picks the bank just before this one;
@@ -122,5 +120,5 @@ class MaskLearningPlugin(SupervisedPlugin, supports_distributed=True):
         if watch is not None and (changed := watch.changed()):
             x = first_inputs(strategy, strategy.adapted_dataset, 16)
             check_changed_buffers(model, x, watch, changed, label)
-            self.live_buffers += [n for n in changed if n not in self.live_buffers]
+            model.task_table.moved_buffers.note(changed)
         model.end_task(label)
