@@ -225,3 +225,29 @@ def test_mixed_task_minibatches_train_the_same_compiled_as_eager() -> None:
         finals.append(recorded)
     assert finals[0].keys() == finals[1].keys()
     assert all(torch.equal(finals[0][t], finals[1][t]) for t in finals[0])
+
+
+def test_an_embedding_table_trains_the_same_compiled_as_eager() -> None:
+    from conftest import TextConv, quiet_evaluator, token_stream
+
+    finals = []
+    for kernel in ("compiled", "eager"):
+        torch.manual_seed(0)
+        bm = token_stream()
+        net = TextConv()
+        strategy = TSNStrategy(
+            model=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+            train_mb_size=16,
+            evaluator=quiet_evaluator(),
+            train_kernel=kernel,
+        )
+        x = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(16)])
+        outs = []
+        for exp in list(bm.train_stream)[:2]:
+            strategy.train(exp)
+            with torch.no_grad():
+                outs.append(strategy.model.eval()(x, 0))
+        assert torch.equal(outs[0], outs[1]) and strategy.model.kernel.active == kernel
+        finals.append(outs[-1])
+    assert torch.equal(finals[0], finals[1])

@@ -426,3 +426,28 @@ def test_an_abandoned_task_reinitialises_the_free_table_as_nn_embedding_does() -
     assert 0.8 < spread < 1.2  # N(0, 1), not nn.Linear's uniform bound 1/sqrt(8)
     with torch.no_grad():
         assert torch.equal(strategy.model.eval()(x, 0), before)
+
+
+def test_a_frozen_pretrained_table_learns_its_masks_only_and_keeps_its_values() -> None:
+    torch.manual_seed(0)
+    table = torch.randn(40, 8)
+    net = TokenBag()
+    net.embed = nn.Embedding.from_pretrained(table.clone(), freeze=True, padding_idx=0)
+    trained = [p for p in net.parameters() if p.requires_grad]
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.Adam(trained, lr=1e-2),
+        train_mb_size=16,
+        train_epochs=3,
+        evaluator=quiet_evaluator(),
+        quantize=False,  # (quantization would code the values each task owns)
+    )
+    for exp in token_stream().train_stream:
+        strategy.train(exp)
+    embed = strategy.model.net.embed
+    assert torch.equal(embed.weight.detach(), table)
+    for slot in range(3):
+        mask = embed.task_mask(slot)
+        assert 0 < int(mask.sum()) < mask.numel()
+        weight, _ = embed.frozen_params(slot)
+        assert torch.equal(weight[mask], table[mask])  # the pretrained values, selected
