@@ -57,6 +57,7 @@ from avalanche_tsn.layers import (
     MaskedLayer,
     TaskAffineNorm,
     TaskBatchNorm,
+    TaskPReLU,
     affine_norm_signature,
     module_device,
 )
@@ -176,9 +177,11 @@ def _norm_entry(m: nn.Module) -> int | list[str | int] | None:
     before LayerNorm and GroupNorm were supported wrote them), else its kind and shape."""
     if isinstance(m, (TaskBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
         return m.num_features
-    if isinstance(m, TaskAffineNorm):
+    if isinstance(m, TaskAffineNorm | TaskPReLU):
         return m.signature()
-    if isinstance(m, nn.LayerNorm | nn.GroupNorm) and m.weight is not None:
+    if isinstance(m, nn.PReLU) or (
+        isinstance(m, nn.LayerNorm | nn.GroupNorm) and m.weight is not None
+    ):
         return affine_norm_signature(m)
     return None
 
@@ -188,6 +191,8 @@ def _norm_shapes(entry: int | list, module: nn.Module) -> list[tuple[int, ...]]:
     its architecture entry), in the order they are written."""
     if isinstance(entry, int):  # a BatchNorm: mean, var[, weight, bias]
         return [(entry,)] * (4 if module.weight is not None else 2)
+    if entry[0] == "prelu":  # slopes alone
+        return [(int(entry[1]),)]
     shape = tuple(entry[1:]) if entry[0] == "layer_norm" else (int(entry[2]),)
     return [shape] * (2 if module.bias is not None else 1)
 

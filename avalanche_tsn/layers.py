@@ -45,6 +45,7 @@ __all__ = [
     "TaskNorm",
     "TaskBatchNorm",
     "TaskAffineNorm",
+    "TaskPReLU",
     "affine_norm_signature",
     "FREE",
     "module_device",
@@ -967,12 +968,15 @@ class TaskBatchNorm(TaskNorm):
         return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
 
 
-def affine_norm_signature(layer: nn.LayerNorm | nn.GroupNorm) -> list[str | int]:
-    """The kind and shape of a LayerNorm or GroupNorm, as the export's architecture records
-    them: ``["layer_norm", *normalized_shape]`` or ``["group_norm", groups, channels]``.
+def affine_norm_signature(layer: nn.LayerNorm | nn.GroupNorm | nn.PReLU) -> list[str | int]:
+    """The kind and shape of a LayerNorm, GroupNorm or PReLU, as the export's architecture
+    records them: ``["layer_norm", *normalized_shape]``, ``["group_norm", groups,
+    channels]`` or ``["prelu", slopes]``.
 
     :param layer: the user's layer.
     """
+    if isinstance(layer, nn.PReLU):
+        return ["prelu", layer.num_parameters]
     if isinstance(layer, nn.GroupNorm):
         return ["group_norm", layer.num_groups, layer.num_channels]
     return ["layer_norm", *layer.normalized_shape]
@@ -1029,3 +1033,42 @@ class TaskAffineNorm(TaskNorm):
     def extra_repr(self) -> str:
         shape = self.signature()[1:]
         return f"{self.kind}, {shape}, eps={self.eps}, bias={self.bias is not None}"
+
+
+class TaskPReLU(TaskNorm):
+    """A PReLU whose slopes are kept per task, as a normalisation's affine terms are.
+
+    The live task trains the user's ``weight`` (one slope, or one per channel); when it ends
+    the slopes are frozen into ``task_weight[slot]``, which its forward reads from then on.
+
+    :param layer: the user's ``nn.PReLU``.
+    """
+
+    _slot_buffers = ("task_weight",)
+    _live_terms = ("weight",)
+    bias = None  # (a slope has no bias: what the per-task kinds' shared code reads)
+
+    def __init__(self, layer: nn.PReLU) -> None:
+        super().__init__()
+        self.num_parameters = layer.num_parameters
+        self.init = layer.init
+        self._signature = affine_norm_signature(layer)
+        self.weight = layer.weight
+        dev = module_device(layer)
+        self.register_buffer("task_weight", torch.zeros(0, self.num_parameters, device=dev))
+
+    def signature(self) -> list[str | int]:
+        """The kind and shape, as the export's architecture records them (the user's layer's
+        :func:`affine_norm_signature`)."""
+        return list(self._signature)
+
+    @torch.no_grad()
+    def reset_affine(self) -> None:
+        """Reset the live slopes as ``nn.PReLU`` initialises them."""
+        self.weight.fill_(self.init)
+
+    def _forward_slot(self, x: Tensor, slot: int) -> Tensor:
+        return F.prelu(x, self.weight if slot == FREE else self.task_weight[slot])
+
+    def extra_repr(self) -> str:
+        return f"num_parameters={self.num_parameters}"

@@ -27,6 +27,7 @@ from avalanche_tsn.layers import (
     TaskAffineNorm,
     TaskBatchNorm,
     TaskNorm,
+    TaskPReLU,
     TSNConv1d,
     TSNConv2d,
     TSNConv3d,
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 _MASKED = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d and nn.Embedding layers"
 _SUPPORTED = (
     "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.BatchNorm1d, nn.BatchNorm2d, "
-    "nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm and MultiHeadClassifier heads"
+    "nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.PReLU and MultiHeadClassifier heads"
 )
 
 #: Default memory budget of the evaluation cache (see ``TSNModel.eval_cache_bytes``).
@@ -84,6 +85,8 @@ def _convert(module: nn.Module) -> nn.Module:
         new = TaskBatchNorm(module)
     elif isinstance(module, _AFFINE_NORMS):
         new = TaskAffineNorm(module)
+    elif isinstance(module, nn.PReLU):
+        new = TaskPReLU(module)
     else:
         return module
     _carry_hooks(module, new)
@@ -218,7 +221,9 @@ _AFFINE_NORMS = (nn.LayerNorm, nn.GroupNorm)
 #: layers whose shape is not known until their first call (not converted, so refused)
 _LAZY = (nn.LazyLinear, nn.LazyConv1d, nn.LazyConv2d, nn.LazyConv3d)
 #: the layers TSN converts (subclasses too, if they compute as these do)
-_MASKABLE = (nn.Linear, nn.Embedding, *_CONVS, *_NORMS, *_AFFINE_NORMS)
+#: the layers TSN keeps per task that are not normalisations (learned slopes)
+_PER_TASK = (nn.PReLU,)
+_MASKABLE = (nn.Linear, nn.Embedding, *_CONVS, *_NORMS, *_AFFINE_NORMS, *_PER_TASK)
 
 
 def _check_not_lazy(layer: nn.Module, where: str) -> None:
@@ -258,10 +263,10 @@ def _check_model(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
                 "the layers itself: pass the model built without PackNet (e.g. SimpleMLP or "
                 "MTSimpleMLP instead of packnet_simple_mlp, no PackNetModel)"
             )
-    if isinstance(module, (TaskNorm, *_NORMS, *_AFFINE_NORMS)):
+    if isinstance(module, (TaskNorm, *_NORMS, *_AFFINE_NORMS, *_PER_TASK)):
         raise ValueError(
-            f"model has no maskable layer: {type(module).__name__} alone is a normalisation; "
-            f"TSN masks {_MASKED}"
+            f"model has no maskable layer: {type(module).__name__} alone holds only terms kept "
+            f"per task; TSN masks {_MASKED}"
         )
     if isinstance(module, MaskedLayer):
         return []

@@ -324,13 +324,13 @@ def test_model_without_maskable_layer():
         TSNModel(nn.Sequential(nn.ReLU(), nn.Flatten()))
 
 
-@pytest.mark.parametrize("layer", ["prelu", "embedding_bag", "incremental"])
+@pytest.mark.parametrize("layer", ["bilinear", "embedding_bag", "incremental"])
 def test_unsupported_layer(layer):
     from avalanche.models import IncrementalClassifier
     from torch import nn
 
     extra = {
-        "prelu": nn.PReLU(),
+        "bilinear": nn.Bilinear(8, 8, 8),
         "embedding_bag": nn.EmbeddingBag(4, 8),
         "incremental": IncrementalClassifier(8, 2),
     }[layer]

@@ -28,6 +28,7 @@ from avalanche_tsn.layers import (
     FREE,
     TaskAffineNorm,
     TaskBatchNorm,
+    TaskPReLU,
     TSNConv1d,
     TSNConv3d,
     TSNEmbedding,
@@ -451,3 +452,65 @@ def test_a_frozen_pretrained_table_learns_its_masks_only_and_keeps_its_values() 
         assert 0 < int(mask.sum()) < mask.numel()
         weight, _ = embed.frozen_params(slot)
         assert torch.equal(weight[mask], table[mask])  # the pretrained values, selected
+
+
+# -- PReLU: slopes per task ---------------------------------------------------------------
+
+
+class SlopedMLP(nn.Module):
+    """PReLU with a slope per channel, and with one slope, between the linear layers."""
+
+    def __init__(self, out: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(16, 16), nn.PReLU(16), nn.Linear(16, 16), nn.PReLU(), nn.Linear(16, out)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_each_task_keeps_its_own_prelu_slopes_bit_identical_in_every_form() -> None:
+    torch.manual_seed(0)
+    net = SlopedMLP()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+    strategy, x, learned = _train_recording(net, optimizer, 4)
+    slopes = [m for m in strategy.model.modules() if isinstance(m, TaskPReLU)]
+    assert [m.num_parameters for m in slopes] == [16, 1]
+    for m in slopes:  # each task learned its own slopes
+        assert m.task_weight.shape[0] == 3
+        assert not torch.equal(m.task_weight[0], m.task_weight[2])
+    _assert_predicts(strategy.model.eval(), x, learned)
+    for model in _other_forms(strategy, SlopedMLP).values():
+        _assert_predicts(model, x, learned)
+    layers = [layer for _, layer in strategy.tsn_model.masked_layers()]
+    biases = sum(layer.bias.numel() for layer in layers if layer.bias is not None)
+    for row in strategy.capacity_report().tasks:  # the slopes count as a task's terms
+        assert row.norm_bits == 32 * (biases + 16 + 1)
+
+
+def test_an_abandoned_task_resets_the_live_slopes_to_the_prelus_init() -> None:
+    torch.manual_seed(0)
+    net = SlopedMLP()
+    net.net[1] = nn.PReLU(16, init=0.1)
+    strategy = TSNStrategy(
+        model=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        train_mb_size=16,
+        evaluator=quiet_evaluator(),
+        prune=False,
+        quantize=False,
+    )
+    first, second = blob_stream(n_tasks=2, dim=16).train_stream
+    strategy.train(first)
+    slope = strategy.model.net.net[1]
+    frozen = slope.task_weight[0].clone()
+    assert not torch.equal(frozen, torch.full((16,), 0.1))  # task 0 moved its slopes
+    stop = _StopAt(2)
+    strategy.plugins.append(stop)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        strategy.train(second)
+    strategy.plugins.remove(stop)
+    assert strategy.abandon_task() == 1
+    assert torch.equal(slope.weight.detach(), torch.full((16,), 0.1))
+    assert torch.equal(slope.task_weight[0], frozen)
