@@ -108,6 +108,17 @@ def mlp(dim: int = 12, hidden: int = 16, out: int = 3, bias: bool = True) -> nn.
     )
 
 
+def sloped_mlp(dim: int = 12, hidden: int = 16, out: int = 3) -> nn.Module:
+    """:func:`mlp` with PReLU (a slope per unit, then one slope) in place of its ReLUs."""
+    return nn.Sequential(
+        nn.Linear(dim, hidden),
+        nn.PReLU(hidden),
+        nn.Linear(hidden, hidden),
+        nn.PReLU(),
+        nn.Linear(hidden, out),
+    )
+
+
 def normed_mlp(dim: int = 12, hidden: int = 16, out: int = 3) -> nn.Module:
     """:func:`mlp` with LayerNorm (one with a bias, one without) after its hidden layers."""
     return nn.Sequential(

@@ -44,6 +44,7 @@ from conftest import (
     mlp,
     normed_mlp,
     quiet_evaluator,
+    sloped_mlp,
     token_stream,
 )
 from test_task_inference import class_incremental
@@ -137,6 +138,8 @@ def draw(seed: int) -> dict[str, Any]:
     tokens = random.Random(f"tokens-4-{seed}")
     if tokens.random() < 0.15:
         c["model"] = tokens.choice(["tokens", "textconv"])
+    elif c["model"] == "mlp" and random.Random(f"prelu-4-{seed}").random() < 0.5:  # PReLU: later
+        c["model"] = "mlp_prelu"
     c["kw"] = kw
     return c
 
@@ -151,6 +154,7 @@ def _model(c: dict[str, Any]) -> torch.nn.Module:
         "conv1d": lambda: Signal1d(out),
         "conv3d": lambda: Volume3d(out),
         "mlp_layernorm": lambda: normed_mlp(12, 16, out),
+        "mlp_prelu": lambda: sloped_mlp(12, 16, out),
         "conv_groupnorm": lambda: SmallConvNet(out, group_norm=True),
         "tokens": lambda: TokenBag(out=out),
         "textconv": lambda: TextConv(out=out),
@@ -374,6 +378,7 @@ def test_the_draws_cover_each_strategy_plugin_and_inference_method():
         "conv1d",
         "conv3d",
         "mlp_layernorm",
+        "mlp_prelu",
         "conv_groupnorm",
         "tokens",
         "textconv",

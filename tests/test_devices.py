@@ -20,6 +20,7 @@ from conftest import (
     blob_stream,
     mlp,
     normed_mlp,
+    sloped_mlp,
     token_stream,
 )
 
@@ -60,6 +61,7 @@ MODELS = {
     "conv3d": (Volume3d, _blobs),
     "layernorm": (lambda: normed_mlp(16), _blobs),
     "groupnorm": (lambda: SmallConvNet(group_norm=True), _blobs),
+    "prelu": (lambda: sloped_mlp(16), _blobs),
     "embedding": (TokenBag, _tokens),
     "textconv": (TextConv, _tokens),
 }
