@@ -396,6 +396,16 @@ class _StopAt(SupervisedPlugin):
             raise RuntimeError("interrupted")
 
 
+def _interrupt_and_abandon(strategy, exp) -> None:
+    """Train ``exp`` until it is interrupted at its third iteration, then abandon its task."""
+    stop = _StopAt(2)
+    strategy.plugins.append(stop)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        strategy.train(exp)
+    strategy.plugins.remove(stop)
+    assert strategy.abandon_task() == exp.current_experience
+
+
 def test_an_abandoned_task_reinitialises_the_free_table_as_nn_embedding_does() -> None:
     torch.manual_seed(0)
     bm = token_stream()
@@ -413,12 +423,7 @@ def test_an_abandoned_task_reinitialises_the_free_table_as_nn_embedding_does() -
     x = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(16)])
     with torch.no_grad():
         before = strategy.model.eval()(x, 0)
-    stop = _StopAt(2)
-    strategy.plugins.append(stop)
-    with pytest.raises(RuntimeError, match="interrupted"):
-        strategy.train(second)
-    strategy.plugins.remove(stop)
-    assert strategy.abandon_task() == 1
+    _interrupt_and_abandon(strategy, second)
     table = strategy.model.net.embed
     free = table.owner == FREE
     weight = table.weight.detach()
@@ -506,11 +511,6 @@ def test_an_abandoned_task_resets_the_live_slopes_to_the_prelus_init() -> None:
     slope = strategy.model.net.net[1]
     frozen = slope.task_weight[0].clone()
     assert not torch.equal(frozen, torch.full((16,), 0.1))  # task 0 moved its slopes
-    stop = _StopAt(2)
-    strategy.plugins.append(stop)
-    with pytest.raises(RuntimeError, match="interrupted"):
-        strategy.train(second)
-    strategy.plugins.remove(stop)
-    assert strategy.abandon_task() == 1
+    _interrupt_and_abandon(strategy, second)
     assert torch.equal(slope.weight.detach(), torch.full((16,), 0.1))
     assert torch.equal(slope.task_weight[0], frozen)
