@@ -107,15 +107,17 @@ class ComputeReport:
 _COMPUTING = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, CodedLayer, CodedLinear)
 
 
+def _looks_up(module: nn.Module) -> bool:
+    return isinstance(module, TSNEmbedding) or (isinstance(module, CodedLayer) and module.lookup)
+
+
 def _computes(module: nn.Module) -> bool:
-    return isinstance(module, _COMPUTING) and not getattr(module, "lookup", False)
+    return isinstance(module, _COMPUTING) and not _looks_up(module)
 
 
 def _probe(model: TSNModel, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """One sample of zeros: token ids if the model looks its input up in a table."""
-    lookup = any(
-        isinstance(m, TSNEmbedding) or getattr(m, "lookup", False) for m in model.modules()
-    )
+    lookup = any(_looks_up(m) for m in model.modules())
     return torch.zeros((1, *shape), device=device, dtype=torch.long if lookup else None)
 
 
@@ -155,6 +157,7 @@ def compute_report(
     a_bits = FLOAT_BITS if act_bits is None else check_int(act_bits, "act_bits", 1, 32)
     device = module_device(model)
     names = {m: n for n, m in model.net.named_modules()}
+    probe = _probe(model, shape, device)
     was_training = model.training
     model.eval()
     tasks = []
@@ -170,7 +173,7 @@ def compute_report(
 
             handles = [m.register_forward_hook(hook) for m in model.net.modules() if _computes(m)]
             try:
-                model(_probe(model, shape, device), label)
+                model(probe, label)
             finally:
                 for h in handles:
                     h.remove()

@@ -61,7 +61,7 @@ from avalanche_tsn.layers import (
     affine_norm_signature,
     module_device,
 )
-from avalanche_tsn.model import TSNModel, require_full
+from avalanche_tsn.model import MASKED_KINDS, TSNModel, require_full
 from avalanche_tsn.quantization import small_codes_of
 from avalanche_tsn.router import TaskRouter
 from avalanche_tsn.task_memory import CODE_DTYPES, decode_samples, encode_samples
@@ -165,7 +165,7 @@ def _architecture(module: nn.Module) -> dict[str, Any]:
         if isinstance(m, MultiHeadClassifier):
             heads[name] = m.in_features
             skip.append(name)
-        elif isinstance(m, (MaskedLayer, nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        elif isinstance(m, (MaskedLayer, *MASKED_KINDS)):
             layers[name] = list(m.weight.shape)
         elif (entry := _norm_entry(m)) is not None:
             norms[name] = entry
@@ -522,9 +522,9 @@ def _decode_moved(header: dict[str, Any], r: _Reader, net: nn.Module) -> dict[st
     moved = {}
     for entry in header.get("moved_buffers", []):
         name, shape, dtype = entry
-        if name not in known or list(known[name].shape) != shape or dtype not in _DTYPES:
+        if name not in known or list(known[name].shape) != shape:
             raise ValueError(f"corrupt export file: moved buffer {entry!r} is not the model's")
-        moved[name] = r.tensor(tuple(shape), _dtype(dtype))
+        moved[name] = r.tensor(tuple(shape), _dtype(dtype))  # (which refuses an unknown dtype)
     return moved
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "uncalibrated",
     "calibrated",
     "require_full",
+    "MASKED_KINDS",
 ]
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,9 @@ _LAZY = (nn.LazyLinear, nn.LazyConv1d, nn.LazyConv2d, nn.LazyConv3d)
 #: the layers TSN converts (subclasses too, if they compute as these do)
 #: the layers TSN keeps per task that are not normalisations (learned slopes)
 _PER_TASK = (nn.PReLU,)
-_MASKABLE = (nn.Linear, nn.Embedding, *_CONVS, *_NORMS, *_AFFINE_NORMS, *_PER_TASK)
+#: the layers whose weights TSN masks (the export's architecture lists them by these kinds)
+MASKED_KINDS = (nn.Linear, nn.Embedding, *_CONVS)
+_MASKABLE = (*MASKED_KINDS, *_NORMS, *_AFFINE_NORMS, *_PER_TASK)
 
 
 def _check_not_lazy(layer: nn.Module, where: str) -> None:
@@ -285,9 +288,7 @@ def _check_model(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     _plan(module, "", plan)
     _check_untied(module)
     masked = [m for m in module.modules() if isinstance(m, MaskedLayer)]
-    if not masked and not any(
-        isinstance(c, (nn.Linear, nn.Embedding, *_CONVS)) for _, _, c in plan
-    ):
+    if not masked and not any(isinstance(c, MASKED_KINDS) for _, _, c in plan):
         raise ValueError(
             f"model ({type(module).__name__}) has no maskable layer; TSN masks {_MASKED}"
         )
